@@ -1,0 +1,183 @@
+//! North-south: XDP on node uplinks. Rewrites in place with incremental checksums, then
+//! forwards with XDP_TX when the FIB says the packet leaves where it came in, else hands
+//! it to the stack (which routes it to a local pod or resolves a neighbour).
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    macros::xdp,
+    programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::{checksum, counters, icmp, IPPROTO_TCP};
+
+use crate::{
+    flow::{decide, Rewrite, Verdict},
+    maps::count,
+    packet::{
+        parse, ptr_at, read, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF,
+        TCP_CHECK_OFF, UDP_CHECK_OFF,
+    },
+};
+
+const AF_INET: u8 = 2;
+
+#[xdp]
+pub fn lb_xdp_uplink(ctx: XdpContext) -> u32 {
+    match try_lb_xdp_uplink(&ctx) {
+        Ok(action) => action,
+        Err(()) => xdp_action::XDP_ABORTED,
+    }
+}
+
+#[inline(always)]
+fn try_lb_xdp_uplink(ctx: &XdpContext) -> Result<u32, ()> {
+    let p = match parse(ctx.data(), ctx.data_end()) {
+        Ok(p) => p,
+        Err(not) => {
+            count(not.counter, (ctx.data_end() - ctx.data()) as u64);
+            return Ok(if not.drop {
+                xdp_action::XDP_DROP
+            } else {
+                xdp_action::XDP_PASS
+            });
+        }
+    };
+    match decide(&p) {
+        Verdict::Pass(c) => {
+            count(c, p.frame_len);
+            Ok(xdp_action::XDP_PASS)
+        }
+        Verdict::Drop(c) => {
+            count(c, p.frame_len);
+            Ok(xdp_action::XDP_DROP)
+        }
+        Verdict::Refuse => {
+            count(counters::REFUSED_NO_BACKEND, p.frame_len);
+            refuse(ctx)
+        }
+        Verdict::Translate(rw, c) => {
+            count(c, p.frame_len);
+            rewrite(ctx, &p, &rw)?;
+            Ok(forward(ctx, &p, &rw))
+        }
+    }
+}
+
+#[inline(always)]
+fn write<T>(ctx: &XdpContext, off: usize, v: T) -> Result<(), ()> {
+    let ptr = ptr_at::<T>(ctx.data(), ctx.data_end(), off).ok_or(())?;
+    // SAFETY: bounds checked; packet data has no alignment guarantee.
+    unsafe { ptr.write_unaligned(v) };
+    Ok(())
+}
+
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> Result<(), ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let k = &p.key;
+    let mut ip_check: u16 = read(start, end, IP_CHECK_OFF).ok_or(())?;
+    ip_check = checksum::replace_u32(ip_check, k.src_addr_be, rw.src_addr_be);
+    ip_check = checksum::replace_u32(ip_check, k.dst_addr_be, rw.dst_addr_be);
+    write(ctx, IP_CHECK_OFF, ip_check)?;
+    write(ctx, IP_SRC_OFF, rw.src_addr_be)?;
+    write(ctx, IP_DST_OFF, rw.dst_addr_be)?;
+
+    if k.proto == IPPROTO_TCP {
+        let mut c: u16 = read(start, end, TCP_CHECK_OFF).ok_or(())?;
+        c = checksum::replace_u32(c, k.src_addr_be, rw.src_addr_be);
+        c = checksum::replace_u32(c, k.dst_addr_be, rw.dst_addr_be);
+        c = checksum::replace_u16(c, k.src_port_be, rw.src_port_be);
+        c = checksum::replace_u16(c, k.dst_port_be, rw.dst_port_be);
+        write(ctx, TCP_CHECK_OFF, c)?;
+    } else {
+        let mut c: u16 = read(start, end, UDP_CHECK_OFF).ok_or(())?;
+        c = checksum::udp_replace_u32(c, k.src_addr_be, rw.src_addr_be);
+        c = checksum::udp_replace_u32(c, k.dst_addr_be, rw.dst_addr_be);
+        c = checksum::udp_replace_u16(c, k.src_port_be, rw.src_port_be);
+        c = checksum::udp_replace_u16(c, k.dst_port_be, rw.dst_port_be);
+        write(ctx, UDP_CHECK_OFF, c)?;
+    }
+    write(ctx, L4_OFF, rw.src_port_be)?;
+    write(ctx, L4_OFF + 2, rw.dst_port_be)
+}
+
+/// XDP_TX when the route leads back out of the receiving interface (the usual case for a
+/// NodePort whose backend is on another node, and for replies to external clients);
+/// otherwise XDP_PASS, and the stack routes the already translated packet.
+#[inline(always)]
+fn forward(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(ttl_word) = read::<u16>(start, end, IP_OFF + 8) else {
+        return xdp_action::XDP_PASS;
+    };
+    let ttl = ttl_word.to_ne_bytes()[0];
+    // Let the stack answer "time exceeded".
+    if ttl <= 1 {
+        return xdp_action::XDP_PASS;
+    }
+    let tot_len = read::<u16>(start, end, IP_OFF + 2).unwrap_or(0);
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = p.key.proto;
+    fib.sport = rw.src_port_be;
+    fib.dport = rw.dst_port_be;
+    fib.__bindgen_anon_1.tot_len = u16::from_be(tot_len);
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_3.ipv4_src = rw.src_addr_be;
+    fib.__bindgen_anon_4.ipv4_dst = rw.dst_addr_be;
+    // SAFETY: fib is a valid, sized bpf_fib_lookup on our stack.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || fib.ifindex != ctx.ingress_ifindex() as u32 {
+        return xdp_action::XDP_PASS;
+    }
+    let mut word = ttl_word.to_ne_bytes();
+    word[0] = ttl - 1;
+    let new_word = u16::from_ne_bytes(word);
+    let Some(check) = read::<u16>(start, end, IP_CHECK_OFF) else {
+        return xdp_action::XDP_PASS;
+    };
+    let macs = [fib.dmac, fib.smac];
+    if write(ctx, IP_OFF + 8, new_word).is_err()
+        || write(
+            ctx,
+            IP_CHECK_OFF,
+            checksum::replace_u16(check, ttl_word, new_word),
+        )
+        .is_err()
+        || write(ctx, 0, macs).is_err()
+    {
+        return xdp_action::XDP_PASS;
+    }
+    count(counters::XDP_TX, p.frame_len);
+    xdp_action::XDP_TX
+}
+
+/// Turns the packet into an ICMP port unreachable answer and sends it back.
+#[inline(always)]
+fn refuse(ctx: &XdpContext) -> Result<u32, ()> {
+    let eth: [u8; icmp::ETH_LEN] = read(ctx.data(), ctx.data_end(), 0).ok_or(())?;
+    let quote: [u8; icmp::QUOTE_LEN] = read(ctx.data(), ctx.data_end(), IP_OFF).ok_or(())?;
+    let headers = icmp::port_unreachable_headers(&eth, &quote);
+    // SAFETY: the helper checks the headroom itself.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -(icmp::GROW as i32)) } != 0 {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    let excess = len - icmp::ANSWER_LEN as i32;
+    // SAFETY: shrinking only, by at most the packet's own length past the answer.
+    if excess > 0 && unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, -excess) } != 0 {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    write(ctx, 0, headers)?;
+    Ok(xdp_action::XDP_TX)
+}
