@@ -86,7 +86,7 @@ pub mod algorithm {
 /// `(svc_id, 0..backend_count)` in LB_BACKEND_SLOTS.
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
     /// Stable id of this frontend, allocated by the agent; keys its slots and source ranges.
     pub svc_id: u32,

@@ -1,3 +1,7 @@
 //! The agent and its CLI: sources -> model -> reconciler -> maps.
+pub mod datapath;
 pub mod model;
+pub mod netns;
+pub mod reconciler;
+pub mod show;
 pub mod source;

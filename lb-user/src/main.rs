@@ -1,1 +1,161 @@
-fn main() {}
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{bail, Context};
+use aya::maps::PerCpuArray;
+use clap::{Args, Parser, Subcommand};
+use lb_common::{counters, map_names};
+use lb_user::{datapath, model, netns, source};
+
+#[derive(Parser)]
+#[command(
+    name = "lb-user",
+    about = "eBPF/XDP Kubernetes Service load balancer: agent and CLI"
+)]
+struct Cli {
+    /// Run in this network namespace (a name under /run/netns, as `ip netns add` makes).
+    #[arg(long, global = true)]
+    netns: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct PinDir {
+    /// Where programs, links and maps are pinned.
+    #[arg(long, default_value = lb_common::PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the programs, pin them and their maps, attach them, and exit (they keep running).
+    Load {
+        #[command(flatten)]
+        pin: PinDir,
+        /// Uplink interface(s) for the XDP program.
+        #[arg(long, required = true)]
+        iface: Vec<String>,
+        /// Pod-facing interface(s) for the tc program.
+        #[arg(long)]
+        pod_iface: Vec<String>,
+    },
+    /// Detach and unpin everything under the pin directory.
+    Unload {
+        #[command(flatten)]
+        pin: PinDir,
+    },
+    /// Print what the datapath counted.
+    Counters {
+        #[command(flatten)]
+        pin: PinDir,
+    },
+    /// Print this node's desired state for manifests (Service, EndpointSlice, Endpoints).
+    Model {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+struct NodeArgs {
+    /// Manifest file or directory.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// This node's name (matched against endpoints' nodeName).
+    #[arg(long, default_value = "node1")]
+    node_name: String,
+    /// This node's addresses (NodePorts open on them; the first is the SNAT address).
+    #[arg(long = "node-address", required = true)]
+    node_addresses: Vec<Ipv4Addr>,
+    #[arg(long)]
+    zone: Option<String>,
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: model::Cidr,
+    /// Open NodePorts only on node addresses in these CIDRs (default: all).
+    #[arg(long)]
+    nodeport_addresses: Vec<model::Cidr>,
+}
+
+impl NodeArgs {
+    fn node(&self) -> model::NodeInfo {
+        model::NodeInfo {
+            name: self.node_name.clone(),
+            addresses: self.node_addresses.clone(),
+            zone: self.zone.clone(),
+        }
+    }
+    fn options(&self) -> model::Options {
+        model::Options {
+            cluster_cidr: self.cluster_cidr,
+            nodeport_addresses: self.nodeport_addresses.clone(),
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(ns) = &cli.netns {
+        netns::enter(ns)?;
+    }
+    match cli.command {
+        Command::Load {
+            pin,
+            iface,
+            pod_iface,
+        } => {
+            let mut dp = datapath::Datapath::load(&pin.pin_dir)?;
+            for i in &iface {
+                dp.attach_uplink(i)
+                    .with_context(|| format!("attaching XDP to {i}"))?;
+            }
+            for i in &pod_iface {
+                dp.attach_pod_device(i)
+                    .with_context(|| format!("attaching tc to {i}"))?;
+            }
+            println!("loaded; pinned under {}", pin.pin_dir.display());
+        }
+        Command::Unload { pin } => {
+            datapath::unload(&pin.pin_dir)?;
+            println!("unloaded {}", pin.pin_dir.display());
+        }
+        Command::Counters { pin } => print_counters(&pin.pin_dir)?,
+        Command::Model { node } => {
+            let (objects, report) = source::read_manifests(&node.manifests);
+            let desired = model::desired_state(&objects, &node.node(), &node.options());
+            print!("{}", lb_user::show::desired(&desired));
+            for e in report
+                .errors
+                .iter()
+                .map(|e| e.to_string())
+                .chain(desired.errors.iter().map(|e| e.to_string()))
+            {
+                eprintln!("error: {e}");
+            }
+            if !report.errors.is_empty() || !desired.errors.is_empty() {
+                bail!(
+                    "some objects could not be used in full (see errors above); the rest are shown"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_counters(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let map = datapath::open_map(pin_dir, map_names::COUNTERS)?;
+    let counters: PerCpuArray<_, counters::Counter> = PerCpuArray::try_from(map)?;
+    for (index, label) in counters::ALL {
+        let per_cpu = counters.get(&index, 0)?;
+        let (packets, bytes) = per_cpu
+            .iter()
+            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        println!("{label:<28} {packets:>12} packets {bytes:>14} bytes");
+    }
+    Ok(())
+}

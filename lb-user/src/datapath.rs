@@ -1,0 +1,240 @@
+//! Loading, attaching and pinning the kernel programs, and opening their pinned maps.
+//!
+//! Layout under the pin directory: `maps/<MAP>`, `progs/<program>`, and one link per
+//! attachment, `links/xdp-<ifname>` / `links/tc-<ifname>`. Maps are opened (adopted) when
+//! already pinned, so an agent restart keeps conntrack and service state. Attaching again
+//! replaces the pinned link of that interface: programs never stack.
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Map, MapData},
+    programs::{links::FdLink, tc::TcAttachType, SchedClassifier, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{map_names, program_names};
+
+/// The kernel object, built by this crate's build script.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+const BPF_FS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("mounting bpffs at {BPF_FS}: {0} (are you root with CAP_SYS_ADMIN?)")]
+    MountBpffs(#[source] io::Error),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {name}: its attachment is not a pinnable bpf_link: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("pinning {}: {source}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("map {name}: {source} (is the datapath loaded with this pin directory?)")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless it is mounted already.
+pub fn ensure_bpffs() -> Result<()> {
+    let path = std::ffi::CString::new(BPF_FS).expect("no NUL");
+    // SAFETY: statfs on a valid C string into a zeroed struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let fstype = std::ffi::CString::new("bpf").expect("no NUL");
+    // SAFETY: mount(2) with valid C strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::MountBpffs(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The loaded programs of one datapath instance, pinned under `pin_dir`.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the object, adopting maps already pinned under `pin_dir`, and pins programs.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        ensure_bpffs()?;
+        for sub in ["maps", "progs", "links"] {
+            let dir = pin_dir.join(sub);
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        let mut loader = EbpfLoader::new();
+        for name in map_names::ALL {
+            loader.map_pin_path(name, pin_dir.join("maps").join(name));
+        }
+        let ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
+        let mut datapath = Datapath {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        };
+        let xdp: &mut Xdp = datapath.program(program_names::XDP_UPLINK)?;
+        xdp.load().map_err(|source| Error::Program {
+            name: program_names::XDP_UPLINK,
+            source,
+        })?;
+        let tc: &mut SchedClassifier = datapath.program(program_names::TC_POD)?;
+        tc.load().map_err(|source| Error::Program {
+            name: program_names::TC_POD,
+            source,
+        })?;
+        for name in [program_names::XDP_UPLINK, program_names::TC_POD] {
+            let program = datapath
+                .ebpf
+                .program_mut(name)
+                .ok_or(Error::MissingProgram { name })?;
+            let path = pin_dir.join("progs").join(name);
+            remove_if_present(&path)?;
+            program
+                .pin(&path)
+                .map_err(|source| Error::Pin { path, source })?;
+        }
+        Ok(datapath)
+    }
+
+    /// Attaches the north-south program to an uplink, replacing our previous attachment.
+    pub fn attach_uplink(&mut self, iface: &str) -> Result<()> {
+        let name = program_names::XDP_UPLINK;
+        let link_path = self.link_path("xdp", iface);
+        // The old link must go first: an interface takes one XDP link.
+        remove_if_present(&link_path)?;
+        let program: &mut Xdp = self.program(name)?;
+        let id = program
+            .attach(iface, XdpMode::default())
+            .map_err(|source| Error::Program { name, source })?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| Error::Program { name, source })?;
+        pin_link(link.try_into(), link_path, name)
+    }
+
+    /// Attaches the east-west program at tc ingress (tcx) of a pod-facing device.
+    pub fn attach_pod_device(&mut self, iface: &str) -> Result<()> {
+        let name = program_names::TC_POD;
+        let link_path = self.link_path("tc", iface);
+        remove_if_present(&link_path)?;
+        let program: &mut SchedClassifier = self.program(name)?;
+        let id = program
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|source| Error::Program { name, source })?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| Error::Program { name, source })?;
+        pin_link(link.try_into(), link_path, name)
+    }
+
+    /// The loaded object, for BPF_PROG_TEST_RUN in tests and benchmarks.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    fn program<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram { name })?;
+        program
+            .try_into()
+            .map_err(|source| Error::Program { name, source })
+    }
+
+    fn link_path(&self, kind: &str, iface: &str) -> PathBuf {
+        self.pin_dir.join("links").join(format!("{kind}-{iface}"))
+    }
+}
+
+fn pin_link(
+    link: Result<FdLink, aya::programs::links::LinkError>,
+    path: PathBuf,
+    name: &'static str,
+) -> Result<()> {
+    let link = link.map_err(|source| Error::Link { name, source })?;
+    link.pin(&path)
+        .map_err(|source| Error::Pin { path, source })?;
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Detaches everything pinned under `pin_dir` (removing a link's last pin detaches it)
+/// and removes the programs, the maps and the directory.
+pub fn unload(pin_dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(pin_dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(pin_dir)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Is a link pinned for this interface (XDP uplink or tc pod device)?
+pub fn is_attached(pin_dir: &Path, kind: &str, iface: &str) -> bool {
+    pin_dir
+        .join("links")
+        .join(format!("{kind}-{iface}"))
+        .exists()
+}
+
+/// Opens a pinned map of the datapath under `pin_dir`.
+pub fn open_map(pin_dir: &Path, name: &'static str) -> Result<Map> {
+    let data = MapData::from_pin(pin_dir.join("maps").join(name))
+        .map_err(|source| Error::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| Error::Map { name, source })
+}
