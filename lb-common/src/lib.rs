@@ -25,8 +25,9 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
     pub const CONFIG: &str = "LB_CONFIG";
     pub const COUNTERS: &str = "LB_COUNTERS";
+    pub const SNAT_CURSOR: &str = "LB_SNAT_CURSOR";
     /// Every map the agent pins; all survive an agent restart.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -34,6 +35,7 @@ pub mod map_names {
         SOURCE_RANGES,
         CONFIG,
         COUNTERS,
+        SNAT_CURSOR,
     ];
 }
 
@@ -199,7 +201,7 @@ pub struct Config {
     pub node_addr_be: u32,
     pub cluster_cidr_addr_be: u32,
     pub cluster_cidr_prefix_len: u32,
-    /// SNAT source ports are drawn at random from [snat_port_min, snat_port_max].
+    /// SNAT source ports rotate through [snat_port_min, snat_port_max].
     pub snat_port_min: u16,
     pub snat_port_max: u16,
 }

@@ -2,7 +2,7 @@
 //! one (frontend lookup, source ranges, backend choice, SNAT port), or let it pass.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns},
 };
 use lb_common::{
     conntrack::{expired, next_state, State, TCP_ACK, TCP_SYN},
@@ -11,7 +11,10 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{source_allowed, LB_BACKENDS, LB_BACKEND_SLOTS, LB_CONFIG, LB_CONNTRACK, LB_SERVICES},
+    maps::{
+        source_allowed, LB_BACKENDS, LB_BACKEND_SLOTS, LB_CONFIG, LB_CONNTRACK, LB_SERVICES,
+        LB_SNAT_CURSOR,
+    },
     packet::Parsed,
 };
 
@@ -62,7 +65,7 @@ pub enum Verdict {
 /// How often a flow busy in one direction refreshes the entry of the other direction, so
 /// that a one-way stream does not let its reply entry (and NAT port) expire under it.
 const PEER_REFRESH_NS: u64 = 1_000_000_000;
-/// Random SNAT ports tried before giving up on a new flow.
+/// SNAT ports tried before giving up on a new flow.
 const SNAT_TRIES: u32 = 16;
 
 #[inline(always)]
@@ -205,9 +208,11 @@ fn start_flow(p: &Parsed, now: u64) -> Verdict {
     Verdict::Translate(forward, counters::NEW_FLOW)
 }
 
-/// Claims a random free source port for `forward` (whose source address is already the
-/// node's) by inserting the answer entry that will hold it. Random over the whole range,
-/// not lowest-free-first, so a port is not reused toward a backend still in TIME_WAIT.
+/// Claims a free source port for `forward` (whose source address is already the node's)
+/// by inserting the answer entry that will hold it. Ports rotate through the whole range
+/// from a per-CPU cursor (CPUs start spread apart), not lowest-free-first: a port comes back
+/// only after the range has gone by, so it does not meet the backend's TIME_WAIT socket of
+/// the flow that used it last.
 #[inline(always)]
 fn claim_snat_port(
     forward: &Rewrite,
@@ -217,27 +222,33 @@ fn claim_snat_port(
     now: u64,
 ) -> Option<u16> {
     let span = (cfg.snat_port_max as u32).saturating_sub(cfg.snat_port_min as u32) + 1;
+    let cursor = LB_SNAT_CURSOR.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
+    let mut next = unsafe { *cursor };
+    if next == 0 {
+        next = unsafe { bpf_get_smp_processor_id() }.wrapping_mul(span / 16 + 1);
+    }
     let mut try_rewrite = *forward;
     for _ in 0..SNAT_TRIES {
-        let port = cfg.snat_port_min as u32 + unsafe { bpf_get_prandom_u32() } % span;
+        let port = cfg.snat_port_min as u32 + next % span;
+        next = next.wrapping_add(1);
         try_rewrite.src_port_be = (port as u16).to_be();
         let key = try_rewrite.answer_key(proto);
-        if LB_CONNTRACK
+        let claimed = LB_CONNTRACK
             .insert(&key, answer, BPF_NOEXIST as u64)
             .is_ok()
-        {
+            || LB_CONNTRACK.get_ptr(&key).is_some_and(|held| {
+                // SAFETY: read-only copy of plain integers.
+                let held = unsafe { *held };
+                // Taken by a flow that is over: reclaim it.
+                expired(proto, State::from_u8(held.state), held.last_seen_ns, now)
+                    && LB_CONNTRACK.insert(&key, answer, BPF_ANY as u64).is_ok()
+            });
+        if claimed {
+            unsafe { *cursor = next };
             return Some(try_rewrite.src_port_be);
         }
-        // Taken; reclaim it if the flow holding it is over.
-        if let Some(held) = LB_CONNTRACK.get_ptr(&key) {
-            // SAFETY: read-only copy of plain integers.
-            let held = unsafe { *held };
-            if expired(proto, State::from_u8(held.state), held.last_seen_ns, now)
-                && LB_CONNTRACK.insert(&key, answer, BPF_ANY as u64).is_ok()
-            {
-                return Some(try_rewrite.src_port_be);
-            }
-        }
     }
+    unsafe { *cursor = next };
     None
 }

@@ -29,6 +29,10 @@ pub static LB_SOURCE_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as us
 #[btf_map]
 pub static LB_CONFIG: Array<Config, 1> = Array::new();
 
+/// Where each CPU continues its walk through the SNAT port range.
+#[btf_map]
+pub static LB_SNAT_CURSOR: PerCpuArray<u32, 1> = PerCpuArray::new();
+
 #[btf_map]
 pub static LB_COUNTERS: PerCpuArray<Counter, { counters::COUNT as usize }> = PerCpuArray::new();
 

@@ -1,5 +1,8 @@
 //! The agent and its CLI: sources -> model -> reconciler -> maps.
+pub mod agent;
 pub mod datapath;
+pub mod health;
+pub mod maps;
 pub mod model;
 pub mod netns;
 pub mod reconciler;

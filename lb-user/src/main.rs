@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use aya::maps::PerCpuArray;
 use clap::{Args, Parser, Subcommand};
 use lb_common::{counters, map_names};
-use lb_user::{datapath, model, netns, source};
+use lb_user::{agent, datapath, model, netns, source};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +48,22 @@ enum Command {
     Counters {
         #[command(flatten)]
         pin: PinDir,
+    },
+    /// Run the agent in standalone mode: serve the Services of manifest files.
+    Agent {
+        #[command(flatten)]
+        pin: PinDir,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Uplink interface(s) for the XDP program.
+        #[arg(long, required = true)]
+        iface: Vec<String>,
+        /// Pod-facing devices get the tc program: names matching these patterns (`*` wildcard).
+        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*"])]
+        pod_device_patterns: Vec<String>,
+        /// SNAT source port range, MIN-MAX.
+        #[arg(long, default_value = "32768-65535", value_parser = parse_port_range)]
+        snat_ports: (u16, u16),
     },
     /// Print this node's desired state for manifests (Service, EndpointSlice, Endpoints).
     Model {
@@ -120,6 +136,29 @@ fn main() -> anyhow::Result<()> {
             }
             println!("loaded; pinned under {}", pin.pin_dir.display());
         }
+        Command::Agent {
+            pin,
+            node,
+            iface,
+            pod_device_patterns,
+            snat_ports,
+        } => {
+            let cfg = agent::AgentConfig {
+                pin_dir: pin.pin_dir,
+                manifests: node.manifests.clone(),
+                node: node.node(),
+                options: node.options(),
+                uplinks: iface,
+                pod_device_patterns,
+                snat_ports,
+                poll: std::time::Duration::from_millis(500),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(agent::run(cfg, shutdown_signal()))?;
+        }
         Command::Unload { pin } => {
             datapath::unload(&pin.pin_dir)?;
             println!("unloaded {}", pin.pin_dir.display());
@@ -158,4 +197,25 @@ fn print_counters(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         println!("{label:<28} {packets:>12} packets {bytes:>14} bytes");
     }
     Ok(())
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected MIN-MAX"))?;
+    let lo: u16 = lo.parse().map_err(|e| format!("{lo:?}: {e}"))?;
+    let hi: u16 = hi.parse().map_err(|e| format!("{hi:?}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: need 1 <= MIN <= MAX"));
+    }
+    Ok((lo, hi))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -2,6 +2,7 @@
 //! Endpoints (v1) from manifest files, multi-document YAML as `kubectl apply -f` takes it.
 //! An invalid object is reported (file, object, field) and skipped; the rest are used.
 use std::{
+    collections::BTreeMap,
     fmt, fs,
     path::{Path, PathBuf},
 };
@@ -80,19 +81,70 @@ impl fmt::Display for Report {
 /// Reads a manifest file, or every `.yaml`/`.yml`/`.json` file of a directory (sorted,
 /// recursively), into objects.
 pub fn read_manifests(path: &Path) -> (Objects, Report) {
-    let mut objects = Objects::default();
-    let mut report = Report::default();
-    let mut files = Vec::new();
-    if let Err(e) = collect_files(path, &mut files) {
-        report.errors.push(e);
-    }
-    for file in files {
-        match fs::read_to_string(&file) {
-            Ok(text) => parse_into(&file, &text, &mut objects, &mut report),
-            Err(source) => report.errors.push(Error::Read { path: file, source }),
+    ManifestCache::default().read(path)
+}
+
+/// Re-reads manifests, keeping the last good objects of a file that cannot be read or is
+/// not valid YAML right now (say, half-written by an editor), so that a bad edit never
+/// withdraws the Services the file held before.
+#[derive(Debug, Default)]
+pub struct ManifestCache {
+    last_good: BTreeMap<PathBuf, Objects>,
+}
+
+impl ManifestCache {
+    pub fn read(&mut self, path: &Path) -> (Objects, Report) {
+        let mut report = Report::default();
+        let mut files = Vec::new();
+        if let Err(e) = collect_files(path, &mut files) {
+            report.errors.push(e);
+            // The whole set is unreadable: serve what was read last.
+            return (self.merged(), report);
         }
+        self.last_good.retain(|p, _| files.contains(p));
+        for file in files {
+            let mut objects = Objects::default();
+            let errors_before = report.errors.len();
+            match fs::read_to_string(&file) {
+                Ok(text) => parse_into(&file, &text, &mut objects, &mut report),
+                Err(source) => report.errors.push(Error::Read {
+                    path: file.clone(),
+                    source,
+                }),
+            }
+            let unreadable = report.errors[errors_before..]
+                .iter()
+                .any(|e| matches!(e, Error::Read { .. } | Error::Yaml { .. }));
+            if !unreadable || !self.last_good.contains_key(&file) {
+                self.last_good.insert(file, objects);
+            }
+        }
+        (self.merged(), report)
     }
-    (objects, report)
+
+    fn merged(&self) -> Objects {
+        let mut all = Objects::default();
+        for o in self.last_good.values() {
+            all.services.extend(o.services.iter().cloned());
+            all.slices.extend(o.slices.iter().cloned());
+            all.endpoints.extend(o.endpoints.iter().cloned());
+        }
+        all
+    }
+}
+
+/// Paths, sizes and modification times of the manifest files: changes when they do.
+pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut files = Vec::new();
+    let _ = collect_files(path, &mut files);
+    files
+        .into_iter()
+        .map(|f| {
+            let meta = fs::metadata(&f).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            (f, len, meta.and_then(|m| m.modified().ok()))
+        })
+        .collect()
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {
@@ -341,6 +393,45 @@ spec: {ports: [{port: 80}]}
         );
         assert!(r.errors.is_empty(), "{r}");
         assert_eq!(o.services.len(), 2);
+    }
+
+    #[test]
+    fn a_file_that_turns_bad_keeps_serving_its_last_good_objects() {
+        let dir = std::env::temp_dir().join(format!("lb-source-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let svc = |name: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n")
+        };
+        fs::write(dir.join("a.yaml"), svc("a")).unwrap();
+        fs::write(dir.join("b.yaml"), svc("b")).unwrap();
+        let mut cache = ManifestCache::default();
+        let names = |o: &Objects| {
+            o.services
+                .iter()
+                .map(|s| s.metadata.name.clone().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&cache.read(&dir).0), ["a", "b"]);
+        fs::write(dir.join("a.yaml"), "kind: Service\nmetadata: [broken").unwrap();
+        let (objects, report) = cache.read(&dir);
+        assert_eq!(
+            names(&objects),
+            ["a", "b"],
+            "a's last good Service is still served"
+        );
+        assert!(
+            report.errors[0]
+                .to_string()
+                .contains("a.yaml: document 1: not YAML"),
+            "{report}"
+        );
+        fs::remove_file(dir.join("b.yaml")).unwrap();
+        assert_eq!(
+            names(&cache.read(&dir).0),
+            ["a"],
+            "a deleted file withdraws its objects"
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

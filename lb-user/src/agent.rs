@@ -1,0 +1,245 @@
+//! The agent in standalone mode: loads and attaches the datapath, adopts the pinned maps,
+//! and keeps them equal to the model of the manifests; attaches the pod-side program to
+//! every device matching the pattern, including ones created later (netlink link events);
+//! serves healthCheckNodePorts for externalTrafficPolicy=Local Services.
+use std::{
+    collections::BTreeSet,
+    ffi::CStr,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    time::Duration,
+};
+
+use lb_common::{user::addr_be, Config};
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
+
+use crate::{
+    datapath::{self, Datapath},
+    health::HealthServers,
+    maps::PinnedMaps,
+    model::{self, Desired, NodeInfo, Options},
+    reconciler::Reconciler,
+    source::{fingerprint, ManifestCache},
+};
+
+pub struct AgentConfig {
+    pub pin_dir: PathBuf,
+    pub manifests: PathBuf,
+    pub node: NodeInfo,
+    pub options: Options,
+    pub uplinks: Vec<String>,
+    /// Glob-like patterns (`lxc*`, `veth*`) naming pod-facing devices.
+    pub pod_device_patterns: Vec<String>,
+    pub snat_ports: (u16, u16),
+    /// How often the manifests are checked for changes.
+    pub poll: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Datapath(#[from] datapath::Error),
+    #[error(transparent)]
+    Maps(#[from] crate::maps::Error),
+    #[error("attaching XDP to uplink {iface}: {source}")]
+    Uplink {
+        iface: String,
+        #[source]
+        source: datapath::Error,
+    },
+    #[error("node has no IPv4 address for SNAT (give --node-address)")]
+    NoNodeAddress,
+    #[error("netlink: {0}")]
+    Netlink(#[source] io::Error),
+}
+
+impl AgentConfig {
+    fn datapath_config(&self) -> Result<Config, Error> {
+        let node_addr = *self.node.addresses.first().ok_or(Error::NoNodeAddress)?;
+        Ok(Config {
+            node_addr_be: addr_be(node_addr),
+            cluster_cidr_addr_be: addr_be(self.options.cluster_cidr.addr),
+            cluster_cidr_prefix_len: self.options.cluster_cidr.prefix_len as u32,
+            snat_port_min: self.snat_ports.0,
+            snat_port_max: self.snat_ports.1,
+        })
+    }
+}
+
+/// Runs until `shutdown` resolves. The datapath keeps running after the agent exits.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let datapath_config = cfg.datapath_config()?;
+    let mut dp = Datapath::load(&cfg.pin_dir)?;
+    for iface in &cfg.uplinks {
+        dp.attach_uplink(iface).map_err(|source| Error::Uplink {
+            iface: iface.clone(),
+            source,
+        })?;
+    }
+    let mut store = PinnedMaps::open(&cfg.pin_dir)?;
+    let mut reconciler = Reconciler::adopt(&store)?;
+    let mut manifests = ManifestCache::default();
+    let mut health = HealthServers::default();
+    let mut attached = BTreeSet::new();
+    let socket = link_events_socket().map_err(Error::Netlink)?;
+    // SAFETY: the OwnedFd moves into the AsyncFd and stays open for its whole life.
+    let links = unsafe { AsyncFd::register(socket) }.map_err(|e| Error::Netlink(e.into()))?;
+    let mut seen = None;
+    let mut last_errors = Vec::new();
+    info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, "agent started");
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(cfg.poll);
+    attach_pod_devices(&mut dp, &cfg, &mut attached);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            ready = links.readable() => {
+                if let Ok(mut guard) = ready {
+                    drain(links.get_ref());
+                    guard.clear_ready();
+                }
+                attach_pod_devices(&mut dp, &cfg, &mut attached);
+            }
+            _ = tick.tick() => {
+                let now = fingerprint(&cfg.manifests);
+                if seen.as_ref() == Some(&now) {
+                    continue;
+                }
+                seen = Some(now);
+                let (objects, report) = manifests.read(&cfg.manifests);
+                let desired = model::desired_state(&objects, &cfg.node, &cfg.options);
+                let errors = problems(&report, &desired);
+                if errors != last_errors {
+                    for e in &errors {
+                        warn!("{e}");
+                    }
+                    last_errors = errors;
+                }
+                match reconciler.apply(&desired, datapath_config, &mut store) {
+                    Ok(c) => info!(frontends = desired.frontends.len(), written = c.services_written, removed = c.services_removed, backends_added = c.backends_added, backends_removed = c.backends_removed, "maps synced"),
+                    // Maps keep their last state; the next change retries.
+                    Err(e) => { warn!("writing maps: {e}"); seen = None; }
+                }
+                health.update(&desired.health_checks).await;
+            }
+        }
+    }
+    info!("agent stopping; the datapath keeps running from its pins");
+    Ok(())
+}
+
+fn problems(report: &crate::source::Report, desired: &Desired) -> Vec<String> {
+    report
+        .errors
+        .iter()
+        .map(|e| e.to_string())
+        .chain(desired.errors.iter().map(|e| e.to_string()))
+        .collect()
+}
+
+fn attach_pod_devices(dp: &mut Datapath, cfg: &AgentConfig, attached: &mut BTreeSet<String>) {
+    let present: BTreeSet<String> = interface_names()
+        .into_iter()
+        .filter(|n| cfg.pod_device_patterns.iter().any(|p| glob_match(p, n)))
+        .collect();
+    // A deleted device took its attachment with it.
+    attached.retain(|n| present.contains(n));
+    for name in present {
+        if attached.contains(&name) {
+            continue;
+        }
+        match dp.attach_pod_device(&name) {
+            Ok(()) => {
+                info!(device = %name, "attached pod-side program");
+                attached.insert(name);
+            }
+            Err(e) => warn!(device = %name, "attaching pod-side program: {e}"),
+        }
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((prefix, rest)) => {
+            let Some(tail) = name.strip_prefix(prefix) else {
+                return false;
+            };
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob_match(rest, &tail[i..]))
+        }
+    }
+}
+
+/// Interfaces of the current network namespace.
+fn interface_names() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            out.push(CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// A netlink socket subscribed to link events; any message means "rescan devices".
+fn link_events_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket/bind calls with a zeroed, filled-in sockaddr_nl.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        let rc = libc::bind(
+            fd.as_raw_fd(),
+            &addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        );
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+}
+
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 8192];
+    // SAFETY: recv into a local buffer on a non-blocking socket.
+    while unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn device_patterns() {
+        assert!(glob_match("lxc*", "lxc12ab"));
+        assert!(glob_match("veth*", "veth"));
+        assert!(!glob_match("veth*", "eth0"));
+        assert!(glob_match("cali*x", "cali123x"));
+        assert!(!glob_match("cali*x", "cali123y"));
+        assert!(glob_match("eth0", "eth0"));
+    }
+}
