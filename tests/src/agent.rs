@@ -1,0 +1,110 @@
+//! The agent as a process in a lab node, the way operators run it; stopped and its
+//! pinned datapath removed on drop.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::lab::{Node, CLUSTER_CIDR};
+
+/// The lb-user binary: $LB_USER_BIN, or beside the running executable's target dir.
+pub fn lb_user_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("LB_USER_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("lb-user");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("lb-user binary not found next to {}; build it first (`cargo build -p lb-user`) or set LB_USER_BIN", exe.display())
+}
+
+pub struct Agent {
+    child: Child,
+    pub pin_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent for `node` on `manifests` and waits for its first sync.
+    pub fn start(node: &Node, manifests: &Path, extra_args: &[&str]) -> Result<Agent> {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", node.ns.name));
+        let log = std::env::temp_dir().join(format!("{}-agent.log", node.ns.name));
+        let log_file = fs::File::create(&log)?;
+        let child = Command::new(lb_user_bin()?)
+            .args(["--netns", &node.ns.name, "agent", "--pin-dir"])
+            .arg(&pin_dir)
+            .arg("--manifests")
+            .arg(manifests)
+            .args(["--node-name", &node.name, "--node-address", &node.addr.to_string(), "--iface", node.uplink])
+            .args(["--pod-devices", "veth*", "--cluster-cidr", CLUSTER_CIDR])
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("starting lb-user agent")?;
+        let agent = Agent { child, pin_dir, log };
+        agent.wait_for_syncs(1)?;
+        Ok(agent)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (at most 20 s) until the agent has synced its maps `n` times in all.
+    pub fn wait_for_syncs(&self, n: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let text = self.log_text();
+            if text.matches("maps synced").count() >= n {
+                return Ok(());
+            }
+            if text.contains("Error") {
+                bail!("agent failed:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent did not sync {n} times within 20 s:\n{}", self.log_text())
+    }
+
+    /// Waits (at most 10 s) for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent log has no {needle:?}:\n{}", self.log_text())
+    }
+
+    pub fn syncs(&self) -> usize {
+        self.log_text().matches("maps synced").count()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = lb_user::datapath::unload(&self.pin_dir);
+        let _ = fs::remove_file(&self.log);
+    }
+}

@@ -1,0 +1,244 @@
+//! Closed topologies of network namespaces. Nothing is connected to the root namespace and
+//! no namespace has a route out of the lab. Every namespace is named uniquely (pid +
+//! counter) and deleted by a Drop guard, which also removes the veths inside it.
+//!
+//! Addressing: the L2 segment is 192.168.50.0/24 (node i at .10+i, client c at .100+c);
+//! node i routes pods 10.244.(i+1).0/24, pod j of node i is 10.244.(i+1).(10+j) behind the
+//! node's device `veth<j>`; LoadBalancer and external IPs live in 192.168.60.0/24, which
+//! clients route via node 0 (as a cloud LB or BGP would).
+use std::{
+    net::Ipv4Addr,
+    process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use anyhow::{bail, Context, Result};
+
+pub const SEGMENT_PREFIX: u8 = 24;
+pub const LB_POOL: &str = "192.168.60.0/24";
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs a command, failing with its output when it fails.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}{}", args.join(" "), String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace owned by the current test; deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+    keep: bool,
+}
+
+impl Netns {
+    /// A new namespace named `<prefix>-<pid>-<n>-<role>`.
+    pub fn new(prefix: &str, role: &str) -> Result<Self> {
+        let name = format!("{prefix}-{}-{}-{role}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        run("ip", &["netns", "add", &name])?;
+        let ns = Netns { name, keep: false };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> args...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs a program inside the namespace (`ip netns exec`; not for anything that pins
+    /// BPF objects, since it remounts /sys).
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    pub fn sysctl(&self, key_value: &str) -> Result<()> {
+        self.exec("sysctl", &["-qw", key_value]).map(drop)
+    }
+
+    /// Emulates a NIC: complete checksums on transmit (veths otherwise hand partial
+    /// checksums to the peer, which no wire does), and NAPI on receive so that frames sent
+    /// with XDP_TX from the peer are accepted.
+    pub fn as_wire(&self, dev: &str) -> Result<()> {
+        self.exec("ethtool", &["-K", dev, "tx", "off", "gro", "on"]).map(drop)
+    }
+
+    /// Keep the namespace after drop (for `lab up`).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        }
+    }
+}
+
+/// Runs `f` on a thread inside the namespace; sockets it opens live there.
+pub fn in_netns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        lb_user::netns::enter(&ns).unwrap_or_else(|e| panic!("{e}"));
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// Pods on each node; the number of entries is the number of nodes.
+    pub pods_per_node: Vec<usize>,
+    pub clients: usize,
+}
+
+#[derive(Debug)]
+pub struct Pod {
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+    /// The pod-facing device on its node.
+    pub host_device: String,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+    pub uplink: &'static str,
+    pub pods: Vec<Pod>,
+}
+
+#[derive(Debug)]
+pub struct Client {
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+}
+
+/// A built lab. Fields drop in declaration order: pods and nodes, clients, the segment.
+#[derive(Debug)]
+pub struct Lab {
+    pub nodes: Vec<Node>,
+    pub clients: Vec<Client>,
+    pub segment: Netns,
+}
+
+pub fn node_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 50, 10 + i as u8)
+}
+
+pub fn pod_addr(node: usize, pod: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, node as u8 + 1, 10 + pod as u8)
+}
+
+impl Lab {
+    pub fn build(prefix: &str, spec: &Spec) -> Result<Lab> {
+        let segment = Netns::new(prefix, "seg")?;
+        segment.ip(&["link", "add", "br0", "type", "bridge"])?;
+        segment.ip(&["link", "set", "br0", "up"])?;
+        let mut lab = Lab { nodes: Vec::new(), clients: Vec::new(), segment };
+        let n = spec.pods_per_node.len();
+        for (i, pods) in spec.pods_per_node.iter().enumerate() {
+            let node = lab.add_node(prefix, i, n)?;
+            lab.nodes.push(node);
+            for j in 0..*pods {
+                let pod = lab.add_pod(prefix, i, j)?;
+                lab.nodes[i].pods.push(pod);
+            }
+        }
+        for c in 0..spec.clients {
+            let client = lab.add_client(prefix, c)?;
+            lab.clients.push(client);
+        }
+        Ok(lab)
+    }
+
+    /// A veth from `ns` (named `dev`) to a port of the segment's bridge.
+    fn plug(&self, ns: &Netns, dev: &str, port: &str) -> Result<()> {
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", port, "netns", &self.segment.name])?;
+        self.segment.ip(&["link", "set", port, "master", "br0", "up"])?;
+        self.segment.as_wire(port)?;
+        ns.as_wire(dev)?;
+        ns.ip(&["link", "set", dev, "up"])?;
+        Ok(())
+    }
+
+    fn add_node(&self, prefix: &str, i: usize, nodes: usize) -> Result<Node> {
+        let name = format!("node{}", i + 1);
+        let ns = Netns::new(prefix, &name)?;
+        self.plug(&ns, "eth0", &format!("n{i}"))?;
+        let addr = node_addr(i);
+        ns.ip(&["addr", "add", &format!("{addr}/{SEGMENT_PREFIX}"), "dev", "eth0"])?;
+        for key in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
+            ns.sysctl(key)?;
+        }
+        for k in (0..nodes).filter(|k| *k != i) {
+            ns.ip(&["route", "add", &format!("10.244.{}.0/24", k + 1), "via", &node_addr(k).to_string()])?;
+        }
+        Ok(Node { name, ns, addr, uplink: "eth0", pods: Vec::new() })
+    }
+
+    fn add_pod(&self, prefix: &str, i: usize, j: usize) -> Result<Pod> {
+        let node = &self.nodes[i];
+        let ns = Netns::new(prefix, &format!("pod{}-{j}", i + 1))?;
+        let host_device = format!("veth{j}");
+        let addr = pod_addr(i, j);
+        let gateway = format!("10.244.{}.1", i + 1);
+        node.ns.ip(&["link", "add", &host_device, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        node.ns.as_wire(&host_device)?;
+        ns.as_wire("eth0")?;
+        node.ns.ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_device])?;
+        node.ns.ip(&["link", "set", &host_device, "up"])?;
+        node.ns.ip(&["route", "add", &format!("{addr}/32"), "dev", &host_device])?;
+        ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", &gateway, "dev", "eth0"])?;
+        ns.ip(&["route", "add", "default", "via", &gateway])?;
+        Ok(Pod { ns, addr, host_device })
+    }
+
+    fn add_client(&self, prefix: &str, c: usize) -> Result<Client> {
+        let ns = Netns::new(prefix, &format!("client{}", c + 1))?;
+        self.plug(&ns, "eth0", &format!("c{c}"))?;
+        let addr = Ipv4Addr::new(192, 168, 50, 100 + c as u8);
+        ns.ip(&["addr", "add", &format!("{addr}/{SEGMENT_PREFIX}"), "dev", "eth0"])?;
+        ns.ip(&["route", "add", LB_POOL, "via", &node_addr(0).to_string()])?;
+        Ok(Client { ns, addr })
+    }
+
+    /// Keep every namespace after drop (`lab up`).
+    pub fn keep(&mut self) {
+        self.segment.keep();
+        self.clients.iter_mut().for_each(|c| c.ns.keep());
+        for node in &mut self.nodes {
+            node.ns.keep();
+            node.pods.iter_mut().for_each(|p| p.ns.keep());
+        }
+    }
+}
+
+/// Deletes every namespace whose name starts with `prefix-` (`lab down`).
+pub fn delete_all(prefix: &str) -> Result<usize> {
+    let list = run("ip", &["netns", "list"])?;
+    let mut n = 0;
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        if name.starts_with(&format!("{prefix}-")) {
+            run("ip", &["netns", "del", name])?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
