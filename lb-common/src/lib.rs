@@ -45,7 +45,17 @@ pub mod program_names {
     pub const XDP_UPLINK: &str = "lb_xdp_uplink";
     /// East-west, tc ingress on pod-facing devices.
     pub const TC_POD: &str = "lb_tc_pod";
+    /// Passes everything: the benchmarks' floor, and the lab's veth peers.
+    pub const XDP_PASS: &str = "lb_xdp_pass";
+    /// tc ingress on node uplinks: forwards what XDP translated but could not transmit.
+    pub const TC_UPLINK: &str = "lb_tc_uplink";
 }
+
+/// XDP metadata in front of a packet that XDP translated but could not send itself (the
+/// route leaves by another device, or the neighbour is not resolved yet): the uplink's tc
+/// program forwards it with bpf_redirect_neigh. The stack must not route it, since its
+/// source may now be the node's own address, which input routing drops as martian.
+pub const XDP_META_FORWARD: u32 = 0x4c42_4657;
 
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKEND_SLOTS: u32 = 262_144;

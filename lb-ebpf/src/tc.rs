@@ -1,16 +1,25 @@
-//! East-west: tc ingress on pod-facing devices. Packets here are skbs that may carry
-//! CHECKSUM_PARTIAL from the pod's stack, so checksums are updated with the kernel's
-//! helpers, which handle every skb checksum state; the stack then routes the packet.
+//! tc ingress programs. On pod-facing devices (east-west): the full datapath; packets here
+//! are skbs that may carry CHECKSUM_PARTIAL from the pod's stack, so checksums are updated
+//! with the kernel's helpers, which handle every skb checksum state. On uplinks: forwarding
+//! of what XDP translated but could not transmit.
+//!
+//! Translated packets leave with bpf_redirect_neigh rather than through the stack's input
+//! routing, which would drop them as martians whenever the new source is the node's own
+//! address (SNAT, hairpin, NodePort replies).
+use core::mem::size_of;
+
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
-        TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+    },
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{counters, icmp, IPPROTO_TCP};
+use lb_common::{counters, icmp, IPPROTO_TCP, XDP_META_FORWARD};
 
 use crate::{
     flow::{decide, Rewrite, Verdict},
@@ -20,6 +29,71 @@ use crate::{
         UDP_CHECK_OFF,
     },
 };
+
+#[classifier]
+pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
+    if handed_over_by_xdp(&ctx) {
+        forward(&ctx)
+    } else {
+        TC_ACT_OK
+    }
+}
+
+#[inline(always)]
+fn handed_over_by_xdp(ctx: &TcContext) -> bool {
+    // SAFETY: reading a field of the valid context.
+    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    meta + size_of::<u32>() <= ctx.data()
+        // SAFETY: bounds checked against data just above.
+        && unsafe { (meta as *const u32).read_unaligned() } == XDP_META_FORWARD
+}
+
+/// Sends a translated packet where the FIB says, resolving the neighbour if needed, after
+/// the TTL decrement a router owes. Without a route the stack gets it.
+#[inline(always)]
+fn forward(ctx: &TcContext) -> i32 {
+    let Ok(ip) = ctx.load::<[u8; 20]>(IP_OFF) else {
+        return TC_ACT_OK;
+    };
+    let ttl = ip[8];
+    if ttl <= 1 {
+        return TC_ACT_OK;
+    }
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = ip[9];
+    fib.__bindgen_anon_1.tot_len = u16::from_be_bytes([ip[2], ip[3]]);
+    // SAFETY: reading a field of the valid context.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    // SAFETY: fib is a valid, sized bpf_fib_lookup on our stack; the context is valid.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return TC_ACT_OK;
+    }
+    let old = u16::from_ne_bytes([ttl, ip[9]]);
+    let new = u16::from_ne_bytes([ttl - 1, ip[9]]);
+    if ctx
+        .l3_csum_replace(IP_CHECK_OFF, old as u64, new as u64, 2)
+        .is_err()
+        || ctx.store(IP_OFF + 8, &(ttl - 1), 0).is_err()
+    {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: plain helper call; NULL params make it look the next hop up itself.
+    unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+const AF_INET: u8 = 2;
 
 /// Ethernet + IPv4 + TCP header: what must be linear for the parse.
 const PULL_LEN: u32 = (L4_OFF + 20) as u32;
@@ -61,7 +135,7 @@ fn try_lb_tc_pod(ctx: &TcContext) -> Result<i32, ()> {
         Verdict::Translate(rw, c) => {
             count(c, p.frame_len);
             rewrite(ctx, &p, &rw).map_err(|_| ())?;
-            Ok(TC_ACT_OK)
+            Ok(forward(ctx))
         }
     }
 }

@@ -1,16 +1,18 @@
 //! North-south: XDP on node uplinks. Rewrites in place with incremental checksums, then
-//! forwards with XDP_TX when the FIB says the packet leaves where it came in, else hands
-//! it to the stack (which routes it to a local pod or resolves a neighbour).
+//! sends with XDP_TX when the FIB says the packet leaves where it came in; anything else
+//! it translated goes up tagged, for the uplink's tc program to forward.
 use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
+    },
     macros::xdp,
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{checksum, counters, icmp, IPPROTO_TCP};
+use lb_common::{checksum, counters, icmp, IPPROTO_TCP, XDP_META_FORWARD};
 
 use crate::{
     flow::{decide, Rewrite, Verdict},
@@ -29,6 +31,14 @@ pub fn lb_xdp_uplink(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(()) => xdp_action::XDP_ABORTED,
     }
+}
+
+/// Passes everything. The floor benchmarks measure against, and what labs attach to the
+/// far ends of veth uplinks: a veth only picks up frames sent to it with XDP_TX when it has
+/// an XDP program of its own (a physical NIC needs nothing of the sort).
+#[xdp]
+pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[inline(always)]
@@ -103,21 +113,37 @@ fn rewrite(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> Result<(), ()> {
     write(ctx, L4_OFF + 2, rw.dst_port_be)
 }
 
-/// XDP_TX when the route leads back out of the receiving interface (the usual case for a
-/// NodePort whose backend is on another node, and for replies to external clients);
-/// otherwise XDP_PASS, and the stack routes the already translated packet.
+/// XDP_TX when the route leads back out of the receiving interface with a resolved
+/// neighbour (a NodePort whose backend is on another node, replies to external clients);
+/// otherwise the translated packet is tagged for the uplink's tc program to forward.
 #[inline(always)]
 fn forward(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> u32 {
+    if transmit(ctx, p, rw).is_some() {
+        count(counters::XDP_TX, p.frame_len);
+        return xdp_action::XDP_TX;
+    }
+    // SAFETY: the helper checks the room in front of the packet itself.
+    if unsafe { bpf_xdp_adjust_meta(ctx.as_ptr() as *mut _, -(size_of::<u32>() as i32)) } == 0 {
+        let meta = ctx.metadata();
+        if meta + size_of::<u32>() <= ctx.data() {
+            // SAFETY: the 4 bytes were just made and bounds checked against data.
+            unsafe { (meta as *mut u32).write_unaligned(XDP_META_FORWARD) };
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Sets TTL and MACs for XDP_TX, if the FIB sends the packet back out where it came in.
+#[inline(always)]
+fn transmit(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> Option<()> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(ttl_word) = read::<u16>(start, end, IP_OFF + 8) else {
-        return xdp_action::XDP_PASS;
-    };
+    let ttl_word: u16 = read(start, end, IP_OFF + 8)?;
     let ttl = ttl_word.to_ne_bytes()[0];
     // Let the stack answer "time exceeded".
     if ttl <= 1 {
-        return xdp_action::XDP_PASS;
+        return None;
     }
-    let tot_len = read::<u16>(start, end, IP_OFF + 2).unwrap_or(0);
+    let tot_len: u16 = read(start, end, IP_OFF + 2)?;
     // SAFETY: an all-zero bpf_fib_lookup is a valid input.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
@@ -138,28 +164,20 @@ fn forward(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> u32 {
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || fib.ifindex != ctx.ingress_ifindex() as u32 {
-        return xdp_action::XDP_PASS;
+        return None;
     }
     let mut word = ttl_word.to_ne_bytes();
     word[0] = ttl - 1;
     let new_word = u16::from_ne_bytes(word);
-    let Some(check) = read::<u16>(start, end, IP_CHECK_OFF) else {
-        return xdp_action::XDP_PASS;
-    };
-    let macs = [fib.dmac, fib.smac];
-    if write(ctx, IP_OFF + 8, new_word).is_err()
-        || write(
-            ctx,
-            IP_CHECK_OFF,
-            checksum::replace_u16(check, ttl_word, new_word),
-        )
-        .is_err()
-        || write(ctx, 0, macs).is_err()
-    {
-        return xdp_action::XDP_PASS;
-    }
-    count(counters::XDP_TX, p.frame_len);
-    xdp_action::XDP_TX
+    let check: u16 = read(start, end, IP_CHECK_OFF)?;
+    write(ctx, IP_OFF + 8, new_word).ok()?;
+    write(
+        ctx,
+        IP_CHECK_OFF,
+        checksum::replace_u16(check, ttl_word, new_word),
+    )
+    .ok()?;
+    write(ctx, 0, [fib.dmac, fib.smac]).ok()
 }
 
 /// Turns the packet into an ICMP port unreachable answer and sends it back.

@@ -124,12 +124,16 @@ impl Datapath {
             name: program_names::XDP_UPLINK,
             source,
         })?;
-        let tc: &mut SchedClassifier = datapath.program(program_names::TC_POD)?;
-        tc.load().map_err(|source| Error::Program {
-            name: program_names::TC_POD,
-            source,
-        })?;
-        for name in [program_names::XDP_UPLINK, program_names::TC_POD] {
+        for name in [program_names::TC_POD, program_names::TC_UPLINK] {
+            let tc: &mut SchedClassifier = datapath.program(name)?;
+            tc.load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        for name in [
+            program_names::XDP_UPLINK,
+            program_names::TC_POD,
+            program_names::TC_UPLINK,
+        ] {
             let program = datapath
                 .ebpf
                 .program_mut(name)
@@ -143,7 +147,8 @@ impl Datapath {
         Ok(datapath)
     }
 
-    /// Attaches the north-south program to an uplink, replacing our previous attachment.
+    /// Attaches the north-south programs to an uplink (XDP, and tc ingress to forward what
+    /// XDP hands over), replacing our previous attachments.
     pub fn attach_uplink(&mut self, iface: &str) -> Result<()> {
         let name = program_names::XDP_UPLINK;
         let link_path = self.link_path("xdp", iface);
@@ -156,13 +161,17 @@ impl Datapath {
         let link = program
             .take_link(id)
             .map_err(|source| Error::Program { name, source })?;
-        pin_link(link.try_into(), link_path, name)
+        pin_link(link.try_into(), link_path, name)?;
+        self.attach_tc(program_names::TC_UPLINK, "tcup", iface)
     }
 
     /// Attaches the east-west program at tc ingress (tcx) of a pod-facing device.
     pub fn attach_pod_device(&mut self, iface: &str) -> Result<()> {
-        let name = program_names::TC_POD;
-        let link_path = self.link_path("tc", iface);
+        self.attach_tc(program_names::TC_POD, "tc", iface)
+    }
+
+    fn attach_tc(&mut self, name: &'static str, kind: &str, iface: &str) -> Result<()> {
+        let link_path = self.link_path(kind, iface);
         remove_if_present(&link_path)?;
         let program: &mut SchedClassifier = self.program(name)?;
         let id = program

@@ -43,7 +43,14 @@ impl Agent {
             .arg(&pin_dir)
             .arg("--manifests")
             .arg(manifests)
-            .args(["--node-name", &node.name, "--node-address", &node.addr.to_string(), "--iface", node.uplink])
+            .args([
+                "--node-name",
+                &node.name,
+                "--node-address",
+                &node.addr.to_string(),
+                "--iface",
+                node.uplink,
+            ])
             .args(["--pod-devices", "veth*", "--cluster-cidr", CLUSTER_CIDR])
             .args(extra_args)
             .env("RUST_LOG", "info")
@@ -52,7 +59,11 @@ impl Agent {
             .stderr(log_file)
             .spawn()
             .context("starting lb-user agent")?;
-        let agent = Agent { child, pin_dir, log };
+        let agent = Agent {
+            child,
+            pin_dir,
+            log,
+        };
         agent.wait_for_syncs(1)?;
         Ok(agent)
     }
@@ -74,7 +85,10 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("agent did not sync {n} times within 20 s:\n{}", self.log_text())
+        bail!(
+            "agent did not sync {n} times within 20 s:\n{}",
+            self.log_text()
+        )
     }
 
     /// Waits (at most 10 s) for a log line containing `needle`.

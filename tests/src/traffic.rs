@@ -35,13 +35,22 @@ impl Echo {
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut threads = Vec::new();
         for udp in [false, true] {
-            let (ns, name, stop, ready) = (ns.to_string(), name.to_string(), stop.clone(), ready_tx.clone());
+            let (ns, name, stop, ready) = (
+                ns.to_string(),
+                name.to_string(),
+                stop.clone(),
+                ready_tx.clone(),
+            );
             threads.push(std::thread::spawn(move || {
                 if let Err(e) = lb_user::netns::enter(&ns) {
                     let _ = ready.send(Err(anyhow!("{e}")));
                     return;
                 }
-                let bound = if udp { serve_udp(&name, addr, port, &stop, &ready) } else { serve_tcp(&name, addr, port, &stop, &ready) };
+                let bound = if udp {
+                    serve_udp(&name, addr, port, &stop, &ready)
+                } else {
+                    serve_tcp(&name, addr, port, &stop, &ready)
+                };
                 if let Err(e) = bound {
                     let _ = ready.send(Err(anyhow!("echo {name} on {addr}:{port}: {e}")));
                 }
@@ -49,7 +58,9 @@ impl Echo {
         }
         let echo = Echo { stop, threads };
         for _ in 0..2 {
-            ready_rx.recv_timeout(TIMEOUT).map_err(|_| anyhow!("echo {name} did not start"))??;
+            ready_rx
+                .recv_timeout(TIMEOUT)
+                .map_err(|_| anyhow!("echo {name} did not start"))??;
         }
         Ok(echo)
     }
@@ -64,7 +75,13 @@ impl Drop for Echo {
     }
 }
 
-fn serve_tcp(name: &str, addr: Ipv4Addr, port: u16, stop: &AtomicBool, ready: &mpsc::Sender<Result<()>>) -> io::Result<()> {
+fn serve_tcp(
+    name: &str,
+    addr: Ipv4Addr,
+    port: u16,
+    stop: &AtomicBool,
+    ready: &mpsc::Sender<Result<()>>,
+) -> io::Result<()> {
     let listener = TcpListener::bind((addr, port))?;
     // A deep accept queue, so bursts of connections are not dropped at the backend.
     // SAFETY: listen(2) again on our own listening socket only changes its backlog.
@@ -83,14 +100,22 @@ fn serve_tcp(name: &str, addr: Ipv4Addr, port: u16, stop: &AtomicBool, ready: &m
                     let _ = conn.write_all(reply.as_bytes());
                 });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
             Err(e) => return Err(e),
         }
     }
     Ok(())
 }
 
-fn serve_udp(name: &str, addr: Ipv4Addr, port: u16, stop: &AtomicBool, ready: &mpsc::Sender<Result<()>>) -> io::Result<()> {
+fn serve_udp(
+    name: &str,
+    addr: Ipv4Addr,
+    port: u16,
+    stop: &AtomicBool,
+    ready: &mpsc::Sender<Result<()>>,
+) -> io::Result<()> {
     let socket = UdpSocket::bind((addr, port))?;
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
     let _ = ready.send(Ok(()));
@@ -131,7 +156,12 @@ pub fn udp_ask(ns: &str, bind: SocketAddrV4, dst: SocketAddrV4) -> io::Result<St
 }
 
 /// `total` TCP requests from `ns`, `concurrency` at a time; the answers in order.
-pub fn tcp_burst(ns: &str, dst: SocketAddrV4, total: usize, concurrency: usize) -> Vec<io::Result<String>> {
+pub fn tcp_burst(
+    ns: &str,
+    dst: SocketAddrV4,
+    total: usize,
+    concurrency: usize,
+) -> Vec<io::Result<String>> {
     in_netns(ns, move || {
         let per_worker = total.div_ceil(concurrency);
         let workers: Vec<_> = (0..concurrency)
@@ -140,7 +170,10 @@ pub fn tcp_burst(ns: &str, dst: SocketAddrV4, total: usize, concurrency: usize) 
                 std::thread::spawn(move || (0..n).map(|_| tcp_ask_here(dst)).collect::<Vec<_>>())
             })
             .collect();
-        workers.into_iter().flat_map(|w| w.join().expect("worker")).collect()
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
     })
 }
 
