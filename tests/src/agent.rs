@@ -103,6 +103,20 @@ impl Agent {
         bail!("agent log has no {needle:?}:\n{}", self.log_text())
     }
 
+    /// A datapath counter (`lb_common::counters`), summed over CPUs.
+    pub fn counter(&self, index: u32) -> u64 {
+        let map = lb_user::datapath::open_map(&self.pin_dir, lb_common::map_names::COUNTERS)
+            .expect("counters map");
+        let counters: aya::maps::PerCpuArray<_, lb_common::counters::Counter> =
+            map.try_into().expect("per-CPU array");
+        counters
+            .get(&index, 0)
+            .expect("counter")
+            .iter()
+            .map(|c| c.packets)
+            .sum()
+    }
+
     pub fn syncs(&self) -> usize {
         self.log_text().matches("maps synced").count()
     }

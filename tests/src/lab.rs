@@ -267,6 +267,14 @@ impl Lab {
         })
     }
 
+    /// Adds a pod to node `i` (also while an agent runs there).
+    pub fn add_pod_to(&mut self, prefix: &str, i: usize) -> Result<&Pod> {
+        let j = self.nodes[i].pods.len();
+        let pod = self.add_pod(prefix, i, j)?;
+        self.nodes[i].pods.push(pod);
+        Ok(&self.nodes[i].pods[j])
+    }
+
     fn add_pod(&self, prefix: &str, i: usize, j: usize) -> Result<Pod> {
         let node = &self.nodes[i];
         let ns = Netns::new(prefix, &format!("pod{}-{j}", i + 1))?;

@@ -143,12 +143,15 @@ pub fn tcp_ask_here(dst: SocketAddrV4) -> io::Result<String> {
     Ok(out)
 }
 
-/// One UDP request from inside `ns`, from `bind` (port 0 for any).
+/// One UDP request from inside `ns`, from `bind` (port 0 for any). The socket is
+/// connected, as resolvers do: answers must come from `dst` itself, and an ICMP port
+/// unreachable surfaces as ConnectionRefused.
 pub fn udp_ask(ns: &str, bind: SocketAddrV4, dst: SocketAddrV4) -> io::Result<String> {
     in_netns(ns, move || {
         let s = UdpSocket::bind(bind)?;
         s.set_read_timeout(Some(TIMEOUT))?;
-        s.send_to(b"hello", dst)?;
+        s.connect(dst)?;
+        s.send(b"hello")?;
         let mut buf = [0u8; 256];
         let n = s.recv(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())

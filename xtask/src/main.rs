@@ -6,7 +6,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use xtask::{build_ebpf, bpf_linker_on_path, workspace_root, EbpfToolchain};
+use xtask::{bpf_linker_on_path, build_ebpf, workspace_root, EbpfToolchain};
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Tasks for the kube-xdp-lb workspace")]
@@ -60,7 +60,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Build => build(&root),
-        Task::BuildAndLoad { iface, pod_iface, netns, pin_dir } => {
+        Task::BuildAndLoad {
+            iface,
+            pod_iface,
+            netns,
+            pin_dir,
+        } => {
             build(&root)?;
             let mut args: Vec<String> = Vec::new();
             if let Some(ns) = netns {
@@ -75,7 +80,9 @@ fn main() -> Result<()> {
             }
             run(Command::new(bin(&root, "lb-user")).args(&args))
         }
-        Task::Unload { pin_dir } => run(Command::new(bin(&root, "lb-user")).args(["unload", "--pin-dir", &pin_dir])),
+        Task::Unload { pin_dir } => {
+            run(Command::new(bin(&root, "lb-user")).args(["unload", "--pin-dir", &pin_dir]))
+        }
         Task::Lab { action } => {
             build(&root)?;
             run(Command::new(bin(&root, "lab")).arg(action))
@@ -83,12 +90,16 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup()?;
             build(&root)?;
-            run(Command::new(bin(&root, "demo")).arg(root.join("examples")).current_dir(&root))
+            run(Command::new(bin(&root, "demo"))
+                .arg(root.join("examples"))
+                .current_dir(&root))
         }
         Task::Test => {
             setup()?;
             build(&root)?;
-            run(cargo(&root).args(["test", "--workspace", "--exclude", "lb-ebpf"]).env("LB_USER_BIN", bin(&root, "lb-user")))
+            run(cargo(&root)
+                .args(["test", "--workspace", "--exclude", "lb-ebpf"])
+                .env("LB_USER_BIN", bin(&root, "lb-user")))
         }
     }
 }
@@ -134,16 +145,33 @@ fn setup() -> Result<()> {
     } else {
         println!("setup: installing {}", missing.join(" "));
         run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    println!("setup: eBPF toolchain: {:?}", EbpfToolchain::detect().context("no eBPF toolchain after installing packages")?);
+    println!(
+        "setup: eBPF toolchain: {:?}",
+        EbpfToolchain::detect().context("no eBPF toolchain after installing packages")?
+    );
     if bpf_linker_on_path() {
         println!("setup: bpf-linker present");
     } else {
         println!("setup: installing bpf-linker 0.13.0 against LLVM 22");
-        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "0.13.0",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("PATH", path))?;
     }
     Ok(())

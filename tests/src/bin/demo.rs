@@ -10,9 +10,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use lb_tests::{
-    agent::Agent,
-    lab::{Lab, Spec},
-    traffic::{parse_answer, tcp_ask, udp_ask, Echo},
+    cluster::{pod_name, Cluster, Manifests},
+    lab::Spec,
+    traffic::{parse_answer, tcp_ask, udp_ask},
 };
 
 fn main() -> Result<()> {
@@ -21,36 +21,24 @@ fn main() -> Result<()> {
         .nth(1)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("examples"));
-    println!("== building the lab: client -- bridge -- node1 (pod-a), node2 (pod-b, pod-c)");
-    let lab = Lab::build(
-        "lbd",
-        &Spec {
-            pods_per_node: vec![1, 2],
-            clients: 1,
-        },
-    )?;
-    let names = ["pod-a", "pod-b", "pod-c"];
-    let pods: Vec<_> = lab.nodes.iter().flat_map(|n| n.pods.iter()).collect();
-    let _echo: Vec<Echo> = pods
-        .iter()
-        .zip(names)
-        .map(|(p, name)| Echo::start(&p.ns.name, name, p.addr, 8080))
-        .collect::<Result<_>>()?;
-    for (p, name) in pods.iter().zip(names) {
+    println!("== building the lab: client -- bridge -- node1 (pod-a), node2 (pod-b, pod-c),");
+    println!(
+        "   an echo backend in every pod, the agent on each node serving {}",
+        manifests.display()
+    );
+    let spec = Spec {
+        pods_per_node: vec![1, 2],
+        clients: 1,
+    };
+    let cluster = Cluster::start("lbd", &spec, Manifests::existing(&manifests))?;
+    let (lab, agents) = (&cluster.lab, &cluster.agents);
+    for (i, p) in lab.nodes.iter().flat_map(|n| n.pods.iter()).enumerate() {
         println!(
-            "   {name} {} echoes TCP+UDP on 8080 with the peer address it saw",
+            "   {} {} echoes TCP+UDP on 8080 with the peer address it saw",
+            pod_name(i),
             p.addr
         );
     }
-    println!(
-        "== starting the agent on each node with {}",
-        manifests.display()
-    );
-    let agents: Vec<Agent> = lab
-        .nodes
-        .iter()
-        .map(|n| Agent::start(n, &manifests, &[]))
-        .collect::<Result<_>>()?;
     let client = &lab.clients[0];
     let node1 = &lab.nodes[0];
     let pod_a = &node1.pods[0];

@@ -1,0 +1,120 @@
+//! A running lab cluster: the lab, an echo backend in every pod (TCP+UDP on 8080, named
+//! pod-a, pod-b, ... in node order), and the agent on every node serving a manifest dir.
+//! Drops in order: agents (stopped, pins removed), backends, manifests, namespaces.
+use std::{
+    fs,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use anyhow::Result;
+
+use crate::{
+    agent::Agent,
+    lab::{Lab, Spec},
+    traffic::Echo,
+};
+
+pub const BACKEND_PORT: u16 = 8080;
+
+/// A directory of manifests: the caller's, or a temporary one removed on drop.
+pub struct Manifests {
+    pub path: PathBuf,
+    temporary: bool,
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+impl Manifests {
+    pub fn existing(path: &Path) -> Self {
+        Manifests {
+            path: path.to_path_buf(),
+            temporary: false,
+        }
+    }
+
+    /// A temporary directory holding `services.yaml` with this text.
+    pub fn inline(yaml: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!(
+            "lb-manifests-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&path)?;
+        let m = Manifests {
+            path,
+            temporary: true,
+        };
+        m.replace(yaml)?;
+        Ok(m)
+    }
+
+    /// Replaces the manifest text (atomically, as `kubectl apply` would swap an object).
+    pub fn replace(&self, yaml: &str) -> Result<()> {
+        let tmp = self.path.join(".services.yaml.tmp");
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, self.path.join("services.yaml"))?;
+        Ok(())
+    }
+}
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+pub struct Cluster {
+    pub agents: Vec<Agent>,
+    pub backends: Vec<Echo>,
+    pub manifests: Manifests,
+    pub lab: Lab,
+}
+
+/// pod-a, pod-b, ...
+pub fn pod_name(index: usize) -> String {
+    format!("pod-{}", (b'a' + index as u8) as char)
+}
+
+impl Cluster {
+    pub fn start(prefix: &str, spec: &Spec, manifests: Manifests) -> Result<Cluster> {
+        let lab = Lab::build(prefix, spec)?;
+        let mut backends = Vec::new();
+        for (i, pod) in lab.nodes.iter().flat_map(|n| n.pods.iter()).enumerate() {
+            backends.push(Echo::start(
+                &pod.ns.name,
+                &pod_name(i),
+                pod.addr,
+                BACKEND_PORT,
+            )?);
+        }
+        let agents = lab
+            .nodes
+            .iter()
+            .map(|n| Agent::start(n, &manifests.path, &[]))
+            .collect::<Result<_>>()?;
+        Ok(Cluster {
+            agents,
+            backends,
+            manifests,
+            lab,
+        })
+    }
+
+    /// Replaces the manifests and waits until every agent has synced them.
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        let before: Vec<usize> = self.agents.iter().map(Agent::syncs).collect();
+        self.manifests.replace(yaml)?;
+        for (agent, n) in self.agents.iter().zip(before) {
+            agent.wait_for_syncs(n + 1)?;
+        }
+        Ok(())
+    }
+
+    pub fn node_port(&self, node: usize, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.lab.nodes[node].addr, port)
+    }
+}

@@ -1,0 +1,411 @@
+//! Needs root and BPF. End to end through a lab: two nodes (pod-a on node1; pod-b, pod-c on
+//! node2), external clients, the agent on each node, real TCP and UDP. Backends answer
+//! with their name and the peer address they saw, so each test checks the backend chosen
+//! and the address translation, and the datapath counters.
+use std::{
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use lb_common::counters;
+use lb_tests::{
+    cluster::{Cluster, Manifests},
+    lab::{in_netns, Spec},
+    traffic::{parse_answer, tcp_ask, tcp_burst, udp_ask},
+};
+
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+const POD_C: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 11);
+
+/// A Service with TCP and UDP on `port` (-> 8080) and an EndpointSlice of `backends`.
+fn service(
+    name: &str,
+    spec: &str,
+    port: u16,
+    node_port: Option<u16>,
+    backends: &[Ipv4Addr],
+) -> String {
+    let np = |proto: &str| {
+        node_port
+            .map(|p| format!(", nodePort: {p}"))
+            .map(|s| {
+                format!(
+                    "{{name: {}, protocol: {proto}, port: {port}, targetPort: 8080{s}}}",
+                    proto.to_lowercase()
+                )
+            })
+            .unwrap_or_else(|| {
+                format!(
+                    "{{name: {}, protocol: {proto}, port: {port}, targetPort: 8080}}",
+                    proto.to_lowercase()
+                )
+            })
+    };
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|ip| {
+            format!(
+                "- {{addresses: [\"{ip}\"], nodeName: node{}}}",
+                if *ip == POD_A { 1 } else { 2 }
+            )
+        })
+        .collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  {spec}\n  ports: [{}, {}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: tcp, protocol: TCP, port: 8080}}, {{name: udp, protocol: UDP, port: 8080}}]\nendpoints:{}\n",
+        np("TCP"),
+        np("UDP"),
+        if endpoints.is_empty() { " []".to_string() } else { format!("\n{}", endpoints.join("\n")) }
+    )
+}
+
+fn manifests() -> String {
+    [
+        service("remote", "clusterIP: 10.96.1.1", 80, None, &[POD_B, POD_C]),
+        service("self", "clusterIP: 10.96.1.2", 80, None, &[POD_A]),
+        service("np", "type: NodePort\n  clusterIP: 10.96.1.3", 80, Some(30080), &[POD_B, POD_C]),
+        service("local-remote", "type: LoadBalancer\n  clusterIP: 10.96.1.4\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32004", 80, Some(30084), &[POD_B, POD_C]),
+        service("local-here", "type: LoadBalancer\n  clusterIP: 10.96.1.5\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32005", 80, Some(30085), &[POD_A]),
+        service("ranged", "type: LoadBalancer\n  clusterIP: 10.96.1.6\n  loadBalancerSourceRanges: [192.168.50.101/32]", 80, Some(30086), &[POD_A, POD_B]),
+        service("empty", "type: NodePort\n  clusterIP: 10.96.1.7", 80, Some(30087), &[]),
+    ]
+    .concat()
+}
+
+/// LoadBalancer ingress IPs, as a cloud controller would have written them.
+fn with_lb_status(yaml: &str) -> String {
+    let mut out = String::new();
+    for doc in yaml.split("---\n").filter(|d| !d.trim().is_empty()) {
+        out.push_str("---\n");
+        out.push_str(doc);
+        for (name, ip) in [
+            ("local-remote", "192.168.60.4"),
+            ("local-here", "192.168.60.5"),
+            ("ranged", "192.168.60.6"),
+        ] {
+            if doc.contains("kind: Service\n")
+                && doc.contains(&format!("metadata: {{name: {name}}}\nspec"))
+            {
+                out.push_str(&format!(
+                    "status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n"
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn start(clients: usize) -> Cluster {
+    lb_tests::require_root();
+    let yaml = with_lb_status(&manifests());
+    let c = Cluster::start(
+        "lbt",
+        &Spec {
+            pods_per_node: vec![1, 2],
+            clients,
+        },
+        Manifests::inline(&yaml).unwrap(),
+    )
+    .unwrap();
+    for agent in &c.agents {
+        assert!(
+            !agent.log_text().contains("WARN"),
+            "the test manifests are valid:\n{}",
+            agent.log_text()
+        );
+    }
+    c
+}
+
+fn answer(a: std::io::Result<String>) -> (String, SocketAddrV4) {
+    let a = a.expect("an answer");
+    parse_answer(&a).unwrap_or_else(|| panic!("unexpected answer {a:?}"))
+}
+
+#[test]
+fn nodeport_with_cluster_policy_snats_to_the_node_and_replies_come_back() {
+    let c = start(1);
+    let client = &c.lab.clients[0].ns.name;
+    let node1 = &c.lab.nodes[0];
+    let mut seen_backends = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (backend, peer) = answer(tcp_ask(client, c.node_port(0, 30080)));
+        assert!(backend == "pod-b" || backend == "pod-c", "{backend}");
+        assert_eq!(
+            *peer.ip(),
+            node1.addr,
+            "the remote backend sees node1's address (SNAT)"
+        );
+        seen_backends.insert(backend);
+    }
+    assert_eq!(
+        seen_backends.len(),
+        2,
+        "random choice reached both backends in 20 tries"
+    );
+    for _ in 0..5 {
+        let (backend, peer) = answer(udp_ask(
+            client,
+            "0.0.0.0:0".parse().unwrap(),
+            c.node_port(0, 30080),
+        ));
+        assert!(backend == "pod-b" || backend == "pod-c", "{backend}");
+        assert_eq!(*peer.ip(), node1.addr);
+    }
+    let agent = &c.agents[0];
+    assert!(agent.counter(counters::NEW_FLOW) >= 25);
+    assert!(
+        agent.counter(counters::REPLY) >= 25,
+        "replies were reverse-translated on node1"
+    );
+    assert!(
+        agent.counter(counters::XDP_TX) > 0,
+        "node1 sent translated packets with XDP_TX"
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_local_backends() {
+    let c = start(1);
+    let client = &c.lab.clients[0];
+    let (backend, peer) = answer(tcp_ask(&client.ns.name, "192.168.60.5:80".parse().unwrap()));
+    assert_eq!(
+        (backend.as_str(), *peer.ip()),
+        ("pod-a", client.addr),
+        "LB IP routed to node1, local backend, no SNAT"
+    );
+    let (backend, peer) = answer(udp_ask(
+        &client.ns.name,
+        "0.0.0.0:0".parse().unwrap(),
+        "192.168.60.5:80".parse().unwrap(),
+    ));
+    assert_eq!((backend.as_str(), *peer.ip()), ("pod-a", client.addr));
+    for _ in 0..4 {
+        let (backend, peer) = answer(tcp_ask(&client.ns.name, c.node_port(1, 30084)));
+        assert!(backend == "pod-b" || backend == "pod-c");
+        assert_eq!(
+            *peer.ip(),
+            client.addr,
+            "node2's local backends see the client"
+        );
+    }
+    // node1 has no local backend for local-remote: dropped, not forwarded or refused.
+    let started = Instant::now();
+    let err = tcp_ask(&client.ns.name, c.node_port(0, 30084)).unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "{err:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(c.agents[0].counter(counters::DROP_NO_LOCAL_BACKEND) >= 1);
+    // Health checks steer the cloud LB: node1 has none of local-remote's endpoints.
+    assert_eq!(health(&client.ns.name, c.node_port(0, 32004)), ("503 Service Unavailable".into(), r#"{"localEndpoints":0,"service":{"name":"local-remote","namespace":"default"},"serviceProxyHealthy":true}"#.into()));
+    assert_eq!(
+        health(&client.ns.name, c.node_port(1, 32004)).1,
+        r#"{"localEndpoints":2,"service":{"name":"local-remote","namespace":"default"},"serviceProxyHealthy":true}"#
+    );
+    assert_eq!(health(&client.ns.name, c.node_port(0, 32005)).0, "200 OK");
+}
+
+fn health(ns: &str, dst: SocketAddrV4) -> (String, String) {
+    let raw = in_netns(ns, move || {
+        use std::io::{Read, Write};
+        let mut s =
+            std::net::TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(b"GET /any/path HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    let status = raw
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("HTTP/1.1 ")
+        .to_string();
+    (
+        status,
+        raw.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn cluster_ip_from_pods_keeps_the_pod_address_and_hairpin_works() {
+    let c = start(0);
+    let pod_a = &c.lab.nodes[0].pods[0].ns.name;
+    let pod_b = &c.lab.nodes[1].pods[0].ns.name;
+    for _ in 0..6 {
+        let (backend, peer) = answer(tcp_ask(pod_a, "10.96.1.1:80".parse().unwrap()));
+        assert!(backend == "pod-b" || backend == "pod-c");
+        assert_eq!(
+            *peer.ip(),
+            POD_A,
+            "east-west ClusterIP traffic is not SNATed"
+        );
+    }
+    let (backend, peer) = answer(udp_ask(
+        pod_a,
+        "0.0.0.0:0".parse().unwrap(),
+        "10.96.1.1:80".parse().unwrap(),
+    ));
+    assert!(backend == "pod-b" || backend == "pod-c");
+    assert_eq!(*peer.ip(), POD_A);
+    // From node2 to the backend on node1.
+    let (backend, peer) = answer(tcp_ask(pod_b, "10.96.1.2:80".parse().unwrap()));
+    assert_eq!((backend.as_str(), *peer.ip()), ("pod-a", POD_B));
+    // Hairpin: pod-a reaching itself through its Service is SNATed to node1.
+    let (backend, peer) = answer(tcp_ask(pod_a, "10.96.1.2:80".parse().unwrap()));
+    assert_eq!(
+        (backend.as_str(), *peer.ip()),
+        ("pod-a", c.lab.nodes[0].addr)
+    );
+    let (backend, peer) = answer(udp_ask(
+        pod_a,
+        "0.0.0.0:0".parse().unwrap(),
+        "10.96.1.2:80".parse().unwrap(),
+    ));
+    assert_eq!(
+        (backend.as_str(), *peer.ip()),
+        ("pod-a", c.lab.nodes[0].addr)
+    );
+}
+
+#[test]
+fn services_without_endpoints_refuse_at_once() {
+    let c = start(1);
+    let pod_a = &c.lab.nodes[0].pods[0].ns.name;
+    let client = &c.lab.clients[0].ns.name;
+    let cases = [
+        (
+            pod_a.clone(),
+            "10.96.1.7:80".parse().unwrap(),
+            "ClusterIP from a pod (tc)",
+        ),
+        (
+            client.clone(),
+            c.node_port(0, 30087),
+            "NodePort from outside (XDP)",
+        ),
+    ];
+    for (ns, dst, what) in cases {
+        let started = Instant::now();
+        let err = tcp_ask(&ns, dst).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{what}: TCP");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{what}: refused in {:?}",
+            started.elapsed()
+        );
+        let err = udp_ask(&ns, "0.0.0.0:0".parse().unwrap(), dst).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionRefused,
+            "{what}: UDP gets port unreachable"
+        );
+    }
+    assert!(c.agents[0].counter(counters::REFUSED_NO_BACKEND) >= 4);
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_other_sources() {
+    let c = start(2);
+    let (outside, inside) = (&c.lab.clients[0], &c.lab.clients[1]);
+    assert_eq!(inside.addr, Ipv4Addr::new(192, 168, 50, 101));
+    for _ in 0..4 {
+        // pod-a is local to node1 (no SNAT), pod-b is on node2 (SNAT to node1).
+        match answer(tcp_ask(&inside.ns.name, "192.168.60.6:80".parse().unwrap())) {
+            (b, peer) if b == "pod-a" => assert_eq!(*peer.ip(), inside.addr),
+            (b, peer) if b == "pod-b" => assert_eq!(*peer.ip(), c.lab.nodes[0].addr),
+            (b, _) => panic!("{b} is not a backend of ranged"),
+        }
+    }
+    let err = tcp_ask(&outside.ns.name, "192.168.60.6:80".parse().unwrap()).unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "{err:?}"
+    );
+    assert!(c.agents[0].counter(counters::DROP_SOURCE_RANGE) >= 1);
+    // The range applies to the LB IP only; the NodePort stays open to everyone.
+    answer(tcp_ask(&outside.ns.name, c.node_port(0, 30086)));
+}
+
+#[test]
+fn thousands_of_short_connections_through_one_nodeport_without_nat_collisions() {
+    let c = start(1);
+    let client = &c.lab.clients[0];
+    let retrans_before = syn_retransmits(&client.ns.name);
+    let total = 2000;
+    let answers = tcp_burst(&client.ns.name, c.node_port(0, 30080), total, 50);
+    let failures: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {total} failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let mut per_backend: std::collections::BTreeMap<String, Vec<u16>> = Default::default();
+    for a in &answers {
+        let (backend, peer) = parse_answer(a.as_ref().unwrap()).unwrap();
+        assert_eq!(*peer.ip(), c.lab.nodes[0].addr);
+        per_backend.entry(backend).or_default().push(peer.port());
+    }
+    for (backend, ports) in &per_backend {
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            ports.len(),
+            "{backend}: a SNAT port was reused toward the same backend"
+        );
+    }
+    assert_eq!(
+        syn_retransmits(&client.ns.name) - retrans_before,
+        0,
+        "no SYN waited on a backend's TIME_WAIT"
+    );
+}
+
+fn syn_retransmits(ns: &str) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nstat", "-az", "TcpExtTCPSynRetrans"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("TcpExtTCPSynRetrans"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn agent_follows_manifest_changes_and_new_pod_devices() {
+    let mut c = start(0);
+    let pod_a = c.lab.nodes[0].pods[0].ns.name.clone();
+    // A backend removed from the slice stops receiving new flows.
+    let yaml = with_lb_status(&manifests().replace(
+        &service("remote", "clusterIP: 10.96.1.1", 80, None, &[POD_B, POD_C]),
+        &service("remote", "clusterIP: 10.96.1.1", 80, None, &[POD_C]),
+    ));
+    c.apply(&yaml).unwrap();
+    for _ in 0..6 {
+        assert_eq!(
+            answer(tcp_ask(&pod_a, "10.96.1.1:80".parse().unwrap())).0,
+            "pod-c",
+            "agent log:\n{}",
+            c.agents[0].log_text()
+        );
+    }
+    // A pod created while the agent runs gets the pod-side program (netlink link event).
+    let new_pod = c.lab.add_pod_to("lbt", 0).unwrap();
+    let (ns, device) = (new_pod.ns.name.clone(), new_pod.host_device.clone());
+    c.agents[0]
+        .wait_for_log(&format!("attached pod-side program device={device}"))
+        .unwrap();
+    let (backend, peer) = answer(tcp_ask(&ns, "10.96.1.1:80".parse().unwrap()));
+    assert_eq!(
+        (backend.as_str(), *peer.ip()),
+        ("pod-c", Ipv4Addr::new(10, 244, 1, 11))
+    );
+}
