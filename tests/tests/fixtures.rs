@@ -1,0 +1,676 @@
+//! Needs root and BPF. Katran-style BPF_PROG_TEST_RUN fixtures: ordered {input packet,
+//! expected action, expected output bytes} against one scripted map state, then counter
+//! checks. The map state is written the way the agent writes it (manifests -> model ->
+//! reconciler -> pinned maps). Runs inside a namespace made here, whose uplink has a fixed
+//! MAC and static neighbours, so that FIB lookups (and so XDP_TX versus handing over to tc)
+//! are deterministic.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use aya::{
+    maps::HashMap,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use lb_common::{
+    counters, ct_flags, map_names, program_names, user::addr_be, CtKey, CtValue, IPPROTO_TCP,
+    IPPROTO_UDP, XDP_META_FORWARD,
+};
+use lb_tests::{
+    lab::{in_netns, Netns},
+    packet::{checksums_ok, endpoints, Frame, ACK, CLIENT_MAC, FIN, NODE_MAC, SYN},
+};
+use lb_user::{
+    datapath::{self, Datapath},
+    maps::PinnedMaps,
+    model,
+    reconciler::Reconciler,
+    source,
+};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
+const CLIENT2: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 101);
+const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const OTHER_LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 20);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np-remote}
+spec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{name: t, port: 80, nodePort: 30080}, {name: u, protocol: UDP, port: 80, nodePort: 30080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-remote, labels: {kubernetes.io/service-name: np-remote}}
+addressType: IPv4
+ports: [{name: t, port: 8080}, {name: u, protocol: UDP, port: 8080}]
+endpoints: [{addresses: [10.244.2.10], nodeName: node2}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-local}
+spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30081}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: etp-local}
+spec: {type: NodePort, clusterIP: 10.96.0.3, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30082}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: etp-none}
+spec: {type: NodePort, clusterIP: 10.96.0.4, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30083}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: etp-none, labels: {kubernetes.io/service-name: etp-none}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.2.10], nodeName: node2}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cip}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty}
+spec: {type: NodePort, clusterIP: 10.96.0.99, ports: [{name: t, port: 80, nodePort: 30099}, {name: u, protocol: UDP, port: 53, nodePort: 30099}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ranged}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.6, loadBalancerSourceRanges: [192.168.50.101/32], ports: [{port: 80, nodePort: 30086}]}
+status: {loadBalancer: {ingress: [{ip: 192.168.60.6}]}}
+"#;
+
+/// Local single-backend slices for np-local, etp-local, cip and ranged.
+fn local_slices() -> String {
+    ["np-local", "etp-local", "cip", "ranged"]
+        .iter()
+        .map(|s| format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {s}, labels: {{kubernetes.io/service-name: {s}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.244.1.10], nodeName: node1}}]\n"))
+        .collect()
+}
+
+/// The namespace: eth0 192.168.50.10/24 (MAC NODE_MAC) with static neighbours for the
+/// client and node2, which routes 10.244.2.0/24; veth0 toward the local pods.
+fn fixture_netns() -> Netns {
+    let ns = Netns::new("lbt", "fixtures").unwrap();
+    for args in [
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
+        ][..],
+        &[
+            "link", "add", "veth0", "type", "veth", "peer", "name", "pod0",
+        ],
+        &["link", "set", "eth0", "address", "02:00:00:00:00:02"],
+        &["addr", "add", "192.168.50.10/24", "dev", "eth0"],
+        &["addr", "add", "10.244.1.1/32", "dev", "veth0"],
+        &["link", "set", "eth0", "up"],
+        &["link", "set", "wire0", "up"],
+        &["link", "set", "veth0", "up"],
+        &["link", "set", "pod0", "up"],
+        &["route", "add", "10.244.1.0/24", "dev", "veth0"],
+        &["route", "add", "10.244.2.0/24", "via", "192.168.50.11"],
+        &[
+            "neigh",
+            "add",
+            "192.168.50.11",
+            "lladdr",
+            "02:00:00:00:00:0b",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "neigh",
+            "add",
+            "192.168.50.100",
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "neigh",
+            "add",
+            "192.168.50.101",
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    ] {
+        ns.ip(args).unwrap();
+    }
+    // bpf_fib_lookup answers only for devices that forward.
+    ns.sysctl("net.ipv4.ip_forward=1").unwrap();
+    ns
+}
+
+struct Fixture {
+    dp: Datapath,
+    pin_dir: std::path::PathBuf,
+    eth0: u32,
+}
+
+impl Fixture {
+    fn load(pin_dir: &Path) -> Fixture {
+        let mut dp = Datapath::load(pin_dir).unwrap();
+        let mut objects = source::Objects::default();
+        let mut report = source::Report::default();
+        source::parse_into(
+            Path::new("fixtures.yaml"),
+            &(MANIFESTS.to_string() + &local_slices()),
+            &mut objects,
+            &mut report,
+        );
+        assert!(report.errors.is_empty(), "{report}");
+        let node = model::NodeInfo {
+            name: "node1".into(),
+            addresses: vec![NODE],
+            zone: None,
+        };
+        let options = model::Options {
+            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+            nodeport_addresses: vec![],
+        };
+        let desired = model::desired_state(&objects, &node, &options);
+        assert!(desired.errors.is_empty(), "{:?}", desired.errors);
+        let mut store = PinnedMaps::open(pin_dir).unwrap();
+        let config = lb_common::Config {
+            node_addr_be: addr_be(NODE),
+            cluster_cidr_addr_be: addr_be(Ipv4Addr::new(10, 244, 0, 0)),
+            cluster_cidr_prefix_len: 16,
+            snat_port_min: 40000,
+            snat_port_max: 40999,
+        };
+        Reconciler::adopt(&store)
+            .unwrap()
+            .apply(&desired, config, &mut store)
+            .unwrap();
+        // Programs under test are loaded but attached nowhere: test runs only.
+        let _ = dp.ebpf_mut();
+        let eth0 = ifindex("eth0");
+        Fixture {
+            dp,
+            pin_dir: pin_dir.to_path_buf(),
+            eth0,
+        }
+    }
+
+    /// Runs the XDP program as if the frame came in on eth0: (action, frame out, tagged
+    /// for the uplink's tc program).
+    fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>, bool) {
+        let program: &mut Xdp = self
+            .dp
+            .ebpf_mut()
+            .program_mut(program_names::XDP_UPLINK)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&self.eth0.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("test run of {frame:02x?}: {e}"));
+        out.truncate(r.data_size_out as usize);
+        // Metadata, if any, comes out in front of the frame.
+        let tagged = out.len() == frame.len() + 4 && out[..4] == XDP_META_FORWARD.to_ne_bytes();
+        if tagged {
+            out.drain(..4);
+        }
+        (r.return_value, out, tagged)
+    }
+
+    fn tc_pod(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program: &mut SchedClassifier = self
+            .dp
+            .ebpf_mut()
+            .program_mut(program_names::TC_POD)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .unwrap();
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        let map = datapath::open_map(&self.pin_dir, map_names::COUNTERS).unwrap();
+        let c: aya::maps::PerCpuArray<_, counters::Counter> = map.try_into().unwrap();
+        counters::ALL
+            .iter()
+            .map(|(i, label)| (*label, c.get(i, 0).unwrap().iter().map(|v| v.packets).sum()))
+            .collect()
+    }
+
+    /// The conntrack entry of a flow as seen on the wire.
+    fn conntrack(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<CtValue> {
+        let map = datapath::open_map(&self.pin_dir, map_names::CONNTRACK).unwrap();
+        let ct: HashMap<_, CtKey, CtValue> = map.try_into().unwrap();
+        let key = CtKey {
+            src_addr_be: addr_be(*src.ip()),
+            dst_addr_be: addr_be(*dst.ip()),
+            src_port_be: src.port().to_be(),
+            dst_port_be: dst.port().to_be(),
+            proto,
+            _pad: [0; 3],
+        };
+        ct.get(&key, 0).ok()
+    }
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+/// `frame` with new endpoints, TTL and MACs: what a correct translation must produce,
+/// built from scratch (all checksums recomputed, not updated).
+fn expected(
+    frame: &Frame,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ttl: u8,
+    macs: Option<([u8; 6], [u8; 6])>,
+) -> Vec<u8> {
+    let mut f = Frame {
+        src,
+        dst,
+        ttl,
+        ..frame.clone()
+    }
+    .bytes();
+    if let Some((dmac, smac)) = macs {
+        f[0..6].copy_from_slice(&dmac);
+        f[6..12].copy_from_slice(&smac);
+    }
+    f
+}
+
+/// The ICMP port unreachable answer to `frame`, built independently of the datapath.
+fn port_unreachable(frame: &[u8]) -> Vec<u8> {
+    let mut a = Vec::new();
+    a.extend_from_slice(&frame[6..12]);
+    a.extend_from_slice(&frame[0..6]);
+    a.extend_from_slice(&[0x08, 0x00, 0x45, 0xc0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0]);
+    a.extend_from_slice(&frame[30..34]);
+    a.extend_from_slice(&frame[26..30]);
+    let c = lb_common::checksum::checksum(&a[14..34], 0);
+    a[24..26].copy_from_slice(&c.to_be_bytes());
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&frame[14..42]);
+    let c = lb_common::checksum::checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    a.extend_from_slice(&icmp);
+    a
+}
+
+#[test]
+fn xdp_and_tc_rewrites_byte_for_byte() {
+    lb_tests::require_root();
+    let ns = fixture_netns();
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
+    let result = std::panic::catch_unwind(|| {
+        in_netns(&ns.name, {
+            let pin_dir = pin_dir.clone();
+            move || run_fixtures(&pin_dir)
+        })
+    });
+    datapath::unload(&pin_dir).unwrap();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn run_fixtures(pin_dir: &Path) {
+    let mut fx = Fixture::load(pin_dir);
+    let client = sa(CLIENT, 5555);
+
+    // 1. NodePort, backend on another node: DNAT + SNAT, out of eth0 again with XDP_TX.
+    let syn = Frame::tcp(client, sa(NODE, 30080), SYN);
+    let (action, out, _) = fx.xdp(&syn.bytes());
+    assert_eq!(
+        action, XDP_TX,
+        "NodePort to a remote backend leaves by XDP_TX"
+    );
+    let fwd = fx
+        .conntrack(client, sa(NODE, 30080), IPPROTO_TCP)
+        .expect("forward conntrack entry");
+    let snat_port = u16::from_be(fwd.nat_src_port_be);
+    assert!(
+        (40000..=40999).contains(&snat_port),
+        "SNAT port {snat_port} from the configured range"
+    );
+    assert_eq!(fwd.flags & ct_flags::SNAT, ct_flags::SNAT);
+    assert_eq!(
+        out,
+        expected(
+            &syn,
+            sa(NODE, snat_port),
+            sa(REMOTE_POD, 8080),
+            63,
+            Some((NODE2_MAC, NODE_MAC))
+        ),
+        "DNAT+SNAT bytes"
+    );
+    assert!(checksums_ok(&out));
+
+    // 2. The backend's answer: un-SNAT and un-DNAT, back to the client by XDP_TX.
+    let synack = Frame::tcp(sa(REMOTE_POD, 8080), sa(NODE, snat_port), SYN | ACK);
+    let (action, out, _) = fx.xdp(&synack.bytes());
+    assert_eq!(action, XDP_TX);
+    assert_eq!(
+        out,
+        expected(
+            &synack,
+            sa(NODE, 30080),
+            client,
+            63,
+            Some((CLIENT_MAC, NODE_MAC))
+        ),
+        "reply bytes"
+    );
+    let reply_entry = fx
+        .conntrack(sa(REMOTE_POD, 8080), sa(NODE, snat_port), IPPROTO_TCP)
+        .unwrap();
+    assert_eq!(
+        reply_entry.state,
+        lb_common::conntrack::State::Established as u8,
+        "the handshake answer established the flow"
+    );
+
+    // 3. The rest of the flow keeps its translation; FIN moves it to closing.
+    let ack = Frame::tcp(client, sa(NODE, 30080), ACK);
+    let (action, out, _) = fx.xdp(&ack.bytes());
+    assert_eq!(
+        (action, out),
+        (
+            XDP_TX,
+            expected(
+                &ack,
+                sa(NODE, snat_port),
+                sa(REMOTE_POD, 8080),
+                63,
+                Some((NODE2_MAC, NODE_MAC))
+            )
+        )
+    );
+    fx.xdp(&Frame::tcp(client, sa(NODE, 30080), FIN | ACK).bytes());
+    assert_eq!(
+        fx.conntrack(client, sa(NODE, 30080), IPPROTO_TCP)
+            .unwrap()
+            .state,
+        lb_common::conntrack::State::Closing as u8
+    );
+
+    // 4. A second client gets another SNAT port (no collision).
+    let other = sa(CLIENT, 5556);
+    let (_, out, _) = fx.xdp(&Frame::tcp(other, sa(NODE, 30080), SYN).bytes());
+    let (src, _) = endpoints(&out);
+    assert_ne!(src.port(), snat_port);
+
+    // 5. NodePort, local backend, cluster policy: DNAT only, handed to tc (route via veth0).
+    let syn = Frame::tcp(client, sa(NODE, 30081), SYN);
+    let (action, out, tagged) = fx.xdp(&syn.bytes());
+    assert_eq!(
+        (action, tagged),
+        (XDP_PASS, true),
+        "translated, handed over for forwarding"
+    );
+    assert_eq!(
+        out,
+        expected(&syn, client, sa(LOCAL_POD, 8080), 64, None),
+        "DNAT only, client address kept"
+    );
+
+    // 6. externalTrafficPolicy=Local: local backend, client address kept.
+    let syn = Frame::tcp(client, sa(NODE, 30082), SYN);
+    let (action, out, tagged) = fx.xdp(&syn.bytes());
+    assert_eq!((action, tagged), (XDP_PASS, true));
+    assert_eq!(out, expected(&syn, client, sa(LOCAL_POD, 8080), 64, None));
+
+    // 7. externalTrafficPolicy=Local without a local backend: dropped.
+    let syn = Frame::tcp(client, sa(NODE, 30083), SYN).bytes();
+    assert_eq!(fx.xdp(&syn).0, XDP_DROP);
+
+    // 8. No endpoints at all: ICMP port unreachable, TCP and UDP, sent back by XDP_TX.
+    for frame in [
+        Frame::tcp(client, sa(NODE, 30099), SYN).bytes(),
+        Frame::udp(client, sa(NODE, 30099)).bytes(),
+    ] {
+        let (action, out, _) = fx.xdp(&frame);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, port_unreachable(&frame), "ICMP port unreachable bytes");
+        assert!(checksums_ok(&out));
+    }
+
+    // 9. loadBalancerSourceRanges: only 192.168.50.101 may use the LB IP.
+    assert_eq!(
+        fx.xdp(&Frame::tcp(client, sa(Ipv4Addr::new(192, 168, 60, 6), 80), SYN).bytes())
+            .0,
+        XDP_DROP
+    );
+    let allowed = Frame::tcp(
+        sa(CLIENT2, 7000),
+        sa(Ipv4Addr::new(192, 168, 60, 6), 80),
+        SYN,
+    );
+    let (action, out, _) = fx.xdp(&allowed.bytes());
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(
+        out,
+        expected(&allowed, sa(CLIENT2, 7000), sa(LOCAL_POD, 8080), 64, None)
+    );
+
+    // 10. UDP through the remote NodePort, once with a checksum and once without (0 stays 0).
+    let udp = Frame::udp(sa(CLIENT, 6000), sa(NODE, 30080));
+    let (action, out, _) = fx.xdp(&udp.bytes());
+    let port = u16::from_be(
+        fx.conntrack(sa(CLIENT, 6000), sa(NODE, 30080), IPPROTO_UDP)
+            .unwrap()
+            .nat_src_port_be,
+    );
+    assert_eq!(
+        (action, out),
+        (
+            XDP_TX,
+            expected(
+                &udp,
+                sa(NODE, port),
+                sa(REMOTE_POD, 8080),
+                63,
+                Some((NODE2_MAC, NODE_MAC))
+            )
+        )
+    );
+    let bare = Frame {
+        udp_no_checksum: true,
+        ..Frame::udp(sa(CLIENT, 6001), sa(NODE, 30080))
+    };
+    let (_, out, _) = fx.xdp(&bare.bytes());
+    assert_eq!(
+        &out[40..42],
+        &[0, 0],
+        "a UDP datagram without checksum stays without"
+    );
+    let port = u16::from_be(
+        fx.conntrack(sa(CLIENT, 6001), sa(NODE, 30080), IPPROTO_UDP)
+            .unwrap()
+            .nat_src_port_be,
+    );
+    assert_eq!(
+        out,
+        expected(
+            &bare,
+            sa(NODE, port),
+            sa(REMOTE_POD, 8080),
+            63,
+            Some((NODE2_MAC, NODE_MAC))
+        )
+    );
+
+    // 11. Negatives: pass unchanged (counted), or drop what is cut short.
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    let mut ipv6 = Frame::tcp(client, sa(NODE, 30080), SYN).bytes();
+    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let mut fragment = Frame::tcp(client, sa(NODE, 30080), SYN).bytes();
+    fragment[20] |= 0x20; // more fragments
+    let mut options = Frame::tcp(client, sa(NODE, 30080), SYN).bytes();
+    options[14] = 0x46;
+    let mut icmp_echo = Frame::udp(client, sa(NODE, 30080)).bytes();
+    icmp_echo[23] = 1;
+    let passes: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "TCP to a non-frontend port",
+            Frame::tcp(client, sa(NODE, 22), SYN).bytes(),
+            "pass_not_service",
+        ),
+        (
+            "UDP to a non-frontend port",
+            Frame::udp(client, sa(NODE, 53)).bytes(),
+            "pass_not_service",
+        ),
+        ("ICMP", icmp_echo, "pass_not_service"),
+        ("ARP", arp, "pass_not_ipv4"),
+        ("IPv6", ipv6, "pass_not_ipv4"),
+        ("a fragment", fragment, "pass_fragment_or_options"),
+        ("IPv4 options", options, "pass_fragment_or_options"),
+    ];
+    for (what, frame, counter) in passes {
+        let before = fx.counters()[counter];
+        let (action, out, tagged) = fx.xdp(&frame);
+        assert_eq!(
+            (action, &out, tagged),
+            (XDP_PASS, &frame, false),
+            "{what} passes unchanged"
+        );
+        assert_eq!(
+            fx.counters()[counter],
+            before + 1,
+            "{what} counted as {counter}"
+        );
+    }
+    let full = Frame::tcp(client, sa(NODE, 30080), SYN).bytes();
+    let udp_full = Frame::udp(client, sa(NODE, 30080)).bytes();
+    for (what, frame) in [
+        ("IPv4 header", &full[..30]),
+        ("TCP header", &full[..44]),
+        ("UDP header", &udp_full[..38]),
+    ] {
+        let before = fx.counters()["drop_truncated"];
+        assert_eq!(fx.xdp(frame).0, XDP_DROP, "cut inside the {what}: dropped");
+        assert_eq!(fx.counters()["drop_truncated"], before + 1);
+    }
+
+    // 12. East-west at tc: ClusterIP from a pod, DNAT only; the answer reverse-translated.
+    let pod_client = sa(OTHER_LOCAL_POD, 33000);
+    let syn = Frame::tcp(pod_client, sa(Ipv4Addr::new(10, 96, 0, 10), 80), SYN);
+    let (action, out) = fx.tc_pod(&syn.bytes());
+    assert_eq!(action, TC_ACT_REDIRECT, "forwarded with bpf_redirect_neigh");
+    assert_eq!(
+        out,
+        expected(&syn, pod_client, sa(LOCAL_POD, 8080), 63, None),
+        "ClusterIP DNAT bytes"
+    );
+    let synack = Frame::tcp(sa(LOCAL_POD, 8080), pod_client, SYN | ACK);
+    let (action, out) = fx.tc_pod(&synack.bytes());
+    assert_eq!(
+        (action, out),
+        (
+            TC_ACT_REDIRECT,
+            expected(
+                &synack,
+                sa(Ipv4Addr::new(10, 96, 0, 10), 80),
+                pod_client,
+                63,
+                None
+            )
+        )
+    );
+
+    // 13. Hairpin: the backend reaching itself through its Service is SNATed to the node.
+    let me = sa(LOCAL_POD, 34000);
+    let syn = Frame::tcp(me, sa(Ipv4Addr::new(10, 96, 0, 10), 80), SYN);
+    let (action, out) = fx.tc_pod(&syn.bytes());
+    let port = u16::from_be(
+        fx.conntrack(me, sa(Ipv4Addr::new(10, 96, 0, 10), 80), IPPROTO_TCP)
+            .unwrap()
+            .nat_src_port_be,
+    );
+    assert_eq!(
+        (action, out),
+        (
+            TC_ACT_REDIRECT,
+            expected(&syn, sa(NODE, port), sa(LOCAL_POD, 8080), 63, None)
+        ),
+        "hairpin bytes"
+    );
+    let answer = Frame::tcp(sa(LOCAL_POD, 8080), sa(NODE, port), SYN | ACK);
+    let (_, out) = fx.tc_pod(&answer.bytes());
+    assert_eq!(
+        out,
+        expected(&answer, sa(Ipv4Addr::new(10, 96, 0, 10), 80), me, 63, None)
+    );
+
+    // 14. tc refusal: ICMP answer redirected back to the pod; non-frontend traffic passes.
+    let frame = Frame::udp(pod_client, sa(Ipv4Addr::new(10, 96, 0, 99), 53)).bytes();
+    let (action, out) = fx.tc_pod(&frame);
+    assert_eq!((action, out), (TC_ACT_REDIRECT, port_unreachable(&frame)));
+    let frame = Frame::tcp(pod_client, sa(REMOTE_POD, 8080), SYN).bytes();
+    assert_eq!(
+        fx.tc_pod(&frame),
+        (TC_ACT_OK, frame.clone()),
+        "pod-to-pod traffic passes unchanged"
+    );
+
+    // Counters: every translated and refused packet above, exactly.
+    let c = fx.counters();
+    assert_eq!(c["new_flow"], 9, "{c:?}");
+    assert_eq!(c["established"], 2, "{c:?}");
+    assert_eq!(c["reply"], 3, "{c:?}");
+    assert_eq!(c["refused_no_backend"], 3, "{c:?}");
+    assert_eq!(c["drop_no_local_backend"], 1, "{c:?}");
+    assert_eq!(c["drop_source_range"], 1, "{c:?}");
+    assert_eq!(c["xdp_tx"], 7, "{c:?}");
+}
