@@ -77,6 +77,18 @@ pub fn decide(p: &Parsed) -> Verdict {
     start_flow(p, now)
 }
 
+/// The rewrite of a live tracked flow, leaving its state alone: for ICMP errors about it.
+#[inline(always)]
+pub fn tracked_rewrite(key: &CtKey) -> Option<Rewrite> {
+    // SAFETY: read-only copy of plain integers.
+    let v = unsafe { *LB_CONNTRACK.get_ptr(key)? };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if expired(key.proto, State::from_u8(v.state), v.last_seen_ns, now) {
+        return None;
+    }
+    Some(Rewrite::of(&v))
+}
+
 #[inline(always)]
 fn follow_tracked(p: &Parsed, now: u64) -> Option<Verdict> {
     let entry = LB_CONNTRACK.get_ptr_mut(&p.key)?;
@@ -115,7 +127,9 @@ fn follow_tracked(p: &Parsed, now: u64) -> Option<Verdict> {
     Some(Verdict::Translate(rewrite, counter))
 }
 
-#[inline(always)]
+// New flows are the slow path: a call of its own keeps their locals (two conntrack
+// values, service, backend and config copies) out of the per-packet frame.
+#[inline(never)]
 fn start_flow(p: &Parsed, now: u64) -> Verdict {
     let k = &p.key;
     let frontend = ServiceKey {

@@ -1,7 +1,7 @@
 //! Bounds-checked access to packet bytes and the IPv4/L4 parse shared by both hooks.
 use core::mem::size_of;
 
-use lb_common::{counters, CtKey, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{counters, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_LEN: usize = 14;
 pub const IP_OFF: usize = ETH_LEN;
@@ -40,12 +40,15 @@ pub struct Parsed {
 pub struct NotAFlow {
     pub counter: u32,
     pub drop: bool,
+    /// An unfragmented ICMP packet: maybe an error about a translated flow.
+    pub icmp: bool,
 }
 
 const fn pass(counter: u32) -> NotAFlow {
     NotAFlow {
         counter,
         drop: false,
+        icmp: false,
     }
 }
 
@@ -59,13 +62,19 @@ pub fn parse(start: usize, end: usize) -> Result<Parsed, NotAFlow> {
     let truncated = NotAFlow {
         counter: counters::DROP_TRUNCATED,
         drop: true,
+        icmp: false,
     };
     let ip: [u8; 20] = read(start, end, IP_OFF).ok_or(truncated)?;
     let proto = ip[9];
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Err(pass(counters::PASS_NOT_SERVICE));
-    }
     let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        let icmp = proto == IPPROTO_ICMP && ip[0] == 0x45 && !fragment;
+        return Err(NotAFlow {
+            counter: counters::PASS_NOT_SERVICE,
+            drop: false,
+            icmp,
+        });
+    }
     if ip[0] != 0x45 || fragment {
         return Err(pass(counters::PASS_FRAGMENT_OR_OPTIONS));
     }
@@ -74,6 +83,7 @@ pub fn parse(start: usize, end: usize) -> Result<Parsed, NotAFlow> {
         return Err(NotAFlow {
             counter: counters::DROP_TRUNCATED,
             drop: true,
+            icmp: false,
         });
     }
     let ports: [u16; 2] = read(start, end, L4_OFF).ok_or(pass(counters::DROP_TRUNCATED))?;

@@ -11,7 +11,8 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+        TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
@@ -22,7 +23,7 @@ use aya_ebpf::{
 use lb_common::{counters, icmp, IPPROTO_TCP, XDP_META_FORWARD};
 
 use crate::{
-    flow::{decide, Rewrite, Verdict},
+    flow::{decide, tracked_rewrite, Rewrite, Verdict},
     maps::count,
     packet::{
         parse, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF,
@@ -95,8 +96,9 @@ fn forward(ctx: &TcContext) -> i32 {
 
 const AF_INET: u8 = 2;
 
-/// Ethernet + IPv4 + TCP header: what must be linear for the parse.
-const PULL_LEN: u32 = (L4_OFF + 20) as u32;
+/// What must be linear for the parse: Ethernet + IPv4 + TCP header, or the ICMP error
+/// window (the longer).
+const PULL_LEN: u32 = (IP_OFF + icmp::ERROR_WINDOW) as u32;
 
 #[classifier]
 pub fn lb_tc_pod(ctx: TcContext) -> i32 {
@@ -115,6 +117,11 @@ fn try_lb_tc_pod(ctx: &TcContext) -> Result<i32, ()> {
     let p = match parse(ctx.data(), ctx.data_end()) {
         Ok(p) => p,
         Err(not) => {
+            if not.icmp {
+                if let Some(action) = translate_icmp_error(ctx) {
+                    return Ok(action);
+                }
+            }
             count(not.counter, ctx.len() as u64);
             return Ok(if not.drop { TC_ACT_SHOT } else { TC_ACT_OK });
         }
@@ -178,20 +185,41 @@ fn rewrite(ctx: &TcContext, p: &Parsed, rw: &Rewrite) -> Result<(), i64> {
     Ok(())
 }
 
+/// An ICMP error from a pod about a tracked flow, translated for the other end of the flow.
+// A BPF-to-BPF call of its own: inlined, this cold path's buffers would share the
+// entry point's 512-byte stack frame with the hot path's.
+#[inline(never)]
+fn translate_icmp_error(ctx: &TcContext) -> Option<i32> {
+    let mut w: [u8; icmp::ERROR_WINDOW] = ctx.load(IP_OFF).ok()?;
+    let rw = tracked_rewrite(&icmp::error_flow(&w)?)?;
+    icmp::translate_error(
+        &mut w,
+        rw.src_addr_be,
+        rw.src_port_be,
+        rw.dst_addr_be,
+        rw.dst_port_be,
+    );
+    // The window's own checksums are updated; the skb's checksum state follows the bytes.
+    ctx.store(IP_OFF, &w, BPF_F_RECOMPUTE_CSUM as u64).ok()?;
+    count(counters::ICMP_ERROR_TRANSLATED, ctx.len() as u64);
+    Some(forward(ctx))
+}
+
 /// Answers ICMP port unreachable to the pod: room for the new IPv4 + ICMP headers is made
 /// right after the Ethernet header, which leaves the pod's packet where ICMP quotes it.
-#[inline(always)]
+// A call of its own, so its locals do not add to the hot path's frame.
+#[inline(never)]
 fn refuse(ctx: &TcContext) -> Result<i32, ()> {
-    let eth: [u8; icmp::ETH_LEN] = ctx.load(0).map_err(|_| ())?;
-    let quote: [u8; icmp::QUOTE_LEN] = ctx.load(IP_OFF).map_err(|_| ())?;
-    let headers = icmp::port_unreachable_headers(&eth, &quote);
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
     ctx.adjust_room(icmp::GROW as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| ())?;
     // SAFETY: plain helper call on our own skb.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, icmp::ANSWER_LEN as u32, 0) } != 0 {
         return Err(());
     }
-    ctx.store(0, &headers, 0).map_err(|_| ())?;
+    let mut frame: [u8; icmp::ANSWER_LEN] = ctx.load(0).map_err(|_| ())?;
+    icmp::write_port_unreachable(&mut frame, macs);
+    ctx.store(0, &frame, 0).map_err(|_| ())?;
     // SAFETY: reading the skb's ifindex field; the context pointer is valid.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // Out of the device it came in on: to the pod.

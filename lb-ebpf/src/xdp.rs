@@ -12,10 +12,10 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{checksum, counters, icmp, IPPROTO_TCP, XDP_META_FORWARD};
+use lb_common::{checksum, counters, icmp, IPPROTO_ICMP, IPPROTO_TCP, XDP_META_FORWARD};
 
 use crate::{
-    flow::{decide, Rewrite, Verdict},
+    flow::{decide, tracked_rewrite, Rewrite, Verdict},
     maps::count,
     packet::{
         parse, ptr_at, read, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF,
@@ -46,6 +46,11 @@ fn try_lb_xdp_uplink(ctx: &XdpContext) -> Result<u32, ()> {
     let p = match parse(ctx.data(), ctx.data_end()) {
         Ok(p) => p,
         Err(not) => {
+            if not.icmp {
+                if let Some(action) = translate_icmp_error(ctx) {
+                    return Ok(action);
+                }
+            }
             count(not.counter, (ctx.data_end() - ctx.data()) as u64);
             return Ok(if not.drop {
                 xdp_action::XDP_DROP
@@ -70,7 +75,7 @@ fn try_lb_xdp_uplink(ctx: &XdpContext) -> Result<u32, ()> {
         Verdict::Translate(rw, c) => {
             count(c, p.frame_len);
             rewrite(ctx, &p, &rw)?;
-            Ok(forward(ctx, &p, &rw))
+            Ok(forward(ctx, p.key.proto, p.frame_len, &rw))
         }
     }
 }
@@ -117,9 +122,9 @@ fn rewrite(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> Result<(), ()> {
 /// neighbour (a NodePort whose backend is on another node, replies to external clients);
 /// otherwise the translated packet is tagged for the uplink's tc program to forward.
 #[inline(always)]
-fn forward(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> u32 {
-    if transmit(ctx, p, rw).is_some() {
-        count(counters::XDP_TX, p.frame_len);
+fn forward(ctx: &XdpContext, proto: u8, frame_len: u64, rw: &Rewrite) -> u32 {
+    if transmit(ctx, proto, rw).is_some() {
+        count(counters::XDP_TX, frame_len);
         return xdp_action::XDP_TX;
     }
     // SAFETY: the helper checks the room in front of the packet itself.
@@ -134,8 +139,10 @@ fn forward(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> u32 {
 }
 
 /// Sets TTL and MACs for XDP_TX, if the FIB sends the packet back out where it came in.
-#[inline(always)]
-fn transmit(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> Option<()> {
+// A call of its own: the 64-byte bpf_fib_lookup would otherwise sit in every caller's
+// frame, and the verifier caps a call chain's stack at 512 bytes.
+#[inline(never)]
+fn transmit(ctx: &XdpContext, proto: u8, rw: &Rewrite) -> Option<()> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let ttl_word: u16 = read(start, end, IP_OFF + 8)?;
     let ttl = ttl_word.to_ne_bytes()[0];
@@ -147,22 +154,16 @@ fn transmit(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> Option<()> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid input.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = p.key.proto;
+    fib.l4_protocol = proto;
     fib.sport = rw.src_port_be;
     fib.dport = rw.dst_port_be;
     fib.__bindgen_anon_1.tot_len = u16::from_be(tot_len);
     fib.ifindex = ctx.ingress_ifindex() as u32;
     fib.__bindgen_anon_3.ipv4_src = rw.src_addr_be;
     fib.__bindgen_anon_4.ipv4_dst = rw.dst_addr_be;
+    let size = size_of::<bpf_fib_lookup>() as i32;
     // SAFETY: fib is a valid, sized bpf_fib_lookup on our stack.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut fib,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut fib, size, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || fib.ifindex != ctx.ingress_ifindex() as u32 {
         return None;
     }
@@ -180,12 +181,38 @@ fn transmit(ctx: &XdpContext, p: &Parsed, rw: &Rewrite) -> Option<()> {
     write(ctx, 0, [fib.dmac, fib.smac]).ok()
 }
 
-/// Turns the packet into an ICMP port unreachable answer and sends it back.
-#[inline(always)]
+/// An ICMP error about a tracked flow, translated in place for the other end of the flow
+/// and forwarded like the flow's packets.
+// A call of its own, so its locals do not add to the hot path's frame.
+#[inline(never)]
+fn translate_icmp_error(ctx: &XdpContext) -> Option<u32> {
+    let w = ptr_at::<[u8; icmp::ERROR_WINDOW]>(ctx.data(), ctx.data_end(), IP_OFF)?;
+    // SAFETY: bounds checked by ptr_at; a byte array has no alignment needs.
+    let w = unsafe { &mut *w };
+    let rw = tracked_rewrite(&icmp::error_flow(w)?)?;
+    icmp::translate_error(
+        w,
+        rw.src_addr_be,
+        rw.src_port_be,
+        rw.dst_addr_be,
+        rw.dst_port_be,
+    );
+    let outer = Rewrite {
+        src_addr_be: u32::from_ne_bytes([w[12], w[13], w[14], w[15]]),
+        dst_addr_be: rw.dst_addr_be,
+        src_port_be: 0,
+        dst_port_be: 0,
+    };
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    count(counters::ICMP_ERROR_TRANSLATED, frame_len);
+    Some(forward(ctx, IPPROTO_ICMP, frame_len, &outer))
+}
+
+/// Turns the packet into an ICMP port unreachable answer, in place, and sends it back.
+// A call of its own, so its locals do not add to the hot path's frame.
+#[inline(never)]
 fn refuse(ctx: &XdpContext) -> Result<u32, ()> {
-    let eth: [u8; icmp::ETH_LEN] = read(ctx.data(), ctx.data_end(), 0).ok_or(())?;
-    let quote: [u8; icmp::QUOTE_LEN] = read(ctx.data(), ctx.data_end(), IP_OFF).ok_or(())?;
-    let headers = icmp::port_unreachable_headers(&eth, &quote);
+    let macs: [u8; 12] = read(ctx.data(), ctx.data_end(), 0).ok_or(())?;
     // SAFETY: the helper checks the headroom itself.
     if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -(icmp::GROW as i32)) } != 0 {
         return Ok(xdp_action::XDP_DROP);
@@ -196,6 +223,9 @@ fn refuse(ctx: &XdpContext) -> Result<u32, ()> {
     if excess > 0 && unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, -excess) } != 0 {
         return Ok(xdp_action::XDP_DROP);
     }
-    write(ctx, 0, headers)?;
+    // The offending packet's IPv4 header + 8 bytes now sit where the answer quotes them.
+    let frame = ptr_at::<[u8; icmp::ANSWER_LEN]>(ctx.data(), ctx.data_end(), 0).ok_or(())?;
+    // SAFETY: bounds checked by ptr_at; a byte array has no alignment needs.
+    icmp::write_port_unreachable(unsafe { &mut *frame }, macs);
     Ok(xdp_action::XDP_TX)
 }

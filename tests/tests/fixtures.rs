@@ -343,6 +343,64 @@ fn port_unreachable(frame: &[u8]) -> Vec<u8> {
     a
 }
 
+/// An ICMP error frame from `from` to `to` quoting `quoted_src -> quoted_dst`, built from
+/// scratch with every checksum computed (the quoted transport checksum is not quoted).
+fn icmp_error(
+    kind: (u8, u8),
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    quoted_src: SocketAddrV4,
+    quoted_dst: SocketAddrV4,
+    proto: u8,
+    ttl: u8,
+) -> Vec<u8> {
+    use lb_common::checksum::checksum;
+    let mut inner = vec![0x45, 0, 0, 48, 0x12, 0x34, 0x40, 0, 63, proto, 0, 0];
+    inner.extend_from_slice(&quoted_src.ip().octets());
+    inner.extend_from_slice(&quoted_dst.ip().octets());
+    let c = checksum(&inner, 0);
+    inner[10..12].copy_from_slice(&c.to_be_bytes());
+    inner.extend_from_slice(&quoted_src.port().to_be_bytes());
+    inner.extend_from_slice(&quoted_dst.port().to_be_bytes());
+    inner.extend_from_slice(&[0, 0, 0, 0]);
+    let mut icmp = vec![
+        kind.0,
+        kind.1,
+        0,
+        0,
+        0,
+        0,
+        if kind == (3, 4) { 5 } else { 0 },
+        if kind == (3, 4) { 0xdc } else { 0 },
+    ];
+    icmp.extend_from_slice(&inner);
+    let c = checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![
+        0x45,
+        0,
+        0,
+        (20 + icmp.len()) as u8,
+        0,
+        1,
+        0,
+        0,
+        ttl,
+        1,
+        0,
+        0,
+    ];
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    let c = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = [NODE_MAC, CLIENT_MAC].concat();
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
 #[test]
 fn xdp_and_tc_rewrites_byte_for_byte() {
     lb_tests::require_root();
@@ -503,7 +561,7 @@ fn run_fixtures(pin_dir: &Path) {
     // 10. UDP through the remote NodePort, once with a checksum and once without (0 stays 0).
     let udp = Frame::udp(sa(CLIENT, 6000), sa(NODE, 30080));
     let (action, out, _) = fx.xdp(&udp.bytes());
-    let port = u16::from_be(
+    let udp_port = u16::from_be(
         fx.conntrack(sa(CLIENT, 6000), sa(NODE, 30080), IPPROTO_UDP)
             .unwrap()
             .nat_src_port_be,
@@ -514,7 +572,7 @@ fn run_fixtures(pin_dir: &Path) {
             XDP_TX,
             expected(
                 &udp,
-                sa(NODE, port),
+                sa(NODE, udp_port),
                 sa(REMOTE_POD, 8080),
                 63,
                 Some((NODE2_MAC, NODE_MAC))
@@ -664,6 +722,96 @@ fn run_fixtures(pin_dir: &Path) {
         "pod-to-pod traffic passes unchanged"
     );
 
+    // 15. ICMP errors about translated flows go back translated for the client's stack.
+    // From the backend, about the UDP flow of step 10 (client 6000 -> SNAT port `udp_port`).
+    let err = icmp_error(
+        (3, 3),
+        REMOTE_POD,
+        NODE,
+        sa(NODE, udp_port),
+        sa(REMOTE_POD, 8080),
+        IPPROTO_UDP,
+        64,
+    );
+    let (action, out, _) = fx.xdp(&err);
+    let want = icmp_error(
+        (3, 3),
+        NODE,
+        CLIENT,
+        sa(CLIENT, 6000),
+        sa(NODE, 30080),
+        IPPROTO_UDP,
+        63,
+    );
+    assert_eq!(
+        (action, &out[12..]),
+        (XDP_TX, &want[12..]),
+        "port unreachable from the backend"
+    );
+    assert_eq!(&out[..12], &[CLIENT_MAC, NODE_MAC].concat()[..]);
+    // From a router on the way, about the TCP flow of step 1: the router stays the source.
+    let router = Ipv4Addr::new(10, 244, 2, 1);
+    let err = icmp_error(
+        (3, 4),
+        router,
+        NODE,
+        sa(NODE, snat_port),
+        sa(REMOTE_POD, 8080),
+        IPPROTO_TCP,
+        64,
+    );
+    let (_, out, _) = fx.xdp(&err);
+    let want = icmp_error(
+        (3, 4),
+        router,
+        CLIENT,
+        client,
+        sa(NODE, 30080),
+        IPPROTO_TCP,
+        63,
+    );
+    assert_eq!(
+        &out[12..],
+        &want[12..],
+        "fragmentation needed from a router"
+    );
+    // About a flow nobody translated: untouched.
+    let stray = icmp_error(
+        (3, 3),
+        REMOTE_POD,
+        NODE,
+        sa(NODE, 1),
+        sa(REMOTE_POD, 2),
+        IPPROTO_UDP,
+        64,
+    );
+    assert_eq!(fx.xdp(&stray), (XDP_PASS, stray.clone(), false));
+    // At tc, from a local backend about the ClusterIP flow of step 12.
+    let err = icmp_error(
+        (3, 3),
+        LOCAL_POD,
+        OTHER_LOCAL_POD,
+        pod_client,
+        sa(LOCAL_POD, 8080),
+        IPPROTO_TCP,
+        64,
+    );
+    let (action, out) = fx.tc_pod(&err);
+    let want = icmp_error(
+        (3, 3),
+        Ipv4Addr::new(10, 96, 0, 10),
+        OTHER_LOCAL_POD,
+        pod_client,
+        sa(Ipv4Addr::new(10, 96, 0, 10), 80),
+        IPPROTO_TCP,
+        63,
+    );
+    assert_eq!(
+        (action, out),
+        (TC_ACT_REDIRECT, want),
+        "the ClusterIP, not the pod, reports the error"
+    );
+
     // Counters: every translated and refused packet above, exactly.
     let c = fx.counters();
     assert_eq!(c["new_flow"], 9, "{c:?}");
@@ -672,5 +820,6 @@ fn run_fixtures(pin_dir: &Path) {
     assert_eq!(c["refused_no_backend"], 3, "{c:?}");
     assert_eq!(c["drop_no_local_backend"], 1, "{c:?}");
     assert_eq!(c["drop_source_range"], 1, "{c:?}");
-    assert_eq!(c["xdp_tx"], 7, "{c:?}");
+    assert_eq!(c["xdp_tx"], 9, "{c:?}");
+    assert_eq!(c["icmp_error_translated"], 3, "{c:?}");
 }

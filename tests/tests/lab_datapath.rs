@@ -60,6 +60,21 @@ fn service(
     )
 }
 
+/// A UDP NodePort whose backend (pod-b) has nothing listening on the target port.
+const CLOSED: &str = "---
+apiVersion: v1
+kind: Service
+metadata: {name: closed}
+spec: {type: NodePort, clusterIP: 10.96.1.8, ports: [{protocol: UDP, port: 80, targetPort: 9999, nodePort: 30088}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: closed-1, labels: {kubernetes.io/service-name: closed}}
+addressType: IPv4
+ports: [{protocol: UDP, port: 9999}]
+endpoints: [{addresses: [10.244.2.10], nodeName: node2}]
+";
+
 fn manifests() -> String {
     [
         service("remote", "clusterIP: 10.96.1.1", 80, None, &[POD_B, POD_C]),
@@ -69,6 +84,7 @@ fn manifests() -> String {
         service("local-here", "type: LoadBalancer\n  clusterIP: 10.96.1.5\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32005", 80, Some(30085), &[POD_A]),
         service("ranged", "type: LoadBalancer\n  clusterIP: 10.96.1.6\n  loadBalancerSourceRanges: [192.168.50.101/32]", 80, Some(30086), &[POD_A, POD_B]),
         service("empty", "type: NodePort\n  clusterIP: 10.96.1.7", 80, Some(30087), &[]),
+        CLOSED.to_string(),
     ]
     .concat()
 }
@@ -307,6 +323,17 @@ fn services_without_endpoints_refuse_at_once() {
         );
     }
     assert!(c.agents[0].counter(counters::REFUSED_NO_BACKEND) >= 4);
+}
+
+#[test]
+fn icmp_errors_from_backends_reach_the_client_for_its_own_flow() {
+    let c = start(1);
+    let client = &c.lab.clients[0].ns.name;
+    // pod-b answers port unreachable to node1's SNAT address; node1 translates it back,
+    // so the client's connected socket sees the refusal for its own 5-tuple.
+    let err = udp_ask(client, "0.0.0.0:0".parse().unwrap(), c.node_port(0, 30088)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err:?}");
+    assert!(c.agents[0].counter(counters::ICMP_ERROR_TRANSLATED) >= 1);
 }
 
 #[test]
