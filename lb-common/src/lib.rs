@@ -47,6 +47,8 @@ pub mod program_names {
     pub const TC_POD: &str = "lb_tc_pod";
     /// Passes everything: the benchmarks' floor, and the lab's veth peers.
     pub const XDP_PASS: &str = "lb_xdp_pass";
+    /// Benchmark wrapper: restores a template frame, tail-calls the program under test.
+    pub const BENCH_RESTORE: &str = "lb_bench_restore";
     /// tc ingress on node uplinks: forwards what XDP translated but could not transmit.
     pub const TC_UPLINK: &str = "lb_tc_uplink";
 }
@@ -216,6 +218,19 @@ pub struct Config {
     pub snat_port_max: u16,
 }
 
+/// Length of the frames the benchmark wrapper restores: Ethernet + IPv4 + TCP, no payload.
+pub const BENCH_FRAME_LEN: usize = 54;
+
+/// The benchmark wrapper's template (see lb-ebpf's bench.rs); not part of the datapath.
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchFrame {
+    pub bytes: [u8; BENCH_FRAME_LEN],
+    /// Non-zero: bump the TCP source port before every run, so each run is a new flow.
+    pub new_flow_each_run: u16,
+}
+
 /// Does a new flow need its source rewritten to the node's address (SNAT)?
 /// - hairpin (the backend is the client itself): always, or the backend would see a packet
 ///   from itself;
@@ -265,6 +280,7 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 32);
         assert_eq!(size_of::<SourceRange>(), 8);
         assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<BenchFrame>(), 56);
     }
 
     #[test]

@@ -11,6 +11,7 @@ macro_rules! pod {
     )*};
 }
 pod!(
+    BenchFrame,
     ServiceKey,
     ServiceValue,
     SlotKey,

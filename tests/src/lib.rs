@@ -2,6 +2,7 @@
 //! namespaces, traffic endpoints inside them, the agent as a process, packet fixtures.
 pub mod agent;
 pub mod cluster;
+pub mod fixture;
 pub mod lab;
 pub mod packet;
 pub mod traffic;

@@ -46,8 +46,11 @@ enum Task {
     },
     /// The live demo: a lab, the agent on each node with examples/, real traffic.
     Demo,
-    /// Everything CI runs: setup, build, unit and integration tests (needs root).
+    /// Everything CI runs: setup, build, unit and integration tests (needs root), then the
+    /// benchmark's table for the record.
     Test,
+    /// Per-packet cost of the XDP program next to an empty one (BPF_PROG_TEST_RUN).
+    Bench,
 }
 
 fn main() -> Result<()> {

@@ -1,0 +1,181 @@
+//! Per-packet cost of the XDP program, measured with BPF_PROG_TEST_RUN in one run next to
+//! an empty XDP program, and printed as ratios. Every case runs behind the same restoring
+//! wrapper (see lb-ebpf's bench.rs), so each run sees the intended packet; the wrapper
+//! in front of the empty program is the floor. Not a test: nothing here asserts a time.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{Array, ProgramArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use lb_common::{program_names, BenchFrame, BENCH_FRAME_LEN};
+use lb_tests::{
+    fixture::{fixture_netns, Fixture, CLIENT, NODE},
+    lab::in_netns,
+    packet::{Frame, ACK, SYN},
+};
+
+const ROUNDS: usize = 5;
+
+struct Case {
+    name: &'static str,
+    target: &'static str,
+    frame: Frame,
+    new_flow_each_run: bool,
+    repeat: u32,
+}
+
+fn main() -> Result<()> {
+    lb_tests::require_root();
+    let ns = fixture_netns();
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
+    let result = in_netns(&ns.name, {
+        let pin_dir = pin_dir.clone();
+        move || run(&pin_dir)
+    });
+    lb_user::datapath::unload(&pin_dir)?;
+    result
+}
+
+fn run(pin_dir: &std::path::Path) -> Result<()> {
+    // Every SNAT port is free for new flows: 5 rounds x 10 000 stay below the 64 512 ports.
+    let mut fx = Fixture::load(pin_dir, (1024, 65535));
+    let client = SocketAddrV4::new(CLIENT, 40000);
+    let node = |port| SocketAddrV4::new(NODE, port);
+    // The flow the "established" case follows: created once, then only its ACKs.
+    fx.xdp(&Frame::tcp(client, node(30080), SYN).bytes());
+    let cases = [
+        Case {
+            name: "empty program, no wrapper",
+            target: "",
+            frame: Frame::tcp(client, node(22), SYN),
+            new_flow_each_run: false,
+            repeat: 1_000_000,
+        },
+        Case {
+            name: "wrapper + empty program (floor)",
+            target: program_names::XDP_PASS,
+            frame: Frame::tcp(client, node(22), SYN),
+            new_flow_each_run: false,
+            repeat: 1_000_000,
+        },
+        Case {
+            name: "pass-through: not a service",
+            target: program_names::XDP_UPLINK,
+            frame: Frame::tcp(client, node(22), SYN),
+            new_flow_each_run: false,
+            repeat: 1_000_000,
+        },
+        Case {
+            name: "established flow: DNAT+SNAT, XDP_TX",
+            target: program_names::XDP_UPLINK,
+            frame: Frame::tcp(client, node(30080), ACK),
+            new_flow_each_run: false,
+            repeat: 1_000_000,
+        },
+        Case {
+            name: "new flow: DNAT to a local backend",
+            target: program_names::XDP_UPLINK,
+            frame: Frame::tcp(
+                SocketAddrV4::new(Ipv4Addr::new(192, 168, 51, 1), 1024),
+                node(30081),
+                SYN,
+            ),
+            new_flow_each_run: true,
+            repeat: 50_000,
+        },
+        Case {
+            name: "new flow: DNAT+SNAT, XDP_TX",
+            target: program_names::XDP_UPLINK,
+            frame: Frame::tcp(
+                SocketAddrV4::new(Ipv4Addr::new(192, 168, 52, 1), 1024),
+                node(30080),
+                SYN,
+            ),
+            new_flow_each_run: true,
+            repeat: 10_000,
+        },
+    ];
+    let ebpf = fx.dp.ebpf_mut();
+    for name in [program_names::XDP_PASS, program_names::BENCH_RESTORE] {
+        let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+    }
+    let mut targets = ProgramArray::try_from(
+        ebpf.take_map("LB_BENCH_TARGET")
+            .context("LB_BENCH_TARGET")?,
+    )?;
+    let mut templates: Array<_, BenchFrame> =
+        Array::try_from(ebpf.take_map("LB_BENCH_FRAME").context("LB_BENCH_FRAME")?)?;
+
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(BENCH_FRAME_LEN as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&fx.eth0.to_ne_bytes());
+    println!(
+        "XDP per-packet cost, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds (lower is better)\n"
+    );
+    println!(
+        "{:<40} {:>10} {:>14} {:>16}",
+        "case", "ns/packet", "minus floor", "x empty program"
+    );
+    let mut empty = None;
+    let mut floor = None;
+    for case in &cases {
+        let bytes = case.frame.bytes();
+        assert_eq!(bytes.len(), BENCH_FRAME_LEN);
+        let mut samples = Vec::new();
+        for _ in 0..ROUNDS {
+            let name = if case.target.is_empty() {
+                program_names::XDP_PASS
+            } else {
+                program_names::BENCH_RESTORE
+            };
+            if !case.target.is_empty() {
+                let target: &Xdp = fx
+                    .dp
+                    .ebpf_mut()
+                    .program(case.target)
+                    .context(case.target)?
+                    .try_into()?;
+                targets.set(0, target.fd()?, 0)?;
+                let frame = BenchFrame {
+                    bytes: bytes.clone().try_into().expect("54 bytes"),
+                    new_flow_each_run: case.new_flow_each_run as u16,
+                };
+                templates.set(0, frame, 0)?;
+            }
+            let program: &Xdp = fx.dp.ebpf_mut().program(name).context(name)?.try_into()?;
+            let mut out = [0u8; 256];
+            let r = program.test_run(TestRunOptions {
+                data_in: Some(&bytes),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat: case.repeat,
+                ..TestRunOptions::new()
+            })?;
+            samples.push(r.duration);
+        }
+        samples.sort();
+        let ns = samples[ROUNDS / 2].as_nanos() as f64;
+        let empty_ns = *empty.get_or_insert(ns);
+        let floor_ns = if case.target == program_names::XDP_PASS {
+            *floor.get_or_insert(ns)
+        } else {
+            floor.unwrap_or(0.0)
+        };
+        let own = if case.target.is_empty() || case.target == program_names::XDP_PASS {
+            "-".to_string()
+        } else {
+            format!("{:.1}", ns - floor_ns)
+        };
+        println!(
+            "{:<40} {:>10.1} {:>14} {:>16.2}",
+            case.name,
+            ns,
+            own,
+            ns / empty_ns
+        );
+    }
+    Ok(())
+}

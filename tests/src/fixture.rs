@@ -1,0 +1,295 @@
+//! A scripted datapath for BPF_PROG_TEST_RUN (fixtures and benchmarks): the programs
+//! loaded (attached nowhere) and their maps written the way the agent writes them
+//! (manifests -> model -> reconciler -> pinned maps), inside a namespace whose uplink has a
+//! fixed MAC, static neighbours and routes, so FIB lookups are deterministic.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use aya::{
+    maps::HashMap,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use lb_common::{
+    counters, map_names, program_names, user::addr_be, CtKey, CtValue, XDP_META_FORWARD,
+};
+use lb_user::{
+    datapath::{self, Datapath},
+    maps::PinnedMaps,
+    model,
+    reconciler::Reconciler,
+    source,
+};
+
+use crate::lab::Netns;
+
+pub const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+pub const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
+pub const CLIENT2: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 101);
+pub const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+pub const OTHER_LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 20);
+pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+pub const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np-remote}
+spec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{name: t, port: 80, nodePort: 30080}, {name: u, protocol: UDP, port: 80, nodePort: 30080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-remote, labels: {kubernetes.io/service-name: np-remote}}
+addressType: IPv4
+ports: [{name: t, port: 8080}, {name: u, protocol: UDP, port: 8080}]
+endpoints: [{addresses: [10.244.2.10], nodeName: node2}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-local}
+spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30081}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: etp-local}
+spec: {type: NodePort, clusterIP: 10.96.0.3, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30082}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: etp-none}
+spec: {type: NodePort, clusterIP: 10.96.0.4, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30083}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: etp-none, labels: {kubernetes.io/service-name: etp-none}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.2.10], nodeName: node2}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cip}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty}
+spec: {type: NodePort, clusterIP: 10.96.0.99, ports: [{name: t, port: 80, nodePort: 30099}, {name: u, protocol: UDP, port: 53, nodePort: 30099}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ranged}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.6, loadBalancerSourceRanges: [192.168.50.101/32], ports: [{port: 80, nodePort: 30086}]}
+status: {loadBalancer: {ingress: [{ip: 192.168.60.6}]}}
+"#;
+
+/// Local single-backend slices for np-local, etp-local, cip and ranged.
+pub fn local_slices() -> String {
+    ["np-local", "etp-local", "cip", "ranged"]
+        .iter()
+        .map(|s| format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {s}, labels: {{kubernetes.io/service-name: {s}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.244.1.10], nodeName: node1}}]\n"))
+        .collect()
+}
+
+/// The namespace: eth0 192.168.50.10/24 (MAC NODE_MAC) with static neighbours for the
+/// client and node2, which routes 10.244.2.0/24; veth0 toward the local pods.
+pub fn fixture_netns() -> Netns {
+    let ns = Netns::new("lbt", "fixtures").unwrap();
+    for args in [
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
+        ][..],
+        &[
+            "link", "add", "veth0", "type", "veth", "peer", "name", "pod0",
+        ],
+        &["link", "set", "eth0", "address", "02:00:00:00:00:02"],
+        &["addr", "add", "192.168.50.10/24", "dev", "eth0"],
+        &["addr", "add", "10.244.1.1/32", "dev", "veth0"],
+        &["link", "set", "eth0", "up"],
+        &["link", "set", "wire0", "up"],
+        &["link", "set", "veth0", "up"],
+        &["link", "set", "pod0", "up"],
+        &["route", "add", "10.244.1.0/24", "dev", "veth0"],
+        &["route", "add", "10.244.2.0/24", "via", "192.168.50.11"],
+        &[
+            "neigh",
+            "add",
+            "192.168.50.11",
+            "lladdr",
+            "02:00:00:00:00:0b",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "neigh",
+            "add",
+            "192.168.50.100",
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "neigh",
+            "add",
+            "192.168.50.101",
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    ] {
+        ns.ip(args).unwrap();
+    }
+    // bpf_fib_lookup answers only for devices that forward.
+    ns.sysctl("net.ipv4.ip_forward=1").unwrap();
+    ns
+}
+
+pub struct Fixture {
+    pub dp: Datapath,
+    pub pin_dir: std::path::PathBuf,
+    pub eth0: u32,
+}
+
+impl Fixture {
+    /// Loads and scripts the datapath; SNAT source ports come from `snat_ports`.
+    pub fn load(pin_dir: &Path, snat_ports: (u16, u16)) -> Fixture {
+        let mut dp = Datapath::load(pin_dir).unwrap();
+        let mut objects = source::Objects::default();
+        let mut report = source::Report::default();
+        source::parse_into(
+            Path::new("fixtures.yaml"),
+            &(MANIFESTS.to_string() + &local_slices()),
+            &mut objects,
+            &mut report,
+        );
+        assert!(report.errors.is_empty(), "{report}");
+        let node = model::NodeInfo {
+            name: "node1".into(),
+            addresses: vec![NODE],
+            zone: None,
+        };
+        let options = model::Options {
+            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+            nodeport_addresses: vec![],
+        };
+        let desired = model::desired_state(&objects, &node, &options);
+        assert!(desired.errors.is_empty(), "{:?}", desired.errors);
+        let mut store = PinnedMaps::open(pin_dir).unwrap();
+        let config = lb_common::Config {
+            node_addr_be: addr_be(NODE),
+            cluster_cidr_addr_be: addr_be(Ipv4Addr::new(10, 244, 0, 0)),
+            cluster_cidr_prefix_len: 16,
+            snat_port_min: snat_ports.0,
+            snat_port_max: snat_ports.1,
+        };
+        Reconciler::adopt(&store)
+            .unwrap()
+            .apply(&desired, config, &mut store)
+            .unwrap();
+        // Programs under test are loaded but attached nowhere: test runs only.
+        let _ = dp.ebpf_mut();
+        let eth0 = ifindex("eth0");
+        Fixture {
+            dp,
+            pin_dir: pin_dir.to_path_buf(),
+            eth0,
+        }
+    }
+
+    /// Runs the XDP program as if the frame came in on eth0: (action, frame out, tagged
+    /// for the uplink's tc program).
+    pub fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>, bool) {
+        let program: &mut Xdp = self
+            .dp
+            .ebpf_mut()
+            .program_mut(program_names::XDP_UPLINK)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&self.eth0.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("test run of {frame:02x?}: {e}"));
+        out.truncate(r.data_size_out as usize);
+        // Metadata, if any, comes out in front of the frame.
+        let tagged = out.len() == frame.len() + 4 && out[..4] == XDP_META_FORWARD.to_ne_bytes();
+        if tagged {
+            out.drain(..4);
+        }
+        (r.return_value, out, tagged)
+    }
+
+    pub fn tc_pod(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program: &mut SchedClassifier = self
+            .dp
+            .ebpf_mut()
+            .program_mut(program_names::TC_POD)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .unwrap();
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        let map = datapath::open_map(&self.pin_dir, map_names::COUNTERS).unwrap();
+        let c: aya::maps::PerCpuArray<_, counters::Counter> = map.try_into().unwrap();
+        counters::ALL
+            .iter()
+            .map(|(i, label)| (*label, c.get(i, 0).unwrap().iter().map(|v| v.packets).sum()))
+            .collect()
+    }
+
+    /// The conntrack entry of a flow as seen on the wire.
+    pub fn conntrack(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<CtValue> {
+        let map = datapath::open_map(&self.pin_dir, map_names::CONNTRACK).unwrap();
+        let ct: HashMap<_, CtKey, CtValue> = map.try_into().unwrap();
+        let key = CtKey {
+            src_addr_be: addr_be(*src.ip()),
+            dst_addr_be: addr_be(*dst.ip()),
+            src_port_be: src.port().to_be(),
+            dst_port_be: dst.port().to_be(),
+            proto,
+            _pad: [0; 3],
+        };
+        ct.get(&key, 0).ok()
+    }
+}
+
+pub fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
