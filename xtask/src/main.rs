@@ -102,7 +102,13 @@ fn main() -> Result<()> {
             build(&root)?;
             run(cargo(&root)
                 .args(["test", "--workspace", "--exclude", "lb-ebpf"])
-                .env("LB_USER_BIN", bin(&root, "lb-user")))
+                .env("LB_USER_BIN", bin(&root, "lb-user")))?;
+            run(&mut Command::new(bin(&root, "bench")))
+        }
+        Task::Bench => {
+            setup()?;
+            build(&root)?;
+            run(&mut Command::new(bin(&root, "bench")))
         }
     }
 }
