@@ -11,7 +11,12 @@ use std::{
 
 use aya::{
     maps::{Map, MapData},
-    programs::{links::FdLink, tc::TcAttachType, SchedClassifier, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
+        xdp::XdpLink,
+        SchedClassifier, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{map_names, program_names};
@@ -148,19 +153,22 @@ impl Datapath {
     }
 
     /// Attaches the north-south programs to an uplink (XDP, and tc ingress to forward what
-    /// XDP hands over), replacing our previous attachments.
+    /// XDP hands over). Where our link is still pinned, the new program replaces the old
+    /// one in it atomically: a restart or an upgrade drops no packet.
     pub fn attach_uplink(&mut self, iface: &str) -> Result<()> {
         let name = program_names::XDP_UPLINK;
         let link_path = self.link_path("xdp", iface);
-        // The old link must go first: an interface takes one XDP link.
-        remove_if_present(&link_path)?;
         let program: &mut Xdp = self.program(name)?;
-        let id = program
-            .attach(iface, XdpMode::default())
-            .map_err(|source| Error::Program { name, source })?;
-        let link = program
-            .take_link(id)
-            .map_err(|source| Error::Program { name, source })?;
+        let program_err = |source| Error::Program { name, source };
+        let replaced =
+            take_pinned::<XdpLink>(&link_path)?.and_then(|old| program.attach_to_link(old).ok());
+        let id = match replaced {
+            Some(id) => id,
+            None => program
+                .attach(iface, XdpMode::default())
+                .map_err(program_err)?,
+        };
+        let link = program.take_link(id).map_err(program_err)?;
         pin_link(link.try_into(), link_path, name)?;
         self.attach_tc(program_names::TC_UPLINK, "tcup", iface)
     }
@@ -172,14 +180,17 @@ impl Datapath {
 
     fn attach_tc(&mut self, name: &'static str, kind: &str, iface: &str) -> Result<()> {
         let link_path = self.link_path(kind, iface);
-        remove_if_present(&link_path)?;
         let program: &mut SchedClassifier = self.program(name)?;
-        let id = program
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| Error::Program { name, source })?;
-        let link = program
-            .take_link(id)
-            .map_err(|source| Error::Program { name, source })?;
+        let program_err = |source| Error::Program { name, source };
+        let replaced = take_pinned::<SchedClassifierLink>(&link_path)?
+            .and_then(|old| program.attach_to_link(old).ok());
+        let id = match replaced {
+            Some(id) => id,
+            None => program
+                .attach(iface, TcAttachType::Ingress)
+                .map_err(program_err)?,
+        };
+        let link = program.take_link(id).map_err(program_err)?;
         pin_link(link.try_into(), link_path, name)
     }
 
@@ -215,6 +226,19 @@ fn pin_link(
     link.pin(&path)
         .map_err(|source| Error::Pin { path, source })?;
     Ok(())
+}
+
+/// Our link pinned at `path`, unpinned but held open (so still attached), if there is one
+/// of the expected type. A link whose device went away fails the later update, and the
+/// caller attaches afresh; dropping it then releases it.
+fn take_pinned<L: TryFrom<FdLink>>(path: &Path) -> Result<Option<L>> {
+    let Ok(pinned) = PinnedLink::from_pin(path) else {
+        // Nothing pinned (or not a link): nothing to reuse.
+        remove_if_present(path)?;
+        return Ok(None);
+    };
+    let link = pinned.unpin().map_err(io_err(path))?;
+    Ok(L::try_from(link).ok())
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {

@@ -28,6 +28,7 @@ pub fn lb_user_bin() -> Result<PathBuf> {
 
 pub struct Agent {
     child: Child,
+    args: Vec<String>,
     pub pin_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -37,35 +38,53 @@ impl Agent {
     pub fn start(node: &Node, manifests: &Path, extra_args: &[&str]) -> Result<Agent> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", node.ns.name));
         let log = std::env::temp_dir().join(format!("{}-agent.log", node.ns.name));
-        let log_file = fs::File::create(&log)?;
-        let child = Command::new(lb_user_bin()?)
-            .args(["--netns", &node.ns.name, "agent", "--pin-dir"])
-            .arg(&pin_dir)
-            .arg("--manifests")
-            .arg(manifests)
-            .args([
+        let mut args: Vec<String> = ["--netns", &node.ns.name, "agent", "--pin-dir"]
+            .map(String::from)
+            .to_vec();
+        args.push(pin_dir.display().to_string());
+        args.extend(["--manifests".to_string(), manifests.display().to_string()]);
+        args.extend(
+            [
                 "--node-name",
                 &node.name,
                 "--node-address",
                 &node.addr.to_string(),
                 "--iface",
                 node.uplink,
-            ])
-            .args(["--pod-devices", "veth*", "--cluster-cidr", CLUSTER_CIDR])
-            .args(extra_args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .context("starting lb-user agent")?;
+            ]
+            .map(String::from),
+        );
+        args.extend(["--pod-devices", "veth*", "--cluster-cidr", CLUSTER_CIDR].map(String::from));
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        let child = spawn(&args, &log)?;
         let agent = Agent {
             child,
+            args,
             pin_dir,
             log,
         };
         agent.wait_for_syncs(1)?;
         Ok(agent)
+    }
+
+    /// Stops the agent (leaving its pinned datapath running, as an upgrade or a crash
+    /// would) and starts it again; waits for the new process's first sync.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let before = self.syncs();
+        self.child = spawn(&self.args, &self.log)?;
+        self.wait_for_syncs(before + 1)
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn log_text(&self) -> String {
@@ -122,16 +141,22 @@ impl Agent {
     }
 }
 
+/// Starts lb-user with `args`, its log appended to `log`.
+fn spawn(args: &[String], log: &Path) -> Result<Child> {
+    let log_file = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    Command::new(lb_user_bin()?)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .context("starting lb-user agent")
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         let _ = lb_user::datapath::unload(&self.pin_dir);
         let _ = fs::remove_file(&self.log);
     }

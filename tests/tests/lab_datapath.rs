@@ -407,6 +407,65 @@ fn syn_retransmits(ns: &str) -> u64 {
 }
 
 #[test]
+fn an_agent_restart_drops_nothing_and_keeps_every_flow_on_its_backend() {
+    let mut c = start(1);
+    let client = c.lab.clients[0].ns.name.clone();
+    let (dst, from) = (c.node_port(0, 30080), "0.0.0.0:45000".parse().unwrap());
+    let before = answer(udp_ask(&client, from, dst));
+    // One request every 20 ms on the same 5-tuple, all through the restart.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asker = {
+        let (client, stop) = (client.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                answers.push(udp_ask(&client, from, dst).map(|a| parse_answer(&a)));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            answers
+        })
+    };
+    let link = c.agents[0].pin_dir.join("links/xdp-eth0");
+    let link_id = || {
+        let out = std::process::Command::new("bpftool")
+            .args(["link", "show", "pinned"])
+            .arg(&link)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let link_before = link_id();
+    std::thread::sleep(Duration::from_millis(200));
+    c.agents[0].restart().unwrap();
+    assert_eq!(
+        link_id(),
+        link_before,
+        "the new program went into the same XDP link (no detach)"
+    );
+    assert!(!link_before.is_empty());
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = asker.join().unwrap();
+    assert!(answers.len() >= 10, "{} requests", answers.len());
+    for a in &answers {
+        let a = a
+            .as_ref()
+            .expect("every request during the restart is answered");
+        assert_eq!(
+            a.as_ref(),
+            Some(&before),
+            "same backend and SNAT port: conntrack and ids were adopted"
+        );
+    }
+    assert!(c.agents[0].log_text().matches("agent started").count() == 2);
+}
+
+#[test]
 fn agent_follows_manifest_changes_and_new_pod_devices() {
     let mut c = start(0);
     let pod_a = c.lab.nodes[0].pods[0].ns.name.clone();
