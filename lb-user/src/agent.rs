@@ -24,6 +24,9 @@ use crate::{
     source::{fingerprint, ManifestCache},
 };
 
+/// How often expired conntrack entries are deleted.
+const CONNTRACK_SWEEP: Duration = Duration::from_secs(10);
+
 pub struct AgentConfig {
     pub pin_dir: PathBuf,
     pub manifests: PathBuf,
@@ -92,12 +95,27 @@ pub async fn run(
     let mut seen = None;
     let mut last_errors = Vec::new();
     info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, "agent started");
+    let mut conntrack: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> =
+        datapath::open_map(&cfg.pin_dir, lb_common::map_names::CONNTRACK)?
+            .try_into()
+            .map_err(|source| crate::maps::Error::Map {
+                name: lb_common::map_names::CONNTRACK,
+                source,
+            })?;
+    let mut sweep = tokio::time::interval(CONNTRACK_SWEEP);
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(cfg.poll);
     attach_pod_devices(&mut dp, &cfg, &mut attached);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = sweep.tick() => {
+                match crate::conntrack::sweep(&mut conntrack, crate::conntrack::monotonic_now_ns()) {
+                    Ok(0) => {}
+                    Ok(n) => info!(removed = n, "expired conntrack entries swept"),
+                    Err(e) => warn!("sweeping conntrack: {e}"),
+                }
+            }
             ready = links.readable() => {
                 if let Ok(mut guard) = ready {
                     drain(links.get_ref());

@@ -1,5 +1,6 @@
 //! The agent and its CLI: sources -> model -> reconciler -> maps.
 pub mod agent;
+pub mod conntrack;
 pub mod datapath;
 pub mod health;
 pub mod maps;
