@@ -3,7 +3,10 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    EbpfContext,
 };
+// Rare events only (a stale service entry, NAT exhaustion, a full map): never per packet.
+use aya_log_ebpf::{error, warn};
 use lb_common::{
     conntrack::{expired, next_state, State, TCP_ACK, TCP_SYN},
     counters, ct_flags, in_prefix, needs_snat, service_flags, CtKey, CtValue, ServiceKey, SlotKey,
@@ -69,12 +72,12 @@ const PEER_REFRESH_NS: u64 = 1_000_000_000;
 const SNAT_TRIES: u32 = 16;
 
 #[inline(always)]
-pub fn decide(p: &Parsed) -> Verdict {
+pub fn decide<C: EbpfContext>(ctx: &C, p: &Parsed) -> Verdict {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(v) = follow_tracked(p, now) {
         return v;
     }
-    start_flow(p, now)
+    start_flow(ctx, p, now)
 }
 
 /// The rewrite of a live tracked flow, leaving its state alone: for ICMP errors about it.
@@ -130,7 +133,7 @@ fn follow_tracked(p: &Parsed, now: u64) -> Option<Verdict> {
 // New flows are the slow path: a call of its own keeps their locals (two conntrack
 // values, service, backend and config copies) out of the per-packet frame.
 #[inline(never)]
-fn start_flow(p: &Parsed, now: u64) -> Verdict {
+fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, now: u64) -> Verdict {
     let k = &p.key;
     let frontend = ServiceKey {
         addr_be: k.dst_addr_be,
@@ -160,9 +163,17 @@ fn start_flow(p: &Parsed, now: u64) -> Verdict {
         })
     })
     .copied() else {
+        error!(
+            ctx,
+            "frontend {} has {} backends but no slot {}", svc.svc_id, svc.backend_count, slot
+        );
         return Verdict::Drop(counters::DROP_STALE_SERVICE);
     };
     let Some(backend) = (unsafe { LB_BACKENDS.get(&backend_id) }).copied() else {
+        error!(
+            ctx,
+            "frontend {} slot {} names a missing backend {}", svc.svc_id, slot, backend_id
+        );
         return Verdict::Drop(counters::DROP_STALE_SERVICE);
     };
     let Some(cfg) = LB_CONFIG.get(0).copied() else {
@@ -198,6 +209,14 @@ fn start_flow(p: &Parsed, now: u64) -> Verdict {
         answer.flags |= ct_flags::SNAT;
         forward.src_addr_be = cfg.node_addr_be;
         let Some(port_be) = claim_snat_port(&forward, &answer, &cfg, k.proto, now) else {
+            warn!(
+                ctx,
+                "no free SNAT port toward {:i}:{} in {}-{}",
+                u32::from_be(backend.addr_be),
+                u16::from_be(backend.port_be),
+                cfg.snat_port_min,
+                cfg.snat_port_max
+            );
             return Verdict::Drop(counters::DROP_NAT_EXHAUSTED);
         };
         forward.src_port_be = port_be;
@@ -205,6 +224,7 @@ fn start_flow(p: &Parsed, now: u64) -> Verdict {
         .insert(&forward.answer_key(k.proto), &answer, BPF_ANY as u64)
         .is_err()
     {
+        error!(ctx, "conntrack insert failed");
         return Verdict::Drop(counters::DROP_MAP_FULL);
     }
     let entry = CtValue {
@@ -217,6 +237,7 @@ fn start_flow(p: &Parsed, now: u64) -> Verdict {
     };
     if LB_CONNTRACK.insert(&p.key, &entry, BPF_ANY as u64).is_err() {
         let _ = LB_CONNTRACK.remove(&forward.answer_key(k.proto));
+        error!(ctx, "conntrack insert failed");
         return Verdict::Drop(counters::DROP_MAP_FULL);
     }
     Verdict::Translate(forward, counters::NEW_FLOW)

@@ -126,7 +126,7 @@ fn try_lb_tc_pod(ctx: &TcContext) -> Result<i32, ()> {
             return Ok(if not.drop { TC_ACT_SHOT } else { TC_ACT_OK });
         }
     };
-    match decide(&p) {
+    match decide(ctx, &p) {
         Verdict::Pass(c) => {
             count(c, p.frame_len);
             Ok(TC_ACT_OK)

@@ -59,7 +59,7 @@ fn try_lb_xdp_uplink(ctx: &XdpContext) -> Result<u32, ()> {
             });
         }
     };
-    match decide(&p) {
+    match decide(ctx, &p) {
         Verdict::Pass(c) => {
             count(c, p.frame_len);
             Ok(xdp_action::XDP_PASS)

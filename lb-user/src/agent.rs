@@ -54,8 +54,8 @@ pub enum Error {
     },
     #[error("node has no IPv4 address for SNAT (give --node-address)")]
     NoNodeAddress,
-    #[error("netlink: {0}")]
-    Netlink(#[source] io::Error),
+    #[error("waiting on netlink or the datapath log: {0}")]
+    Poll(#[source] io::Error),
 }
 
 impl AgentConfig {
@@ -84,14 +84,17 @@ pub async fn run(
             source,
         })?;
     }
+    let logger = dp.take_logger()?;
+    // SAFETY: the logger owns its ring buffer fd, which stays open as long as it lives.
+    let mut kernel_log = unsafe { AsyncFd::register(logger) }.map_err(|e| Error::Poll(e.into()))?;
     let mut store = PinnedMaps::open(&cfg.pin_dir)?;
     let mut reconciler = Reconciler::adopt(&store)?;
     let mut manifests = ManifestCache::default();
     let mut health = HealthServers::default();
     let mut attached = BTreeSet::new();
-    let socket = link_events_socket().map_err(Error::Netlink)?;
+    let socket = link_events_socket().map_err(Error::Poll)?;
     // SAFETY: the OwnedFd moves into the AsyncFd and stays open for its whole life.
-    let links = unsafe { AsyncFd::register(socket) }.map_err(|e| Error::Netlink(e.into()))?;
+    let links = unsafe { AsyncFd::register(socket) }.map_err(|e| Error::Poll(e.into()))?;
     let mut seen = None;
     let mut last_errors = Vec::new();
     info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, "agent started");
@@ -114,6 +117,12 @@ pub async fn run(
                     Ok(0) => {}
                     Ok(n) => info!(removed = n, "expired conntrack entries swept"),
                     Err(e) => warn!("sweeping conntrack: {e}"),
+                }
+            }
+            ready = kernel_log.readable_mut() => {
+                if let Ok(mut guard) = ready {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
                 }
             }
             ready = links.readable() => {

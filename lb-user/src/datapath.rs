@@ -19,6 +19,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
+use aya_log::EbpfLogger;
 use lb_common::{map_names, program_names};
 
 /// The kernel object, built by this crate's build script.
@@ -51,6 +52,8 @@ pub enum Error {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("the datapath's log ring: {0}")]
+    Logger(#[source] aya_log::Error),
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
     #[error("pinning {}: {source}", path.display())]
@@ -192,6 +195,11 @@ impl Datapath {
         };
         let link = program.take_link(id).map_err(program_err)?;
         pin_link(link.try_into(), link_path, name)
+    }
+
+    /// The datapath's log ring (rare events only), for the agent to drain.
+    pub fn take_logger(&mut self) -> Result<EbpfLogger<&'static dyn log::Log>> {
+        EbpfLogger::init(&mut self.ebpf).map_err(Error::Logger)
     }
 
     /// The loaded object, for BPF_PROG_TEST_RUN in tests and benchmarks.

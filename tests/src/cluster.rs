@@ -80,7 +80,13 @@ pub fn pod_name(index: usize) -> String {
 }
 
 impl Cluster {
-    pub fn start(prefix: &str, spec: &Spec, manifests: Manifests) -> Result<Cluster> {
+    /// Builds the lab and starts everything; `agent_args` are added to every agent's.
+    pub fn start(
+        prefix: &str,
+        spec: &Spec,
+        manifests: Manifests,
+        agent_args: &[&str],
+    ) -> Result<Cluster> {
         let lab = Lab::build(prefix, spec)?;
         let mut backends = Vec::new();
         for (i, pod) in lab.nodes.iter().flat_map(|n| n.pods.iter()).enumerate() {
@@ -94,7 +100,7 @@ impl Cluster {
         let agents = lab
             .nodes
             .iter()
-            .map(|n| Agent::start(n, &manifests.path, &[]))
+            .map(|n| Agent::start(n, &manifests.path, agent_args))
             .collect::<Result<_>>()?;
         Ok(Cluster {
             agents,

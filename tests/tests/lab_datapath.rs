@@ -113,6 +113,10 @@ fn with_lb_status(yaml: &str) -> String {
 }
 
 fn start(clients: usize) -> Cluster {
+    start_with(clients, &[])
+}
+
+fn start_with(clients: usize, agent_args: &[&str]) -> Cluster {
     lb_tests::require_root();
     let yaml = with_lb_status(&manifests());
     let c = Cluster::start(
@@ -122,6 +126,7 @@ fn start(clients: usize) -> Cluster {
             clients,
         },
         Manifests::inline(&yaml).unwrap(),
+        agent_args,
     )
     .unwrap();
     for agent in &c.agents {
@@ -337,6 +342,23 @@ fn icmp_errors_from_backends_reach_the_client_for_its_own_flow() {
 }
 
 #[test]
+fn snat_port_exhaustion_is_counted_and_logged_by_the_agent() {
+    // One SNAT port: one flow per backend at a time (closed flows keep it for a while).
+    let c = start_with(1, &["--snat-ports", "40000-40000"]);
+    let client = &c.lab.clients[0].ns.name;
+    let failed = (0..4).any(|_| tcp_ask(client, c.node_port(0, 30080)).is_err());
+    assert!(
+        failed,
+        "at most two flows fit in one port toward two backends"
+    );
+    assert!(c.agents[0].counter(counters::DROP_NAT_EXHAUSTED) >= 1);
+    c.agents[0]
+        .wait_for_log("no free SNAT port toward 10.244.2.1")
+        .unwrap();
+    c.agents[0].wait_for_log(" in 40000-40000").unwrap();
+}
+
+#[test]
 fn load_balancer_source_ranges_drop_other_sources() {
     let c = start(2);
     let (outside, inside) = (&c.lab.clients[0], &c.lab.clients[1]);
@@ -364,8 +386,8 @@ fn thousands_of_short_connections_through_one_nodeport_without_nat_collisions() 
     let c = start(1);
     let client = &c.lab.clients[0];
     let retrans_before = syn_retransmits(&client.ns.name);
-    let total = 2000;
-    let answers = tcp_burst(&client.ns.name, c.node_port(0, 30080), total, 50);
+    let total = 4000;
+    let answers = tcp_burst(&client.ns.name, c.node_port(0, 30080), total, 500);
     let failures: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
     assert!(
         failures.is_empty(),

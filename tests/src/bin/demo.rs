@@ -30,7 +30,7 @@ fn main() -> Result<()> {
         pods_per_node: vec![1, 2],
         clients: 1,
     };
-    let cluster = Cluster::start("lbd", &spec, Manifests::existing(&manifests))?;
+    let cluster = Cluster::start("lbd", &spec, Manifests::existing(&manifests), &[])?;
     let (lab, agents) = (&cluster.lab, &cluster.agents);
     for (i, p) in lab.nodes.iter().flat_map(|n| n.pods.iter()).enumerate() {
         println!(
