@@ -7,6 +7,5 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PATH");
     let object = xtask::build_ebpf(&root).unwrap_or_else(|e| panic!("{e}"));
     let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    std::fs::copy(&object, out.join("lb-ebpf.o"))
-        .unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));
+    std::fs::copy(&object, out.join("lb-ebpf.o")).unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));
 }

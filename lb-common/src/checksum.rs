@@ -22,11 +22,7 @@ pub fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
 /// The same for a 32-bit field (an IPv4 address): two 16-bit words.
 #[inline(always)]
 pub fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
-    let sum = (!check as u32)
-        + (!(old as u16) as u32)
-        + (!((old >> 16) as u16) as u32)
-        + (new & 0xffff)
-        + (new >> 16);
+    let sum = (!check as u32) + (!(old as u16) as u32) + (!((old >> 16) as u16) as u32) + (new & 0xffff) + (new >> 16);
     !fold(sum)
 }
 
@@ -74,8 +70,8 @@ mod tests {
 
     // An IPv4 header from RFC 1071-style worked examples, checksum 0xb1e6.
     const IP: [u8; 20] = [
-        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00,
-        0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+        0x00, 0xc7,
     ];
 
     #[test]
@@ -84,11 +80,7 @@ mod tests {
         h[10] = 0;
         h[11] = 0;
         assert_eq!(checksum(&h, 0), 0xb861);
-        assert_eq!(
-            checksum(&IP, 0),
-            0,
-            "a header including its checksum sums to zero"
-        );
+        assert_eq!(checksum(&IP, 0), 0, "a header including its checksum sums to zero");
     }
 
     /// Incremental update must equal recomputation, for fields read natively from memory.

@@ -65,18 +65,12 @@ pub fn next_state(proto: u8, state: State, tcp_flags: u8, reply: bool) -> State 
         return State::Reset;
     }
     if tcp_flags & TCP_FIN != 0 {
-        return if state == State::Reset {
-            State::Reset
-        } else {
-            State::Closing
-        };
+        return if state == State::Reset { State::Reset } else { State::Closing };
     }
     match state {
         State::New if reply && tcp_flags & TCP_ACK != 0 => State::Established,
         // A fresh SYN on a flow that was torn down starts it over (port reuse by the client).
-        State::Reset | State::Closing if !reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN => {
-            State::New
-        }
+        State::Reset | State::Closing if !reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN => State::New,
         s => s,
     }
 }
@@ -118,10 +112,7 @@ mod tests {
     fn new_syn_restarts_a_closed_flow() {
         assert_eq!(next_state(TCP, State::Reset, TCP_SYN, false), State::New);
         assert_eq!(next_state(TCP, State::Closing, TCP_SYN, false), State::New);
-        assert_eq!(
-            next_state(TCP, State::Closing, TCP_SYN | TCP_ACK, true),
-            State::Closing
-        );
+        assert_eq!(next_state(TCP, State::Closing, TCP_SYN | TCP_ACK, true), State::Closing);
     }
 
     #[test]

@@ -50,3 +50,13 @@ counters! {
     /// A frontend whose slot or backend entry is missing (the agent broke its write order).
     DROP_STALE_SERVICE = 14, "drop_stale_service";
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn labels_are_listed_in_index_order() {
+        for (i, (index, _)) in super::ALL.iter().enumerate() {
+            assert_eq!(*index as usize, i);
+        }
+    }
+}

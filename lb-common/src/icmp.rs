@@ -133,11 +133,7 @@ pub fn translate_error(
     wr16(w, ICMP_OFF + 2, icmp_check);
 
     let (out_src, out_dst) = (rd32(w, 12), rd32(w, 16));
-    let new_out_src = if out_src == in_dst {
-        new_src_addr_be
-    } else {
-        out_src
-    };
+    let new_out_src = if out_src == in_dst { new_src_addr_be } else { out_src };
     let mut outer_check = replace_u32(rd16(w, 10), out_src, new_out_src);
     outer_check = replace_u32(outer_check, out_dst, new_dst_addr_be);
     wr32(w, 12, new_out_src);
@@ -167,22 +163,11 @@ mod tests {
         assert_eq!(&frame[6..12], &[1; 6]);
         assert_eq!(&frame[14 + 12..14 + 16], &[10, 96, 0, 20]);
         assert_eq!(&frame[14 + 16..14 + 20], &[192, 168, 1, 10]);
-        assert_eq!(
-            checksum(&frame[14..34], 0),
-            0,
-            "IPv4 header checksum verifies"
-        );
+        assert_eq!(checksum(&frame[14..34], 0), 0, "IPv4 header checksum verifies");
         assert_eq!(checksum(&frame[34..], 0), 0, "ICMP checksum verifies");
         assert_eq!((frame[34], frame[35]), (3, 3));
-        assert_eq!(
-            &frame[HEADERS_LEN..],
-            &original_quote,
-            "the quote is untouched"
-        );
-        assert_eq!(
-            u16::from_be_bytes([frame[16], frame[17]]) as usize,
-            ANSWER_LEN - ETH_LEN
-        );
+        assert_eq!(&frame[HEADERS_LEN..], &original_quote, "the quote is untouched");
+        assert_eq!(u16::from_be_bytes([frame[16], frame[17]]) as usize, ANSWER_LEN - ETH_LEN);
     }
 
     /// An ICMP error from `from` to `to` quoting a UDP packet src -> dst.
@@ -234,18 +219,9 @@ mod tests {
         let mut w = error((3, 3), POD, NODE, (NODE, 40000), (POD, 8080));
         let key = error_flow(&w).expect("an error about a UDP flow");
         assert_eq!((key.src_addr_be, key.dst_addr_be), (be(POD), be(NODE)));
-        assert_eq!(
-            (u16::from_be(key.src_port_be), u16::from_be(key.dst_port_be)),
-            (8080, 40000)
-        );
+        assert_eq!((u16::from_be(key.src_port_be), u16::from_be(key.dst_port_be)), (8080, 40000));
         // The reply direction's rewrite: source -> NODE:30080, destination -> CLIENT:5555.
-        translate_error(
-            &mut w,
-            be(NODE),
-            30080u16.to_be(),
-            be(CLIENT),
-            5555u16.to_be(),
-        );
+        translate_error(&mut w, be(NODE), 30080u16.to_be(), be(CLIENT), 5555u16.to_be());
         let expected = error((3, 3), NODE, CLIENT, (CLIENT, 5555), (NODE, 30080));
         assert_eq!(w, expected, "bytes equal an error built from scratch");
     }
@@ -254,13 +230,7 @@ mod tests {
     fn an_error_from_a_router_keeps_the_router_as_source() {
         let router = [10, 244, 2, 1];
         let mut w = error((3, 4), router, NODE, (NODE, 40000), (POD, 8080));
-        translate_error(
-            &mut w,
-            be(NODE),
-            30080u16.to_be(),
-            be(CLIENT),
-            5555u16.to_be(),
-        );
+        translate_error(&mut w, be(NODE), 30080u16.to_be(), be(CLIENT), 5555u16.to_be());
         assert_eq!(&w[12..16], &router);
         assert_eq!(&w[16..20], &CLIENT);
         assert_eq!(checksum(&w[..20], 0), 0);

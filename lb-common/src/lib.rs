@@ -27,16 +27,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "LB_COUNTERS";
     pub const SNAT_CURSOR: &str = "LB_SNAT_CURSOR";
     /// Every map the agent pins; all survive an agent restart.
-    pub const ALL: [&str; 8] = [
-        SERVICES,
-        BACKEND_SLOTS,
-        BACKENDS,
-        CONNTRACK,
-        SOURCE_RANGES,
-        CONFIG,
-        COUNTERS,
-        SNAT_CURSOR,
-    ];
+    pub const ALL: [&str; 8] =
+        [SERVICES, BACKEND_SLOTS, BACKENDS, CONNTRACK, SOURCE_RANGES, CONFIG, COUNTERS, SNAT_CURSOR];
 }
 
 /// Program names as they appear in the object file and under [`PIN_DIR`].
@@ -238,18 +230,12 @@ pub struct BenchFrame {
 ///   another node, so the reply comes back through this node; never with Local;
 /// - ClusterIP: when the source is outside the cluster CIDR (as kube-proxy masquerades).
 #[inline(always)]
-pub fn needs_snat(
-    service_flags: u32,
-    backend_flags: u8,
-    src_in_cluster: bool,
-    hairpin: bool,
-) -> bool {
+pub fn needs_snat(service_flags: u32, backend_flags: u8, src_in_cluster: bool, hairpin: bool) -> bool {
     if hairpin {
         return true;
     }
     if service_flags & service_flags::EXTERNAL != 0 {
-        service_flags & service_flags::EXTERNAL_LOCAL == 0
-            && backend_flags & backend_flags::LOCAL == 0
+        service_flags & service_flags::EXTERNAL_LOCAL == 0 && backend_flags & backend_flags::LOCAL == 0
     } else {
         !src_in_cluster
     }
@@ -286,16 +272,8 @@ mod tests {
     #[test]
     fn prefix_matching() {
         let net = u32::from_be_bytes([10, 244, 0, 0]).to_be();
-        assert!(in_prefix(
-            u32::from_be_bytes([10, 244, 3, 7]).to_be(),
-            net,
-            16
-        ));
-        assert!(!in_prefix(
-            u32::from_be_bytes([10, 245, 0, 1]).to_be(),
-            net,
-            16
-        ));
+        assert!(in_prefix(u32::from_be_bytes([10, 244, 3, 7]).to_be(), net, 16));
+        assert!(!in_prefix(u32::from_be_bytes([10, 245, 0, 1]).to_be(), net, 16));
         assert!(in_prefix(u32::from_be_bytes([1, 2, 3, 4]).to_be(), net, 0));
         assert!(in_prefix(net, net, 32));
         assert!(!in_prefix(net + 1u32.to_be(), net, 32));
@@ -305,45 +283,20 @@ mod tests {
     fn snat_rules() {
         use service_flags::*;
         let local = backend_flags::LOCAL;
-        assert!(
-            needs_snat(EXTERNAL, 0, false, false),
-            "ETP Cluster, remote backend"
-        );
-        assert!(
-            !needs_snat(EXTERNAL, local, false, false),
-            "ETP Cluster, local backend"
-        );
-        assert!(
-            !needs_snat(EXTERNAL | EXTERNAL_LOCAL, local, false, false),
-            "ETP Local"
-        );
+        assert!(needs_snat(EXTERNAL, 0, false, false), "ETP Cluster, remote backend");
+        assert!(!needs_snat(EXTERNAL, local, false, false), "ETP Cluster, local backend");
+        assert!(!needs_snat(EXTERNAL | EXTERNAL_LOCAL, local, false, false), "ETP Local");
         assert!(!needs_snat(0, 0, true, false), "ClusterIP from a pod");
-        assert!(
-            needs_snat(0, local, false, false),
-            "ClusterIP from outside the cluster"
-        );
+        assert!(needs_snat(0, local, false, false), "ClusterIP from outside the cluster");
         assert!(needs_snat(0, local, true, true), "hairpin");
-        assert!(
-            needs_snat(EXTERNAL | EXTERNAL_LOCAL, local, true, true),
-            "hairpin via ETP Local"
-        );
+        assert!(needs_snat(EXTERNAL | EXTERNAL_LOCAL, local, true, true), "hairpin via ETP Local");
     }
 
     #[test]
     fn reversed_key_swaps_both_ends() {
-        let k = CtKey {
-            src_addr_be: 1,
-            dst_addr_be: 2,
-            src_port_be: 3,
-            dst_port_be: 4,
-            proto: 6,
-            _pad: [0; 3],
-        };
+        let k = CtKey { src_addr_be: 1, dst_addr_be: 2, src_port_be: 3, dst_port_be: 4, proto: 6, _pad: [0; 3] };
         let r = k.reversed();
-        assert_eq!(
-            (r.src_addr_be, r.dst_addr_be, r.src_port_be, r.dst_port_be),
-            (2, 1, 4, 3)
-        );
+        assert_eq!((r.src_addr_be, r.dst_addr_be, r.src_port_be, r.dst_port_be), (2, 1, 4, 3));
         assert_eq!(r.reversed(), k);
     }
 }

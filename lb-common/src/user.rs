@@ -10,18 +10,7 @@ macro_rules! pod {
         unsafe impl aya::Pod for $t {}
     )*};
 }
-pod!(
-    BenchFrame,
-    ServiceKey,
-    ServiceValue,
-    SlotKey,
-    Backend,
-    CtKey,
-    CtValue,
-    SourceRange,
-    Config,
-    counters::Counter
-);
+pod!(BenchFrame, ServiceKey, ServiceValue, SlotKey, Backend, CtKey, CtValue, SourceRange, Config, counters::Counter);
 
 /// An address in the maps' network byte order.
 pub fn addr_be(ip: Ipv4Addr) -> u32 {
@@ -34,24 +23,14 @@ pub fn ip_from_be(addr_be: u32) -> Ipv4Addr {
 
 impl ServiceKey {
     pub fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Self {
-        ServiceKey {
-            addr_be: addr_be(ip),
-            port_be: port.to_be(),
-            proto,
-            _pad: 0,
-        }
+        ServiceKey { addr_be: addr_be(ip), port_be: port.to_be(), proto, _pad: 0 }
     }
 }
 
 impl Backend {
     pub fn new(ip: Ipv4Addr, port: u16, local: bool) -> Self {
         let flags = if local { backend_flags::LOCAL } else { 0 };
-        Backend {
-            addr_be: addr_be(ip),
-            port_be: port.to_be(),
-            flags,
-            _pad: 0,
-        }
+        Backend { addr_be: addr_be(ip), port_be: port.to_be(), flags, _pad: 0 }
     }
     pub fn ip(&self) -> Ipv4Addr {
         ip_from_be(self.addr_be)

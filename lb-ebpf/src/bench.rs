@@ -27,14 +27,12 @@ pub fn lb_bench_restore(ctx: XdpContext) -> u32 {
     // run left in front of the frame (a hand-over tag).
     let meta_len = ctx.data() - ctx.metadata();
     // SAFETY: shrinking the metadata area by its own length.
-    if meta_len > 0 && unsafe { bpf_xdp_adjust_meta(ctx.as_ptr() as *mut _, meta_len as i32) } != 0
-    {
+    if meta_len > 0 && unsafe { bpf_xdp_adjust_meta(ctx.as_ptr() as *mut _, meta_len as i32) } != 0 {
         return xdp_action::XDP_ABORTED;
     }
-    let (Some(t), Some(frame)) = (
-        LB_BENCH_FRAME.get_ptr_mut(0),
-        ptr_at::<[u8; BENCH_FRAME_LEN]>(ctx.data(), ctx.data_end(), 0),
-    ) else {
+    let (Some(t), Some(frame)) =
+        (LB_BENCH_FRAME.get_ptr_mut(0), ptr_at::<[u8; BENCH_FRAME_LEN]>(ctx.data(), ctx.data_end(), 0))
+    else {
         return xdp_action::XDP_ABORTED;
     };
     // SAFETY: the map value and the bounds-checked frame are valid for the whole run.

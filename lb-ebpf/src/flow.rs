@@ -9,15 +9,11 @@ use aya_ebpf::{
 use aya_log_ebpf::{error, warn};
 use lb_common::{
     conntrack::{expired, next_state, State, TCP_ACK, TCP_SYN},
-    counters, ct_flags, in_prefix, needs_snat, service_flags, CtKey, CtValue, ServiceKey, SlotKey,
-    IPPROTO_TCP,
+    counters, ct_flags, in_prefix, needs_snat, service_flags, CtKey, CtValue, ServiceKey, SlotKey, IPPROTO_TCP,
 };
 
 use crate::{
-    maps::{
-        source_allowed, LB_BACKENDS, LB_BACKEND_SLOTS, LB_CONFIG, LB_CONNTRACK, LB_SERVICES,
-        LB_SNAT_CURSOR,
-    },
+    maps::{source_allowed, LB_BACKENDS, LB_BACKEND_SLOTS, LB_CONFIG, LB_CONNTRACK, LB_SERVICES, LB_SNAT_CURSOR},
     packet::Parsed,
 };
 
@@ -122,11 +118,7 @@ fn follow_tracked(p: &Parsed, now: u64) -> Option<Verdict> {
             }
         }
     }
-    let counter = if reply {
-        counters::REPLY
-    } else {
-        counters::ESTABLISHED
-    };
+    let counter = if reply { counters::REPLY } else { counters::ESTABLISHED };
     Some(Verdict::Translate(rewrite, counter))
 }
 
@@ -135,12 +127,7 @@ fn follow_tracked(p: &Parsed, now: u64) -> Option<Verdict> {
 #[inline(never)]
 fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, now: u64) -> Verdict {
     let k = &p.key;
-    let frontend = ServiceKey {
-        addr_be: k.dst_addr_be,
-        port_be: k.dst_port_be,
-        proto: k.proto,
-        _pad: 0,
-    };
+    let frontend = ServiceKey { addr_be: k.dst_addr_be, port_be: k.dst_port_be, proto: k.proto, _pad: 0 };
     // SAFETY: the agent replaces service entries whole; we copy it out at once.
     let Some(svc) = (unsafe { LB_SERVICES.get(&frontend) }).copied() else {
         return Verdict::Pass(counters::PASS_NOT_SERVICE);
@@ -156,34 +143,18 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, now: u64) -> Verdict {
         };
     }
     let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
-    let Some(backend_id) = (unsafe {
-        LB_BACKEND_SLOTS.get(&SlotKey {
-            svc_id: svc.svc_id,
-            slot,
-        })
-    })
-    .copied() else {
-        error!(
-            ctx,
-            "frontend {} has {} backends but no slot {}", svc.svc_id, svc.backend_count, slot
-        );
+    let Some(backend_id) = (unsafe { LB_BACKEND_SLOTS.get(&SlotKey { svc_id: svc.svc_id, slot }) }).copied() else {
+        error!(ctx, "frontend {} has {} backends but no slot {}", svc.svc_id, svc.backend_count, slot);
         return Verdict::Drop(counters::DROP_STALE_SERVICE);
     };
     let Some(backend) = (unsafe { LB_BACKENDS.get(&backend_id) }).copied() else {
-        error!(
-            ctx,
-            "frontend {} slot {} names a missing backend {}", svc.svc_id, slot, backend_id
-        );
+        error!(ctx, "frontend {} slot {} names a missing backend {}", svc.svc_id, slot, backend_id);
         return Verdict::Drop(counters::DROP_STALE_SERVICE);
     };
     let Some(cfg) = LB_CONFIG.get(0).copied() else {
         return Verdict::Drop(counters::DROP_STALE_SERVICE);
     };
-    let src_in_cluster = in_prefix(
-        k.src_addr_be,
-        cfg.cluster_cidr_addr_be,
-        cfg.cluster_cidr_prefix_len,
-    );
+    let src_in_cluster = in_prefix(k.src_addr_be, cfg.cluster_cidr_addr_be, cfg.cluster_cidr_prefix_len);
     let hairpin = k.src_addr_be == backend.addr_be;
     let snat = needs_snat(svc.flags, backend.flags, src_in_cluster, hairpin);
 
@@ -220,10 +191,7 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, now: u64) -> Verdict {
             return Verdict::Drop(counters::DROP_NAT_EXHAUSTED);
         };
         forward.src_port_be = port_be;
-    } else if LB_CONNTRACK
-        .insert(&forward.answer_key(k.proto), &answer, BPF_ANY as u64)
-        .is_err()
-    {
+    } else if LB_CONNTRACK.insert(&forward.answer_key(k.proto), &answer, BPF_ANY as u64).is_err() {
         error!(ctx, "conntrack insert failed");
         return Verdict::Drop(counters::DROP_MAP_FULL);
     }
@@ -249,13 +217,7 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, now: u64) -> Verdict {
 /// only after the range has gone by, so it does not meet the backend's TIME_WAIT socket of
 /// the flow that used it last.
 #[inline(always)]
-fn claim_snat_port(
-    forward: &Rewrite,
-    answer: &CtValue,
-    cfg: &lb_common::Config,
-    proto: u8,
-    now: u64,
-) -> Option<u16> {
+fn claim_snat_port(forward: &Rewrite, answer: &CtValue, cfg: &lb_common::Config, proto: u8, now: u64) -> Option<u16> {
     let span = (cfg.snat_port_max as u32).saturating_sub(cfg.snat_port_min as u32) + 1;
     let cursor = LB_SNAT_CURSOR.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
@@ -269,9 +231,7 @@ fn claim_snat_port(
         next = next.wrapping_add(1);
         try_rewrite.src_port_be = (port as u16).to_be();
         let key = try_rewrite.answer_key(proto);
-        let claimed = LB_CONNTRACK
-            .insert(&key, answer, BPF_NOEXIST as u64)
-            .is_ok()
+        let claimed = LB_CONNTRACK.insert(&key, answer, BPF_NOEXIST as u64).is_ok()
             || LB_CONNTRACK.get_ptr(&key).is_some_and(|held| {
                 // SAFETY: read-only copy of plain integers.
                 let held = unsafe { *held };

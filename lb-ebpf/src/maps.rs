@@ -5,13 +5,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     counters::{self, Counter},
-    Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue, SlotKey, SourceRange, MAX_BACKENDS,
-    MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES,
+    Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue, SlotKey, SourceRange, MAX_BACKENDS, MAX_BACKEND_SLOTS,
+    MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES,
 };
 
 #[btf_map]
-pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> =
-    HashMap::new();
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
 
 #[btf_map]
 pub static LB_BACKEND_SLOTS: HashMap<SlotKey, u32, { MAX_BACKEND_SLOTS as usize }> = HashMap::new();
@@ -23,8 +22,7 @@ pub static LB_BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashM
 pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { MAX_CONNTRACK as usize }> = LruHashMap::new();
 
 #[btf_map]
-pub static LB_SOURCE_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize }> =
-    LpmTrie::new();
+pub static LB_SOURCE_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
 
 #[btf_map]
 pub static LB_CONFIG: Array<Config, 1> = Array::new();
@@ -49,12 +47,6 @@ pub fn count(index: u32, bytes: u64) {
 
 #[inline(always)]
 pub fn source_allowed(svc_id: u32, src_addr_be: u32) -> bool {
-    let key = Key::new(
-        64,
-        SourceRange {
-            svc_id_be: svc_id.to_be(),
-            addr_be: src_addr_be,
-        },
-    );
+    let key = Key::new(64, SourceRange { svc_id_be: svc_id.to_be(), addr_be: src_addr_be });
     LB_SOURCE_RANGES.get(&key).is_some()
 }

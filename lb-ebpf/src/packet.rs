@@ -45,11 +45,7 @@ pub struct NotAFlow {
 }
 
 const fn pass(counter: u32) -> NotAFlow {
-    NotAFlow {
-        counter,
-        drop: false,
-        icmp: false,
-    }
+    NotAFlow { counter, drop: false, icmp: false }
 }
 
 #[inline(always)]
@@ -59,39 +55,23 @@ pub fn parse(start: usize, end: usize) -> Result<Parsed, NotAFlow> {
     if ethertype != 0x0800u16.to_be() {
         return Err(pass(counters::PASS_NOT_IPV4));
     }
-    let truncated = NotAFlow {
-        counter: counters::DROP_TRUNCATED,
-        drop: true,
-        icmp: false,
-    };
+    let truncated = NotAFlow { counter: counters::DROP_TRUNCATED, drop: true, icmp: false };
     let ip: [u8; 20] = read(start, end, IP_OFF).ok_or(truncated)?;
     let proto = ip[9];
     let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         let icmp = proto == IPPROTO_ICMP && ip[0] == 0x45 && !fragment;
-        return Err(NotAFlow {
-            counter: counters::PASS_NOT_SERVICE,
-            drop: false,
-            icmp,
-        });
+        return Err(NotAFlow { counter: counters::PASS_NOT_SERVICE, drop: false, icmp });
     }
     if ip[0] != 0x45 || fragment {
         return Err(pass(counters::PASS_FRAGMENT_OR_OPTIONS));
     }
     let l4_len = if proto == IPPROTO_TCP { 20 } else { 8 };
     if start + L4_OFF + l4_len > end {
-        return Err(NotAFlow {
-            counter: counters::DROP_TRUNCATED,
-            drop: true,
-            icmp: false,
-        });
+        return Err(NotAFlow { counter: counters::DROP_TRUNCATED, drop: true, icmp: false });
     }
     let ports: [u16; 2] = read(start, end, L4_OFF).ok_or(pass(counters::DROP_TRUNCATED))?;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        read::<u8>(start, end, L4_OFF + 13).unwrap_or(0)
-    } else {
-        0
-    };
+    let tcp_flags = if proto == IPPROTO_TCP { read::<u8>(start, end, L4_OFF + 13).unwrap_or(0) } else { 0 };
     Ok(Parsed {
         key: CtKey {
             src_addr_be: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),

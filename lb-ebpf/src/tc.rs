@@ -10,13 +10,10 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
-        TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
-    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail},
     macros::classifier,
     programs::TcContext,
 };
@@ -25,10 +22,7 @@ use lb_common::{counters, icmp, IPPROTO_TCP, XDP_META_FORWARD};
 use crate::{
     flow::{decide, tracked_rewrite, Rewrite, Verdict},
     maps::count,
-    packet::{
-        parse, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF,
-        UDP_CHECK_OFF,
-    },
+    packet::{parse, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF, UDP_CHECK_OFF},
 };
 
 #[classifier]
@@ -70,22 +64,13 @@ fn forward(ctx: &TcContext) -> i32 {
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
     // SAFETY: fib is a valid, sized bpf_fib_lookup on our stack; the context is valid.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut fib,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, &mut fib, size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return TC_ACT_OK;
     }
     let old = u16::from_ne_bytes([ttl, ip[9]]);
     let new = u16::from_ne_bytes([ttl - 1, ip[9]]);
-    if ctx
-        .l3_csum_replace(IP_CHECK_OFF, old as u64, new as u64, 2)
-        .is_err()
+    if ctx.l3_csum_replace(IP_CHECK_OFF, old as u64, new as u64, 2).is_err()
         || ctx.store(IP_OFF + 8, &(ttl - 1), 0).is_err()
     {
         return TC_ACT_SHOT;
@@ -156,26 +141,15 @@ fn rewrite(ctx: &TcContext, p: &Parsed, rw: &Rewrite) -> Result<(), i64> {
         // UDP: leave a zero ("no checksum") alone, send a computed zero as 0xffff.
         (UDP_CHECK_OFF, BPF_F_MARK_MANGLED_0 as u64)
     };
-    let addrs = [
-        (IP_SRC_OFF, k.src_addr_be, rw.src_addr_be),
-        (IP_DST_OFF, k.dst_addr_be, rw.dst_addr_be),
-    ];
+    let addrs = [(IP_SRC_OFF, k.src_addr_be, rw.src_addr_be), (IP_DST_OFF, k.dst_addr_be, rw.dst_addr_be)];
     for (off, old, new) in addrs {
         if old != new {
-            ctx.l4_csum_replace(
-                l4_check,
-                old as u64,
-                new as u64,
-                BPF_F_PSEUDO_HDR as u64 | 4 | mangled,
-            )?;
+            ctx.l4_csum_replace(l4_check, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | 4 | mangled)?;
             ctx.l3_csum_replace(IP_CHECK_OFF, old as u64, new as u64, 4)?;
             ctx.store(off, &new, 0)?;
         }
     }
-    let ports = [
-        (L4_OFF, k.src_port_be, rw.src_port_be),
-        (L4_OFF + 2, k.dst_port_be, rw.dst_port_be),
-    ];
+    let ports = [(L4_OFF, k.src_port_be, rw.src_port_be), (L4_OFF + 2, k.dst_port_be, rw.dst_port_be)];
     for (off, old, new) in ports {
         if old != new {
             ctx.l4_csum_replace(l4_check, old as u64, new as u64, 2 | mangled)?;
@@ -192,13 +166,7 @@ fn rewrite(ctx: &TcContext, p: &Parsed, rw: &Rewrite) -> Result<(), i64> {
 fn translate_icmp_error(ctx: &TcContext) -> Option<i32> {
     let mut w: [u8; icmp::ERROR_WINDOW] = ctx.load(IP_OFF).ok()?;
     let rw = tracked_rewrite(&icmp::error_flow(&w)?)?;
-    icmp::translate_error(
-        &mut w,
-        rw.src_addr_be,
-        rw.src_port_be,
-        rw.dst_addr_be,
-        rw.dst_port_be,
-    );
+    icmp::translate_error(&mut w, rw.src_addr_be, rw.src_port_be, rw.dst_addr_be, rw.dst_port_be);
     // The window's own checksums are updated; the skb's checksum state follows the bytes.
     ctx.store(IP_OFF, &w, BPF_F_RECOMPUTE_CSUM as u64).ok()?;
     count(counters::ICMP_ERROR_TRANSLATED, ctx.len() as u64);
@@ -211,8 +179,7 @@ fn translate_icmp_error(ctx: &TcContext) -> Option<i32> {
 #[inline(never)]
 fn refuse(ctx: &TcContext) -> Result<i32, ()> {
     let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
-    ctx.adjust_room(icmp::GROW as i32, BPF_ADJ_ROOM_MAC, 0)
-        .map_err(|_| ())?;
+    ctx.adjust_room(icmp::GROW as i32, BPF_ADJ_ROOM_MAC, 0).map_err(|_| ())?;
     // SAFETY: plain helper call on our own skb.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, icmp::ANSWER_LEN as u32, 0) } != 0 {
         return Err(());

@@ -5,9 +5,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
-    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail},
     macros::xdp,
     programs::XdpContext,
     EbpfContext,
@@ -18,8 +16,7 @@ use crate::{
     flow::{decide, tracked_rewrite, Rewrite, Verdict},
     maps::count,
     packet::{
-        parse, ptr_at, read, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF,
-        TCP_CHECK_OFF, UDP_CHECK_OFF,
+        parse, ptr_at, read, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF, UDP_CHECK_OFF,
     },
 };
 
@@ -52,11 +49,7 @@ fn try_lb_xdp_uplink(ctx: &XdpContext) -> Result<u32, ()> {
                 }
             }
             count(not.counter, (ctx.data_end() - ctx.data()) as u64);
-            return Ok(if not.drop {
-                xdp_action::XDP_DROP
-            } else {
-                xdp_action::XDP_PASS
-            });
+            return Ok(if not.drop { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS });
         }
     };
     match decide(ctx, &p) {
@@ -172,12 +165,7 @@ fn transmit(ctx: &XdpContext, proto: u8, rw: &Rewrite) -> Option<()> {
     let new_word = u16::from_ne_bytes(word);
     let check: u16 = read(start, end, IP_CHECK_OFF)?;
     write(ctx, IP_OFF + 8, new_word).ok()?;
-    write(
-        ctx,
-        IP_CHECK_OFF,
-        checksum::replace_u16(check, ttl_word, new_word),
-    )
-    .ok()?;
+    write(ctx, IP_CHECK_OFF, checksum::replace_u16(check, ttl_word, new_word)).ok()?;
     write(ctx, 0, [fib.dmac, fib.smac]).ok()
 }
 
@@ -190,13 +178,7 @@ fn translate_icmp_error(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: bounds checked by ptr_at; a byte array has no alignment needs.
     let w = unsafe { &mut *w };
     let rw = tracked_rewrite(&icmp::error_flow(w)?)?;
-    icmp::translate_error(
-        w,
-        rw.src_addr_be,
-        rw.src_port_be,
-        rw.dst_addr_be,
-        rw.dst_port_be,
-    );
+    icmp::translate_error(w, rw.src_addr_be, rw.src_port_be, rw.dst_addr_be, rw.dst_port_be);
     let outer = Rewrite {
         src_addr_be: u32::from_ne_bytes([w[12], w[13], w[14], w[15]]),
         dst_addr_be: rw.dst_addr_be,

@@ -72,17 +72,11 @@ impl AgentConfig {
 }
 
 /// Runs until `shutdown` resolves. The datapath keeps running after the agent exits.
-pub async fn run(
-    cfg: AgentConfig,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), Error> {
+pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
     let datapath_config = cfg.datapath_config()?;
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     for iface in &cfg.uplinks {
-        dp.attach_uplink(iface).map_err(|source| Error::Uplink {
-            iface: iface.clone(),
-            source,
-        })?;
+        dp.attach_uplink(iface).map_err(|source| Error::Uplink { iface: iface.clone(), source })?;
     }
     let logger = dp.take_logger()?;
     // SAFETY: the logger owns its ring buffer fd, which stays open as long as it lives.
@@ -101,10 +95,7 @@ pub async fn run(
     let mut conntrack: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> =
         datapath::open_map(&cfg.pin_dir, lb_common::map_names::CONNTRACK)?
             .try_into()
-            .map_err(|source| crate::maps::Error::Map {
-                name: lb_common::map_names::CONNTRACK,
-                source,
-            })?;
+            .map_err(|source| crate::maps::Error::Map { name: lb_common::map_names::CONNTRACK, source })?;
     let mut sweep = tokio::time::interval(CONNTRACK_SWEEP);
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(cfg.poll);
@@ -161,19 +152,12 @@ pub async fn run(
 }
 
 fn problems(report: &crate::source::Report, desired: &Desired) -> Vec<String> {
-    report
-        .errors
-        .iter()
-        .map(|e| e.to_string())
-        .chain(desired.errors.iter().map(|e| e.to_string()))
-        .collect()
+    report.errors.iter().map(|e| e.to_string()).chain(desired.errors.iter().map(|e| e.to_string())).collect()
 }
 
 fn attach_pod_devices(dp: &mut Datapath, cfg: &AgentConfig, attached: &mut BTreeSet<String>) {
-    let present: BTreeSet<String> = interface_names()
-        .into_iter()
-        .filter(|n| cfg.pod_device_patterns.iter().any(|p| glob_match(p, n)))
-        .collect();
+    let present: BTreeSet<String> =
+        interface_names().into_iter().filter(|n| cfg.pod_device_patterns.iter().any(|p| glob_match(p, n))).collect();
     // A deleted device took its attachment with it.
     attached.retain(|n| present.contains(n));
     for name in present {

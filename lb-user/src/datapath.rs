@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Map, MapData},
+    maps::{Map, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
@@ -20,7 +20,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use lb_common::{map_names, program_names};
+use lb_common::{
+    counters::{self, Counter},
+    map_names, program_names,
+};
 
 /// The kernel object, built by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -73,10 +76,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless it is mounted already.
@@ -89,15 +89,7 @@ pub fn ensure_bpffs() -> Result<()> {
     }
     let fstype = std::ffi::CString::new("bpf").expect("no NUL");
     // SAFETY: mount(2) with valid C strings and no data.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            path.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(Error::MountBpffs(io::Error::last_os_error()));
     }
@@ -123,34 +115,18 @@ impl Datapath {
             loader.map_pin_path(name, pin_dir.join("maps").join(name));
         }
         let ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
-        let mut datapath = Datapath {
-            ebpf,
-            pin_dir: pin_dir.to_path_buf(),
-        };
+        let mut datapath = Datapath { ebpf, pin_dir: pin_dir.to_path_buf() };
         let xdp: &mut Xdp = datapath.program(program_names::XDP_UPLINK)?;
-        xdp.load().map_err(|source| Error::Program {
-            name: program_names::XDP_UPLINK,
-            source,
-        })?;
+        xdp.load().map_err(|source| Error::Program { name: program_names::XDP_UPLINK, source })?;
         for name in [program_names::TC_POD, program_names::TC_UPLINK] {
             let tc: &mut SchedClassifier = datapath.program(name)?;
-            tc.load()
-                .map_err(|source| Error::Program { name, source })?;
+            tc.load().map_err(|source| Error::Program { name, source })?;
         }
-        for name in [
-            program_names::XDP_UPLINK,
-            program_names::TC_POD,
-            program_names::TC_UPLINK,
-        ] {
-            let program = datapath
-                .ebpf
-                .program_mut(name)
-                .ok_or(Error::MissingProgram { name })?;
+        for name in [program_names::XDP_UPLINK, program_names::TC_POD, program_names::TC_UPLINK] {
+            let program = datapath.ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
             let path = pin_dir.join("progs").join(name);
             remove_if_present(&path)?;
-            program
-                .pin(&path)
-                .map_err(|source| Error::Pin { path, source })?;
+            program.pin(&path).map_err(|source| Error::Pin { path, source })?;
         }
         Ok(datapath)
     }
@@ -163,13 +139,10 @@ impl Datapath {
         let link_path = self.link_path("xdp", iface);
         let program: &mut Xdp = self.program(name)?;
         let program_err = |source| Error::Program { name, source };
-        let replaced =
-            take_pinned::<XdpLink>(&link_path)?.and_then(|old| program.attach_to_link(old).ok());
+        let replaced = take_pinned::<XdpLink>(&link_path)?.and_then(|old| program.attach_to_link(old).ok());
         let id = match replaced {
             Some(id) => id,
-            None => program
-                .attach(iface, XdpMode::default())
-                .map_err(program_err)?,
+            None => program.attach(iface, XdpMode::default()).map_err(program_err)?,
         };
         let link = program.take_link(id).map_err(program_err)?;
         pin_link(link.try_into(), link_path, name)?;
@@ -185,13 +158,10 @@ impl Datapath {
         let link_path = self.link_path(kind, iface);
         let program: &mut SchedClassifier = self.program(name)?;
         let program_err = |source| Error::Program { name, source };
-        let replaced = take_pinned::<SchedClassifierLink>(&link_path)?
-            .and_then(|old| program.attach_to_link(old).ok());
+        let replaced = take_pinned::<SchedClassifierLink>(&link_path)?.and_then(|old| program.attach_to_link(old).ok());
         let id = match replaced {
             Some(id) => id,
-            None => program
-                .attach(iface, TcAttachType::Ingress)
-                .map_err(program_err)?,
+            None => program.attach(iface, TcAttachType::Ingress).map_err(program_err)?,
         };
         let link = program.take_link(id).map_err(program_err)?;
         pin_link(link.try_into(), link_path, name)
@@ -211,13 +181,8 @@ impl Datapath {
     where
         &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
     {
-        let program = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram { name })?;
-        program
-            .try_into()
-            .map_err(|source| Error::Program { name, source })
+        let program = self.ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
+        program.try_into().map_err(|source| Error::Program { name, source })
     }
 
     fn link_path(&self, kind: &str, iface: &str) -> PathBuf {
@@ -225,14 +190,9 @@ impl Datapath {
     }
 }
 
-fn pin_link(
-    link: Result<FdLink, aya::programs::links::LinkError>,
-    path: PathBuf,
-    name: &'static str,
-) -> Result<()> {
+fn pin_link(link: Result<FdLink, aya::programs::links::LinkError>, path: PathBuf, name: &'static str) -> Result<()> {
     let link = link.map_err(|source| Error::Link { name, source })?;
-    link.pin(&path)
-        .map_err(|source| Error::Pin { path, source })?;
+    link.pin(&path).map_err(|source| Error::Pin { path, source })?;
     Ok(())
 }
 
@@ -267,15 +227,28 @@ pub fn unload(pin_dir: &Path) -> Result<()> {
 
 /// Is a link pinned for this interface (XDP uplink or tc pod device)?
 pub fn is_attached(pin_dir: &Path, kind: &str, iface: &str) -> bool {
-    pin_dir
-        .join("links")
-        .join(format!("{kind}-{iface}"))
-        .exists()
+    pin_dir.join("links").join(format!("{kind}-{iface}")).exists()
+}
+
+/// What the datapath counted: (label, totals over CPUs), in `lb_common::counters` order.
+pub fn read_counters(pin_dir: &Path) -> Result<Vec<(&'static str, Counter)>> {
+    let name = map_names::COUNTERS;
+    let map: PerCpuArray<_, Counter> =
+        open_map(pin_dir, name)?.try_into().map_err(|source| Error::Map { name, source })?;
+    counters::ALL
+        .iter()
+        .map(|(index, label)| {
+            let per_cpu = map.get(index, 0).map_err(|source| Error::Map { name, source })?;
+            let total = per_cpu
+                .iter()
+                .fold(Counter::default(), |t, c| Counter { packets: t.packets + c.packets, bytes: t.bytes + c.bytes });
+            Ok((*label, total))
+        })
+        .collect()
 }
 
 /// Opens a pinned map of the datapath under `pin_dir`.
 pub fn open_map(pin_dir: &Path, name: &'static str) -> Result<Map> {
-    let data = MapData::from_pin(pin_dir.join("maps").join(name))
-        .map_err(|source| Error::Map { name, source })?;
+    let data = MapData::from_pin(pin_dir.join("maps").join(name)).map_err(|source| Error::Map { name, source })?;
     Map::from_map_data(data).map_err(|source| Error::Map { name, source })
 }

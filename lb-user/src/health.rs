@@ -70,8 +70,7 @@ async fn serve(listener: TcpListener, shared: Shared) {
             let mut buf = [0u8; 1024];
             // The request itself does not matter (any path); read what came so the
             // client does not see a reset.
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
             let head = format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
             let _ = conn.write_all(head.as_bytes()).await;
             let _ = conn.write_all(body.as_bytes()).await;
@@ -88,14 +87,7 @@ pub fn response((service, local): &(ServiceRef, usize)) -> (&'static str, String
         "serviceProxyHealthy": true,
     })
     .to_string();
-    (
-        if *local > 0 {
-            "200 OK"
-        } else {
-            "503 Service Unavailable"
-        },
-        body,
-    )
+    (if *local > 0 { "200 OK" } else { "503 Service Unavailable" }, body)
 }
 
 #[cfg(test)]
@@ -104,11 +96,15 @@ mod tests {
 
     #[test]
     fn kube_proxy_shaped_answers() {
-        let svc = ServiceRef {
-            namespace: "shop".into(),
-            name: "web".into(),
-        };
-        assert_eq!(response(&(svc.clone(), 2)), ("200 OK", r#"{"localEndpoints":2,"service":{"name":"web","namespace":"shop"},"serviceProxyHealthy":true}"#.to_string()));
+        let svc = ServiceRef { namespace: "shop".into(), name: "web".into() };
+        assert_eq!(
+            response(&(svc.clone(), 2)),
+            (
+                "200 OK",
+                r#"{"localEndpoints":2,"service":{"name":"web","namespace":"shop"},"serviceProxyHealthy":true}"#
+                    .to_string()
+            )
+        );
         assert_eq!(response(&(svc, 0)).0, "503 Service Unavailable");
     }
 }

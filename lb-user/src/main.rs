@@ -1,16 +1,11 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{bail, Context};
-use aya::maps::PerCpuArray;
 use clap::{Args, Parser, Subcommand};
-use lb_common::{counters, map_names};
 use lb_user::{agent, datapath, model, netns, source};
 
 #[derive(Parser)]
-#[command(
-    name = "lb-user",
-    about = "eBPF/XDP Kubernetes Service load balancer: agent and CLI"
-)]
+#[command(name = "lb-user", about = "eBPF/XDP Kubernetes Service load balancer: agent and CLI")]
 struct Cli {
     /// Run in this network namespace (a name under /run/netns, as `ip netns add` makes).
     #[arg(long, global = true)]
@@ -101,19 +96,14 @@ impl NodeArgs {
         }
     }
     fn options(&self) -> model::Options {
-        model::Options {
-            cluster_cidr: self.cluster_cidr,
-            nodeport_addresses: self.nodeport_addresses.clone(),
-        }
+        model::Options { cluster_cidr: self.cluster_cidr, nodeport_addresses: self.nodeport_addresses.clone() }
     }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -121,29 +111,17 @@ fn main() -> anyhow::Result<()> {
         netns::enter(ns)?;
     }
     match cli.command {
-        Command::Load {
-            pin,
-            iface,
-            pod_iface,
-        } => {
+        Command::Load { pin, iface, pod_iface } => {
             let mut dp = datapath::Datapath::load(&pin.pin_dir)?;
             for i in &iface {
-                dp.attach_uplink(i)
-                    .with_context(|| format!("attaching XDP to {i}"))?;
+                dp.attach_uplink(i).with_context(|| format!("attaching XDP to {i}"))?;
             }
             for i in &pod_iface {
-                dp.attach_pod_device(i)
-                    .with_context(|| format!("attaching tc to {i}"))?;
+                dp.attach_pod_device(i).with_context(|| format!("attaching tc to {i}"))?;
             }
             println!("loaded; pinned under {}", pin.pin_dir.display());
         }
-        Command::Agent {
-            pin,
-            node,
-            iface,
-            pod_device_patterns,
-            snat_ports,
-        } => {
+        Command::Agent { pin, node, iface, pod_device_patterns, snat_ports } => {
             let cfg = agent::AgentConfig {
                 pin_dir: pin.pin_dir,
                 manifests: node.manifests.clone(),
@@ -154,10 +132,7 @@ fn main() -> anyhow::Result<()> {
                 snat_ports,
                 poll: std::time::Duration::from_millis(500),
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(agent::run(cfg, shutdown_signal()))?;
         }
         Command::Unload { pin } => {
@@ -169,18 +144,11 @@ fn main() -> anyhow::Result<()> {
             let (objects, report) = source::read_manifests(&node.manifests);
             let desired = model::desired_state(&objects, &node.node(), &node.options());
             print!("{}", lb_user::show::desired(&desired));
-            for e in report
-                .errors
-                .iter()
-                .map(|e| e.to_string())
-                .chain(desired.errors.iter().map(|e| e.to_string()))
-            {
+            for e in report.errors.iter().map(|e| e.to_string()).chain(desired.errors.iter().map(|e| e.to_string())) {
                 eprintln!("error: {e}");
             }
             if !report.errors.is_empty() || !desired.errors.is_empty() {
-                bail!(
-                    "some objects could not be used in full (see errors above); the rest are shown"
-                );
+                bail!("some objects could not be used in full (see errors above); the rest are shown");
             }
         }
     }
@@ -188,22 +156,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn print_counters(pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    let map = datapath::open_map(pin_dir, map_names::COUNTERS)?;
-    let counters: PerCpuArray<_, counters::Counter> = PerCpuArray::try_from(map)?;
-    for (index, label) in counters::ALL {
-        let per_cpu = counters.get(&index, 0)?;
-        let (packets, bytes) = per_cpu
-            .iter()
-            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-        println!("{label:<28} {packets:>12} packets {bytes:>14} bytes");
+    for (label, c) in datapath::read_counters(pin_dir)? {
+        println!("{label:<28} {:>12} packets {:>14} bytes", c.packets, c.bytes);
     }
     Ok(())
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let (lo, hi) = s
-        .split_once('-')
-        .ok_or_else(|| format!("{s:?}: expected MIN-MAX"))?;
+    let (lo, hi) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected MIN-MAX"))?;
     let lo: u16 = lo.parse().map_err(|e| format!("{lo:?}: {e}"))?;
     let hi: u16 = hi.parse().map_err(|e| format!("{hi:?}: {e}"))?;
     if lo == 0 || lo > hi {

@@ -32,10 +32,7 @@ pub enum Error {
     },
 }
 
-fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
-    pin_dir: &Path,
-    name: &'static str,
-) -> Result<T, Error> {
+fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(pin_dir: &Path, name: &'static str) -> Result<T, Error> {
     T::try_from(open_map(pin_dir, name)?).map_err(|source| Error::Map { name, source })
 }
 
@@ -52,13 +49,7 @@ impl PinnedMaps {
 }
 
 fn range_key(svc_id: u32, (addr_be, prefix_len): Range) -> Key<SourceRange> {
-    Key::new(
-        32 + prefix_len as u32,
-        SourceRange {
-            svc_id_be: svc_id.to_be(),
-            addr_be,
-        },
-    )
+    Key::new(32 + prefix_len as u32, SourceRange { svc_id_be: svc_id.to_be(), addr_be })
 }
 
 fn at(name: &'static str) -> impl Fn(MapError) -> Error {
@@ -77,69 +68,45 @@ impl MapStore for PinnedMaps {
     type Error = Error;
 
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error> {
-        self.services
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(at(map_names::SERVICES))
+        self.services.iter().collect::<Result<_, _>>().map_err(at(map_names::SERVICES))
     }
     fn slots(&self) -> Result<Vec<(SlotKey, u32)>, Error> {
-        self.slots
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(at(map_names::BACKEND_SLOTS))
+        self.slots.iter().collect::<Result<_, _>>().map_err(at(map_names::BACKEND_SLOTS))
     }
     fn backends(&self) -> Result<Vec<(u32, Backend)>, Error> {
-        self.backends
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(at(map_names::BACKENDS))
+        self.backends.iter().collect::<Result<_, _>>().map_err(at(map_names::BACKENDS))
     }
     fn source_ranges(&self) -> Result<Vec<(u32, Range)>, Error> {
-        let keys: Vec<Key<SourceRange>> = self
-            .ranges
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(at(map_names::SOURCE_RANGES))?;
+        let keys: Vec<Key<SourceRange>> =
+            self.ranges.keys().collect::<Result<_, _>>().map_err(at(map_names::SOURCE_RANGES))?;
         Ok(keys
             .into_iter()
             .map(|k| {
                 let data = k.data();
-                (
-                    u32::from_be(data.svc_id_be),
-                    (data.addr_be, (k.prefix_len() - 32) as u8),
-                )
+                (u32::from_be(data.svc_id_be), (data.addr_be, (k.prefix_len() - 32) as u8))
             })
             .collect())
     }
     fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), Error> {
-        self.backends
-            .insert(id, backend, 0)
-            .map_err(at(map_names::BACKENDS))
+        self.backends.insert(id, backend, 0).map_err(at(map_names::BACKENDS))
     }
     fn del_backend(&mut self, id: u32) -> Result<(), Error> {
         absent_ok(self.backends.remove(&id)).map_err(at(map_names::BACKENDS))
     }
     fn put_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), Error> {
-        self.slots
-            .insert(key, backend_id, 0)
-            .map_err(at(map_names::BACKEND_SLOTS))
+        self.slots.insert(key, backend_id, 0).map_err(at(map_names::BACKEND_SLOTS))
     }
     fn del_slot(&mut self, key: SlotKey) -> Result<(), Error> {
         absent_ok(self.slots.remove(&key)).map_err(at(map_names::BACKEND_SLOTS))
     }
     fn put_source_range(&mut self, svc_id: u32, range: Range) -> Result<(), Error> {
-        self.ranges
-            .insert(&range_key(svc_id, range), 1, 0)
-            .map_err(at(map_names::SOURCE_RANGES))
+        self.ranges.insert(&range_key(svc_id, range), 1, 0).map_err(at(map_names::SOURCE_RANGES))
     }
     fn del_source_range(&mut self, svc_id: u32, range: Range) -> Result<(), Error> {
-        absent_ok(self.ranges.remove(&range_key(svc_id, range)))
-            .map_err(at(map_names::SOURCE_RANGES))
+        absent_ok(self.ranges.remove(&range_key(svc_id, range))).map_err(at(map_names::SOURCE_RANGES))
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Error> {
-        self.services
-            .insert(key, value, 0)
-            .map_err(at(map_names::SERVICES))
+        self.services.insert(key, value, 0).map_err(at(map_names::SERVICES))
     }
     fn del_service(&mut self, key: ServiceKey) -> Result<(), Error> {
         absent_ok(self.services.remove(&key)).map_err(at(map_names::SERVICES))

@@ -32,11 +32,7 @@ pub struct Cidr {
 
 impl Cidr {
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix_len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.prefix_len as u32)
-        };
+        let mask = if self.prefix_len == 0 { 0 } else { u32::MAX << (32 - self.prefix_len as u32) };
         u32::from(ip) & mask == u32::from(self.addr) & mask
     }
 }
@@ -45,10 +41,7 @@ impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
+        let addr: Ipv4Addr = addr.trim().parse().map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
         let prefix_len: u8 = len
             .trim()
             .parse()
@@ -216,27 +209,14 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn error(
-        &mut self,
-        object: impl fmt::Display,
-        field: impl Into<String>,
-        problem: impl Into<String>,
-    ) {
-        self.errors.push(ModelError {
-            object: object.to_string(),
-            field: field.into(),
-            problem: problem.into(),
-        });
+    fn error(&mut self, object: impl fmt::Display, field: impl Into<String>, problem: impl Into<String>) {
+        self.errors.push(ModelError { object: object.to_string(), field: field.into(), problem: problem.into() });
     }
 }
 
 /// The desired state of this node's datapath.
 pub fn desired_state(objects: &Objects, node: &NodeInfo, opts: &Options) -> Desired {
-    let mut ctx = Ctx {
-        node,
-        opts,
-        errors: Vec::new(),
-    };
+    let mut ctx = Ctx { node, opts, errors: Vec::new() };
     let slices = slices_by_service(objects);
     let mut services: Vec<&Service> = objects.services.iter().collect();
     services.sort_by_key(|s| service_ref(s));
@@ -251,10 +231,7 @@ pub fn desired_state(objects: &Objects, node: &NodeInfo, opts: &Options) -> Desi
 }
 
 fn service_ref(svc: &Service) -> ServiceRef {
-    ServiceRef {
-        namespace: svc.namespace().unwrap_or_else(|| "default".into()),
-        name: svc.name_any(),
-    }
+    ServiceRef { namespace: svc.namespace().unwrap_or_else(|| "default".into()), name: svc.name_any() }
 }
 
 /// EndpointSlices grouped by the Service named in their label; legacy Endpoints are used,
@@ -265,17 +242,11 @@ fn slices_by_service(objects: &Objects) -> BTreeMap<ServiceRef, Vec<EndpointSlic
         let Some(name) = slice.labels().get(SERVICE_NAME_LABEL) else {
             continue;
         };
-        let sref = ServiceRef {
-            namespace: slice.namespace().unwrap_or_else(|| "default".into()),
-            name: name.clone(),
-        };
+        let sref = ServiceRef { namespace: slice.namespace().unwrap_or_else(|| "default".into()), name: name.clone() };
         map.entry(sref).or_default().push(slice.clone());
     }
     for ep in &objects.endpoints {
-        let sref = ServiceRef {
-            namespace: ep.namespace().unwrap_or_else(|| "default".into()),
-            name: ep.name_any(),
-        };
+        let sref = ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() };
         map.entry(sref).or_insert_with(|| endpoints_to_slices(ep));
     }
     map
@@ -309,13 +280,7 @@ fn endpoints_to_slices(ep: &Endpoints) -> Vec<EndpointSlice> {
             .iter()
             .flatten()
             .map(to_endpoint(true))
-            .chain(
-                subset
-                    .not_ready_addresses
-                    .iter()
-                    .flatten()
-                    .map(to_endpoint(false)),
-            )
+            .chain(subset.not_ready_addresses.iter().flatten().map(to_endpoint(false)))
             .collect();
         let mut meta = ep.metadata.clone();
         meta.name = Some(format!("{}-endpoints", ep.name_any()));
@@ -329,13 +294,7 @@ fn endpoints_to_slices(ep: &Endpoints) -> Vec<EndpointSlice> {
     out
 }
 
-fn add_service(
-    ctx: &mut Ctx,
-    svc: &Service,
-    sref: &ServiceRef,
-    slices: &[EndpointSlice],
-    desired: &mut Desired,
-) {
+fn add_service(ctx: &mut Ctx, svc: &Service, sref: &ServiceRef, slices: &[EndpointSlice], desired: &mut Desired) {
     let object = format!("Service {sref}");
     let labels = svc.labels();
     if labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL) {
@@ -381,23 +340,12 @@ fn add_service(
         ctx,
         &object,
         "spec.clusterIPs",
-        spec.cluster_ips
-            .clone()
-            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip])),
+        spec.cluster_ips.clone().or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip])),
     );
     let external_ips = ipv4_list(ctx, &object, "spec.externalIPs", spec.external_ips.clone());
-    let lb_ips = if svc_type == "LoadBalancer" {
-        load_balancer_ips(ctx, &object, svc)
-    } else {
-        Vec::new()
-    };
+    let lb_ips = if svc_type == "LoadBalancer" { load_balancer_ips(ctx, &object, svc) } else { Vec::new() };
     let mut source_ranges = Vec::new();
-    for (i, r) in spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .enumerate()
-    {
+    for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
         // IPv6 ranges belong to the other family.
         if r.contains(':') {
             continue;
@@ -414,8 +362,7 @@ fn add_service(
         .iter()
         .copied()
         .filter(|a| {
-            ctx.opts.nodeport_addresses.is_empty()
-                || ctx.opts.nodeport_addresses.iter().any(|c| c.contains(*a))
+            ctx.opts.nodeport_addresses.is_empty() || ctx.opts.nodeport_addresses.iter().any(|c| c.contains(*a))
         })
         .collect();
 
@@ -427,102 +374,49 @@ fn add_service(
         };
         let port_name = sp.name.clone().unwrap_or_default();
         let endpoints = endpoints_for(ctx, slices, &port_name, protocol);
-        local_ready.extend(
-            endpoints
-                .iter()
-                .filter(|e| e.ready && is_local(ctx, e))
-                .map(|e| e.addr),
-        );
+        local_ready.extend(endpoints.iter().filter(|e| e.ready && is_local(ctx, e)).map(|e| e.addr));
         let cluster_set = with_topology(ctx, select(&endpoints, |_| true))
             .into_iter()
             .map(|e| backend(ctx, e))
             .collect::<BTreeSet<_>>();
-        let local_set = select(&endpoints, |e| is_local(ctx, e))
-            .into_iter()
-            .map(|e| backend(ctx, e))
-            .collect::<BTreeSet<_>>();
-        let mut add =
-            |kind: FrontendKind, addr: Ipv4Addr, port: u16, field: &str, ctx: &mut Ctx| {
-                let local = if kind.is_external() {
-                    external_local
-                } else {
-                    internal_local
-                };
-                let frontend = Frontend {
-                    service: sref.clone(),
-                    port_name: port_name.clone(),
-                    kind,
-                    backends: if local { &local_set } else { &cluster_set }
-                        .iter()
-                        .copied()
-                        .collect(),
-                    external_local: kind.is_external() && external_local,
-                    source_ranges: if kind == FrontendKind::LoadBalancer {
-                        source_ranges.clone()
-                    } else {
-                        Vec::new()
-                    },
-                    affinity_timeout_s,
-                };
-                let key = FrontendKey {
-                    addr,
-                    port,
-                    protocol,
-                };
-                match desired.frontends.get(&key) {
-                    Some(owner) if owner.service != *sref => ctx.error(
-                        &object,
-                        field,
-                        format!(
-                            "frontend {key} already belongs to Service {}",
-                            owner.service
-                        ),
-                    ),
-                    Some(_) => {
-                        ctx.error(&object, field, format!("frontend {key} is declared twice"))
-                    }
-                    None => {
-                        desired.frontends.insert(key, frontend);
-                    }
-                }
+        let local_set =
+            select(&endpoints, |e| is_local(ctx, e)).into_iter().map(|e| backend(ctx, e)).collect::<BTreeSet<_>>();
+        let mut add = |kind: FrontendKind, addr: Ipv4Addr, port: u16, field: &str, ctx: &mut Ctx| {
+            let local = if kind.is_external() { external_local } else { internal_local };
+            let frontend = Frontend {
+                service: sref.clone(),
+                port_name: port_name.clone(),
+                kind,
+                backends: if local { &local_set } else { &cluster_set }.iter().copied().collect(),
+                external_local: kind.is_external() && external_local,
+                source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() },
+                affinity_timeout_s,
             };
+            let key = FrontendKey { addr, port, protocol };
+            match desired.frontends.get(&key) {
+                Some(owner) if owner.service != *sref => {
+                    ctx.error(&object, field, format!("frontend {key} already belongs to Service {}", owner.service))
+                }
+                Some(_) => ctx.error(&object, field, format!("frontend {key} is declared twice")),
+                None => {
+                    desired.frontends.insert(key, frontend);
+                }
+            }
+        };
         for ip in &cluster_ips {
-            add(
-                FrontendKind::ClusterIp,
-                *ip,
-                port,
-                &format!("{field}.port"),
-                ctx,
-            );
+            add(FrontendKind::ClusterIp, *ip, port, &format!("{field}.port"), ctx);
         }
         for ip in &external_ips {
             add(FrontendKind::ExternalIp, *ip, port, "spec.externalIPs", ctx);
         }
         for ip in &lb_ips {
-            add(
-                FrontendKind::LoadBalancer,
-                *ip,
-                port,
-                "status.loadBalancer.ingress",
-                ctx,
-            );
+            add(FrontendKind::LoadBalancer, *ip, port, "status.loadBalancer.ingress", ctx);
         }
-        if let Some(node_port) = node_port_of(
-            ctx,
-            &object,
-            &field,
-            svc_type,
-            spec.allocate_load_balancer_node_ports,
-            sp,
-        ) {
+        if let Some(node_port) =
+            node_port_of(ctx, &object, &field, svc_type, spec.allocate_load_balancer_node_ports, sp)
+        {
             for addr in &node_addresses {
-                add(
-                    FrontendKind::NodePort,
-                    *addr,
-                    node_port,
-                    &format!("{field}.nodePort"),
-                    ctx,
-                );
+                add(FrontendKind::NodePort, *addr, node_port, &format!("{field}.nodePort"), ctx);
             }
         }
     }
@@ -534,16 +428,16 @@ fn add_service(
                 local_endpoints: local_ready.len(),
             }),
             Some(p) => ctx.error(&object, "spec.healthCheckNodePort", format!("{p} is out of range 1-65535")),
-            None => ctx.error(&object, "spec.healthCheckNodePort", "missing for externalTrafficPolicy=Local (the API server allocates it; manifests must give it)"),
+            None => ctx.error(
+                &object,
+                "spec.healthCheckNodePort",
+                "missing for externalTrafficPolicy=Local (the API server allocates it; manifests must give it)",
+            ),
         }
     }
 }
 
-fn affinity(
-    ctx: &mut Ctx,
-    object: &str,
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-) -> Option<u32> {
+fn affinity(ctx: &mut Ctx, object: &str, spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Option<u32> {
     match spec.session_affinity.as_deref() {
         None | Some("None") => None,
         Some("ClientIP") => {
@@ -556,17 +450,17 @@ fn affinity(
                 None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
                 Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(t as u32),
                 Some(t) => {
-                    ctx.error(object, "spec.sessionAffinityConfig.clientIP.timeoutSeconds", format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}; using {DEFAULT_AFFINITY_TIMEOUT_S}"));
+                    ctx.error(
+                        object,
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}; using {DEFAULT_AFFINITY_TIMEOUT_S}"),
+                    );
                     Some(DEFAULT_AFFINITY_TIMEOUT_S)
                 }
             }
         }
         Some(other) => {
-            ctx.error(
-                object,
-                "spec.sessionAffinity",
-                format!("{other:?} is not None or ClientIP; using None"),
-            );
+            ctx.error(object, "spec.sessionAffinity", format!("{other:?} is not None or ClientIP; using None"));
             None
         }
     }
@@ -581,11 +475,7 @@ fn ipv4_list(ctx: &mut Ctx, object: &str, field: &str, list: Option<Vec<String>>
         }
         match s.parse() {
             Ok(ip) => out.push(ip),
-            Err(_) => ctx.error(
-                object,
-                format!("{field}[{i}]"),
-                format!("{s:?} is not an IP address"),
-            ),
+            Err(_) => ctx.error(object, format!("{field}[{i}]"), format!("{s:?} is not an IP address")),
         }
     }
     out
@@ -605,12 +495,7 @@ fn load_balancer_ips(ctx: &mut Ctx, object: &str, svc: &Service) -> Vec<Ipv4Addr
             continue;
         }
         if let Some(ip) = &ing.ip {
-            out.extend(ipv4_list(
-                ctx,
-                object,
-                &format!("status.loadBalancer.ingress[{i}].ip"),
-                Some(vec![ip.clone()]),
-            ));
+            out.extend(ipv4_list(ctx, object, &format!("status.loadBalancer.ingress[{i}].ip"), Some(vec![ip.clone()])));
         }
     }
     out
@@ -629,20 +514,12 @@ fn port_of(ctx: &mut Ctx, object: &str, field: &str, sp: &ServicePort) -> Option
             return None;
         }
         other => {
-            ctx.error(
-                object,
-                format!("{field}.protocol"),
-                format!("unknown protocol {other:?}; port skipped"),
-            );
+            ctx.error(object, format!("{field}.protocol"), format!("unknown protocol {other:?}; port skipped"));
             return None;
         }
     };
     if !(1..=65535).contains(&sp.port) {
-        ctx.error(
-            object,
-            format!("{field}.port"),
-            format!("{} is out of range 1-65535", sp.port),
-        );
+        ctx.error(object, format!("{field}.port"), format!("{} is out of range 1-65535", sp.port));
         return None;
     }
     Some((protocol, sp.port as u16))
@@ -662,11 +539,7 @@ fn node_port_of(
     match sp.node_port {
         Some(p) if (1..=65535).contains(&p) => Some(p as u16),
         Some(p) => {
-            ctx.error(
-                object,
-                format!("{field}.nodePort"),
-                format!("{p} is out of range 1-65535"),
-            );
+            ctx.error(object, format!("{field}.nodePort"), format!("{p} is out of range 1-65535"));
             None
         }
         None if svc_type == "LoadBalancer" && allocate == Some(false) => None,
@@ -683,22 +556,13 @@ fn node_port_of(
 
 /// The endpoints of one Service port: slice ports match by (name, protocol), which also
 /// resolves named targetPorts; the same address:port from several slices counts once.
-fn endpoints_for(
-    ctx: &mut Ctx,
-    slices: &[EndpointSlice],
-    port_name: &str,
-    protocol: Protocol,
-) -> Vec<Endpoint> {
+fn endpoints_for(ctx: &mut Ctx, slices: &[EndpointSlice], port_name: &str, protocol: Protocol) -> Vec<Endpoint> {
     let mut by_addr: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
         }
-        let object = format!(
-            "EndpointSlice {}/{}",
-            slice.namespace().unwrap_or_default(),
-            slice.name_any()
-        );
+        let object = format!("EndpointSlice {}/{}", slice.namespace().unwrap_or_default(), slice.name_any());
         let Some((pi, sp)) = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
             p.name.as_deref().unwrap_or("") == port_name
                 && p.protocol.as_deref().unwrap_or("TCP") == protocol.api_name()
@@ -708,11 +572,7 @@ fn endpoints_for(
         let port = match sp.port {
             Some(p) if (1..=65535).contains(&p) => p as u16,
             other => {
-                ctx.error(
-                    &object,
-                    format!("ports[{pi}].port"),
-                    format!("{other:?} is not a port in 1-65535"),
-                );
+                ctx.error(&object, format!("ports[{pi}].port"), format!("{other:?} is not a port in 1-65535"));
                 continue;
             }
         };
@@ -765,27 +625,17 @@ fn is_local(ctx: &Ctx, e: &Endpoint) -> bool {
 }
 
 fn backend(ctx: &Ctx, e: &Endpoint) -> BackendAddr {
-    BackendAddr {
-        addr: e.addr,
-        port: e.port,
-        local: is_local(ctx, e),
-    }
+    BackendAddr { addr: e.addr, port: e.port, local: is_local(ctx, e) }
 }
 
 /// Ready endpoints in scope; if there are none, the serving and terminating ones, so that
 /// connections drain to pods shutting down rather than fail.
 fn select(endpoints: &[Endpoint], in_scope: impl Fn(&Endpoint) -> bool) -> Vec<&Endpoint> {
-    let ready: Vec<&Endpoint> = endpoints
-        .iter()
-        .filter(|e| in_scope(e) && e.ready)
-        .collect();
+    let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| in_scope(e) && e.ready).collect();
     if !ready.is_empty() {
         return ready;
     }
-    endpoints
-        .iter()
-        .filter(|e| in_scope(e) && e.serving && e.terminating)
-        .collect()
+    endpoints.iter().filter(|e| in_scope(e) && e.serving && e.terminating).collect()
 }
 
 /// Topology-aware hints: used when every selected endpoint has hints and some hint names
@@ -797,15 +647,8 @@ fn with_topology<'a>(ctx: &Ctx, set: Vec<&'a Endpoint>) -> Vec<&'a Endpoint> {
     if set.is_empty() || set.iter().any(|e| e.zone_hints.is_none()) {
         return set;
     }
-    let in_zone: Vec<&Endpoint> = set
-        .iter()
-        .copied()
-        .filter(|e| {
-            e.zone_hints
-                .as_ref()
-                .is_some_and(|z| z.iter().any(|z| z == zone))
-        })
-        .collect();
+    let in_zone: Vec<&Endpoint> =
+        set.iter().copied().filter(|e| e.zone_hints.as_ref().is_some_and(|z| z.iter().any(|z| z == zone))).collect();
     if in_zone.is_empty() {
         set
     } else {

@@ -16,11 +16,7 @@ pub struct Error {
 /// threads created afterwards inherit it.
 pub fn enter(name: &str) -> Result<(), Error> {
     let path = PathBuf::from("/run/netns").join(name);
-    let err = |source| Error {
-        name: name.to_string(),
-        path: path.clone(),
-        source,
-    };
+    let err = |source| Error { name: name.to_string(), path: path.clone(), source };
     let file = File::open(&path).map_err(err)?;
     // SAFETY: setns on an fd we own.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {

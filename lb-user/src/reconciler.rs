@@ -58,11 +58,7 @@ pub struct Reconciler {
 impl Reconciler {
     /// Starts from what the maps hold now (empty maps give an empty view).
     pub fn adopt<S: MapStore>(store: &S) -> Result<Self, S::Error> {
-        let mut r = Reconciler {
-            next_svc_id: 1,
-            next_backend_id: 1,
-            ..Default::default()
-        };
+        let mut r = Reconciler { next_svc_id: 1, next_backend_id: 1, ..Default::default() };
         let mut slots_by_svc: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
         for (k, id) in store.slots()? {
             slots_by_svc.entry(k.svc_id).or_default().insert(k.slot, id);
@@ -75,24 +71,12 @@ impl Reconciler {
             let slots = slots_by_svc.remove(&value.svc_id).unwrap_or_default();
             // Slots past the count are leftovers of an interrupted shrink: keep them in
             // the view so the next apply removes them.
-            let slots = (0..=slots
-                .keys()
-                .max()
-                .copied()
-                .unwrap_or(0)
-                .max(value.backend_count))
+            let slots = (0..=slots.keys().max().copied().unwrap_or(0).max(value.backend_count))
                 .map_while(|i| slots.get(&i).copied())
                 .collect();
             let ranges = ranges_by_svc.remove(&value.svc_id).unwrap_or_default();
             r.next_svc_id = r.next_svc_id.max(value.svc_id + 1);
-            r.frontends.insert(
-                key,
-                FrontendState {
-                    value,
-                    slots,
-                    ranges,
-                },
-            );
+            r.frontends.insert(key, FrontendState { value, slots, ranges });
         }
         for (id, backend) in store.backends()? {
             r.next_backend_id = r.next_backend_id.max(id + 1);
@@ -116,38 +100,22 @@ impl Reconciler {
             keep.insert(key);
             self.write_frontend(key, frontend, store, &mut changes)?;
         }
-        let gone: Vec<ServiceKey> = self
-            .frontends
-            .keys()
-            .filter(|k| !keep.contains(k))
-            .copied()
-            .collect();
+        let gone: Vec<ServiceKey> = self.frontends.keys().filter(|k| !keep.contains(k)).copied().collect();
         for key in gone {
             let state = self.frontends.remove(&key).expect("listed above");
             // The entry first: from then on no packet reaches its slots.
             store.del_service(key)?;
             for slot in 0..state.slots.len() as u32 {
-                store.del_slot(SlotKey {
-                    svc_id: state.value.svc_id,
-                    slot,
-                })?;
+                store.del_slot(SlotKey { svc_id: state.value.svc_id, slot })?;
             }
             for range in state.ranges {
                 store.del_source_range(state.value.svc_id, range)?;
             }
             changes.services_removed += 1;
         }
-        let used: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .flat_map(|f| f.slots.iter().copied())
-            .collect();
-        let unused: Vec<Backend> = self
-            .backend_ids
-            .iter()
-            .filter(|(_, id)| !used.contains(id))
-            .map(|(b, _)| *b)
-            .collect();
+        let used: BTreeSet<u32> = self.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
+        let unused: Vec<Backend> =
+            self.backend_ids.iter().filter(|(_, id)| !used.contains(id)).map(|(b, _)| *b).collect();
         for backend in unused {
             let id = self.backend_ids.remove(&backend).expect("listed above");
             store.del_backend(id)?;
@@ -190,13 +158,7 @@ impl Reconciler {
         let old = old.unwrap_or_default();
         for (slot, id) in ids.iter().enumerate() {
             if old.slots.get(slot) != Some(id) {
-                store.put_slot(
-                    SlotKey {
-                        svc_id,
-                        slot: slot as u32,
-                    },
-                    *id,
-                )?;
+                store.put_slot(SlotKey { svc_id, slot: slot as u32 }, *id)?;
             }
         }
         let ranges: BTreeSet<Range> = frontend.source_ranges.iter().map(range_of).collect();
@@ -209,22 +171,12 @@ impl Reconciler {
             changes.services_written += 1;
         }
         for slot in ids.len()..old.slots.len() {
-            store.del_slot(SlotKey {
-                svc_id,
-                slot: slot as u32,
-            })?;
+            store.del_slot(SlotKey { svc_id, slot: slot as u32 })?;
         }
         for r in old.ranges.difference(&ranges) {
             store.del_source_range(svc_id, *r)?;
         }
-        self.frontends.insert(
-            key,
-            FrontendState {
-                value,
-                slots: ids,
-                ranges,
-            },
-        );
+        self.frontends.insert(key, FrontendState { value, slots: ids, ranges });
         Ok(())
     }
 }

@@ -21,20 +21,9 @@ pub fn desired(d: &Desired) -> String {
         let backends: Vec<String> = f
             .backends
             .iter()
-            .map(|b| {
-                format!(
-                    "{}:{}{}",
-                    b.addr,
-                    b.port,
-                    if b.local { "(local)" } else { "" }
-                )
-            })
+            .map(|b| format!("{}:{}{}", b.addr, b.port, if b.local { "(local)" } else { "" }))
             .collect();
-        let backends = if backends.is_empty() {
-            "-".to_string()
-        } else {
-            backends.join(" ")
-        };
+        let backends = if backends.is_empty() { "-".to_string() } else { backends.join(" ") };
         let _ = writeln!(
             out,
             "{key:<24} {:<12} {:<24} {:<28} -> {backends}",

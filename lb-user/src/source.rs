@@ -52,13 +52,7 @@ pub enum Error {
         source: serde_yaml::Error,
     },
     #[error("{}: document {doc}: {object}: field {field}: {problem}", path.display())]
-    Field {
-        path: PathBuf,
-        doc: usize,
-        object: String,
-        field: &'static str,
-        problem: String,
-    },
+    Field { path: PathBuf, doc: usize, object: String, field: &'static str, problem: String },
 }
 
 /// Problems found while reading; the objects that were valid are in [`Objects`].
@@ -107,14 +101,10 @@ impl ManifestCache {
             let errors_before = report.errors.len();
             match fs::read_to_string(&file) {
                 Ok(text) => parse_into(&file, &text, &mut objects, &mut report),
-                Err(source) => report.errors.push(Error::Read {
-                    path: file.clone(),
-                    source,
-                }),
+                Err(source) => report.errors.push(Error::Read { path: file.clone(), source }),
             }
-            let unreadable = report.errors[errors_before..]
-                .iter()
-                .any(|e| matches!(e, Error::Read { .. } | Error::Yaml { .. }));
+            let unreadable =
+                report.errors[errors_before..].iter().any(|e| matches!(e, Error::Read { .. } | Error::Yaml { .. }));
             if !unreadable || !self.last_good.contains_key(&file) {
                 self.last_good.insert(file, objects);
             }
@@ -148,29 +138,20 @@ pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTi
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {
-    let meta = fs::metadata(path).map_err(|source| Error::Read {
-        path: path.into(),
-        source,
-    })?;
+    let meta = fs::metadata(path).map_err(|source| Error::Read { path: path.into(), source })?;
     if meta.is_file() {
         out.push(path.to_path_buf());
         return Ok(());
     }
     let mut entries: Vec<PathBuf> = fs::read_dir(path)
-        .map_err(|source| Error::Read {
-            path: path.into(),
-            source,
-        })?
+        .map_err(|source| Error::Read { path: path.into(), source })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     entries.sort();
     for entry in entries {
         if entry.is_dir() {
             collect_files(&entry, out)?;
-        } else if matches!(
-            entry.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
+        } else if matches!(entry.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
             out.push(entry);
         }
     }
@@ -185,11 +166,7 @@ pub fn parse_into(path: &Path, text: &str, objects: &mut Objects, report: &mut R
             Ok(Value::Null) => continue,
             Ok(v) => v,
             Err(source) => {
-                report.errors.push(Error::Yaml {
-                    path: path.into(),
-                    doc,
-                    source,
-                });
+                report.errors.push(Error::Yaml { path: path.into(), doc, source });
                 // A syntax error leaves the rest of the stream unreadable.
                 return;
             }
@@ -199,24 +176,11 @@ pub fn parse_into(path: &Path, text: &str, objects: &mut Objects, report: &mut R
 }
 
 fn add_value(path: &Path, doc: usize, value: Value, objects: &mut Objects, report: &mut Report) {
-    let kind = value
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let api_version = value
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let kind = value.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+    let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
     let object = describe(&kind, &value);
-    let field_error = |field, problem: String| Error::Field {
-        path: path.into(),
-        doc,
-        object: object.clone(),
-        field,
-        problem,
-    };
+    let field_error =
+        |field, problem: String| Error::Field { path: path.into(), doc, object: object.clone(), field, problem };
     match (api_version.as_str(), kind.as_str()) {
         (_, "List") => match value.get("items").and_then(Value::as_sequence) {
             Some(items) => {
@@ -227,9 +191,7 @@ fn add_value(path: &Path, doc: usize, value: Value, objects: &mut Objects, repor
             None => report.errors.push(field_error("items", "a List needs a sequence of items".into())),
         },
         ("v1", "Service") => typed(path, doc, &object, value, &mut objects.services, report),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            typed(path, doc, &object, value, &mut objects.slices, report)
-        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => typed(path, doc, &object, value, &mut objects.slices, report),
         ("v1", "Endpoints") => typed(path, doc, &object, value, &mut objects.endpoints, report),
         (_, "Service" | "EndpointSlice" | "Endpoints") => report.errors.push(field_error(
             "apiVersion",
@@ -278,14 +240,8 @@ fn typed<T: DeserializeOwned + kube::ResourceExt>(
 
 fn describe(kind: &str, value: &Value) -> String {
     let meta = value.get("metadata");
-    let name = meta
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("<unnamed>");
-    let ns = meta
-        .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<unnamed>");
+    let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default");
     let kind = if kind.is_empty() { "object" } else { kind };
     format!("{kind} {ns}/{name}")
 }
@@ -327,15 +283,7 @@ metadata: {name: web}
 "#,
         );
         assert!(r.errors.is_empty(), "{r}");
-        assert_eq!(
-            (
-                o.services.len(),
-                o.slices.len(),
-                o.endpoints.len(),
-                r.ignored
-            ),
-            (1, 1, 1, 1)
-        );
+        assert_eq!((o.services.len(), o.slices.len(), o.endpoints.len(), r.ignored), (1, 1, 1, 1));
         assert_eq!(o.services[0].metadata.namespace.as_deref(), Some("default"));
         assert_eq!(o.slices[0].metadata.namespace.as_deref(), Some("shop"));
     }
@@ -370,20 +318,8 @@ spec: {ports: [{port: 80}]}
         );
         assert!(o.services.is_empty() && o.slices.is_empty());
         assert_eq!(r.errors.len(), 2);
-        assert!(
-            r.errors[0]
-                .to_string()
-                .contains("field metadata.name: missing"),
-            "{}",
-            r.errors[0]
-        );
-        assert!(
-            r.errors[1]
-                .to_string()
-                .contains("EndpointSlice default/x: field apiVersion"),
-            "{}",
-            r.errors[1]
-        );
+        assert!(r.errors[0].to_string().contains("field metadata.name: missing"), "{}", r.errors[0]);
+        assert!(r.errors[1].to_string().contains("EndpointSlice default/x: field apiVersion"), "{}", r.errors[1]);
     }
 
     #[test]
@@ -405,43 +341,20 @@ spec: {ports: [{port: 80}]}
         fs::write(dir.join("a.yaml"), svc("a")).unwrap();
         fs::write(dir.join("b.yaml"), svc("b")).unwrap();
         let mut cache = ManifestCache::default();
-        let names = |o: &Objects| {
-            o.services
-                .iter()
-                .map(|s| s.metadata.name.clone().unwrap())
-                .collect::<Vec<_>>()
-        };
+        let names = |o: &Objects| o.services.iter().map(|s| s.metadata.name.clone().unwrap()).collect::<Vec<_>>();
         assert_eq!(names(&cache.read(&dir).0), ["a", "b"]);
         fs::write(dir.join("a.yaml"), "kind: Service\nmetadata: [broken").unwrap();
         let (objects, report) = cache.read(&dir);
-        assert_eq!(
-            names(&objects),
-            ["a", "b"],
-            "a's last good Service is still served"
-        );
-        assert!(
-            report.errors[0]
-                .to_string()
-                .contains("a.yaml: document 1: not YAML"),
-            "{report}"
-        );
+        assert_eq!(names(&objects), ["a", "b"], "a's last good Service is still served");
+        assert!(report.errors[0].to_string().contains("a.yaml: document 1: not YAML"), "{report}");
         fs::remove_file(dir.join("b.yaml")).unwrap();
-        assert_eq!(
-            names(&cache.read(&dir).0),
-            ["a"],
-            "a deleted file withdraws its objects"
-        );
+        assert_eq!(names(&cache.read(&dir).0), ["a"], "a deleted file withdraws its objects");
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn yaml_syntax_error_names_file_and_document() {
         let (_, r) = parse("apiVersion: v1\nkind: Service\n---\nfoo: [unclosed\n");
-        assert!(
-            r.errors
-                .iter()
-                .any(|e| e.to_string().starts_with("test.yaml: document 2: not YAML")),
-            "{r}"
-        );
+        assert!(r.errors.iter().any(|e| e.to_string().starts_with("test.yaml: document 2: not YAML")), "{r}");
     }
 }

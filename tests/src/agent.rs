@@ -23,7 +23,10 @@ pub fn lb_user_bin() -> Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    bail!("lb-user binary not found next to {}; build it first (`cargo build -p lb-user`) or set LB_USER_BIN", exe.display())
+    bail!(
+        "lb-user binary not found next to {}; build it first (`cargo build -p lb-user`) or set LB_USER_BIN",
+        exe.display()
+    )
 }
 
 pub struct Agent {
@@ -38,31 +41,17 @@ impl Agent {
     pub fn start(node: &Node, manifests: &Path, extra_args: &[&str]) -> Result<Agent> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", node.ns.name));
         let log = std::env::temp_dir().join(format!("{}-agent.log", node.ns.name));
-        let mut args: Vec<String> = ["--netns", &node.ns.name, "agent", "--pin-dir"]
-            .map(String::from)
-            .to_vec();
+        let mut args: Vec<String> = ["--netns", &node.ns.name, "agent", "--pin-dir"].map(String::from).to_vec();
         args.push(pin_dir.display().to_string());
         args.extend(["--manifests".to_string(), manifests.display().to_string()]);
         args.extend(
-            [
-                "--node-name",
-                &node.name,
-                "--node-address",
-                &node.addr.to_string(),
-                "--iface",
-                node.uplink,
-            ]
-            .map(String::from),
+            ["--node-name", &node.name, "--node-address", &node.addr.to_string(), "--iface", node.uplink]
+                .map(String::from),
         );
         args.extend(["--pod-devices", "veth*", "--cluster-cidr", CLUSTER_CIDR].map(String::from));
         args.extend(extra_args.iter().map(|a| a.to_string()));
         let child = spawn(&args, &log)?;
-        let agent = Agent {
-            child,
-            args,
-            pin_dir,
-            log,
-        };
+        let agent = Agent { child, args, pin_dir, log };
         agent.wait_for_syncs(1)?;
         Ok(agent)
     }
@@ -104,10 +93,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!(
-            "agent did not sync {n} times within 20 s:\n{}",
-            self.log_text()
-        )
+        bail!("agent did not sync {n} times within 20 s:\n{}", self.log_text())
     }
 
     /// Waits (at most 10 s) for a log line containing `needle`.
@@ -124,16 +110,7 @@ impl Agent {
 
     /// A datapath counter (`lb_common::counters`), summed over CPUs.
     pub fn counter(&self, index: u32) -> u64 {
-        let map = lb_user::datapath::open_map(&self.pin_dir, lb_common::map_names::COUNTERS)
-            .expect("counters map");
-        let counters: aya::maps::PerCpuArray<_, lb_common::counters::Counter> =
-            map.try_into().expect("per-CPU array");
-        counters
-            .get(&index, 0)
-            .expect("counter")
-            .iter()
-            .map(|c| c.packets)
-            .sum()
+        crate::counter(&self.pin_dir, lb_common::counters::ALL[index as usize].1)
     }
 
     pub fn syncs(&self) -> usize {

@@ -28,10 +28,7 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 impl Manifests {
     pub fn existing(path: &Path) -> Self {
-        Manifests {
-            path: path.to_path_buf(),
-            temporary: false,
-        }
+        Manifests { path: path.to_path_buf(), temporary: false }
     }
 
     /// A temporary directory holding `services.yaml` with this text.
@@ -42,10 +39,7 @@ impl Manifests {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         fs::create_dir_all(&path)?;
-        let m = Manifests {
-            path,
-            temporary: true,
-        };
+        let m = Manifests { path, temporary: true };
         m.replace(yaml)?;
         Ok(m)
     }
@@ -81,33 +75,14 @@ pub fn pod_name(index: usize) -> String {
 
 impl Cluster {
     /// Builds the lab and starts everything; `agent_args` are added to every agent's.
-    pub fn start(
-        prefix: &str,
-        spec: &Spec,
-        manifests: Manifests,
-        agent_args: &[&str],
-    ) -> Result<Cluster> {
+    pub fn start(prefix: &str, spec: &Spec, manifests: Manifests, agent_args: &[&str]) -> Result<Cluster> {
         let lab = Lab::build(prefix, spec)?;
         let mut backends = Vec::new();
         for (i, pod) in lab.nodes.iter().flat_map(|n| n.pods.iter()).enumerate() {
-            backends.push(Echo::start(
-                &pod.ns.name,
-                &pod_name(i),
-                pod.addr,
-                BACKEND_PORT,
-            )?);
+            backends.push(Echo::start(&pod.ns.name, &pod_name(i), pod.addr, BACKEND_PORT)?);
         }
-        let agents = lab
-            .nodes
-            .iter()
-            .map(|n| Agent::start(n, &manifests.path, agent_args))
-            .collect::<Result<_>>()?;
-        Ok(Cluster {
-            agents,
-            backends,
-            manifests,
-            lab,
-        })
+        let agents = lab.nodes.iter().map(|n| Agent::start(n, &manifests.path, agent_args)).collect::<Result<_>>()?;
+        Ok(Cluster { agents, backends, manifests, lab })
     }
 
     /// Replaces the manifests and waits until every agent has synced them.

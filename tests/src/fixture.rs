@@ -12,9 +12,7 @@ use aya::{
     maps::HashMap,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{
-    counters, map_names, program_names, user::addr_be, CtKey, CtValue, XDP_META_FORWARD,
-};
+use lb_common::{map_names, program_names, user::addr_be, CtKey, CtValue, XDP_META_FORWARD};
 use lb_user::{
     datapath::{self, Datapath},
     maps::PinnedMaps,
@@ -103,12 +101,8 @@ pub fn local_slices() -> String {
 pub fn fixture_netns() -> Netns {
     let ns = Netns::new("lbt", "fixtures").unwrap();
     for args in [
-        &[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
-        ][..],
-        &[
-            "link", "add", "veth0", "type", "veth", "peer", "name", "pod0",
-        ],
+        &["link", "add", "eth0", "type", "veth", "peer", "name", "wire0"][..],
+        &["link", "add", "veth0", "type", "veth", "peer", "name", "pod0"],
         &["link", "set", "eth0", "address", "02:00:00:00:00:02"],
         &["addr", "add", "192.168.50.10/24", "dev", "eth0"],
         &["addr", "add", "10.244.1.1/32", "dev", "veth0"],
@@ -118,39 +112,9 @@ pub fn fixture_netns() -> Netns {
         &["link", "set", "pod0", "up"],
         &["route", "add", "10.244.1.0/24", "dev", "veth0"],
         &["route", "add", "10.244.2.0/24", "via", "192.168.50.11"],
-        &[
-            "neigh",
-            "add",
-            "192.168.50.11",
-            "lladdr",
-            "02:00:00:00:00:0b",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "neigh",
-            "add",
-            "192.168.50.100",
-            "lladdr",
-            "02:00:00:00:00:01",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "neigh",
-            "add",
-            "192.168.50.101",
-            "lladdr",
-            "02:00:00:00:00:01",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
+        &["neigh", "add", "192.168.50.11", "lladdr", "02:00:00:00:00:0b", "dev", "eth0", "nud", "permanent"],
+        &["neigh", "add", "192.168.50.100", "lladdr", "02:00:00:00:00:01", "dev", "eth0", "nud", "permanent"],
+        &["neigh", "add", "192.168.50.101", "lladdr", "02:00:00:00:00:01", "dev", "eth0", "nud", "permanent"],
     ] {
         ns.ip(args).unwrap();
     }
@@ -178,15 +142,8 @@ impl Fixture {
             &mut report,
         );
         assert!(report.errors.is_empty(), "{report}");
-        let node = model::NodeInfo {
-            name: "node1".into(),
-            addresses: vec![NODE],
-            zone: None,
-        };
-        let options = model::Options {
-            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
-            nodeport_addresses: vec![],
-        };
+        let node = model::NodeInfo { name: "node1".into(), addresses: vec![NODE], zone: None };
+        let options = model::Options { cluster_cidr: "10.244.0.0/16".parse().unwrap(), nodeport_addresses: vec![] };
         let desired = model::desired_state(&objects, &node, &options);
         assert!(desired.errors.is_empty(), "{:?}", desired.errors);
         let mut store = PinnedMaps::open(pin_dir).unwrap();
@@ -197,30 +154,17 @@ impl Fixture {
             snat_port_min: snat_ports.0,
             snat_port_max: snat_ports.1,
         };
-        Reconciler::adopt(&store)
-            .unwrap()
-            .apply(&desired, config, &mut store)
-            .unwrap();
+        Reconciler::adopt(&store).unwrap().apply(&desired, config, &mut store).unwrap();
         // Programs under test are loaded but attached nowhere: test runs only.
         let _ = dp.ebpf_mut();
         let eth0 = ifindex("eth0");
-        Fixture {
-            dp,
-            pin_dir: pin_dir.to_path_buf(),
-            eth0,
-        }
+        Fixture { dp, pin_dir: pin_dir.to_path_buf(), eth0 }
     }
 
     /// Runs the XDP program as if the frame came in on eth0: (action, frame out, tagged
     /// for the uplink's tc program).
     pub fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>, bool) {
-        let program: &mut Xdp = self
-            .dp
-            .ebpf_mut()
-            .program_mut(program_names::XDP_UPLINK)
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let program: &mut Xdp = self.dp.ebpf_mut().program_mut(program_names::XDP_UPLINK).unwrap().try_into().unwrap();
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
@@ -244,32 +188,18 @@ impl Fixture {
     }
 
     pub fn tc_pod(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program: &mut SchedClassifier = self
-            .dp
-            .ebpf_mut()
-            .program_mut(program_names::TC_POD)
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let program: &mut SchedClassifier =
+            self.dp.ebpf_mut().program_mut(program_names::TC_POD).unwrap().try_into().unwrap();
         let mut out = vec![0u8; frame.len() + 256];
         let r = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::new() })
             .unwrap();
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
 
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
-        let map = datapath::open_map(&self.pin_dir, map_names::COUNTERS).unwrap();
-        let c: aya::maps::PerCpuArray<_, counters::Counter> = map.try_into().unwrap();
-        counters::ALL
-            .iter()
-            .map(|(i, label)| (*label, c.get(i, 0).unwrap().iter().map(|v| v.packets).sum()))
-            .collect()
+        datapath::read_counters(&self.pin_dir).unwrap().into_iter().map(|(label, c)| (label, c.packets)).collect()
     }
 
     /// The conntrack entry of a flow as seen on the wire.

@@ -28,10 +28,7 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs a command, failing with its output when it fails.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
     if !out.status.success() {
         bail!(
             "{program} {}: {}{}",
@@ -53,11 +50,7 @@ pub struct Netns {
 impl Netns {
     /// A new namespace named `<prefix>-<pid>-<n>-<role>`.
     pub fn new(prefix: &str, role: &str) -> Result<Self> {
-        let name = format!(
-            "{prefix}-{}-{}-{role}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("{prefix}-{}-{}-{role}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         run("ip", &["netns", "add", &name])?;
         let ns = Netns { name, keep: false };
         ns.ip(&["link", "set", "lo", "up"])?;
@@ -87,8 +80,7 @@ impl Netns {
     /// checksums to the peer, which no wire does), and NAPI on receive, which a veth needs
     /// to take frames sent to it with XDP_TX.
     pub fn as_wire(&self, dev: &str) -> Result<()> {
-        self.exec("ethtool", &["-K", dev, "tx", "off", "gro", "on"])
-            .map(drop)
+        self.exec("ethtool", &["-K", dev, "tx", "off", "gro", "on"]).map(drop)
     }
 
     /// Keep the namespace after drop (for `lab up`).
@@ -100,9 +92,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         if !self.keep {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
+            let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
         }
     }
 }
@@ -181,12 +171,7 @@ impl Lab {
         let segment = Netns::new(prefix, "seg")?;
         segment.ip(&["link", "add", "br0", "type", "bridge"])?;
         segment.ip(&["link", "set", "br0", "up"])?;
-        let mut lab = Lab {
-            nodes: Vec::new(),
-            clients: Vec::new(),
-            wire_xdp: None,
-            segment,
-        };
+        let mut lab = Lab { nodes: Vec::new(), clients: Vec::new(), wire_xdp: None, segment };
         let n = spec.pods_per_node.len();
         for (i, pods) in spec.pods_per_node.iter().enumerate() {
             let node = lab.add_node(prefix, i, n)?;
@@ -200,30 +185,16 @@ impl Lab {
             let client = lab.add_client(prefix, c)?;
             lab.clients.push(client);
         }
-        let ports: Vec<String> = (0..n)
-            .map(|i| format!("n{i}"))
-            .chain((0..spec.clients).map(|c| format!("c{c}")))
-            .collect();
+        let ports: Vec<String> =
+            (0..n).map(|i| format!("n{i}")).chain((0..spec.clients).map(|c| format!("c{c}"))).collect();
         lab.wire_xdp = Some(attach_wire_xdp(&lab.segment.name, ports)?);
         Ok(lab)
     }
 
     /// A veth from `ns` (named `dev`) to a port of the segment's bridge.
     fn plug(&self, ns: &Netns, dev: &str, port: &str) -> Result<()> {
-        ns.ip(&[
-            "link",
-            "add",
-            dev,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            port,
-            "netns",
-            &self.segment.name,
-        ])?;
-        self.segment
-            .ip(&["link", "set", port, "master", "br0", "up"])?;
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", port, "netns", &self.segment.name])?;
+        self.segment.ip(&["link", "set", port, "master", "br0", "up"])?;
         self.segment.as_wire(port)?;
         ns.as_wire(dev)?;
         ns.ip(&["link", "set", dev, "up"])?;
@@ -235,36 +206,14 @@ impl Lab {
         let ns = Netns::new(prefix, &name)?;
         self.plug(&ns, "eth0", &format!("n{i}"))?;
         let addr = node_addr(i);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{addr}/{SEGMENT_PREFIX}"),
-            "dev",
-            "eth0",
-        ])?;
-        for key in [
-            "net.ipv4.ip_forward=1",
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.default.rp_filter=0",
-        ] {
+        ns.ip(&["addr", "add", &format!("{addr}/{SEGMENT_PREFIX}"), "dev", "eth0"])?;
+        for key in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
             ns.sysctl(key)?;
         }
         for k in (0..nodes).filter(|k| *k != i) {
-            ns.ip(&[
-                "route",
-                "add",
-                &format!("10.244.{}.0/24", k + 1),
-                "via",
-                &node_addr(k).to_string(),
-            ])?;
+            ns.ip(&["route", "add", &format!("10.244.{}.0/24", k + 1), "via", &node_addr(k).to_string()])?;
         }
-        Ok(Node {
-            name,
-            ns,
-            addr,
-            uplink: "eth0",
-            pods: Vec::new(),
-        })
+        Ok(Node { name, ns, addr, uplink: "eth0", pods: Vec::new() })
     }
 
     /// Adds a pod to node `i` (also while an agent runs there).
@@ -281,47 +230,24 @@ impl Lab {
         let host_device = format!("veth{j}");
         let addr = pod_addr(i, j);
         let gateway = format!("10.244.{}.1", i + 1);
-        node.ns.ip(&[
-            "link",
-            "add",
-            &host_device,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns.name,
-        ])?;
+        node.ns.ip(&["link", "add", &host_device, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
         node.ns.as_wire(&host_device)?;
         ns.as_wire("eth0")?;
-        node.ns
-            .ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_device])?;
+        node.ns.ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_device])?;
         node.ns.ip(&["link", "set", &host_device, "up"])?;
-        node.ns
-            .ip(&["route", "add", &format!("{addr}/32"), "dev", &host_device])?;
+        node.ns.ip(&["route", "add", &format!("{addr}/32"), "dev", &host_device])?;
         ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", &gateway, "dev", "eth0"])?;
         ns.ip(&["route", "add", "default", "via", &gateway])?;
-        Ok(Pod {
-            ns,
-            addr,
-            host_device,
-        })
+        Ok(Pod { ns, addr, host_device })
     }
 
     fn add_client(&self, prefix: &str, c: usize) -> Result<Client> {
         let ns = Netns::new(prefix, &format!("client{}", c + 1))?;
         self.plug(&ns, "eth0", &format!("c{c}"))?;
         let addr = Ipv4Addr::new(192, 168, 50, 100 + c as u8);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{addr}/{SEGMENT_PREFIX}"),
-            "dev",
-            "eth0",
-        ])?;
+        ns.ip(&["addr", "add", &format!("{addr}/{SEGMENT_PREFIX}"), "dev", "eth0"])?;
         ns.ip(&["route", "add", LB_POOL, "via", &node_addr(0).to_string()])?;
         Ok(Client { ns, addr })
     }
@@ -331,11 +257,8 @@ impl Lab {
         if let Some(mut wire) = self.wire_xdp.take() {
             let dir = wire_pin_dir(prefix);
             std::fs::create_dir_all(&dir)?;
-            let program: &mut Xdp = wire
-                .ebpf
-                .program_mut(program_names::XDP_PASS)
-                .context("lb_xdp_pass")?
-                .try_into()?;
+            let program: &mut Xdp =
+                wire.ebpf.program_mut(program_names::XDP_PASS).context("lb_xdp_pass")?.try_into()?;
             for (port, id) in wire.links {
                 let link: FdLink = program.take_link(id)?.try_into()?;
                 link.pin(dir.join(format!("{}-{port}", self.segment.name)))?;
@@ -354,16 +277,11 @@ impl Lab {
 fn attach_wire_xdp(segment: &str, ports: Vec<String>) -> Result<WireXdp> {
     in_netns(segment, move || {
         let mut ebpf = Ebpf::load(lb_user::datapath::EBPF_OBJECT)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(program_names::XDP_PASS)
-            .context("lb_xdp_pass")?
-            .try_into()?;
+        let program: &mut Xdp = ebpf.program_mut(program_names::XDP_PASS).context("lb_xdp_pass")?.try_into()?;
         program.load()?;
         let mut links = Vec::new();
         for port in ports {
-            let id = program
-                .attach(&port, XdpMode::default())
-                .with_context(|| format!("XDP on {port}"))?;
+            let id = program.attach(&port, XdpMode::default()).with_context(|| format!("XDP on {port}"))?;
             links.push((port, id));
         }
         Ok(WireXdp { ebpf, links })

@@ -27,26 +27,10 @@ pub struct Frame {
 
 impl Frame {
     pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Frame {
-        Frame {
-            src,
-            dst,
-            proto: IPPROTO_TCP,
-            tcp_flags: flags,
-            payload: vec![],
-            ttl: 64,
-            udp_no_checksum: false,
-        }
+        Frame { src, dst, proto: IPPROTO_TCP, tcp_flags: flags, payload: vec![], ttl: 64, udp_no_checksum: false }
     }
     pub fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Frame {
-        Frame {
-            src,
-            dst,
-            proto: IPPROTO_UDP,
-            tcp_flags: 0,
-            payload: b"ping".to_vec(),
-            ttl: 64,
-            udp_no_checksum: false,
-        }
+        Frame { src, dst, proto: IPPROTO_UDP, tcp_flags: 0, payload: b"ping".to_vec(), ttl: 64, udp_no_checksum: false }
     }
 
     pub fn bytes(&self) -> Vec<u8> {
@@ -84,11 +68,7 @@ impl Frame {
         };
         if !(self.proto == IPPROTO_UDP && self.udp_no_checksum) {
             let c = l4_checksum(self.src.ip(), self.dst.ip(), self.proto, &l4);
-            let c = if c == 0 && self.proto == IPPROTO_UDP {
-                0xffff
-            } else {
-                c
-            };
+            let c = if c == 0 && self.proto == IPPROTO_UDP { 0xffff } else { c };
             l4[check_off..check_off + 2].copy_from_slice(&c.to_be_bytes());
         }
         f.extend_from_slice(&l4);
@@ -128,8 +108,5 @@ pub fn checksums_ok(frame: &[u8]) -> bool {
 pub fn endpoints(frame: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
     let ip = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
     let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
-    (
-        SocketAddrV4::new(ip(26), port(34)),
-        SocketAddrV4::new(ip(30), port(36)),
-    )
+    (SocketAddrV4::new(ip(26), port(34)), SocketAddrV4::new(ip(30), port(36)))
 }

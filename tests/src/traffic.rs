@@ -35,12 +35,7 @@ impl Echo {
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut threads = Vec::new();
         for udp in [false, true] {
-            let (ns, name, stop, ready) = (
-                ns.to_string(),
-                name.to_string(),
-                stop.clone(),
-                ready_tx.clone(),
-            );
+            let (ns, name, stop, ready) = (ns.to_string(), name.to_string(), stop.clone(), ready_tx.clone());
             threads.push(std::thread::spawn(move || {
                 if let Err(e) = lb_user::netns::enter(&ns) {
                     let _ = ready.send(Err(anyhow!("{e}")));
@@ -58,9 +53,7 @@ impl Echo {
         }
         let echo = Echo { stop, threads };
         for _ in 0..2 {
-            ready_rx
-                .recv_timeout(TIMEOUT)
-                .map_err(|_| anyhow!("echo {name} did not start"))??;
+            ready_rx.recv_timeout(TIMEOUT).map_err(|_| anyhow!("echo {name} did not start"))??;
         }
         Ok(echo)
     }
@@ -100,9 +93,7 @@ fn serve_tcp(
                     let _ = conn.write_all(reply.as_bytes());
                 });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => return Err(e),
         }
     }
@@ -159,12 +150,7 @@ pub fn udp_ask(ns: &str, bind: SocketAddrV4, dst: SocketAddrV4) -> io::Result<St
 }
 
 /// `total` TCP requests from `ns`, `concurrency` at a time; the answers in order.
-pub fn tcp_burst(
-    ns: &str,
-    dst: SocketAddrV4,
-    total: usize,
-    concurrency: usize,
-) -> Vec<io::Result<String>> {
+pub fn tcp_burst(ns: &str, dst: SocketAddrV4, total: usize, concurrency: usize) -> Vec<io::Result<String>> {
     in_netns(ns, move || {
         let per_worker = total.div_ceil(concurrency);
         let workers: Vec<_> = (0..concurrency)
@@ -173,10 +159,7 @@ pub fn tcp_burst(
                 std::thread::spawn(move || (0..n).map(|_| tcp_ask_here(dst)).collect::<Vec<_>>())
             })
             .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("worker"))
-            .collect()
+        workers.into_iter().flat_map(|w| w.join().expect("worker")).collect()
     })
 }
 

@@ -10,14 +10,7 @@ use lb_user::{
 };
 
 fn key(port: u16, proto: u8) -> CtKey {
-    CtKey {
-        src_addr_be: 1,
-        dst_addr_be: 2,
-        src_port_be: port.to_be(),
-        dst_port_be: 80u16.to_be(),
-        proto,
-        _pad: [0; 3],
-    }
+    CtKey { src_addr_be: 1, dst_addr_be: 2, src_port_be: port.to_be(), dst_port_be: 80u16.to_be(), proto, _pad: [0; 3] }
 }
 
 fn value(state: State, last_seen_ns: u64) -> CtValue {
@@ -37,50 +30,18 @@ fn value(state: State, last_seen_ns: u64) -> CtValue {
 #[test]
 fn sweep_removes_expired_entries_and_keeps_live_ones() {
     lb_tests::require_root();
-    let pin_dir =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/lbt-{}-conntrack", std::process::id()));
-    let _dp = Datapath::load(&pin_dir).unwrap();
-    let result = std::panic::catch_unwind(|| {
-        let mut ct: HashMap<_, CtKey, CtValue> = datapath::open_map(&pin_dir, map_names::CONNTRACK)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let now = monotonic_now_ns();
-        let ago = |state, proto| now - timeout_ns(proto, state) - 1_000_000_000;
-        ct.insert(
-            key(1, IPPROTO_TCP),
-            value(State::Reset, ago(State::Reset, IPPROTO_TCP)),
-            0,
-        )
-        .unwrap();
-        ct.insert(
-            key(2, IPPROTO_TCP),
-            value(State::Established, ago(State::Reset, IPPROTO_TCP)),
-            0,
-        )
-        .unwrap();
-        ct.insert(
-            key(3, IPPROTO_UDP),
-            value(State::New, ago(State::New, IPPROTO_UDP)),
-            0,
-        )
-        .unwrap();
-        ct.insert(key(4, IPPROTO_UDP), value(State::Established, now), 0)
-            .unwrap();
-        assert_eq!(sweep(&mut ct, monotonic_now_ns()).unwrap(), 2);
-        let mut left: Vec<u16> = ct
-            .keys()
-            .map(|k| u16::from_be(k.unwrap().src_port_be))
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            [2, 4],
-            "a reset TCP flow and an unanswered UDP flow past their timeouts are gone"
-        );
-    });
-    datapath::unload(&pin_dir).unwrap();
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
+    let pins = lb_tests::Pins::new(&format!("lbt-{}-conntrack", std::process::id()));
+    let _dp = Datapath::load(&pins.0).unwrap();
+    let mut ct: HashMap<_, CtKey, CtValue> =
+        datapath::open_map(&pins.0, map_names::CONNTRACK).unwrap().try_into().unwrap();
+    let now = monotonic_now_ns();
+    let ago = |state, proto| now - timeout_ns(proto, state) - 1_000_000_000;
+    ct.insert(key(1, IPPROTO_TCP), value(State::Reset, ago(State::Reset, IPPROTO_TCP)), 0).unwrap();
+    ct.insert(key(2, IPPROTO_TCP), value(State::Established, ago(State::Reset, IPPROTO_TCP)), 0).unwrap();
+    ct.insert(key(3, IPPROTO_UDP), value(State::New, ago(State::New, IPPROTO_UDP)), 0).unwrap();
+    ct.insert(key(4, IPPROTO_UDP), value(State::Established, now), 0).unwrap();
+    assert_eq!(sweep(&mut ct, monotonic_now_ns()).unwrap(), 2);
+    let mut left: Vec<u16> = ct.keys().map(|k| u16::from_be(k.unwrap().src_port_be)).collect();
+    left.sort();
+    assert_eq!(left, [2, 4], "a reset TCP flow and an unanswered UDP flow past their timeouts are gone");
 }

@@ -15,7 +15,6 @@ use lb_tests::{
     lab::in_netns,
     packet::{checksums_ok, endpoints, Frame, ACK, CLIENT_MAC, FIN, NODE_MAC, SYN},
 };
-use lb_user::datapath;
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
@@ -23,20 +22,8 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
 
 /// `frame` with new endpoints, TTL and MACs: what a correct translation must produce,
 /// built from scratch (all checksums recomputed, not updated).
-fn expected(
-    frame: &Frame,
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    ttl: u8,
-    macs: Option<([u8; 6], [u8; 6])>,
-) -> Vec<u8> {
-    let mut f = Frame {
-        src,
-        dst,
-        ttl,
-        ..frame.clone()
-    }
-    .bytes();
+fn expected(frame: &Frame, src: SocketAddrV4, dst: SocketAddrV4, ttl: u8, macs: Option<([u8; 6], [u8; 6])>) -> Vec<u8> {
+    let mut f = Frame { src, dst, ttl, ..frame.clone() }.bytes();
     if let Some((dmac, smac)) = macs {
         f[0..6].copy_from_slice(&dmac);
         f[6..12].copy_from_slice(&smac);
@@ -82,33 +69,12 @@ fn icmp_error(
     inner.extend_from_slice(&quoted_src.port().to_be_bytes());
     inner.extend_from_slice(&quoted_dst.port().to_be_bytes());
     inner.extend_from_slice(&[0, 0, 0, 0]);
-    let mut icmp = vec![
-        kind.0,
-        kind.1,
-        0,
-        0,
-        0,
-        0,
-        if kind == (3, 4) { 5 } else { 0 },
-        if kind == (3, 4) { 0xdc } else { 0 },
-    ];
+    let mut icmp =
+        vec![kind.0, kind.1, 0, 0, 0, 0, if kind == (3, 4) { 5 } else { 0 }, if kind == (3, 4) { 0xdc } else { 0 }];
     icmp.extend_from_slice(&inner);
     let c = checksum(&icmp, 0);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut ip = vec![
-        0x45,
-        0,
-        0,
-        (20 + icmp.len()) as u8,
-        0,
-        1,
-        0,
-        0,
-        ttl,
-        1,
-        0,
-        0,
-    ];
+    let mut ip = vec![0x45, 0, 0, (20 + icmp.len()) as u8, 0, 1, 0, 0, ttl, 1, 0, 0];
     ip.extend_from_slice(&from.octets());
     ip.extend_from_slice(&to.octets());
     let c = checksum(&ip, 0);
@@ -124,17 +90,9 @@ fn icmp_error(
 fn xdp_and_tc_rewrites_byte_for_byte() {
     lb_tests::require_root();
     let ns = fixture_netns();
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-    let result = std::panic::catch_unwind(|| {
-        in_netns(&ns.name, {
-            let pin_dir = pin_dir.clone();
-            move || run_fixtures(&pin_dir)
-        })
-    });
-    datapath::unload(&pin_dir).unwrap();
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
+    let pins = lb_tests::Pins::new(&ns.name);
+    let pin_dir = pins.0.clone();
+    in_netns(&ns.name, move || run_fixtures(&pin_dir));
 }
 
 fn run_fixtures(pin_dir: &Path) {
@@ -144,28 +102,14 @@ fn run_fixtures(pin_dir: &Path) {
     // 1. NodePort, backend on another node: DNAT + SNAT, out of eth0 again with XDP_TX.
     let syn = Frame::tcp(client, sa(NODE, 30080), SYN);
     let (action, out, _) = fx.xdp(&syn.bytes());
-    assert_eq!(
-        action, XDP_TX,
-        "NodePort to a remote backend leaves by XDP_TX"
-    );
-    let fwd = fx
-        .conntrack(client, sa(NODE, 30080), IPPROTO_TCP)
-        .expect("forward conntrack entry");
+    assert_eq!(action, XDP_TX, "NodePort to a remote backend leaves by XDP_TX");
+    let fwd = fx.conntrack(client, sa(NODE, 30080), IPPROTO_TCP).expect("forward conntrack entry");
     let snat_port = u16::from_be(fwd.nat_src_port_be);
-    assert!(
-        (40000..=40999).contains(&snat_port),
-        "SNAT port {snat_port} from the configured range"
-    );
+    assert!((40000..=40999).contains(&snat_port), "SNAT port {snat_port} from the configured range");
     assert_eq!(fwd.flags & ct_flags::SNAT, ct_flags::SNAT);
     assert_eq!(
         out,
-        expected(
-            &syn,
-            sa(NODE, snat_port),
-            sa(REMOTE_POD, 8080),
-            63,
-            Some((NODE2_MAC, NODE_MAC))
-        ),
+        expected(&syn, sa(NODE, snat_port), sa(REMOTE_POD, 8080), 63, Some((NODE2_MAC, NODE_MAC))),
         "DNAT+SNAT bytes"
     );
     assert!(checksums_ok(&out));
@@ -174,20 +118,8 @@ fn run_fixtures(pin_dir: &Path) {
     let synack = Frame::tcp(sa(REMOTE_POD, 8080), sa(NODE, snat_port), SYN | ACK);
     let (action, out, _) = fx.xdp(&synack.bytes());
     assert_eq!(action, XDP_TX);
-    assert_eq!(
-        out,
-        expected(
-            &synack,
-            sa(NODE, 30080),
-            client,
-            63,
-            Some((CLIENT_MAC, NODE_MAC))
-        ),
-        "reply bytes"
-    );
-    let reply_entry = fx
-        .conntrack(sa(REMOTE_POD, 8080), sa(NODE, snat_port), IPPROTO_TCP)
-        .unwrap();
+    assert_eq!(out, expected(&synack, sa(NODE, 30080), client, 63, Some((CLIENT_MAC, NODE_MAC))), "reply bytes");
+    let reply_entry = fx.conntrack(sa(REMOTE_POD, 8080), sa(NODE, snat_port), IPPROTO_TCP).unwrap();
     assert_eq!(
         reply_entry.state,
         lb_common::conntrack::State::Established as u8,
@@ -199,22 +131,11 @@ fn run_fixtures(pin_dir: &Path) {
     let (action, out, _) = fx.xdp(&ack.bytes());
     assert_eq!(
         (action, out),
-        (
-            XDP_TX,
-            expected(
-                &ack,
-                sa(NODE, snat_port),
-                sa(REMOTE_POD, 8080),
-                63,
-                Some((NODE2_MAC, NODE_MAC))
-            )
-        )
+        (XDP_TX, expected(&ack, sa(NODE, snat_port), sa(REMOTE_POD, 8080), 63, Some((NODE2_MAC, NODE_MAC))))
     );
     fx.xdp(&Frame::tcp(client, sa(NODE, 30080), FIN | ACK).bytes());
     assert_eq!(
-        fx.conntrack(client, sa(NODE, 30080), IPPROTO_TCP)
-            .unwrap()
-            .state,
+        fx.conntrack(client, sa(NODE, 30080), IPPROTO_TCP).unwrap().state,
         lb_common::conntrack::State::Closing as u8
     );
 
@@ -227,16 +148,8 @@ fn run_fixtures(pin_dir: &Path) {
     // 5. NodePort, local backend, cluster policy: DNAT only, handed to tc (route via veth0).
     let syn = Frame::tcp(client, sa(NODE, 30081), SYN);
     let (action, out, tagged) = fx.xdp(&syn.bytes());
-    assert_eq!(
-        (action, tagged),
-        (XDP_PASS, true),
-        "translated, handed over for forwarding"
-    );
-    assert_eq!(
-        out,
-        expected(&syn, client, sa(LOCAL_POD, 8080), 64, None),
-        "DNAT only, client address kept"
-    );
+    assert_eq!((action, tagged), (XDP_PASS, true), "translated, handed over for forwarding");
+    assert_eq!(out, expected(&syn, client, sa(LOCAL_POD, 8080), 64, None), "DNAT only, client address kept");
 
     // 6. externalTrafficPolicy=Local: local backend, client address kept.
     let syn = Frame::tcp(client, sa(NODE, 30082), SYN);
@@ -249,10 +162,7 @@ fn run_fixtures(pin_dir: &Path) {
     assert_eq!(fx.xdp(&syn).0, XDP_DROP);
 
     // 8. No endpoints at all: ICMP port unreachable, TCP and UDP, sent back by XDP_TX.
-    for frame in [
-        Frame::tcp(client, sa(NODE, 30099), SYN).bytes(),
-        Frame::udp(client, sa(NODE, 30099)).bytes(),
-    ] {
+    for frame in [Frame::tcp(client, sa(NODE, 30099), SYN).bytes(), Frame::udp(client, sa(NODE, 30099)).bytes()] {
         let (action, out, _) = fx.xdp(&frame);
         assert_eq!(action, XDP_TX);
         assert_eq!(out, port_unreachable(&frame), "ICMP port unreachable bytes");
@@ -260,69 +170,25 @@ fn run_fixtures(pin_dir: &Path) {
     }
 
     // 9. loadBalancerSourceRanges: only 192.168.50.101 may use the LB IP.
-    assert_eq!(
-        fx.xdp(&Frame::tcp(client, sa(Ipv4Addr::new(192, 168, 60, 6), 80), SYN).bytes())
-            .0,
-        XDP_DROP
-    );
-    let allowed = Frame::tcp(
-        sa(CLIENT2, 7000),
-        sa(Ipv4Addr::new(192, 168, 60, 6), 80),
-        SYN,
-    );
+    assert_eq!(fx.xdp(&Frame::tcp(client, sa(Ipv4Addr::new(192, 168, 60, 6), 80), SYN).bytes()).0, XDP_DROP);
+    let allowed = Frame::tcp(sa(CLIENT2, 7000), sa(Ipv4Addr::new(192, 168, 60, 6), 80), SYN);
     let (action, out, _) = fx.xdp(&allowed.bytes());
     assert_eq!(action, XDP_PASS);
-    assert_eq!(
-        out,
-        expected(&allowed, sa(CLIENT2, 7000), sa(LOCAL_POD, 8080), 64, None)
-    );
+    assert_eq!(out, expected(&allowed, sa(CLIENT2, 7000), sa(LOCAL_POD, 8080), 64, None));
 
     // 10. UDP through the remote NodePort, once with a checksum and once without (0 stays 0).
     let udp = Frame::udp(sa(CLIENT, 6000), sa(NODE, 30080));
     let (action, out, _) = fx.xdp(&udp.bytes());
-    let udp_port = u16::from_be(
-        fx.conntrack(sa(CLIENT, 6000), sa(NODE, 30080), IPPROTO_UDP)
-            .unwrap()
-            .nat_src_port_be,
-    );
+    let udp_port = u16::from_be(fx.conntrack(sa(CLIENT, 6000), sa(NODE, 30080), IPPROTO_UDP).unwrap().nat_src_port_be);
     assert_eq!(
         (action, out),
-        (
-            XDP_TX,
-            expected(
-                &udp,
-                sa(NODE, udp_port),
-                sa(REMOTE_POD, 8080),
-                63,
-                Some((NODE2_MAC, NODE_MAC))
-            )
-        )
+        (XDP_TX, expected(&udp, sa(NODE, udp_port), sa(REMOTE_POD, 8080), 63, Some((NODE2_MAC, NODE_MAC))))
     );
-    let bare = Frame {
-        udp_no_checksum: true,
-        ..Frame::udp(sa(CLIENT, 6001), sa(NODE, 30080))
-    };
+    let bare = Frame { udp_no_checksum: true, ..Frame::udp(sa(CLIENT, 6001), sa(NODE, 30080)) };
     let (_, out, _) = fx.xdp(&bare.bytes());
-    assert_eq!(
-        &out[40..42],
-        &[0, 0],
-        "a UDP datagram without checksum stays without"
-    );
-    let port = u16::from_be(
-        fx.conntrack(sa(CLIENT, 6001), sa(NODE, 30080), IPPROTO_UDP)
-            .unwrap()
-            .nat_src_port_be,
-    );
-    assert_eq!(
-        out,
-        expected(
-            &bare,
-            sa(NODE, port),
-            sa(REMOTE_POD, 8080),
-            63,
-            Some((NODE2_MAC, NODE_MAC))
-        )
-    );
+    assert_eq!(&out[40..42], &[0, 0], "a UDP datagram without checksum stays without");
+    let port = u16::from_be(fx.conntrack(sa(CLIENT, 6001), sa(NODE, 30080), IPPROTO_UDP).unwrap().nat_src_port_be);
+    assert_eq!(out, expected(&bare, sa(NODE, port), sa(REMOTE_POD, 8080), 63, Some((NODE2_MAC, NODE_MAC))));
 
     // 11. Negatives: pass unchanged (counted), or drop what is cut short.
     let mut arp = vec![0xffu8; 6];
@@ -338,16 +204,8 @@ fn run_fixtures(pin_dir: &Path) {
     let mut icmp_echo = Frame::udp(client, sa(NODE, 30080)).bytes();
     icmp_echo[23] = 1;
     let passes: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "TCP to a non-frontend port",
-            Frame::tcp(client, sa(NODE, 22), SYN).bytes(),
-            "pass_not_service",
-        ),
-        (
-            "UDP to a non-frontend port",
-            Frame::udp(client, sa(NODE, 53)).bytes(),
-            "pass_not_service",
-        ),
+        ("TCP to a non-frontend port", Frame::tcp(client, sa(NODE, 22), SYN).bytes(), "pass_not_service"),
+        ("UDP to a non-frontend port", Frame::udp(client, sa(NODE, 53)).bytes(), "pass_not_service"),
         ("ICMP", icmp_echo, "pass_not_service"),
         ("ARP", arp, "pass_not_ipv4"),
         ("IPv6", ipv6, "pass_not_ipv4"),
@@ -357,24 +215,12 @@ fn run_fixtures(pin_dir: &Path) {
     for (what, frame, counter) in passes {
         let before = fx.counters()[counter];
         let (action, out, tagged) = fx.xdp(&frame);
-        assert_eq!(
-            (action, &out, tagged),
-            (XDP_PASS, &frame, false),
-            "{what} passes unchanged"
-        );
-        assert_eq!(
-            fx.counters()[counter],
-            before + 1,
-            "{what} counted as {counter}"
-        );
+        assert_eq!((action, &out, tagged), (XDP_PASS, &frame, false), "{what} passes unchanged");
+        assert_eq!(fx.counters()[counter], before + 1, "{what} counted as {counter}");
     }
     let full = Frame::tcp(client, sa(NODE, 30080), SYN).bytes();
     let udp_full = Frame::udp(client, sa(NODE, 30080)).bytes();
-    for (what, frame) in [
-        ("IPv4 header", &full[..30]),
-        ("TCP header", &full[..44]),
-        ("UDP header", &udp_full[..38]),
-    ] {
+    for (what, frame) in [("IPv4 header", &full[..30]), ("TCP header", &full[..44]), ("UDP header", &udp_full[..38])] {
         let before = fx.counters()["drop_truncated"];
         assert_eq!(fx.xdp(frame).0, XDP_DROP, "cut inside the {what}: dropped");
         assert_eq!(fx.counters()["drop_truncated"], before + 1);
@@ -385,136 +231,54 @@ fn run_fixtures(pin_dir: &Path) {
     let syn = Frame::tcp(pod_client, sa(Ipv4Addr::new(10, 96, 0, 10), 80), SYN);
     let (action, out) = fx.tc_pod(&syn.bytes());
     assert_eq!(action, TC_ACT_REDIRECT, "forwarded with bpf_redirect_neigh");
-    assert_eq!(
-        out,
-        expected(&syn, pod_client, sa(LOCAL_POD, 8080), 63, None),
-        "ClusterIP DNAT bytes"
-    );
+    assert_eq!(out, expected(&syn, pod_client, sa(LOCAL_POD, 8080), 63, None), "ClusterIP DNAT bytes");
     let synack = Frame::tcp(sa(LOCAL_POD, 8080), pod_client, SYN | ACK);
     let (action, out) = fx.tc_pod(&synack.bytes());
     assert_eq!(
         (action, out),
-        (
-            TC_ACT_REDIRECT,
-            expected(
-                &synack,
-                sa(Ipv4Addr::new(10, 96, 0, 10), 80),
-                pod_client,
-                63,
-                None
-            )
-        )
+        (TC_ACT_REDIRECT, expected(&synack, sa(Ipv4Addr::new(10, 96, 0, 10), 80), pod_client, 63, None))
     );
 
     // 13. Hairpin: the backend reaching itself through its Service is SNATed to the node.
     let me = sa(LOCAL_POD, 34000);
     let syn = Frame::tcp(me, sa(Ipv4Addr::new(10, 96, 0, 10), 80), SYN);
     let (action, out) = fx.tc_pod(&syn.bytes());
-    let port = u16::from_be(
-        fx.conntrack(me, sa(Ipv4Addr::new(10, 96, 0, 10), 80), IPPROTO_TCP)
-            .unwrap()
-            .nat_src_port_be,
-    );
+    let port =
+        u16::from_be(fx.conntrack(me, sa(Ipv4Addr::new(10, 96, 0, 10), 80), IPPROTO_TCP).unwrap().nat_src_port_be);
     assert_eq!(
         (action, out),
-        (
-            TC_ACT_REDIRECT,
-            expected(&syn, sa(NODE, port), sa(LOCAL_POD, 8080), 63, None)
-        ),
+        (TC_ACT_REDIRECT, expected(&syn, sa(NODE, port), sa(LOCAL_POD, 8080), 63, None)),
         "hairpin bytes"
     );
     let answer = Frame::tcp(sa(LOCAL_POD, 8080), sa(NODE, port), SYN | ACK);
     let (_, out) = fx.tc_pod(&answer.bytes());
-    assert_eq!(
-        out,
-        expected(&answer, sa(Ipv4Addr::new(10, 96, 0, 10), 80), me, 63, None)
-    );
+    assert_eq!(out, expected(&answer, sa(Ipv4Addr::new(10, 96, 0, 10), 80), me, 63, None));
 
     // 14. tc refusal: ICMP answer redirected back to the pod; non-frontend traffic passes.
     let frame = Frame::udp(pod_client, sa(Ipv4Addr::new(10, 96, 0, 99), 53)).bytes();
     let (action, out) = fx.tc_pod(&frame);
     assert_eq!((action, out), (TC_ACT_REDIRECT, port_unreachable(&frame)));
     let frame = Frame::tcp(pod_client, sa(REMOTE_POD, 8080), SYN).bytes();
-    assert_eq!(
-        fx.tc_pod(&frame),
-        (TC_ACT_OK, frame.clone()),
-        "pod-to-pod traffic passes unchanged"
-    );
+    assert_eq!(fx.tc_pod(&frame), (TC_ACT_OK, frame.clone()), "pod-to-pod traffic passes unchanged");
 
     // 15. ICMP errors about translated flows go back translated for the client's stack.
     // From the backend, about the UDP flow of step 10 (client 6000 -> SNAT port `udp_port`).
-    let err = icmp_error(
-        (3, 3),
-        REMOTE_POD,
-        NODE,
-        sa(NODE, udp_port),
-        sa(REMOTE_POD, 8080),
-        IPPROTO_UDP,
-        64,
-    );
+    let err = icmp_error((3, 3), REMOTE_POD, NODE, sa(NODE, udp_port), sa(REMOTE_POD, 8080), IPPROTO_UDP, 64);
     let (action, out, _) = fx.xdp(&err);
-    let want = icmp_error(
-        (3, 3),
-        NODE,
-        CLIENT,
-        sa(CLIENT, 6000),
-        sa(NODE, 30080),
-        IPPROTO_UDP,
-        63,
-    );
-    assert_eq!(
-        (action, &out[12..]),
-        (XDP_TX, &want[12..]),
-        "port unreachable from the backend"
-    );
+    let want = icmp_error((3, 3), NODE, CLIENT, sa(CLIENT, 6000), sa(NODE, 30080), IPPROTO_UDP, 63);
+    assert_eq!((action, &out[12..]), (XDP_TX, &want[12..]), "port unreachable from the backend");
     assert_eq!(&out[..12], &[CLIENT_MAC, NODE_MAC].concat()[..]);
     // From a router on the way, about the TCP flow of step 1: the router stays the source.
     let router = Ipv4Addr::new(10, 244, 2, 1);
-    let err = icmp_error(
-        (3, 4),
-        router,
-        NODE,
-        sa(NODE, snat_port),
-        sa(REMOTE_POD, 8080),
-        IPPROTO_TCP,
-        64,
-    );
+    let err = icmp_error((3, 4), router, NODE, sa(NODE, snat_port), sa(REMOTE_POD, 8080), IPPROTO_TCP, 64);
     let (_, out, _) = fx.xdp(&err);
-    let want = icmp_error(
-        (3, 4),
-        router,
-        CLIENT,
-        client,
-        sa(NODE, 30080),
-        IPPROTO_TCP,
-        63,
-    );
-    assert_eq!(
-        &out[12..],
-        &want[12..],
-        "fragmentation needed from a router"
-    );
+    let want = icmp_error((3, 4), router, CLIENT, client, sa(NODE, 30080), IPPROTO_TCP, 63);
+    assert_eq!(&out[12..], &want[12..], "fragmentation needed from a router");
     // About a flow nobody translated: untouched.
-    let stray = icmp_error(
-        (3, 3),
-        REMOTE_POD,
-        NODE,
-        sa(NODE, 1),
-        sa(REMOTE_POD, 2),
-        IPPROTO_UDP,
-        64,
-    );
+    let stray = icmp_error((3, 3), REMOTE_POD, NODE, sa(NODE, 1), sa(REMOTE_POD, 2), IPPROTO_UDP, 64);
     assert_eq!(fx.xdp(&stray), (XDP_PASS, stray.clone(), false));
     // At tc, from a local backend about the ClusterIP flow of step 12.
-    let err = icmp_error(
-        (3, 3),
-        LOCAL_POD,
-        OTHER_LOCAL_POD,
-        pod_client,
-        sa(LOCAL_POD, 8080),
-        IPPROTO_TCP,
-        64,
-    );
+    let err = icmp_error((3, 3), LOCAL_POD, OTHER_LOCAL_POD, pod_client, sa(LOCAL_POD, 8080), IPPROTO_TCP, 64);
     let (action, out) = fx.tc_pod(&err);
     let want = icmp_error(
         (3, 3),
@@ -525,11 +289,7 @@ fn run_fixtures(pin_dir: &Path) {
         IPPROTO_TCP,
         63,
     );
-    assert_eq!(
-        (action, out),
-        (TC_ACT_REDIRECT, want),
-        "the ClusterIP, not the pod, reports the error"
-    );
+    assert_eq!((action, out), (TC_ACT_REDIRECT, want), "the ClusterIP, not the pod, reports the error");
 
     // Counters: every translated and refused packet above, exactly.
     let c = fx.counters();

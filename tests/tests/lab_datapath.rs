@@ -20,37 +20,20 @@ const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
 const POD_C: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 11);
 
 /// A Service with TCP and UDP on `port` (-> 8080) and an EndpointSlice of `backends`.
-fn service(
-    name: &str,
-    spec: &str,
-    port: u16,
-    node_port: Option<u16>,
-    backends: &[Ipv4Addr],
-) -> String {
+fn service(name: &str, spec: &str, port: u16, node_port: Option<u16>, backends: &[Ipv4Addr]) -> String {
     let np = |proto: &str| {
         node_port
             .map(|p| format!(", nodePort: {p}"))
             .map(|s| {
-                format!(
-                    "{{name: {}, protocol: {proto}, port: {port}, targetPort: 8080{s}}}",
-                    proto.to_lowercase()
-                )
+                format!("{{name: {}, protocol: {proto}, port: {port}, targetPort: 8080{s}}}", proto.to_lowercase())
             })
             .unwrap_or_else(|| {
-                format!(
-                    "{{name: {}, protocol: {proto}, port: {port}, targetPort: 8080}}",
-                    proto.to_lowercase()
-                )
+                format!("{{name: {}, protocol: {proto}, port: {port}, targetPort: 8080}}", proto.to_lowercase())
             })
     };
     let endpoints: Vec<String> = backends
         .iter()
-        .map(|ip| {
-            format!(
-                "- {{addresses: [\"{ip}\"], nodeName: node{}}}",
-                if *ip == POD_A { 1 } else { 2 }
-            )
-        })
+        .map(|ip| format!("- {{addresses: [\"{ip}\"], nodeName: node{}}}", if *ip == POD_A { 1 } else { 2 }))
         .collect();
     format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  {spec}\n  ports: [{}, {}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: tcp, protocol: TCP, port: 8080}}, {{name: udp, protocol: UDP, port: 8080}}]\nendpoints:{}\n",
@@ -80,9 +63,27 @@ fn manifests() -> String {
         service("remote", "clusterIP: 10.96.1.1", 80, None, &[POD_B, POD_C]),
         service("self", "clusterIP: 10.96.1.2", 80, None, &[POD_A]),
         service("np", "type: NodePort\n  clusterIP: 10.96.1.3", 80, Some(30080), &[POD_B, POD_C]),
-        service("local-remote", "type: LoadBalancer\n  clusterIP: 10.96.1.4\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32004", 80, Some(30084), &[POD_B, POD_C]),
-        service("local-here", "type: LoadBalancer\n  clusterIP: 10.96.1.5\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32005", 80, Some(30085), &[POD_A]),
-        service("ranged", "type: LoadBalancer\n  clusterIP: 10.96.1.6\n  loadBalancerSourceRanges: [192.168.50.101/32]", 80, Some(30086), &[POD_A, POD_B]),
+        service(
+            "local-remote",
+            "type: LoadBalancer\n  clusterIP: 10.96.1.4\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32004",
+            80,
+            Some(30084),
+            &[POD_B, POD_C],
+        ),
+        service(
+            "local-here",
+            "type: LoadBalancer\n  clusterIP: 10.96.1.5\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32005",
+            80,
+            Some(30085),
+            &[POD_A],
+        ),
+        service(
+            "ranged",
+            "type: LoadBalancer\n  clusterIP: 10.96.1.6\n  loadBalancerSourceRanges: [192.168.50.101/32]",
+            80,
+            Some(30086),
+            &[POD_A, POD_B],
+        ),
         service("empty", "type: NodePort\n  clusterIP: 10.96.1.7", 80, Some(30087), &[]),
         CLOSED.to_string(),
     ]
@@ -95,17 +96,10 @@ fn with_lb_status(yaml: &str) -> String {
     for doc in yaml.split("---\n").filter(|d| !d.trim().is_empty()) {
         out.push_str("---\n");
         out.push_str(doc);
-        for (name, ip) in [
-            ("local-remote", "192.168.60.4"),
-            ("local-here", "192.168.60.5"),
-            ("ranged", "192.168.60.6"),
-        ] {
-            if doc.contains("kind: Service\n")
-                && doc.contains(&format!("metadata: {{name: {name}}}\nspec"))
-            {
-                out.push_str(&format!(
-                    "status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n"
-                ));
+        for (name, ip) in [("local-remote", "192.168.60.4"), ("local-here", "192.168.60.5"), ("ranged", "192.168.60.6")]
+        {
+            if doc.contains("kind: Service\n") && doc.contains(&format!("metadata: {{name: {name}}}\nspec")) {
+                out.push_str(&format!("status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n"));
             }
         }
     }
@@ -121,20 +115,13 @@ fn start_with(clients: usize, agent_args: &[&str]) -> Cluster {
     let yaml = with_lb_status(&manifests());
     let c = Cluster::start(
         "lbt",
-        &Spec {
-            pods_per_node: vec![1, 2],
-            clients,
-        },
+        &Spec { pods_per_node: vec![1, 2], clients },
         Manifests::inline(&yaml).unwrap(),
         agent_args,
     )
     .unwrap();
     for agent in &c.agents {
-        assert!(
-            !agent.log_text().contains("WARN"),
-            "the test manifests are valid:\n{}",
-            agent.log_text()
-        );
+        assert!(!agent.log_text().contains("WARN"), "the test manifests are valid:\n{}", agent.log_text());
     }
     c
 }
@@ -153,37 +140,19 @@ fn nodeport_with_cluster_policy_snats_to_the_node_and_replies_come_back() {
     for _ in 0..20 {
         let (backend, peer) = answer(tcp_ask(client, c.node_port(0, 30080)));
         assert!(backend == "pod-b" || backend == "pod-c", "{backend}");
-        assert_eq!(
-            *peer.ip(),
-            node1.addr,
-            "the remote backend sees node1's address (SNAT)"
-        );
+        assert_eq!(*peer.ip(), node1.addr, "the remote backend sees node1's address (SNAT)");
         seen_backends.insert(backend);
     }
-    assert_eq!(
-        seen_backends.len(),
-        2,
-        "random choice reached both backends in 20 tries"
-    );
+    assert_eq!(seen_backends.len(), 2, "random choice reached both backends in 20 tries");
     for _ in 0..5 {
-        let (backend, peer) = answer(udp_ask(
-            client,
-            "0.0.0.0:0".parse().unwrap(),
-            c.node_port(0, 30080),
-        ));
+        let (backend, peer) = answer(udp_ask(client, "0.0.0.0:0".parse().unwrap(), c.node_port(0, 30080)));
         assert!(backend == "pod-b" || backend == "pod-c", "{backend}");
         assert_eq!(*peer.ip(), node1.addr);
     }
     let agent = &c.agents[0];
     assert!(agent.counter(counters::NEW_FLOW) >= 25);
-    assert!(
-        agent.counter(counters::REPLY) >= 25,
-        "replies were reverse-translated on node1"
-    );
-    assert!(
-        agent.counter(counters::XDP_TX) > 0,
-        "node1 sent translated packets with XDP_TX"
-    );
+    assert!(agent.counter(counters::REPLY) >= 25, "replies were reverse-translated on node1");
+    assert!(agent.counter(counters::XDP_TX) > 0, "node1 sent translated packets with XDP_TX");
 }
 
 #[test]
@@ -191,33 +160,19 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
     let c = start(1);
     let client = &c.lab.clients[0];
     let (backend, peer) = answer(tcp_ask(&client.ns.name, "192.168.60.5:80".parse().unwrap()));
-    assert_eq!(
-        (backend.as_str(), *peer.ip()),
-        ("pod-a", client.addr),
-        "LB IP routed to node1, local backend, no SNAT"
-    );
-    let (backend, peer) = answer(udp_ask(
-        &client.ns.name,
-        "0.0.0.0:0".parse().unwrap(),
-        "192.168.60.5:80".parse().unwrap(),
-    ));
+    assert_eq!((backend.as_str(), *peer.ip()), ("pod-a", client.addr), "LB IP routed to node1, local backend, no SNAT");
+    let (backend, peer) =
+        answer(udp_ask(&client.ns.name, "0.0.0.0:0".parse().unwrap(), "192.168.60.5:80".parse().unwrap()));
     assert_eq!((backend.as_str(), *peer.ip()), ("pod-a", client.addr));
     for _ in 0..4 {
         let (backend, peer) = answer(tcp_ask(&client.ns.name, c.node_port(1, 30084)));
         assert!(backend == "pod-b" || backend == "pod-c");
-        assert_eq!(
-            *peer.ip(),
-            client.addr,
-            "node2's local backends see the client"
-        );
+        assert_eq!(*peer.ip(), client.addr, "node2's local backends see the client");
     }
     // node1 has no local backend for local-remote: dropped, not forwarded or refused.
     let started = Instant::now();
     let err = tcp_ask(&client.ns.name, c.node_port(0, 30084)).unwrap_err();
-    assert!(
-        matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
-        "{err:?}"
-    );
+    assert!(matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock), "{err:?}");
     assert!(started.elapsed() >= Duration::from_secs(2));
     assert!(c.agents[0].counter(counters::DROP_NO_LOCAL_BACKEND) >= 1);
     // Health checks steer the cloud LB: node1 has none of local-remote's endpoints.
@@ -232,25 +187,15 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
 fn health(ns: &str, dst: SocketAddrV4) -> (String, String) {
     let raw = in_netns(ns, move || {
         use std::io::{Read, Write};
-        let mut s =
-            std::net::TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3)).unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        s.write_all(b"GET /any/path HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
+        s.write_all(b"GET /any/path HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
     });
-    let status = raw
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim_start_matches("HTTP/1.1 ")
-        .to_string();
-    (
-        status,
-        raw.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-    )
+    let status = raw.lines().next().unwrap_or("").trim_start_matches("HTTP/1.1 ").to_string();
+    (status, raw.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
 }
 
 #[test]
@@ -261,17 +206,9 @@ fn cluster_ip_from_pods_keeps_the_pod_address_and_hairpin_works() {
     for _ in 0..6 {
         let (backend, peer) = answer(tcp_ask(pod_a, "10.96.1.1:80".parse().unwrap()));
         assert!(backend == "pod-b" || backend == "pod-c");
-        assert_eq!(
-            *peer.ip(),
-            POD_A,
-            "east-west ClusterIP traffic is not SNATed"
-        );
+        assert_eq!(*peer.ip(), POD_A, "east-west ClusterIP traffic is not SNATed");
     }
-    let (backend, peer) = answer(udp_ask(
-        pod_a,
-        "0.0.0.0:0".parse().unwrap(),
-        "10.96.1.1:80".parse().unwrap(),
-    ));
+    let (backend, peer) = answer(udp_ask(pod_a, "0.0.0.0:0".parse().unwrap(), "10.96.1.1:80".parse().unwrap()));
     assert!(backend == "pod-b" || backend == "pod-c");
     assert_eq!(*peer.ip(), POD_A);
     // From node2 to the backend on node1.
@@ -279,19 +216,9 @@ fn cluster_ip_from_pods_keeps_the_pod_address_and_hairpin_works() {
     assert_eq!((backend.as_str(), *peer.ip()), ("pod-a", POD_B));
     // Hairpin: pod-a reaching itself through its Service is SNATed to node1.
     let (backend, peer) = answer(tcp_ask(pod_a, "10.96.1.2:80".parse().unwrap()));
-    assert_eq!(
-        (backend.as_str(), *peer.ip()),
-        ("pod-a", c.lab.nodes[0].addr)
-    );
-    let (backend, peer) = answer(udp_ask(
-        pod_a,
-        "0.0.0.0:0".parse().unwrap(),
-        "10.96.1.2:80".parse().unwrap(),
-    ));
-    assert_eq!(
-        (backend.as_str(), *peer.ip()),
-        ("pod-a", c.lab.nodes[0].addr)
-    );
+    assert_eq!((backend.as_str(), *peer.ip()), ("pod-a", c.lab.nodes[0].addr));
+    let (backend, peer) = answer(udp_ask(pod_a, "0.0.0.0:0".parse().unwrap(), "10.96.1.2:80".parse().unwrap()));
+    assert_eq!((backend.as_str(), *peer.ip()), ("pod-a", c.lab.nodes[0].addr));
 }
 
 #[test]
@@ -300,32 +227,16 @@ fn services_without_endpoints_refuse_at_once() {
     let pod_a = &c.lab.nodes[0].pods[0].ns.name;
     let client = &c.lab.clients[0].ns.name;
     let cases = [
-        (
-            pod_a.clone(),
-            "10.96.1.7:80".parse().unwrap(),
-            "ClusterIP from a pod (tc)",
-        ),
-        (
-            client.clone(),
-            c.node_port(0, 30087),
-            "NodePort from outside (XDP)",
-        ),
+        (pod_a.clone(), "10.96.1.7:80".parse().unwrap(), "ClusterIP from a pod (tc)"),
+        (client.clone(), c.node_port(0, 30087), "NodePort from outside (XDP)"),
     ];
     for (ns, dst, what) in cases {
         let started = Instant::now();
         let err = tcp_ask(&ns, dst).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{what}: TCP");
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{what}: refused in {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(1), "{what}: refused in {:?}", started.elapsed());
         let err = udp_ask(&ns, "0.0.0.0:0".parse().unwrap(), dst).unwrap_err();
-        assert_eq!(
-            err.kind(),
-            ErrorKind::ConnectionRefused,
-            "{what}: UDP gets port unreachable"
-        );
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{what}: UDP gets port unreachable");
     }
     assert!(c.agents[0].counter(counters::REFUSED_NO_BACKEND) >= 4);
 }
@@ -347,14 +258,9 @@ fn snat_port_exhaustion_is_counted_and_logged_by_the_agent() {
     let c = start_with(1, &["--snat-ports", "40000-40000"]);
     let client = &c.lab.clients[0].ns.name;
     let failed = (0..4).any(|_| tcp_ask(client, c.node_port(0, 30080)).is_err());
-    assert!(
-        failed,
-        "at most two flows fit in one port toward two backends"
-    );
+    assert!(failed, "at most two flows fit in one port toward two backends");
     assert!(c.agents[0].counter(counters::DROP_NAT_EXHAUSTED) >= 1);
-    c.agents[0]
-        .wait_for_log("no free SNAT port toward 10.244.2.1")
-        .unwrap();
+    c.agents[0].wait_for_log("no free SNAT port toward 10.244.2.1").unwrap();
     c.agents[0].wait_for_log(" in 40000-40000").unwrap();
 }
 
@@ -372,10 +278,7 @@ fn load_balancer_source_ranges_drop_other_sources() {
         }
     }
     let err = tcp_ask(&outside.ns.name, "192.168.60.6:80".parse().unwrap()).unwrap_err();
-    assert!(
-        matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
-        "{err:?}"
-    );
+    assert!(matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock), "{err:?}");
     assert!(c.agents[0].counter(counters::DROP_SOURCE_RANGE) >= 1);
     // The range applies to the LB IP only; the NodePort stays open to everyone.
     answer(tcp_ask(&outside.ns.name, c.node_port(0, 30086)));
@@ -389,12 +292,7 @@ fn thousands_of_short_connections_through_one_nodeport_without_nat_collisions() 
     let total = 4000;
     let answers = tcp_burst(&client.ns.name, c.node_port(0, 30080), total, 500);
     let failures: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {total} failed, first: {:?}",
-        failures.len(),
-        failures.first()
-    );
+    assert!(failures.is_empty(), "{} of {total} failed, first: {:?}", failures.len(), failures.first());
     let mut per_backend: std::collections::BTreeMap<String, Vec<u16>> = Default::default();
     for a in &answers {
         let (backend, peer) = parse_answer(a.as_ref().unwrap()).unwrap();
@@ -403,17 +301,9 @@ fn thousands_of_short_connections_through_one_nodeport_without_nat_collisions() 
     }
     for (backend, ports) in &per_backend {
         let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
-        assert_eq!(
-            distinct.len(),
-            ports.len(),
-            "{backend}: a SNAT port was reused toward the same backend"
-        );
+        assert_eq!(distinct.len(), ports.len(), "{backend}: a SNAT port was reused toward the same backend");
     }
-    assert_eq!(
-        syn_retransmits(&client.ns.name) - retrans_before,
-        0,
-        "no SYN waited on a backend's TIME_WAIT"
-    );
+    assert_eq!(syn_retransmits(&client.ns.name) - retrans_before, 0, "no SYN waited on a backend's TIME_WAIT");
 }
 
 fn syn_retransmits(ns: &str) -> u64 {
@@ -449,40 +339,21 @@ fn an_agent_restart_drops_nothing_and_keeps_every_flow_on_its_backend() {
     };
     let link = c.agents[0].pin_dir.join("links/xdp-eth0");
     let link_id = || {
-        let out = std::process::Command::new("bpftool")
-            .args(["link", "show", "pinned"])
-            .arg(&link)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string()
+        let out = std::process::Command::new("bpftool").args(["link", "show", "pinned"]).arg(&link).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split(':').next().unwrap_or_default().trim().to_string()
     };
     let link_before = link_id();
     std::thread::sleep(Duration::from_millis(200));
     c.agents[0].restart().unwrap();
-    assert_eq!(
-        link_id(),
-        link_before,
-        "the new program went into the same XDP link (no detach)"
-    );
+    assert_eq!(link_id(), link_before, "the new program went into the same XDP link (no detach)");
     assert!(!link_before.is_empty());
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let answers = asker.join().unwrap();
     assert!(answers.len() >= 10, "{} requests", answers.len());
     for a in &answers {
-        let a = a
-            .as_ref()
-            .expect("every request during the restart is answered");
-        assert_eq!(
-            a.as_ref(),
-            Some(&before),
-            "same backend and SNAT port: conntrack and ids were adopted"
-        );
+        let a = a.as_ref().expect("every request during the restart is answered");
+        assert_eq!(a.as_ref(), Some(&before), "same backend and SNAT port: conntrack and ids were adopted");
     }
     assert!(c.agents[0].log_text().matches("agent started").count() == 2);
 }
@@ -508,12 +379,7 @@ fn agent_follows_manifest_changes_and_new_pod_devices() {
     // A pod created while the agent runs gets the pod-side program (netlink link event).
     let new_pod = c.lab.add_pod_to("lbt", 0).unwrap();
     let (ns, device) = (new_pod.ns.name.clone(), new_pod.host_device.clone());
-    c.agents[0]
-        .wait_for_log(&format!("attached pod-side program device={device}"))
-        .unwrap();
+    c.agents[0].wait_for_log(&format!("attached pod-side program device={device}")).unwrap();
     let (backend, peer) = answer(tcp_ask(&ns, "10.96.1.1:80".parse().unwrap()));
-    assert_eq!(
-        (backend.as_str(), *peer.ip()),
-        ("pod-c", Ipv4Addr::new(10, 244, 1, 11))
-    );
+    assert_eq!((backend.as_str(), *peer.ip()), ("pod-c", Ipv4Addr::new(10, 244, 1, 11)));
 }

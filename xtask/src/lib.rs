@@ -68,27 +68,19 @@ impl EbpfToolchain {
 }
 
 fn nightly_has_rust_src() -> bool {
-    let Ok(out) = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--print", "sysroot"])
-        .output()
-    else {
+    let Ok(out) = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output() else {
         return false;
     };
     if !out.status.success() {
         return false;
     }
     let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Path::new(&sysroot)
-        .join("lib/rustlib/src/rust/library/core")
-        .exists()
+    Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists()
 }
 
 /// The workspace root (this crate lives in `<root>/xtask`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
 }
 
 /// Builds `lb-ebpf` in release mode (BTF on) into its own target dir under `target/`
@@ -102,29 +94,15 @@ pub fn build_ebpf(root: &Path) -> Result<PathBuf, String> {
     let target_dir = root.join("target").join("ebpf");
     let mut cmd = toolchain.cargo();
     cmd.current_dir(root.join("lb-ebpf"))
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "lb-ebpf",
-            "--target",
-            EBPF_TARGET,
-        ])
+        .args(["build", "--release", "--package", "lb-ebpf", "--target", EBPF_TARGET])
         .args(["-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(&target_dir)
         // BTF for maps and programs, so bpftool prints named fields.
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
-        );
-    let status = cmd
-        .status()
-        .map_err(|e| format!("running cargo for {toolchain:?}: {e}"))?;
+        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"));
+    let status = cmd.status().map_err(|e| format!("running cargo for {toolchain:?}: {e}"))?;
     if !status.success() {
-        return Err(format!(
-            "building lb-ebpf with {toolchain:?} failed ({status})"
-        ));
+        return Err(format!("building lb-ebpf with {toolchain:?} failed ({status})"));
     }
     Ok(target_dir.join(EBPF_TARGET).join("release").join("lb-ebpf"))
 }
@@ -141,7 +119,5 @@ pub fn ebpf_inputs(root: &Path) -> Vec<PathBuf> {
 
 /// bpf-linker must be on PATH for the kernel crate to link.
 pub fn bpf_linker_on_path() -> bool {
-    env::var_os("PATH")
-        .map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").is_file()))
-        .unwrap_or(false)
+    env::var_os("PATH").map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").is_file())).unwrap_or(false)
 }

@@ -63,12 +63,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Build => build(&root),
-        Task::BuildAndLoad {
-            iface,
-            pod_iface,
-            netns,
-            pin_dir,
-        } => {
+        Task::BuildAndLoad { iface, pod_iface, netns, pin_dir } => {
             build(&root)?;
             let mut args: Vec<String> = Vec::new();
             if let Some(ns) = netns {
@@ -83,9 +78,7 @@ fn main() -> Result<()> {
             }
             run(Command::new(bin(&root, "lb-user")).args(&args))
         }
-        Task::Unload { pin_dir } => {
-            run(Command::new(bin(&root, "lb-user")).args(["unload", "--pin-dir", &pin_dir]))
-        }
+        Task::Unload { pin_dir } => run(Command::new(bin(&root, "lb-user")).args(["unload", "--pin-dir", &pin_dir])),
         Task::Lab { action } => {
             build(&root)?;
             run(Command::new(bin(&root, "lab")).arg(action))
@@ -93,9 +86,7 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup()?;
             build(&root)?;
-            run(Command::new(bin(&root, "demo"))
-                .arg(root.join("examples"))
-                .current_dir(&root))
+            run(Command::new(bin(&root, "demo")).arg(root.join("examples")).current_dir(&root))
         }
         Task::Test => {
             setup()?;
@@ -167,20 +158,9 @@ fn setup() -> Result<()> {
         println!("setup: bpf-linker present");
     } else {
         println!("setup: installing bpf-linker 0.13.0 against LLVM 22");
-        let path = format!(
-            "/usr/lib/llvm-22/bin:{}",
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
         run(Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                "0.13.0",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
+            .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22"])
             .env("PATH", path))?;
     }
     Ok(())

@@ -14,19 +14,13 @@ fn objects(yaml: &str) -> Objects {
 fn node() -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
-        addresses: vec![
-            "192.168.50.10".parse().unwrap(),
-            "172.16.0.10".parse().unwrap(),
-        ],
+        addresses: vec!["192.168.50.10".parse().unwrap(), "172.16.0.10".parse().unwrap()],
         zone: Some("zone-a".into()),
     }
 }
 
 fn opts() -> Options {
-    Options {
-        cluster_cidr: "10.244.0.0/16".parse().unwrap(),
-        nodeport_addresses: vec![],
-    }
+    Options { cluster_cidr: "10.244.0.0/16".parse().unwrap(), nodeport_addresses: vec![] }
 }
 
 fn run(yaml: &str) -> Desired {
@@ -34,11 +28,7 @@ fn run(yaml: &str) -> Desired {
 }
 
 fn key(addr: &str, port: u16, protocol: Protocol) -> FrontendKey {
-    FrontendKey {
-        addr: addr.parse().unwrap(),
-        port,
-        protocol,
-    }
+    FrontendKey { addr: addr.parse().unwrap(), port, protocol }
 }
 
 fn tcp(addr: &str, port: u16) -> FrontendKey {
@@ -46,23 +36,11 @@ fn tcp(addr: &str, port: u16) -> FrontendKey {
 }
 
 fn backends(d: &Desired, k: FrontendKey) -> Vec<String> {
-    let f = d.frontends.get(&k).unwrap_or_else(|| {
-        panic!(
-            "no frontend {k}; have {:?}",
-            d.frontends.keys().collect::<Vec<_>>()
-        )
-    });
-    f.backends
-        .iter()
-        .map(|b| {
-            format!(
-                "{}:{}{}",
-                b.addr,
-                b.port,
-                if b.local { " local" } else { "" }
-            )
-        })
-        .collect()
+    let f = d
+        .frontends
+        .get(&k)
+        .unwrap_or_else(|| panic!("no frontend {k}; have {:?}", d.frontends.keys().collect::<Vec<_>>()));
+    f.backends.iter().map(|b| format!("{}:{}{}", b.addr, b.port, if b.local { " local" } else { "" })).collect()
 }
 
 const WEB: &str = r#"
@@ -88,15 +66,9 @@ fn cluster_ip_with_named_target_port_resolved_through_the_slice() {
     let d = run(WEB);
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     assert_eq!(d.frontends.len(), 1);
-    assert_eq!(
-        backends(&d, tcp("10.96.0.10", 80)),
-        ["10.244.1.10:8080 local", "10.244.2.10:8080"]
-    );
+    assert_eq!(backends(&d, tcp("10.96.0.10", 80)), ["10.244.1.10:8080 local", "10.244.2.10:8080"]);
     let f = &d.frontends[&tcp("10.96.0.10", 80)];
-    assert_eq!(
-        (f.kind, f.external_local, f.affinity_timeout_s),
-        (FrontendKind::ClusterIp, false, None)
-    );
+    assert_eq!((f.kind, f.external_local, f.affinity_timeout_s), (FrontendKind::ClusterIp, false, None));
     assert_eq!(f.service.to_string(), "shop/web");
 }
 
@@ -123,11 +95,7 @@ kind: Service
 metadata: {name: headless-label, labels: {service.kubernetes.io/headless: ""}}
 spec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}
 "#);
-    assert!(
-        d.frontends.is_empty(),
-        "{:?}",
-        d.frontends.keys().collect::<Vec<_>>()
-    );
+    assert!(d.frontends.is_empty(), "{:?}", d.frontends.keys().collect::<Vec<_>>());
     assert!(d.errors.is_empty(), "{:?}", d.errors);
 }
 
@@ -154,10 +122,7 @@ ports:
 - {name: dns, port: 9999, protocol: TCP}
 endpoints: [{addresses: [10.244.1.53]}]
 "#);
-    assert_eq!(
-        backends(&d, key("10.96.0.53", 53, Protocol::Udp)),
-        ["10.244.1.53:5353"]
-    );
+    assert_eq!(backends(&d, key("10.96.0.53", 53, Protocol::Udp)), ["10.244.1.53:5353"]);
     assert_eq!(backends(&d, tcp("10.96.0.53", 53)), ["10.244.1.53:5354"]);
     // No slice port named "metrics": the frontend exists and refuses.
     assert!(backends(&d, tcp("10.96.0.53", 9153)).is_empty());
@@ -193,10 +158,7 @@ endpoints:
 fn ready_endpoints_win_over_terminating_ones() {
     let d = run(&readiness_fixture("Cluster"));
     assert_eq!(backends(&d, tcp("10.96.0.20", 80)), ["10.244.2.1:8080"]);
-    assert_eq!(
-        backends(&d, tcp("192.168.50.10", 30080)),
-        ["10.244.2.1:8080"]
-    );
+    assert_eq!(backends(&d, tcp("192.168.50.10", 30080)), ["10.244.2.1:8080"]);
 }
 
 #[test]
@@ -206,28 +168,17 @@ fn local_and_cluster_scopes_fall_back_to_terminating_independently() {
     // terminating one, which it falls back to. The not-serving one is never used.
     assert_eq!(backends(&d, tcp("10.96.0.20", 80)), ["10.244.2.1:8080"]);
     let np = &d.frontends[&tcp("192.168.50.10", 30080)];
-    assert_eq!(
-        backends(&d, tcp("192.168.50.10", 30080)),
-        ["10.244.1.1:8080 local"]
-    );
+    assert_eq!(backends(&d, tcp("192.168.50.10", 30080)), ["10.244.1.1:8080 local"]);
     assert!(np.external_local);
-    assert!(
-        !d.frontends[&tcp("10.96.0.20", 80)].external_local,
-        "ETP does not apply to the ClusterIP"
-    );
+    assert!(!d.frontends[&tcp("10.96.0.20", 80)].external_local, "ETP does not apply to the ClusterIP");
 }
 
 #[test]
 fn no_ready_endpoints_at_all_falls_back_to_serving_terminating() {
-    let yaml = readiness_fixture("Cluster").replace(
-        "conditions: {ready: true}",
-        "conditions: {ready: false, serving: false}",
-    );
+    let yaml =
+        readiness_fixture("Cluster").replace("conditions: {ready: true}", "conditions: {ready: false, serving: false}");
     let d = run(&yaml);
-    assert_eq!(
-        backends(&d, tcp("10.96.0.20", 80)),
-        ["10.244.1.1:8080 local"]
-    );
+    assert_eq!(backends(&d, tcp("10.96.0.20", 80)), ["10.244.1.1:8080 local"]);
 }
 
 #[test]
@@ -237,15 +188,8 @@ fn internal_traffic_policy_local_limits_the_cluster_ip_only() {
         "clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n  externalIPs: [172.16.9.9]",
     );
     let d = run(&yaml);
-    assert_eq!(
-        backends(&d, tcp("10.96.0.10", 80)),
-        ["10.244.1.10:8080 local"]
-    );
-    assert_eq!(
-        backends(&d, tcp("172.16.9.9", 80)).len(),
-        2,
-        "externalIPs follow ETP, not ITP"
-    );
+    assert_eq!(backends(&d, tcp("10.96.0.10", 80)), ["10.244.1.10:8080 local"]);
+    assert_eq!(backends(&d, tcp("172.16.9.9", 80)).len(), 2, "externalIPs follow ETP, not ITP");
 }
 
 fn hints_fixture(second_hint: &str) -> String {
@@ -275,38 +219,23 @@ fn topology_hints_are_honoured_only_when_every_endpoint_has_them() {
     let d = run(&hints_fixture(""));
     assert_eq!(backends(&d, tcp("10.96.0.30", 80)).len(), 2);
     // Hints that name no zone of this node: keep everything.
-    let d = run(&hints_fixture(", hints: {forZones: [{name: zone-b}]}")
-        .replace("name: zone-a}", "name: zone-c}"));
+    let d = run(&hints_fixture(", hints: {forZones: [{name: zone-b}]}").replace("name: zone-a}", "name: zone-c}"));
     assert_eq!(backends(&d, tcp("10.96.0.30", 80)).len(), 2);
 }
 
 #[test]
 fn session_affinity_default_custom_and_invalid() {
-    let with = |extra: &str| {
-        run(&WEB.replace(
-            "clusterIP: 10.96.0.10",
-            &format!("clusterIP: 10.96.0.10\n  {extra}"),
-        ))
-    };
+    let with = |extra: &str| run(&WEB.replace("clusterIP: 10.96.0.10", &format!("clusterIP: 10.96.0.10\n  {extra}")));
     let d = with("sessionAffinity: ClientIP");
+    assert_eq!(d.frontends[&tcp("10.96.0.10", 80)].affinity_timeout_s, Some(10_800));
+    let d = with("sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}");
+    assert_eq!(d.frontends[&tcp("10.96.0.10", 80)].affinity_timeout_s, Some(60));
+    let d = with("sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}");
+    assert_eq!(d.frontends[&tcp("10.96.0.10", 80)].affinity_timeout_s, Some(10_800));
     assert_eq!(
-        d.frontends[&tcp("10.96.0.10", 80)].affinity_timeout_s,
-        Some(10_800)
+        d.errors[0].to_string(),
+        "Service shop/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 is out of range 1-86400; using 10800"
     );
-    let d = with(
-        "sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
-    );
-    assert_eq!(
-        d.frontends[&tcp("10.96.0.10", 80)].affinity_timeout_s,
-        Some(60)
-    );
-    let d =
-        with("sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}");
-    assert_eq!(
-        d.frontends[&tcp("10.96.0.10", 80)].affinity_timeout_s,
-        Some(10_800)
-    );
-    assert_eq!(d.errors[0].to_string(), "Service shop/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 is out of range 1-86400; using 10800");
 }
 
 #[test]
@@ -325,14 +254,7 @@ endpoints:
 "#
     );
     let d = run(&yaml);
-    assert_eq!(
-        backends(&d, tcp("10.96.0.10", 80)),
-        [
-            "10.244.1.10:8080 local",
-            "10.244.2.10:8080",
-            "10.244.3.10:8080"
-        ]
-    );
+    assert_eq!(backends(&d, tcp("10.96.0.10", 80)), ["10.244.1.10:8080 local", "10.244.2.10:8080", "10.244.3.10:8080"]);
 }
 
 #[test]
@@ -363,10 +285,7 @@ endpoints: [{addresses: [10.244.1.5]}]
 "#;
     let d = run(yaml);
     assert!(d.errors.is_empty(), "{:?}", d.errors);
-    assert_eq!(
-        d.frontends.keys().copied().collect::<Vec<_>>(),
-        [tcp("10.96.0.40", 80)]
-    );
+    assert_eq!(d.frontends.keys().copied().collect::<Vec<_>>(), [tcp("10.96.0.40", 80)]);
     assert_eq!(backends(&d, tcp("10.96.0.40", 80)), ["10.244.1.5:80"]);
 }
 
@@ -413,32 +332,15 @@ fn load_balancer_frontends_source_ranges_and_health_check() {
     );
     let lb = &d.frontends[&tcp("192.168.60.1", 443)];
     assert_eq!(lb.kind, FrontendKind::LoadBalancer);
-    assert_eq!(
-        lb.source_ranges,
-        vec!["192.168.50.0/24".parse::<Cidr>().unwrap()]
-    );
+    assert_eq!(lb.source_ranges, vec!["192.168.50.0/24".parse::<Cidr>().unwrap()]);
     assert!(lb.external_local);
-    assert_eq!(
-        backends(&d, tcp("192.168.60.1", 443)),
-        ["10.244.1.7:8443 local"]
-    );
-    assert!(
-        d.frontends[&tcp("192.168.50.10", 30443)]
-            .source_ranges
-            .is_empty(),
-        "ranges apply to LB IPs only"
-    );
-    assert_eq!(
-        d.frontends[&tcp("172.16.50.5", 443)].kind,
-        FrontendKind::ExternalIp
-    );
+    assert_eq!(backends(&d, tcp("192.168.60.1", 443)), ["10.244.1.7:8443 local"]);
+    assert!(d.frontends[&tcp("192.168.50.10", 30443)].source_ranges.is_empty(), "ranges apply to LB IPs only");
+    assert_eq!(d.frontends[&tcp("172.16.50.5", 443)].kind, FrontendKind::ExternalIp);
     assert_eq!(
         d.health_checks,
         vec![HealthCheck {
-            service: ServiceRef {
-                namespace: "default".into(),
-                name: "shop-lb".into()
-            },
+            service: ServiceRef { namespace: "default".into(), name: "shop-lb".into() },
             node_port: 32000,
             local_endpoints: 1
         }]
@@ -447,10 +349,7 @@ fn load_balancer_frontends_source_ranges_and_health_check() {
 
 #[test]
 fn nodeport_addresses_limit_where_node_ports_open() {
-    let o = Options {
-        nodeport_addresses: vec!["192.168.50.0/24".parse().unwrap()],
-        ..opts()
-    };
+    let o = Options { nodeport_addresses: vec!["192.168.50.0/24".parse().unwrap()], ..opts() };
     let d = desired_state(&objects(LB), &node(), &o);
     assert!(d.frontends.contains_key(&tcp("192.168.50.10", 30443)));
     assert!(!d.frontends.contains_key(&tcp("172.16.0.10", 30443)));
@@ -482,14 +381,8 @@ spec:
         "Service shop/broken: spec.ports[1].nodePort: missing (the API server allocates it; manifests must give it)",
         "Service shop/broken: spec.ports[2].protocol: SCTP is not supported by this datapath (the kernel lacks it); port skipped",
     ]);
-    assert!(
-        d.frontends.contains_key(&tcp("10.96.0.10", 80)),
-        "the good Service is served"
-    );
-    assert!(
-        d.frontends.contains_key(&tcp("10.96.0.99", 81)),
-        "the good port of the bad Service is served"
-    );
+    assert!(d.frontends.contains_key(&tcp("10.96.0.10", 80)), "the good Service is served");
+    assert!(d.frontends.contains_key(&tcp("10.96.0.99", 81)), "the good port of the bad Service is served");
 }
 
 #[test]
@@ -499,7 +392,10 @@ fn a_frontend_claimed_twice_goes_to_the_first_service_by_name() {
     };
     let d = run(&format!("{}---\n{}", svc("zz"), svc("aaa")));
     assert_eq!(d.frontends[&tcp("172.16.9.9", 80)].service.name, "aaa");
-    assert_eq!(d.errors[0].to_string(), "Service default/zz: spec.externalIPs: frontend 172.16.9.9:80/TCP already belongs to Service default/aaa");
+    assert_eq!(
+        d.errors[0].to_string(),
+        "Service default/zz: spec.externalIPs: frontend 172.16.9.9:80/TCP already belongs to Service default/aaa"
+    );
 }
 
 #[test]
@@ -519,16 +415,10 @@ subsets:
   ports: [{name: pg, port: 15432}]
 "#;
     let d = run(yaml);
-    assert_eq!(
-        backends(&d, tcp("10.96.0.60", 5432)),
-        ["192.168.50.77:15432"]
-    );
+    assert_eq!(backends(&d, tcp("10.96.0.60", 5432)), ["192.168.50.77:15432"]);
     // When an EndpointSlice exists, it is the truth and Endpoints are ignored.
     let with_slice = format!("{yaml}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: db-x, labels: {{kubernetes.io/service-name: db}}}}\naddressType: IPv4\nports: [{{name: pg, port: 6432}}]\nendpoints: [{{addresses: [10.244.1.9]}}]\n");
-    assert_eq!(
-        backends(&run(&with_slice), tcp("10.96.0.60", 5432)),
-        ["10.244.1.9:6432"]
-    );
+    assert_eq!(backends(&run(&with_slice), tcp("10.96.0.60", 5432)), ["10.244.1.9:6432"]);
 }
 
 #[test]

@@ -28,8 +28,7 @@ impl MapStore for Fake {
         Ok(self.ranges.iter().copied().collect())
     }
     fn put_backend(&mut self, id: u32, b: Backend) -> Result<(), Infallible> {
-        self.log
-            .push(format!("put backend {id} {}:{}", b.ip(), b.port()));
+        self.log.push(format!("put backend {id} {}:{}", b.ip(), b.port()));
         self.backends.insert(id, b);
         Ok(())
     }
@@ -39,8 +38,7 @@ impl MapStore for Fake {
         Ok(())
     }
     fn put_slot(&mut self, k: SlotKey, id: u32) -> Result<(), Infallible> {
-        self.log
-            .push(format!("put slot {}/{} = {id}", k.svc_id, k.slot));
+        self.log.push(format!("put slot {}/{} = {id}", k.svc_id, k.slot));
         self.slots.insert(k, id);
         Ok(())
     }
@@ -60,16 +58,12 @@ impl MapStore for Fake {
         Ok(())
     }
     fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Infallible> {
-        self.log.push(format!(
-            "put service {} count {}",
-            v.svc_id, v.backend_count
-        ));
+        self.log.push(format!("put service {} count {}", v.svc_id, v.backend_count));
         self.services.insert(k, v);
         Ok(())
     }
     fn del_service(&mut self, k: ServiceKey) -> Result<(), Infallible> {
-        self.log
-            .push(format!("del service {}", self.services[&k].svc_id));
+        self.log.push(format!("del service {}", self.services[&k].svc_id));
         self.services.remove(&k);
         Ok(())
     }
@@ -80,19 +74,12 @@ impl MapStore for Fake {
 
 fn frontend(backends: &[(u8, u16)]) -> Frontend {
     Frontend {
-        service: ServiceRef {
-            namespace: "default".into(),
-            name: "web".into(),
-        },
+        service: ServiceRef { namespace: "default".into(), name: "web".into() },
         port_name: String::new(),
         kind: FrontendKind::ClusterIp,
         backends: backends
             .iter()
-            .map(|(last, port)| BackendAddr {
-                addr: Ipv4Addr::new(10, 244, 1, *last),
-                port: *port,
-                local: false,
-            })
+            .map(|(last, port)| BackendAddr { addr: Ipv4Addr::new(10, 244, 1, *last), port: *port, local: false })
             .collect(),
         external_local: false,
         source_ranges: vec![],
@@ -104,11 +91,7 @@ fn desired(frontends: &[(u8, Frontend)]) -> Desired {
     let mut d = Desired::default();
     for (last, f) in frontends {
         d.frontends.insert(
-            FrontendKey {
-                addr: Ipv4Addr::new(10, 96, 0, *last),
-                port: 80,
-                protocol: Protocol::Tcp,
-            },
+            FrontendKey { addr: Ipv4Addr::new(10, 96, 0, *last), port: 80, protocol: Protocol::Tcp },
             f.clone(),
         );
     }
@@ -125,11 +108,7 @@ fn apply(r: &mut Reconciler, store: &mut Fake, d: &Desired) -> Vec<String> {
 fn writes_backends_then_slots_then_the_service_entry() {
     let mut store = Fake::default();
     let mut r = Reconciler::adopt(&store).unwrap();
-    let log = apply(
-        &mut r,
-        &mut store,
-        &desired(&[(1, frontend(&[(10, 8080), (11, 8080)]))]),
-    );
+    let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080), (11, 8080)]))]));
     assert_eq!(
         log,
         [
@@ -146,26 +125,11 @@ fn writes_backends_then_slots_then_the_service_entry() {
 fn shrinking_lowers_the_count_before_removing_slots_and_backends() {
     let mut store = Fake::default();
     let mut r = Reconciler::adopt(&store).unwrap();
-    apply(
-        &mut r,
-        &mut store,
-        &desired(&[(1, frontend(&[(10, 8080), (11, 8080), (12, 8080)]))]),
-    );
-    let log = apply(
-        &mut r,
-        &mut store,
-        &desired(&[(1, frontend(&[(11, 8080)]))]),
-    );
+    apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080), (11, 8080), (12, 8080)]))]));
+    let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(11, 8080)]))]));
     assert_eq!(
         log,
-        [
-            "put slot 1/0 = 2",
-            "put service 1 count 1",
-            "del slot 1/1",
-            "del slot 1/2",
-            "del backend 1",
-            "del backend 3"
-        ]
+        ["put slot 1/0 = 2", "put service 1 count 1", "del slot 1/1", "del slot 1/2", "del backend 1", "del backend 3"]
     );
 }
 
@@ -185,20 +149,9 @@ fn removed_service_entry_goes_before_its_slots_and_ranges() {
     let mut lb = frontend(&[(10, 8080)]);
     lb.kind = FrontendKind::LoadBalancer;
     lb.source_ranges = vec!["192.168.0.0/16".parse().unwrap()];
-    apply(
-        &mut r,
-        &mut store,
-        &desired(&[(1, lb), (2, frontend(&[(10, 8080)]))]),
-    );
-    assert_eq!(
-        store.services.values().next().unwrap().flags,
-        service_flags::EXTERNAL | service_flags::SOURCE_RANGES
-    );
-    let log = apply(
-        &mut r,
-        &mut store,
-        &desired(&[(2, frontend(&[(10, 8080)]))]),
-    );
+    apply(&mut r, &mut store, &desired(&[(1, lb), (2, frontend(&[(10, 8080)]))]));
+    assert_eq!(store.services.values().next().unwrap().flags, service_flags::EXTERNAL | service_flags::SOURCE_RANGES);
+    let log = apply(&mut r, &mut store, &desired(&[(2, frontend(&[(10, 8080)]))]));
     assert_eq!(log, ["del service 1", "del slot 1/0", "del range 1 /16"]);
     assert!(store.ranges.is_empty());
 }
@@ -207,26 +160,15 @@ fn removed_service_entry_goes_before_its_slots_and_ranges() {
 fn a_restarted_reconciler_adopts_ids_and_only_removes_what_is_no_longer_desired() {
     let mut store = Fake::default();
     let mut first = Reconciler::adopt(&store).unwrap();
-    apply(
-        &mut first,
-        &mut store,
-        &desired(&[(1, frontend(&[(10, 8080)])), (2, frontend(&[(11, 8080)]))]),
-    );
+    apply(&mut first, &mut store, &desired(&[(1, frontend(&[(10, 8080)])), (2, frontend(&[(11, 8080)]))]));
     let (services, backends) = (store.services.clone(), store.backends.clone());
     // Restart: a fresh reconciler over the same maps, same desired state: no writes.
     let mut second = Reconciler::adopt(&store).unwrap();
     let d = desired(&[(1, frontend(&[(10, 8080)])), (2, frontend(&[(11, 8080)]))]);
     assert!(apply(&mut second, &mut store, &d).is_empty());
-    assert_eq!(
-        (store.services.clone(), store.backends.clone()),
-        (services, backends)
-    );
+    assert_eq!((store.services.clone(), store.backends.clone()), (services, backends));
     // New ids continue after the adopted ones.
-    let log = apply(
-        &mut second,
-        &mut store,
-        &desired(&[(1, frontend(&[(10, 8080)])), (3, frontend(&[(12, 8080)]))]),
-    );
+    let log = apply(&mut second, &mut store, &desired(&[(1, frontend(&[(10, 8080)])), (3, frontend(&[(12, 8080)]))]));
     assert_eq!(
         log,
         [
@@ -244,21 +186,10 @@ fn a_restarted_reconciler_adopts_ids_and_only_removes_what_is_no_longer_desired(
 fn adoption_cleans_up_slots_left_past_the_count() {
     let mut store = Fake::default();
     let mut r = Reconciler::adopt(&store).unwrap();
-    apply(
-        &mut r,
-        &mut store,
-        &desired(&[(1, frontend(&[(10, 8080), (11, 8080)]))]),
-    );
+    apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080), (11, 8080)]))]));
     // As if an agent died between "put service count 1" and "del slot 1/1".
-    store
-        .services
-        .values_mut()
-        .for_each(|v| v.backend_count = 1);
+    store.services.values_mut().for_each(|v| v.backend_count = 1);
     let mut r = Reconciler::adopt(&store).unwrap();
-    let log = apply(
-        &mut r,
-        &mut store,
-        &desired(&[(1, frontend(&[(10, 8080)]))]),
-    );
+    let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080)]))]));
     assert_eq!(log, ["del slot 1/1", "del backend 2"]);
 }

@@ -29,13 +29,9 @@ struct Case {
 fn main() -> Result<()> {
     lb_tests::require_root();
     let ns = fixture_netns();
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-    let result = in_netns(&ns.name, {
-        let pin_dir = pin_dir.clone();
-        move || run(&pin_dir)
-    });
-    lb_user::datapath::unload(&pin_dir)?;
-    result
+    let pins = lb_tests::Pins::new(&ns.name);
+    let pin_dir = pins.0.clone();
+    in_netns(&ns.name, move || run(&pin_dir))
 }
 
 fn run(pin_dir: &std::path::Path) -> Result<()> {
@@ -77,22 +73,14 @@ fn run(pin_dir: &std::path::Path) -> Result<()> {
         Case {
             name: "new flow: DNAT to a local backend",
             target: program_names::XDP_UPLINK,
-            frame: Frame::tcp(
-                SocketAddrV4::new(Ipv4Addr::new(192, 168, 51, 1), 1024),
-                node(30081),
-                SYN,
-            ),
+            frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(192, 168, 51, 1), 1024), node(30081), SYN),
             new_flow_each_run: true,
             repeat: 50_000,
         },
         Case {
             name: "new flow: DNAT+SNAT, XDP_TX",
             target: program_names::XDP_UPLINK,
-            frame: Frame::tcp(
-                SocketAddrV4::new(Ipv4Addr::new(192, 168, 52, 1), 1024),
-                node(30080),
-                SYN,
-            ),
+            frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(192, 168, 52, 1), 1024), node(30080), SYN),
             new_flow_each_run: true,
             repeat: 10_000,
         },
@@ -102,23 +90,15 @@ fn run(pin_dir: &std::path::Path) -> Result<()> {
         let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
         p.load()?;
     }
-    let mut targets = ProgramArray::try_from(
-        ebpf.take_map("LB_BENCH_TARGET")
-            .context("LB_BENCH_TARGET")?,
-    )?;
+    let mut targets = ProgramArray::try_from(ebpf.take_map("LB_BENCH_TARGET").context("LB_BENCH_TARGET")?)?;
     let mut templates: Array<_, BenchFrame> =
         Array::try_from(ebpf.take_map("LB_BENCH_FRAME").context("LB_BENCH_FRAME")?)?;
 
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(BENCH_FRAME_LEN as u32).to_ne_bytes());
     ctx[12..16].copy_from_slice(&fx.eth0.to_ne_bytes());
-    println!(
-        "XDP per-packet cost, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds (lower is better)\n"
-    );
-    println!(
-        "{:<40} {:>10} {:>14} {:>16}",
-        "case", "ns/packet", "minus floor", "x empty program"
-    );
+    println!("XDP per-packet cost, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds (lower is better)\n");
+    println!("{:<40} {:>10} {:>14} {:>16}", "case", "ns/packet", "minus floor", "x empty program");
     let mut empty = None;
     let mut floor = None;
     for case in &cases {
@@ -126,18 +106,9 @@ fn run(pin_dir: &std::path::Path) -> Result<()> {
         assert_eq!(bytes.len(), BENCH_FRAME_LEN);
         let mut samples = Vec::new();
         for _ in 0..ROUNDS {
-            let name = if case.target.is_empty() {
-                program_names::XDP_PASS
-            } else {
-                program_names::BENCH_RESTORE
-            };
+            let name = if case.target.is_empty() { program_names::XDP_PASS } else { program_names::BENCH_RESTORE };
             if !case.target.is_empty() {
-                let target: &Xdp = fx
-                    .dp
-                    .ebpf_mut()
-                    .program(case.target)
-                    .context(case.target)?
-                    .try_into()?;
+                let target: &Xdp = fx.dp.ebpf_mut().program(case.target).context(case.target)?.try_into()?;
                 targets.set(0, target.fd()?, 0)?;
                 let frame = BenchFrame {
                     bytes: bytes.clone().try_into().expect("54 bytes"),
@@ -159,23 +130,14 @@ fn run(pin_dir: &std::path::Path) -> Result<()> {
         samples.sort();
         let ns = samples[ROUNDS / 2].as_nanos() as f64;
         let empty_ns = *empty.get_or_insert(ns);
-        let floor_ns = if case.target == program_names::XDP_PASS {
-            *floor.get_or_insert(ns)
-        } else {
-            floor.unwrap_or(0.0)
-        };
+        let floor_ns =
+            if case.target == program_names::XDP_PASS { *floor.get_or_insert(ns) } else { floor.unwrap_or(0.0) };
         let own = if case.target.is_empty() || case.target == program_names::XDP_PASS {
             "-".to_string()
         } else {
             format!("{:.1}", ns - floor_ns)
         };
-        println!(
-            "{:<40} {:>10.1} {:>14} {:>16.2}",
-            case.name,
-            ns,
-            own,
-            ns / empty_ns
-        );
+        println!("{:<40} {:>10.1} {:>14} {:>16.2}", case.name, ns, own, ns / empty_ns);
     }
     Ok(())
 }

@@ -17,27 +17,14 @@ use lb_tests::{
 
 fn main() -> Result<()> {
     lb_tests::require_root();
-    let manifests = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("examples"));
+    let manifests = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("examples"));
     println!("== building the lab: client -- bridge -- node1 (pod-a), node2 (pod-b, pod-c),");
-    println!(
-        "   an echo backend in every pod, the agent on each node serving {}",
-        manifests.display()
-    );
-    let spec = Spec {
-        pods_per_node: vec![1, 2],
-        clients: 1,
-    };
+    println!("   an echo backend in every pod, the agent on each node serving {}", manifests.display());
+    let spec = Spec { pods_per_node: vec![1, 2], clients: 1 };
     let cluster = Cluster::start("lbd", &spec, Manifests::existing(&manifests), &[])?;
     let (lab, agents) = (&cluster.lab, &cluster.agents);
     for (i, p) in lab.nodes.iter().flat_map(|n| n.pods.iter()).enumerate() {
-        println!(
-            "   {} {} echoes TCP+UDP on 8080 with the peer address it saw",
-            pod_name(i),
-            p.addr
-        );
+        println!("   {} {} echoes TCP+UDP on 8080 with the peer address it saw", pod_name(i), p.addr);
     }
     let client = &lab.clients[0];
     let node1 = &lab.nodes[0];
@@ -53,49 +40,30 @@ fn main() -> Result<()> {
         Err(e) => println!("   {what:<58} -> {e}"),
     };
 
-    println!(
-        "== ClusterIP 10.96.0.10:80 from pod-a (east-west, tc): the backend sees the pod's address"
-    );
+    println!("== ClusterIP 10.96.0.10:80 from pod-a (east-west, tc): the backend sees the pod's address");
     for _ in 0..4 {
-        show(
-            "pod-a -> 10.96.0.10:80/TCP",
-            tcp_ask(&pod_a.ns.name, "10.96.0.10:80".parse()?),
-        );
+        show("pod-a -> 10.96.0.10:80/TCP", tcp_ask(&pod_a.ns.name, "10.96.0.10:80".parse()?));
     }
     println!("== NodePort 192.168.50.10:30080 (ETP Cluster, backends on node2) from the client: SNAT to node1");
     for _ in 0..3 {
-        show(
-            "client -> node1:30080/TCP",
-            tcp_ask(&client.ns.name, SocketAddrV4::new(node1.addr, 30080)),
-        );
+        show("client -> node1:30080/TCP", tcp_ask(&client.ns.name, SocketAddrV4::new(node1.addr, 30080)));
     }
     show(
         "client -> node1:30080/UDP",
-        udp_ask(
-            &client.ns.name,
-            "0.0.0.0:0".parse()?,
-            SocketAddrV4::new(node1.addr, 30080),
-        ),
+        udp_ask(&client.ns.name, "0.0.0.0:0".parse()?, SocketAddrV4::new(node1.addr, 30080)),
     );
     println!("== LoadBalancer 192.168.60.14:80 (ETP Local, routed to node1): the client's address is kept");
     for _ in 0..2 {
-        show(
-            "client -> 192.168.60.14:80/TCP",
-            tcp_ask(&client.ns.name, "192.168.60.14:80".parse()?),
-        );
+        show("client -> 192.168.60.14:80/TCP", tcp_ask(&client.ns.name, "192.168.60.14:80".parse()?));
     }
     println!("== Service without endpoints (10.96.0.18): refused at once, not a timeout");
     let started = Instant::now();
     let refused = tcp_ask(&pod_a.ns.name, "10.96.0.18:80".parse()?);
-    println!(
-        "   pod-a -> 10.96.0.18:80/TCP -> {:?} after {:?}",
-        refused.map_err(|e| e.kind()),
-        started.elapsed()
-    );
+    println!("   pod-a -> 10.96.0.18:80/TCP -> {:?} after {:?}", refused.map_err(|e| e.kind()), started.elapsed());
     println!("== healthCheckNodePort 32014 of the ETP Local Service, asked from the client");
     for node in &lab.nodes {
-        let answer = health(&client.ns.name, node.addr, 32014)
-            .with_context(|| format!("health check on {}", node.name))?;
+        let answer =
+            health(&client.ns.name, node.addr, 32014).with_context(|| format!("health check on {}", node.name))?;
         println!("   {}:32014 -> {answer}", node.name);
     }
     println!("== what node1's datapath counted");
@@ -103,10 +71,7 @@ fn main() -> Result<()> {
         .args(["counters", "--pin-dir"])
         .arg(&agents[0].pin_dir)
         .output()?;
-    for line in String::from_utf8_lossy(&counters.stdout)
-        .lines()
-        .filter(|l| !l.contains(" 0 packets"))
-    {
+    for line in String::from_utf8_lossy(&counters.stdout).lines().filter(|l| !l.contains(" 0 packets")) {
         println!("   {line}");
     }
     println!("== cleaning up (agents stopped, pins and namespaces removed)");

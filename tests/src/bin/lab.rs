@@ -9,21 +9,12 @@ fn main() -> Result<()> {
     lb_tests::require_root();
     match std::env::args().nth(1).as_deref() {
         Some("up") => {
-            let mut lab = Lab::build(
-                PREFIX,
-                &Spec {
-                    pods_per_node: vec![1, 2],
-                    clients: 1,
-                },
-            )?;
+            let mut lab = Lab::build(PREFIX, &Spec { pods_per_node: vec![1, 2], clients: 1 })?;
             lab.keep(PREFIX)?;
             for node in &lab.nodes {
                 println!("{} ({}): netns {}", node.name, node.addr, node.ns.name);
                 for pod in &node.pods {
-                    println!(
-                        "  pod {} on {}: netns {}",
-                        pod.addr, pod.host_device, pod.ns.name
-                    );
+                    println!("  pod {} on {}: netns {}", pod.addr, pod.host_device, pod.ns.name);
                 }
             }
             for c in &lab.clients {
