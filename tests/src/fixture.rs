@@ -202,6 +202,13 @@ impl Fixture {
         datapath::read_counters(&self.pin_dir).unwrap().into_iter().map(|(label, c)| (label, c.packets)).collect()
     }
 
+    /// A backend by the id the reconciler gave it (what conntrack entries point at).
+    pub fn backend(&self, id: u32) -> Option<lb_common::Backend> {
+        let map = datapath::open_map(&self.pin_dir, map_names::BACKENDS).unwrap();
+        let backends: HashMap<_, u32, lb_common::Backend> = map.try_into().unwrap();
+        backends.get(&id, 0).ok()
+    }
+
     /// The conntrack entry of a flow as seen on the wire.
     pub fn conntrack(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<CtValue> {
         let map = datapath::open_map(&self.pin_dir, map_names::CONNTRACK).unwrap();

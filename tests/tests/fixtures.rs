@@ -113,6 +113,12 @@ fn run_fixtures(pin_dir: &Path) {
         "DNAT+SNAT bytes"
     );
     assert!(checksums_ok(&out));
+    let chosen = fx.backend(fwd.backend_id).expect("the flow's backend id is in LB_BACKENDS");
+    assert_eq!(
+        (chosen.ip(), chosen.port()),
+        (REMOTE_POD, 8080),
+        "userspace resolves the kernel's choice to the address it wrote"
+    );
 
     // 2. The backend's answer: un-SNAT and un-DNAT, back to the client by XDP_TX.
     let synack = Frame::tcp(sa(REMOTE_POD, 8080), sa(NODE, snat_port), SYN | ACK);
@@ -261,7 +267,17 @@ fn run_fixtures(pin_dir: &Path) {
     let frame = Frame::tcp(pod_client, sa(REMOTE_POD, 8080), SYN).bytes();
     assert_eq!(fx.tc_pod(&frame), (TC_ACT_OK, frame.clone()), "pod-to-pod traffic passes unchanged");
 
-    // 15. ICMP errors about translated flows go back translated for the client's stack.
+    // 15. A ClusterIP reached from outside the cluster CIDR (at XDP) is SNATed to the node.
+    let outsider = sa(CLIENT, 7100);
+    let syn = Frame::tcp(outsider, sa(Ipv4Addr::new(10, 96, 0, 10), 80), SYN);
+    let (action, out, tagged) = fx.xdp(&syn.bytes());
+    let port = u16::from_be(
+        fx.conntrack(outsider, sa(Ipv4Addr::new(10, 96, 0, 10), 80), IPPROTO_TCP).unwrap().nat_src_port_be,
+    );
+    assert_eq!((action, tagged), (XDP_PASS, true));
+    assert_eq!(out, expected(&syn, sa(NODE, port), sa(LOCAL_POD, 8080), 64, None), "ClusterIP from outside: DNAT+SNAT");
+
+    // 16. ICMP errors about translated flows go back translated for the client's stack.
     // From the backend, about the UDP flow of step 10 (client 6000 -> SNAT port `udp_port`).
     let err = icmp_error((3, 3), REMOTE_POD, NODE, sa(NODE, udp_port), sa(REMOTE_POD, 8080), IPPROTO_UDP, 64);
     let (action, out, _) = fx.xdp(&err);
@@ -293,7 +309,7 @@ fn run_fixtures(pin_dir: &Path) {
 
     // Counters: every translated and refused packet above, exactly.
     let c = fx.counters();
-    assert_eq!(c["new_flow"], 9, "{c:?}");
+    assert_eq!(c["new_flow"], 10, "{c:?}");
     assert_eq!(c["established"], 2, "{c:?}");
     assert_eq!(c["reply"], 3, "{c:?}");
     assert_eq!(c["refused_no_backend"], 3, "{c:?}");
