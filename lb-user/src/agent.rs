@@ -90,6 +90,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     // SAFETY: the OwnedFd moves into the AsyncFd and stays open for its whole life.
     let links = unsafe { AsyncFd::register(socket) }.map_err(|e| Error::Poll(e.into()))?;
     let mut seen = None;
+    let mut synced_once = false;
     let mut last_errors = Vec::new();
     info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, "agent started");
     let mut conntrack: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> =
@@ -112,14 +113,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             }
             ready = kernel_log.readable_mut() => {
                 if let Ok(mut guard) = ready {
-                    guard.get_inner_mut().flush();
+                    // Clear first: anything arriving while we drain makes it ready again.
                     guard.clear_ready();
+                    guard.get_inner_mut().flush();
                 }
             }
             ready = links.readable() => {
                 if let Ok(mut guard) = ready {
-                    drain(links.get_ref());
+                    // Clear first: an event arriving while we drain makes it ready again.
                     guard.clear_ready();
+                    drain(links.get_ref());
                 }
                 attach_pod_devices(&mut dp, &cfg, &mut attached);
             }
@@ -130,18 +133,34 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                 }
                 seen = Some(now);
                 let (objects, report) = manifests.read(&cfg.manifests);
+                if report.incomplete && !synced_once {
+                    // Adopted state stays whole until the source has been read once.
+                    warn!("{}; keeping the datapath as adopted until the manifests can be read", report.errors[0]);
+                    seen = None;
+                    continue;
+                }
                 let desired = model::desired_state(&objects, &cfg.node, &cfg.options);
-                let errors = problems(&report, &desired);
+                let mut errors = problems(&report, &desired);
+                match reconciler.apply(&desired, datapath_config, &mut store) {
+                    Ok(c) => {
+                        synced_once = true;
+                        // Frontends that failed are retried on the next tick.
+                        if !c.failures.is_empty() {
+                            seen = None;
+                        }
+                        info!(frontends = desired.frontends.len(), written = c.services_written, removed = c.services_removed, backends_added = c.backends_added, backends_removed = c.backends_removed, failed = c.failures.len(), "maps synced");
+                        errors.extend(c.failures);
+                    }
+                    Err(e) => {
+                        errors.push(format!("writing the datapath config: {e}"));
+                        seen = None;
+                    }
+                }
                 if errors != last_errors {
                     for e in &errors {
                         warn!("{e}");
                     }
                     last_errors = errors;
-                }
-                match reconciler.apply(&desired, datapath_config, &mut store) {
-                    Ok(c) => info!(frontends = desired.frontends.len(), written = c.services_written, removed = c.services_removed, backends_added = c.backends_added, backends_removed = c.backends_removed, "maps synced"),
-                    // Maps keep their last state; the next change retries.
-                    Err(e) => { warn!("writing maps: {e}"); seen = None; }
                 }
                 health.update(&desired.health_checks).await;
             }
@@ -158,8 +177,12 @@ fn problems(report: &crate::source::Report, desired: &Desired) -> Vec<String> {
 fn attach_pod_devices(dp: &mut Datapath, cfg: &AgentConfig, attached: &mut BTreeSet<String>) {
     let present: BTreeSet<String> =
         interface_names().into_iter().filter(|n| cfg.pod_device_patterns.iter().any(|p| glob_match(p, n))).collect();
-    // A deleted device took its attachment with it.
+    // A deleted device took its attachment with it; only the pin is left to remove.
     attached.retain(|n| present.contains(n));
+    match dp.prune_pod_links(&present) {
+        Ok(gone) => gone.iter().for_each(|d| info!(device = %d, "device gone; unpinned its pod-side link")),
+        Err(e) => warn!("pruning links of deleted pod devices: {e}"),
+    }
     for name in present {
         if attached.contains(&name) {
             continue;

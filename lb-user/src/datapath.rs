@@ -167,6 +167,22 @@ impl Datapath {
         pin_link(link.try_into(), link_path, name)
     }
 
+    /// Removes the pinned links of pod devices not in `present` (deleted while we ran, or
+    /// while we were down); returns their names.
+    pub fn prune_pod_links(&self, present: &std::collections::BTreeSet<String>) -> Result<Vec<String>> {
+        let dir = self.pin_dir.join("links");
+        let mut pruned = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = entry.map_err(io_err(&dir))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if let Some(device) = name.strip_prefix("tc-").filter(|d| !present.contains(*d)) {
+                pruned.push(device.to_string());
+                remove_if_present(&path)?;
+            }
+        }
+        Ok(pruned)
+    }
+
     /// The datapath's log ring (rare events only), for the agent to drain.
     pub fn take_logger(&mut self) -> Result<EbpfLogger<&'static dyn log::Log>> {
         EbpfLogger::init(&mut self.ebpf).map_err(Error::Logger)

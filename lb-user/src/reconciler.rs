@@ -33,7 +33,9 @@ pub trait MapStore {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct FrontendState {
-    value: ServiceValue,
+    svc_id: u32,
+    /// The entry as written to LB_SERVICES; None until it has been.
+    entry: Option<ServiceValue>,
     slots: Vec<u32>,
     ranges: BTreeSet<Range>,
 }
@@ -45,6 +47,9 @@ pub struct Changes {
     pub services_removed: usize,
     pub backends_added: usize,
     pub backends_removed: usize,
+    /// Frontends that could not be written or removed, each naming its Service; the others
+    /// were. Applying again retries them.
+    pub failures: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -76,7 +81,7 @@ impl Reconciler {
                 .collect();
             let ranges = ranges_by_svc.remove(&value.svc_id).unwrap_or_default();
             r.next_svc_id = r.next_svc_id.max(value.svc_id + 1);
-            r.frontends.insert(key, FrontendState { value, slots, ranges });
+            r.frontends.insert(key, FrontendState { svc_id: value.svc_id, entry: Some(value), slots, ranges });
         }
         for (id, backend) in store.backends()? {
             r.next_backend_id = r.next_backend_id.max(id + 1);
@@ -85,7 +90,9 @@ impl Reconciler {
         Ok(r)
     }
 
-    /// Makes the maps hold `desired`.
+    /// Makes the maps hold `desired`. A frontend whose writes fail is reported in
+    /// [`Changes::failures`] and the others are still written; an error is returned only when
+    /// the node-wide config cannot be written.
     pub fn apply<S: MapStore>(
         &mut self,
         desired: &Desired,
@@ -98,32 +105,52 @@ impl Reconciler {
         for (fkey, frontend) in &desired.frontends {
             let key = service_key(fkey);
             keep.insert(key);
-            self.write_frontend(key, frontend, store, &mut changes)?;
+            if let Err(e) = self.write_frontend(key, frontend, store, &mut changes) {
+                changes.failures.push(format!("Service {}: frontend {fkey}: {e}", frontend.service));
+            }
         }
         let gone: Vec<ServiceKey> = self.frontends.keys().filter(|k| !keep.contains(k)).copied().collect();
         for key in gone {
-            let state = self.frontends.remove(&key).expect("listed above");
-            // The entry first: from then on no packet reaches its slots.
-            store.del_service(key)?;
-            for slot in 0..state.slots.len() as u32 {
-                store.del_slot(SlotKey { svc_id: state.value.svc_id, slot })?;
+            if let Err(e) = self.remove_frontend(key, store) {
+                let addr = lb_common::user::ip_from_be(key.addr_be);
+                changes.failures.push(format!(
+                    "frontend {addr}:{}/{}: removing: {e}",
+                    u16::from_be(key.port_be),
+                    key.proto
+                ));
+            } else {
+                changes.services_removed += 1;
             }
-            for range in state.ranges {
-                store.del_source_range(state.value.svc_id, range)?;
-            }
-            changes.services_removed += 1;
         }
         let used: BTreeSet<u32> = self.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
         let unused: Vec<Backend> =
             self.backend_ids.iter().filter(|(_, id)| !used.contains(id)).map(|(b, _)| *b).collect();
         for backend in unused {
-            let id = self.backend_ids.remove(&backend).expect("listed above");
+            let id = self.backend_ids[&backend];
             store.del_backend(id)?;
+            self.backend_ids.remove(&backend);
             changes.backends_removed += 1;
         }
         Ok(changes)
     }
 
+    fn remove_frontend<S: MapStore>(&mut self, key: ServiceKey, store: &mut S) -> Result<(), S::Error> {
+        let state = &self.frontends[&key];
+        // The entry first: from then on no packet reaches its slots.
+        store.del_service(key)?;
+        for slot in 0..state.slots.len() as u32 {
+            store.del_slot(SlotKey { svc_id: state.svc_id, slot })?;
+        }
+        for range in &state.ranges {
+            store.del_source_range(state.svc_id, *range)?;
+        }
+        self.frontends.remove(&key);
+        Ok(())
+    }
+
+    /// Writes one frontend: backends, slots, source ranges, the entry, then removals. The
+    /// view follows each successful write, so after a failure it still says what the maps
+    /// hold and the next apply resumes where this one stopped.
     fn write_frontend<S: MapStore>(
         &mut self,
         key: ServiceKey,
@@ -138,8 +165,8 @@ impl Reconciler {
                 Some(id) => *id,
                 None => {
                     let id = self.next_backend_id;
-                    self.next_backend_id += 1;
                     store.put_backend(id, backend)?;
+                    self.next_backend_id += 1;
                     self.backend_ids.insert(backend, id);
                     changes.backends_added += 1;
                     id
@@ -147,36 +174,40 @@ impl Reconciler {
             };
             ids.push(id);
         }
-        let old = self.frontends.get(&key).cloned();
-        let svc_id = match &old {
-            Some(s) => s.value.svc_id,
-            None => {
-                self.next_svc_id += 1;
-                self.next_svc_id - 1
-            }
-        };
-        let old = old.unwrap_or_default();
+        let next_svc_id = &mut self.next_svc_id;
+        let state = self.frontends.entry(key).or_insert_with(|| {
+            *next_svc_id += 1;
+            FrontendState { svc_id: *next_svc_id - 1, ..Default::default() }
+        });
+        let svc_id = state.svc_id;
         for (slot, id) in ids.iter().enumerate() {
-            if old.slots.get(slot) != Some(id) {
+            if state.slots.get(slot) != Some(id) {
                 store.put_slot(SlotKey { svc_id, slot: slot as u32 }, *id)?;
+                match state.slots.get_mut(slot) {
+                    Some(held) => *held = *id,
+                    None => state.slots.push(*id),
+                }
             }
         }
         let ranges: BTreeSet<Range> = frontend.source_ranges.iter().map(range_of).collect();
-        for r in ranges.difference(&old.ranges) {
+        for r in ranges.difference(&state.ranges.clone()) {
             store.put_source_range(svc_id, *r)?;
+            state.ranges.insert(*r);
         }
         let value = service_value(svc_id, ids.len() as u32, frontend);
-        if old.value != value {
+        if state.entry != Some(value) {
             store.put_service(key, value)?;
+            state.entry = Some(value);
             changes.services_written += 1;
         }
-        for slot in ids.len()..old.slots.len() {
-            store.del_slot(SlotKey { svc_id, slot: slot as u32 })?;
+        while state.slots.len() > ids.len() {
+            store.del_slot(SlotKey { svc_id, slot: state.slots.len() as u32 - 1 })?;
+            state.slots.pop();
         }
-        for r in old.ranges.difference(&ranges) {
+        for r in state.ranges.clone().difference(&ranges) {
             store.del_source_range(svc_id, *r)?;
+            state.ranges.remove(r);
         }
-        self.frontends.insert(key, FrontendState { value, slots: ids, ranges });
         Ok(())
     }
 }

@@ -59,6 +59,9 @@ pub enum Error {
 #[derive(Debug, Default)]
 pub struct Report {
     pub errors: Vec<Error>,
+    /// The manifest path itself could not be read: the objects are only what was read
+    /// before (nothing, at first), not the source's whole truth.
+    pub incomplete: bool,
     /// Documents of kinds this source does not use (Deployments, ConfigMaps, ...).
     pub ignored: usize,
 }
@@ -92,6 +95,7 @@ impl ManifestCache {
         let mut files = Vec::new();
         if let Err(e) = collect_files(path, &mut files) {
             report.errors.push(e);
+            report.incomplete = true;
             // The whole set is unreadable: serve what was read last.
             return (self.merged(), report);
         }
@@ -350,6 +354,13 @@ spec: {ports: [{port: 80}]}
         fs::remove_file(dir.join("b.yaml")).unwrap();
         assert_eq!(names(&cache.read(&dir).0), ["a"], "a deleted file withdraws its objects");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_manifest_path_is_an_incomplete_read() {
+        let (objects, report) = ManifestCache::default().read(Path::new("/nonexistent/manifests"));
+        assert!(report.incomplete && objects.services.is_empty());
+        assert!(report.errors[0].to_string().starts_with("/nonexistent/manifests: "), "{report}");
     }
 
     #[test]

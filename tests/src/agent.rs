@@ -59,10 +59,16 @@ impl Agent {
     /// Stops the agent (leaving its pinned datapath running, as an upgrade or a crash
     /// would) and starts it again; waits for the new process's first sync.
     pub fn restart(&mut self) -> Result<()> {
-        self.stop();
         let before = self.syncs();
-        self.child = spawn(&self.args, &self.log)?;
+        self.respawn()?;
         self.wait_for_syncs(before + 1)
+    }
+
+    /// Stops and starts the agent without waiting for anything.
+    pub fn respawn(&mut self) -> Result<()> {
+        self.stop();
+        self.child = spawn(&self.args, &self.log)?;
+        Ok(())
     }
 
     fn stop(&mut self) {

@@ -359,6 +359,23 @@ fn an_agent_restart_drops_nothing_and_keeps_every_flow_on_its_backend() {
 }
 
 #[test]
+fn an_agent_that_cannot_read_its_manifests_at_start_keeps_the_adopted_services() {
+    let mut c = start(1);
+    let client = c.lab.clients[0].ns.name.clone();
+    answer(tcp_ask(&client, c.node_port(0, 30080)));
+    let away = c.manifests.path.with_extension("away");
+    std::fs::rename(&c.manifests.path, &away).unwrap();
+    c.agents[0].respawn().unwrap();
+    c.agents[0].wait_for_log("keeping the datapath as adopted until the manifests can be read").unwrap();
+    let (backend, _) = answer(tcp_ask(&client, c.node_port(0, 30080)));
+    assert!(backend == "pod-b" || backend == "pod-c", "the NodePort is still served");
+    let synced = c.agents[0].syncs();
+    std::fs::rename(&away, &c.manifests.path).unwrap();
+    c.agents[0].wait_for_syncs(synced + 1).unwrap();
+    answer(tcp_ask(&client, c.node_port(0, 30080)));
+}
+
+#[test]
 fn agent_follows_manifest_changes_and_new_pod_devices() {
     let mut c = start(0);
     let pod_a = c.lab.nodes[0].pods[0].ns.name.clone();
@@ -382,4 +399,10 @@ fn agent_follows_manifest_changes_and_new_pod_devices() {
     c.agents[0].wait_for_log(&format!("attached pod-side program device={device}")).unwrap();
     let (backend, peer) = answer(tcp_ask(&ns, "10.96.1.1:80".parse().unwrap()));
     assert_eq!((backend.as_str(), *peer.ip()), ("pod-c", Ipv4Addr::new(10, 244, 1, 11)));
+    // The pod goes away: its link's pin goes with it.
+    let pin = c.agents[0].pin_dir.join(format!("links/tc-{device}"));
+    assert!(pin.exists());
+    drop(c.lab.nodes[0].pods.pop());
+    c.agents[0].wait_for_log(&format!("device gone; unpinned its pod-side link device={device}")).unwrap();
+    assert!(!pin.exists());
 }

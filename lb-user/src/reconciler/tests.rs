@@ -1,7 +1,11 @@
-use std::{collections::BTreeMap, convert::Infallible, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::*;
 use crate::model::{BackendAddr, FrontendKind, Protocol, ServiceRef};
+
+#[derive(Debug, thiserror::Error)]
+#[error("map full")]
+struct FakeError;
 
 /// An in-memory store that records every write, in order.
 #[derive(Default)]
@@ -11,63 +15,68 @@ struct Fake {
     backends: BTreeMap<u32, Backend>,
     ranges: BTreeSet<(u32, Range)>,
     log: Vec<String>,
+    /// put_service fails for this frontend, as with a full map.
+    full_for: Option<ServiceKey>,
 }
 
 impl MapStore for Fake {
-    type Error = Infallible;
-    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Infallible> {
+    type Error = FakeError;
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, FakeError> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
     }
-    fn slots(&self) -> Result<Vec<(SlotKey, u32)>, Infallible> {
+    fn slots(&self) -> Result<Vec<(SlotKey, u32)>, FakeError> {
         Ok(self.slots.iter().map(|(k, v)| (*k, *v)).collect())
     }
-    fn backends(&self) -> Result<Vec<(u32, Backend)>, Infallible> {
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, FakeError> {
         Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
     }
-    fn source_ranges(&self) -> Result<Vec<(u32, Range)>, Infallible> {
+    fn source_ranges(&self) -> Result<Vec<(u32, Range)>, FakeError> {
         Ok(self.ranges.iter().copied().collect())
     }
-    fn put_backend(&mut self, id: u32, b: Backend) -> Result<(), Infallible> {
+    fn put_backend(&mut self, id: u32, b: Backend) -> Result<(), FakeError> {
         self.log.push(format!("put backend {id} {}:{}", b.ip(), b.port()));
         self.backends.insert(id, b);
         Ok(())
     }
-    fn del_backend(&mut self, id: u32) -> Result<(), Infallible> {
+    fn del_backend(&mut self, id: u32) -> Result<(), FakeError> {
         self.log.push(format!("del backend {id}"));
         self.backends.remove(&id);
         Ok(())
     }
-    fn put_slot(&mut self, k: SlotKey, id: u32) -> Result<(), Infallible> {
+    fn put_slot(&mut self, k: SlotKey, id: u32) -> Result<(), FakeError> {
         self.log.push(format!("put slot {}/{} = {id}", k.svc_id, k.slot));
         self.slots.insert(k, id);
         Ok(())
     }
-    fn del_slot(&mut self, k: SlotKey) -> Result<(), Infallible> {
+    fn del_slot(&mut self, k: SlotKey) -> Result<(), FakeError> {
         self.log.push(format!("del slot {}/{}", k.svc_id, k.slot));
         self.slots.remove(&k);
         Ok(())
     }
-    fn put_source_range(&mut self, svc: u32, r: Range) -> Result<(), Infallible> {
+    fn put_source_range(&mut self, svc: u32, r: Range) -> Result<(), FakeError> {
         self.log.push(format!("put range {svc} /{}", r.1));
         self.ranges.insert((svc, r));
         Ok(())
     }
-    fn del_source_range(&mut self, svc: u32, r: Range) -> Result<(), Infallible> {
+    fn del_source_range(&mut self, svc: u32, r: Range) -> Result<(), FakeError> {
         self.log.push(format!("del range {svc} /{}", r.1));
         self.ranges.remove(&(svc, r));
         Ok(())
     }
-    fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Infallible> {
+    fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), FakeError> {
+        if self.full_for == Some(k) {
+            return Err(FakeError);
+        }
         self.log.push(format!("put service {} count {}", v.svc_id, v.backend_count));
         self.services.insert(k, v);
         Ok(())
     }
-    fn del_service(&mut self, k: ServiceKey) -> Result<(), Infallible> {
+    fn del_service(&mut self, k: ServiceKey) -> Result<(), FakeError> {
         self.log.push(format!("del service {}", self.services[&k].svc_id));
         self.services.remove(&k);
         Ok(())
     }
-    fn put_config(&mut self, _: Config) -> Result<(), Infallible> {
+    fn put_config(&mut self, _: Config) -> Result<(), FakeError> {
         Ok(())
     }
 }
@@ -127,9 +136,10 @@ fn shrinking_lowers_the_count_before_removing_slots_and_backends() {
     let mut r = Reconciler::adopt(&store).unwrap();
     apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080), (11, 8080), (12, 8080)]))]));
     let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(11, 8080)]))]));
+    // Leftover slots go from the top down, so the view stays a prefix if a deletion fails.
     assert_eq!(
         log,
-        ["put slot 1/0 = 2", "put service 1 count 1", "del slot 1/1", "del slot 1/2", "del backend 1", "del backend 3"]
+        ["put slot 1/0 = 2", "put service 1 count 1", "del slot 1/2", "del slot 1/1", "del backend 1", "del backend 3"]
     );
 }
 
@@ -192,4 +202,29 @@ fn adoption_cleans_up_slots_left_past_the_count() {
     let mut r = Reconciler::adopt(&store).unwrap();
     let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080)]))]));
     assert_eq!(log, ["del slot 1/1", "del backend 2"]);
+}
+
+#[test]
+fn a_frontend_that_cannot_be_written_is_reported_and_the_others_are_written() {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    let d = desired(&[(1, frontend(&[(10, 8080)])), (2, frontend(&[(11, 8080)]))]);
+    store.full_for = Some(service_key(d.frontends.keys().next().unwrap()));
+    let changes = r.apply(&d, Config::default(), &mut store).unwrap();
+    assert_eq!(changes.failures, ["Service default/web: frontend 10.96.0.1:80/TCP: map full"]);
+    assert_eq!(store.services.len(), 1, "the other frontend is served");
+    assert_eq!(store.slots.len(), 2, "the failed frontend's slot is written, its entry is not");
+    // Once the map has room, the next apply finishes the job.
+    store.full_for = None;
+    let changes = r.apply(&d, Config::default(), &mut store).unwrap();
+    assert!(changes.failures.is_empty());
+    assert_eq!((store.services.len(), store.slots.len(), store.backends.len()), (2, 2, 2));
+}
+
+#[test]
+fn a_frontend_without_backends_gets_its_entry_so_clients_are_refused() {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[]))]));
+    assert_eq!(log, ["put service 1 count 0"]);
 }
