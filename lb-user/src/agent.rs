@@ -40,22 +40,35 @@ pub struct AgentConfig {
     pub poll: Duration,
 }
 
+// Datapath and map errors carry aya's sizeable errors: boxed, so Result stays small.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Datapath(#[from] datapath::Error),
+    Datapath(Box<datapath::Error>),
     #[error(transparent)]
-    Maps(#[from] crate::maps::Error),
+    Maps(Box<crate::maps::Error>),
     #[error("attaching XDP to uplink {iface}: {source}")]
     Uplink {
         iface: String,
         #[source]
-        source: datapath::Error,
+        source: Box<datapath::Error>,
     },
     #[error("node has no IPv4 address for SNAT (give --node-address)")]
     NoNodeAddress,
     #[error("waiting on netlink or the datapath log: {0}")]
     Poll(#[source] io::Error),
+}
+
+impl From<datapath::Error> for Error {
+    fn from(e: datapath::Error) -> Self {
+        Error::Datapath(Box::new(e))
+    }
+}
+
+impl From<crate::maps::Error> for Error {
+    fn from(e: crate::maps::Error) -> Self {
+        Error::Maps(Box::new(e))
+    }
 }
 
 impl AgentConfig {
@@ -76,7 +89,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let datapath_config = cfg.datapath_config()?;
     let mut dp = Datapath::load(&cfg.pin_dir)?;
     for iface in &cfg.uplinks {
-        dp.attach_uplink(iface).map_err(|source| Error::Uplink { iface: iface.clone(), source })?;
+        dp.attach_uplink(iface).map_err(|source| Error::Uplink { iface: iface.clone(), source: Box::new(source) })?;
     }
     let logger = dp.take_logger()?;
     // SAFETY: the logger owns its ring buffer fd, which stays open as long as it lives.

@@ -42,7 +42,7 @@ pub enum Error {
         source: io::Error,
     },
     #[error("loading the eBPF object: {0}")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
@@ -114,7 +114,7 @@ impl Datapath {
         for name in map_names::ALL {
             loader.map_pin_path(name, pin_dir.join("maps").join(name));
         }
-        let ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
+        let ebpf = loader.load(EBPF_OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
         let mut datapath = Datapath { ebpf, pin_dir: pin_dir.to_path_buf() };
         let xdp: &mut Xdp = datapath.program(program_names::XDP_UPLINK)?;
         xdp.load().map_err(|source| Error::Program { name: program_names::XDP_UPLINK, source })?;
