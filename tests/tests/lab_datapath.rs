@@ -85,6 +85,7 @@ fn manifests() -> String {
             &[POD_A, POD_B],
         ),
         service("empty", "type: NodePort\n  clusterIP: 10.96.1.7", 80, Some(30087), &[]),
+        service("itp-local", "clusterIP: 10.96.1.9\n  internalTrafficPolicy: Local", 80, None, &[POD_A, POD_B, POD_C]),
         CLOSED.to_string(),
     ]
     .concat()
@@ -219,6 +220,20 @@ fn cluster_ip_from_pods_keeps_the_pod_address_and_hairpin_works() {
     assert_eq!((backend.as_str(), *peer.ip()), ("pod-a", c.lab.nodes[0].addr));
     let (backend, peer) = answer(udp_ask(pod_a, "0.0.0.0:0".parse().unwrap(), "10.96.1.2:80".parse().unwrap()));
     assert_eq!((backend.as_str(), *peer.ip()), ("pod-a", c.lab.nodes[0].addr));
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
+    let c = start(0);
+    let pod_b = &c.lab.nodes[1].pods[0].ns.name;
+    for _ in 0..8 {
+        match answer(tcp_ask(pod_b, "10.96.1.9:80".parse().unwrap())) {
+            (b, peer) if b == "pod-c" => assert_eq!(*peer.ip(), POD_B),
+            // pod-b reaching itself: hairpin, SNATed to its node.
+            (b, peer) if b == "pod-b" => assert_eq!(*peer.ip(), c.lab.nodes[1].addr),
+            (b, _) => panic!("{b} is not on node2"),
+        }
+    }
 }
 
 #[test]
