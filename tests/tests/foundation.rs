@@ -73,3 +73,27 @@ fn pinned_maps_print_named_fields_with_bpftool() {
         assert!(text.contains(field), "bpftool shows {field}: {text}");
     }
 }
+
+#[test]
+fn a_panicking_test_leaves_no_namespace_behind() {
+    lb_tests::require_root();
+    let names = std::sync::Mutex::new(Vec::new());
+    let result = std::panic::catch_unwind(|| {
+        let lab = Lab::build("lbt", &Spec { pods_per_node: vec![1], clients: 1 }).unwrap();
+        names.lock().unwrap().extend([
+            lab.segment.name.clone(),
+            lab.nodes[0].ns.name.clone(),
+            lab.nodes[0].pods[0].ns.name.clone(),
+            lab.clients[0].ns.name.clone(),
+        ]);
+        panic!("a test failing halfway");
+    });
+    assert!(result.is_err());
+    let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let names = names.into_inner().unwrap();
+    assert_eq!(names.len(), 4);
+    for name in names {
+        assert!(!listed.contains(&name), "{name} was left behind");
+    }
+}
