@@ -9,7 +9,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{error, warn};
 use lb_common::{
     conntrack::{expired, next_state, State, TCP_ACK, TCP_SYN},
-    counters, ct_flags, in_prefix, needs_snat, service_flags, CtKey, CtValue, ServiceKey, SlotKey, IPPROTO_TCP,
+    counters, ct_flags, in_prefix, needs_snat, service_flags, CtKey, CtValue, ServiceKey, ServiceValue, SlotKey,
+    IPPROTO_TCP,
 };
 
 use crate::{
@@ -67,13 +68,43 @@ const PEER_REFRESH_NS: u64 = 1_000_000_000;
 /// SNAT ports tried before giving up on a new flow.
 const SNAT_TRIES: u32 = 16;
 
+/// Where a packet that is not for a frontend may still belong to a translated flow.
+#[derive(Clone, Copy)]
+pub enum Replies {
+    /// Anywhere: tc on pod devices sees backends answer clients at any address.
+    Anywhere,
+    /// Only toward the node's SNAT address and port range, or into the cluster CIDR: the
+    /// uplink, where everything else can pass without a conntrack lookup.
+    ToNatOrPods,
+}
+
 #[inline(always)]
-pub fn decide<C: EbpfContext>(ctx: &C, p: &Parsed) -> Verdict {
+pub fn decide<C: EbpfContext>(ctx: &C, p: &Parsed, replies: Replies) -> Verdict {
+    let k = &p.key;
+    let frontend = ServiceKey { addr_be: k.dst_addr_be, port_be: k.dst_port_be, proto: k.proto, _pad: 0 };
+    // SAFETY: entries are replaced whole by the agent and stay readable for the whole run
+    // (RCU); a reference rather than a copy keeps the entry out of this frame.
+    let svc = unsafe { LB_SERVICES.get(&frontend) };
+    if svc.is_none() && !may_be_reply(k, replies) {
+        return Verdict::Pass(counters::PASS_NOT_SERVICE);
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(v) = follow_tracked(p, now) {
         return v;
     }
-    start_flow(ctx, p, now)
+    match svc {
+        Some(svc) => start_flow(ctx, p, svc, now),
+        None => Verdict::Pass(counters::PASS_NOT_SERVICE),
+    }
+}
+
+#[inline(always)]
+fn may_be_reply(k: &CtKey, replies: Replies) -> bool {
+    let Replies::ToNatOrPods = replies else { return true };
+    let Some(cfg) = LB_CONFIG.get(0) else { return true };
+    let port = u16::from_be(k.dst_port_be);
+    (k.dst_addr_be == cfg.node_addr_be && (cfg.snat_port_min..=cfg.snat_port_max).contains(&port))
+        || in_prefix(k.dst_addr_be, cfg.cluster_cidr_addr_be, cfg.cluster_cidr_prefix_len)
 }
 
 /// The rewrite of a live tracked flow, leaving its state alone: for ICMP errors about it.
@@ -125,13 +156,8 @@ fn follow_tracked(p: &Parsed, now: u64) -> Option<Verdict> {
 // New flows are the slow path: a call of its own keeps their locals (two conntrack
 // values, service, backend and config copies) out of the per-packet frame.
 #[inline(never)]
-fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, now: u64) -> Verdict {
+fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue, now: u64) -> Verdict {
     let k = &p.key;
-    let frontend = ServiceKey { addr_be: k.dst_addr_be, port_be: k.dst_port_be, proto: k.proto, _pad: 0 };
-    // SAFETY: the agent replaces service entries whole; we copy it out at once.
-    let Some(svc) = (unsafe { LB_SERVICES.get(&frontend) }).copied() else {
-        return Verdict::Pass(counters::PASS_NOT_SERVICE);
-    };
     if svc.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(svc.svc_id, k.src_addr_be) {
         return Verdict::Drop(counters::DROP_SOURCE_RANGE);
     }

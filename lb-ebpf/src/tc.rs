@@ -20,7 +20,7 @@ use aya_ebpf::{
 use lb_common::{counters, icmp, IPPROTO_TCP, XDP_META_FORWARD};
 
 use crate::{
-    flow::{decide, tracked_rewrite, Rewrite, Verdict},
+    flow::{decide, tracked_rewrite, Replies, Rewrite, Verdict},
     maps::count,
     packet::{parse, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF, UDP_CHECK_OFF},
 };
@@ -111,7 +111,7 @@ fn try_lb_tc_pod(ctx: &TcContext) -> Result<i32, ()> {
             return Ok(if not.drop { TC_ACT_SHOT } else { TC_ACT_OK });
         }
     };
-    match decide(ctx, &p) {
+    match decide(ctx, &p, Replies::Anywhere) {
         Verdict::Pass(c) => {
             count(c, p.frame_len);
             Ok(TC_ACT_OK)

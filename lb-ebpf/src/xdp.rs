@@ -13,7 +13,7 @@ use aya_ebpf::{
 use lb_common::{checksum, counters, icmp, IPPROTO_ICMP, IPPROTO_TCP, XDP_META_FORWARD};
 
 use crate::{
-    flow::{decide, tracked_rewrite, Rewrite, Verdict},
+    flow::{decide, tracked_rewrite, Replies, Rewrite, Verdict},
     maps::count,
     packet::{
         parse, ptr_at, read, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF, UDP_CHECK_OFF,
@@ -52,7 +52,7 @@ fn try_lb_xdp_uplink(ctx: &XdpContext) -> Result<u32, ()> {
             return Ok(if not.drop { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS });
         }
     };
-    match decide(ctx, &p) {
+    match decide(ctx, &p, Replies::ToNatOrPods) {
         Verdict::Pass(c) => {
             count(c, p.frame_len);
             Ok(xdp_action::XDP_PASS)
