@@ -146,27 +146,27 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                 }
                 seen = Some(now);
                 let (objects, report) = manifests.read(&cfg.manifests);
-                if report.incomplete && !synced_once {
-                    // Adopted state stays whole until the source has been read once.
-                    warn!("{}; keeping the datapath as adopted until the manifests can be read", report.errors[0]);
-                    seen = None;
-                    continue;
-                }
                 let desired = model::desired_state(&objects, &cfg.node, &cfg.options);
                 let mut errors = problems(&report, &desired);
-                match reconciler.apply(&desired, datapath_config, &mut store) {
-                    Ok(c) => {
-                        synced_once = true;
-                        // Frontends that failed are retried on the next tick.
-                        if !c.failures.is_empty() {
+                if report.incomplete && !synced_once {
+                    // Adopted state stays whole until the source has been read once.
+                    errors.push("keeping the datapath as adopted until the manifests can be read".into());
+                    seen = None;
+                } else {
+                    match reconciler.apply(&desired, datapath_config, &mut store) {
+                        Ok(c) => {
+                            synced_once = true;
+                            // Frontends that failed are retried on the next tick.
+                            if !c.failures.is_empty() {
+                                seen = None;
+                            }
+                            info!(frontends = desired.frontends.len(), written = c.services_written, removed = c.services_removed, backends_added = c.backends_added, backends_removed = c.backends_removed, failed = c.failures.len(), "maps synced");
+                            errors.extend(c.failures);
+                        }
+                        Err(e) => {
+                            errors.push(format!("writing the datapath config: {e}"));
                             seen = None;
                         }
-                        info!(frontends = desired.frontends.len(), written = c.services_written, removed = c.services_removed, backends_added = c.backends_added, backends_removed = c.backends_removed, failed = c.failures.len(), "maps synced");
-                        errors.extend(c.failures);
-                    }
-                    Err(e) => {
-                        errors.push(format!("writing the datapath config: {e}"));
-                        seen = None;
                     }
                 }
                 if errors != last_errors {
@@ -175,7 +175,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                     }
                     last_errors = errors;
                 }
-                health.update(&desired.health_checks).await;
+                if synced_once {
+                    health.update(&desired.health_checks).await;
+                }
             }
         }
     }

@@ -132,7 +132,7 @@ pub struct Fixture {
 impl Fixture {
     /// Loads and scripts the datapath; SNAT source ports come from `snat_ports`.
     pub fn load(pin_dir: &Path, snat_ports: (u16, u16)) -> Fixture {
-        let mut dp = Datapath::load(pin_dir).unwrap();
+        let dp = Datapath::load(pin_dir).unwrap();
         let mut objects = source::Objects::default();
         let mut report = source::Report::default();
         source::parse_into(
@@ -154,9 +154,8 @@ impl Fixture {
             snat_port_min: snat_ports.0,
             snat_port_max: snat_ports.1,
         };
-        Reconciler::adopt(&store).unwrap().apply(&desired, config, &mut store).unwrap();
-        // Programs under test are loaded but attached nowhere: test runs only.
-        let _ = dp.ebpf_mut();
+        let changes = Reconciler::adopt(&store).unwrap().apply(&desired, config, &mut store).unwrap();
+        assert!(changes.failures.is_empty(), "{:?}", changes.failures);
         let eth0 = ifindex("eth0");
         Fixture { dp, pin_dir: pin_dir.to_path_buf(), eth0 }
     }
