@@ -1,8 +1,11 @@
 //! The decision about one packet, the same for XDP and tc: follow a tracked flow, or start
 //! one (frontend lookup, source ranges, backend choice, SNAT port), or let it pass.
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    bindings::{bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
+    helpers::{
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skc_lookup_tcp,
+    },
     EbpfContext,
 };
 // Rare events only (a stale service entry, NAT exhaustion, a full map): never per packet.
@@ -205,7 +208,7 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue, now: u64)
     if snat {
         answer.flags |= ct_flags::SNAT;
         forward.src_addr_be = cfg.node_addr_be;
-        let Some(port_be) = claim_snat_port(&forward, &answer, &cfg, k.proto, now) else {
+        let Some(port_be) = claim_snat_port(ctx, &forward, &answer, &cfg, k.proto, now) else {
             warn!(
                 ctx,
                 "no free SNAT port toward {:i}:{} in {}-{}",
@@ -243,7 +246,14 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue, now: u64)
 /// only after the range has gone by, so it does not meet the backend's TIME_WAIT socket of
 /// the flow that used it last.
 #[inline(always)]
-fn claim_snat_port(forward: &Rewrite, answer: &CtValue, cfg: &lb_common::Config, proto: u8, now: u64) -> Option<u16> {
+fn claim_snat_port<C: EbpfContext>(
+    ctx: &C,
+    forward: &Rewrite,
+    answer: &CtValue,
+    cfg: &lb_common::Config,
+    proto: u8,
+    now: u64,
+) -> Option<u16> {
     let span = (cfg.snat_port_max as u32).saturating_sub(cfg.snat_port_min as u32) + 1;
     let cursor = LB_SNAT_CURSOR.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
@@ -257,6 +267,9 @@ fn claim_snat_port(forward: &Rewrite, answer: &CtValue, cfg: &lb_common::Config,
         next = next.wrapping_add(1);
         try_rewrite.src_port_be = (port as u16).to_be();
         let key = try_rewrite.answer_key(proto);
+        if node_has_socket(ctx, &key) {
+            continue;
+        }
         let claimed = LB_CONNTRACK.insert(&key, answer, BPF_NOEXIST as u64).is_ok()
             || LB_CONNTRACK.get_ptr(&key).is_some_and(|held| {
                 // SAFETY: read-only copy of plain integers.
@@ -272,4 +285,34 @@ fn claim_snat_port(forward: &Rewrite, answer: &CtValue, cfg: &lb_common::Config,
     }
     unsafe { *cursor = next };
     None
+}
+
+/// Would a packet with this tuple (backend -> node:port) reach a socket of the node itself?
+/// Then the port is the node's own (a connection to that backend, or a listener) and SNAT
+/// must not take it: the flow's replies would be taken from the socket.
+#[inline(always)]
+fn node_has_socket<C: EbpfContext>(ctx: &C, key: &CtKey) -> bool {
+    // SAFETY: an all-zero tuple is valid; only its IPv4 part is filled and passed.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+        saddr: key.src_addr_be,
+        daddr: key.dst_addr_be,
+        sport: key.src_port_be,
+        dport: key.dst_port_be,
+    };
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: valid context and tuple; a socket found is released right away.
+    unsafe {
+        let sk = if key.proto == IPPROTO_TCP {
+            bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
 }

@@ -318,3 +318,31 @@ fn run_fixtures(pin_dir: &Path) {
     assert_eq!(c["xdp_tx"], 9, "{c:?}");
     assert_eq!(c["icmp_error_translated"], 3, "{c:?}");
 }
+
+#[test]
+fn snat_never_takes_a_port_the_node_itself_uses() {
+    lb_tests::require_root();
+    let ns = fixture_netns();
+    let pins = lb_tests::Pins::new(&ns.name);
+    let pin_dir = pins.0.clone();
+    in_netns(&ns.name, move || {
+        let mut fx = Fixture::load(&pin_dir, (45000, 45001));
+        let node_port = |p| sa(NODE, p);
+        // The node's own sockets on both SNAT ports: a listener and a bound UDP socket each.
+        let tcp_45000 = std::net::TcpListener::bind(node_port(45000)).unwrap();
+        let tcp_45001 = std::net::TcpListener::bind(node_port(45001)).unwrap();
+        let udp_45000 = std::net::UdpSocket::bind(node_port(45000)).unwrap();
+        let udp_45001 = std::net::UdpSocket::bind(node_port(45001)).unwrap();
+        let tcp = Frame::tcp(sa(CLIENT, 5555), node_port(30080), SYN).bytes();
+        let udp = Frame::udp(sa(CLIENT, 5555), node_port(30080)).bytes();
+        assert_eq!(fx.xdp(&tcp).0, XDP_DROP, "no port the node uses is taken");
+        assert_eq!(fx.xdp(&udp).0, XDP_DROP);
+        assert_eq!(fx.counters()["drop_nat_exhausted"], 2);
+        drop((tcp_45001, udp_45000));
+        let (action, out, _) = fx.xdp(&tcp);
+        assert_eq!((action, endpoints(&out).0), (XDP_TX, node_port(45001)), "TCP takes the port no TCP socket holds");
+        let (action, out, _) = fx.xdp(&udp);
+        assert_eq!((action, endpoints(&out).0), (XDP_TX, node_port(45000)), "UDP takes the port no UDP socket holds");
+        drop((tcp_45000, udp_45001));
+    });
+}
