@@ -16,19 +16,19 @@ pub mod user;
 /// Directory under bpffs where the agent pins programs and maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/kube-xdp-lb";
 
-/// Map names, defined once and used by both sides (`#[btf_map(name = ..)]` and the loader).
+/// Map names, defined once: lb-ebpf's map statics are named exactly so, and the loader pins and
+/// opens maps by them. At most 15 characters, or the kernel truncates them.
 pub mod map_names {
     pub const SERVICES: &str = "LB_SERVICES";
-    pub const BACKEND_SLOTS: &str = "LB_BACKEND_SLOTS";
+    pub const SLOTS: &str = "LB_SLOTS";
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const CONNTRACK: &str = "LB_CONNTRACK";
-    pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
+    pub const SRC_RANGES: &str = "LB_SRC_RANGES";
     pub const CONFIG: &str = "LB_CONFIG";
     pub const COUNTERS: &str = "LB_COUNTERS";
     pub const SNAT_CURSOR: &str = "LB_SNAT_CURSOR";
     /// Every map the agent pins; all survive an agent restart.
-    pub const ALL: [&str; 8] =
-        [SERVICES, BACKEND_SLOTS, BACKENDS, CONNTRACK, SOURCE_RANGES, CONFIG, COUNTERS, SNAT_CURSOR];
+    pub const ALL: [&str; 8] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, SRC_RANGES, CONFIG, COUNTERS, SNAT_CURSOR];
 }
 
 /// Program names as they appear in the object file and under [`PIN_DIR`].
@@ -79,7 +79,7 @@ pub mod service_flags {
     /// externalTrafficPolicy=Local: backends are this node's only, never SNAT, and an
     /// empty set drops instead of refusing (the cloud LB's health check steers away).
     pub const EXTERNAL_LOCAL: u32 = 1 << 1;
-    /// loadBalancerSourceRanges apply: only sources in LB_SOURCE_RANGES for this svc_id.
+    /// loadBalancerSourceRanges apply: only sources in LB_SRC_RANGES for this svc_id.
     pub const SOURCE_RANGES: u32 = 1 << 2;
 }
 
@@ -89,7 +89,7 @@ pub mod algorithm {
 }
 
 /// What a frontend translates to. Backends of the frontend are the slots
-/// `(svc_id, 0..backend_count)` in LB_BACKEND_SLOTS.
+/// `(svc_id, 0..backend_count)` in LB_SLOTS.
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -185,7 +185,7 @@ pub struct CtValue {
     pub _pad: [u8; 6],
 }
 
-/// Data of the LB_SOURCE_RANGES LPM trie key (the trie's key is `Key<SourceRange>`): the
+/// Data of the LB_SRC_RANGES LPM trie key (the trie's key is `Key<SourceRange>`): the
 /// prefix length counts the 32 bits of svc_id plus the prefix of the address, so one
 /// trie holds every Service's ranges.
 #[repr(C)]
@@ -267,6 +267,14 @@ mod tests {
         assert_eq!(size_of::<SourceRange>(), 8);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<BenchFrame>(), 56);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel() {
+        // BPF_OBJ_NAME_LEN is 16 with the NUL: a longer name shows truncated in bpftool.
+        for name in map_names::ALL {
+            assert!(name.len() <= 15, "{name} is longer than 15 characters");
+        }
     }
 
     #[test]

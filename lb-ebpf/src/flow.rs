@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{source_allowed, LB_BACKENDS, LB_BACKEND_SLOTS, LB_CONFIG, LB_CONNTRACK, LB_SERVICES, LB_SNAT_CURSOR},
+    maps::{source_allowed, LB_BACKENDS, LB_CONFIG, LB_CONNTRACK, LB_SERVICES, LB_SLOTS, LB_SNAT_CURSOR},
     packet::Parsed,
 };
 
@@ -172,7 +172,7 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue, now: u64)
         };
     }
     let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
-    let Some(backend_id) = (unsafe { LB_BACKEND_SLOTS.get(&SlotKey { svc_id: svc.svc_id, slot }) }).copied() else {
+    let Some(backend_id) = (unsafe { LB_SLOTS.get(&SlotKey { svc_id: svc.svc_id, slot }) }).copied() else {
         error!(ctx, "frontend {} has {} backends but no slot {}", svc.svc_id, svc.backend_count, slot);
         return Verdict::Drop(counters::DROP_STALE_SERVICE);
     };

@@ -13,7 +13,7 @@ use lb_common::{
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
 
 #[btf_map]
-pub static LB_BACKEND_SLOTS: HashMap<SlotKey, u32, { MAX_BACKEND_SLOTS as usize }> = HashMap::new();
+pub static LB_SLOTS: HashMap<SlotKey, u32, { MAX_BACKEND_SLOTS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static LB_BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
@@ -22,7 +22,7 @@ pub static LB_BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashM
 pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { MAX_CONNTRACK as usize }> = LruHashMap::new();
 
 #[btf_map]
-pub static LB_SOURCE_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
+pub static LB_SRC_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
 
 #[btf_map]
 pub static LB_CONFIG: Array<Config, 1> = Array::new();
@@ -48,5 +48,5 @@ pub fn count(index: u32, bytes: u64) {
 #[inline(always)]
 pub fn source_allowed(svc_id: u32, src_addr_be: u32) -> bool {
     let key = Key::new(64, SourceRange { svc_id_be: svc_id.to_be(), addr_be: src_addr_be });
-    LB_SOURCE_RANGES.get(&key).is_some()
+    LB_SRC_RANGES.get(&key).is_some()
 }

@@ -40,9 +40,9 @@ impl PinnedMaps {
     pub fn open(pin_dir: &Path) -> Result<Self, Error> {
         Ok(PinnedMaps {
             services: typed(pin_dir, map_names::SERVICES)?,
-            slots: typed(pin_dir, map_names::BACKEND_SLOTS)?,
+            slots: typed(pin_dir, map_names::SLOTS)?,
             backends: typed(pin_dir, map_names::BACKENDS)?,
-            ranges: typed(pin_dir, map_names::SOURCE_RANGES)?,
+            ranges: typed(pin_dir, map_names::SRC_RANGES)?,
             config: typed(pin_dir, map_names::CONFIG)?,
         })
     }
@@ -71,14 +71,14 @@ impl MapStore for PinnedMaps {
         self.services.iter().collect::<Result<_, _>>().map_err(at(map_names::SERVICES))
     }
     fn slots(&self) -> Result<Vec<(SlotKey, u32)>, Error> {
-        self.slots.iter().collect::<Result<_, _>>().map_err(at(map_names::BACKEND_SLOTS))
+        self.slots.iter().collect::<Result<_, _>>().map_err(at(map_names::SLOTS))
     }
     fn backends(&self) -> Result<Vec<(u32, Backend)>, Error> {
         self.backends.iter().collect::<Result<_, _>>().map_err(at(map_names::BACKENDS))
     }
     fn source_ranges(&self) -> Result<Vec<(u32, Range)>, Error> {
         let keys: Vec<Key<SourceRange>> =
-            self.ranges.keys().collect::<Result<_, _>>().map_err(at(map_names::SOURCE_RANGES))?;
+            self.ranges.keys().collect::<Result<_, _>>().map_err(at(map_names::SRC_RANGES))?;
         Ok(keys
             .into_iter()
             .map(|k| {
@@ -94,16 +94,16 @@ impl MapStore for PinnedMaps {
         absent_ok(self.backends.remove(&id)).map_err(at(map_names::BACKENDS))
     }
     fn put_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), Error> {
-        self.slots.insert(key, backend_id, 0).map_err(at(map_names::BACKEND_SLOTS))
+        self.slots.insert(key, backend_id, 0).map_err(at(map_names::SLOTS))
     }
     fn del_slot(&mut self, key: SlotKey) -> Result<(), Error> {
-        absent_ok(self.slots.remove(&key)).map_err(at(map_names::BACKEND_SLOTS))
+        absent_ok(self.slots.remove(&key)).map_err(at(map_names::SLOTS))
     }
     fn put_source_range(&mut self, svc_id: u32, range: Range) -> Result<(), Error> {
-        self.ranges.insert(&range_key(svc_id, range), 1, 0).map_err(at(map_names::SOURCE_RANGES))
+        self.ranges.insert(&range_key(svc_id, range), 1, 0).map_err(at(map_names::SRC_RANGES))
     }
     fn del_source_range(&mut self, svc_id: u32, range: Range) -> Result<(), Error> {
-        absent_ok(self.ranges.remove(&range_key(svc_id, range))).map_err(at(map_names::SOURCE_RANGES))
+        absent_ok(self.ranges.remove(&range_key(svc_id, range))).map_err(at(map_names::SRC_RANGES))
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Error> {
         self.services.insert(key, value, 0).map_err(at(map_names::SERVICES))

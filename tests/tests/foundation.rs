@@ -72,6 +72,15 @@ fn pinned_maps_print_named_fields_with_bpftool() {
     for field in ["\"node_addr_be\"", "\"snat_port_min\"", "\"cluster_cidr_prefix_len\""] {
         assert!(text.contains(field), "bpftool shows {field}: {text}");
     }
+    // Every pinned map carries BTF for its key and value types.
+    for name in map_names::ALL {
+        let out = Command::new("bpftool")
+            .args(["map", "show", "pinned", &format!("{pin_dir}/maps/{name}")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(name) && text.contains("btf_id"), "{name} has BTF: {text}");
+    }
 }
 
 #[test]
