@@ -57,6 +57,15 @@ pub enum Error {
     },
     #[error("the datapath's log ring: {0}")]
     Logger(#[source] aya_log::Error),
+    #[error(
+        "{}: {field} is {pinned}, this build expects {expected}, so its state cannot be adopted; \
+         `lb-user unload --pin-dir {}` starts over (tracked flows are lost), or use another --pin-dir",
+        path.display(),
+        path.parent().and_then(Path::parent).unwrap_or(path).display()
+    )]
+    IncompatiblePin { path: PathBuf, field: &'static str, pinned: u32, expected: u32 },
+    #[error("--pin-dir {} is not on a bpf filesystem (use a directory under {BPF_FS})", .0.display())]
+    NotBpffs(PathBuf),
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
     #[error("pinning {}: {source}", path.display())]
@@ -79,14 +88,20 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
-/// Mounts bpffs at /sys/fs/bpf unless it is mounted already.
-pub fn ensure_bpffs() -> Result<()> {
-    let path = std::ffi::CString::new(BPF_FS).expect("no NUL");
+fn on_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
     // SAFETY: statfs on a valid C string into a zeroed struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+    unsafe { libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless it is mounted already.
+pub fn ensure_bpffs() -> Result<()> {
+    if on_bpffs(Path::new(BPF_FS)) {
         return Ok(());
     }
+    let path = std::ffi::CString::new(BPF_FS).expect("no NUL");
     let fstype = std::ffi::CString::new("bpf").expect("no NUL");
     // SAFETY: mount(2) with valid C strings and no data.
     let rc = unsafe { libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
@@ -110,6 +125,10 @@ impl Datapath {
             let dir = pin_dir.join(sub);
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
+        if !on_bpffs(pin_dir) {
+            return Err(Error::NotBpffs(pin_dir.to_path_buf()));
+        }
+        check_pinned_shapes(pin_dir)?;
         let mut loader = EbpfLoader::new();
         for name in map_names::ALL {
             loader.map_pin_path(name, pin_dir.join("maps").join(name));
@@ -261,6 +280,44 @@ pub fn read_counters(pin_dir: &Path) -> Result<Vec<(&'static str, Counter)>> {
             Ok((*label, total))
         })
         .collect()
+}
+
+/// (name, key size, value size, max entries) of every pinned map, as this build defines them.
+fn expected_shapes() -> [(&'static str, usize, usize, u32); 8] {
+    use lb_common::*;
+    use std::mem::size_of;
+    [
+        (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), MAX_SERVICES),
+        (map_names::SLOTS, size_of::<SlotKey>(), size_of::<u32>(), MAX_BACKEND_SLOTS),
+        (map_names::BACKENDS, size_of::<u32>(), size_of::<Backend>(), MAX_BACKENDS),
+        (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), MAX_CONNTRACK),
+        // LPM trie keys carry a u32 prefix length in front.
+        (map_names::SRC_RANGES, size_of::<u32>() + size_of::<SourceRange>(), size_of::<u32>(), MAX_SOURCE_RANGES),
+        (map_names::CONFIG, size_of::<u32>(), size_of::<Config>(), 1),
+        (map_names::COUNTERS, size_of::<u32>(), size_of::<Counter>(), counters::COUNT),
+        (map_names::SNAT_CURSOR, size_of::<u32>(), size_of::<u32>(), 1),
+    ]
+}
+
+/// Adopting a pinned map of another layout (left by an older build) would let the programs
+/// misread it: refuse, naming the map and what differs.
+fn check_pinned_shapes(pin_dir: &Path) -> Result<()> {
+    for (name, key, value, entries) in expected_shapes() {
+        let path = pin_dir.join("maps").join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|source| Error::Map { name, source })?;
+        let fields = [
+            ("key size", info.key_size(), key as u32),
+            ("value size", info.value_size(), value as u32),
+            ("max entries", info.max_entries(), entries),
+        ];
+        if let Some((field, pinned, expected)) = fields.into_iter().find(|(_, pinned, expected)| pinned != expected) {
+            return Err(Error::IncompatiblePin { path, field, pinned, expected });
+        }
+    }
+    Ok(())
 }
 
 /// Opens a pinned map of the datapath under `pin_dir`.

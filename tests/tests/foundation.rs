@@ -84,6 +84,36 @@ fn pinned_maps_print_named_fields_with_bpftool() {
 }
 
 #[test]
+fn a_pinned_map_of_another_layout_is_refused_not_adopted() {
+    lb_tests::require_root();
+    let ns = lb_tests::lab::Netns::new("lbt", "layout").unwrap();
+    let pins = Pins::new(&ns.name);
+    let maps = pins.0.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    // As an older build might have left it: LB_SERVICES with a 4-byte key.
+    let path = maps.join(map_names::SERVICES);
+    let created = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args(["type", "hash", "key", "4", "value", "20", "entries", "65536", "name", map_names::SERVICES])
+        .status()
+        .unwrap();
+    assert!(created.success());
+    let out = Command::new(lb_user_bin().unwrap())
+        .args(["load", "--pin-dir"])
+        .arg(&pins.0)
+        .args(["--iface", "lo"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}: key size is 4, this build expects 8", path.display())),
+        "the error names the map and the field: {stderr}"
+    );
+}
+
+#[test]
 fn a_panicking_test_leaves_no_namespace_behind() {
     lb_tests::require_root();
     let names = std::sync::Mutex::new(Vec::new());
