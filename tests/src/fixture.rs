@@ -98,7 +98,7 @@ pub fn local_slices() -> String {
 
 /// The namespace: eth0 192.168.50.10/24 (MAC NODE_MAC) with static neighbours for the
 /// client and node2, which routes 10.244.2.0/24; veth0 toward the local pods.
-pub fn fixture_netns() -> Netns {
+fn fixture_netns() -> Netns {
     let ns = Netns::new("lbt", "fixtures").unwrap();
     for args in [
         &["link", "add", "eth0", "type", "veth", "peer", "name", "wire0"][..],
@@ -123,6 +123,19 @@ pub fn fixture_netns() -> Netns {
     ns
 }
 
+/// Runs `f` on a fixture loaded, with SNAT ports from `snat_ports`, in a fixture namespace
+/// made for it; namespace and pins are removed afterwards, also when `f` panics.
+pub fn with_fixture<R: Send + 'static>(
+    snat_ports: (u16, u16),
+    f: impl FnOnce(&mut Fixture) -> R + Send + 'static,
+) -> R {
+    crate::require_root();
+    let ns = fixture_netns();
+    let pins = crate::Pins::new(&ns.name);
+    let pin_dir = pins.0.clone();
+    crate::lab::in_netns(&ns.name, move || f(&mut Fixture::load(&pin_dir, snat_ports)))
+}
+
 pub struct Fixture {
     pub dp: Datapath,
     pub pin_dir: std::path::PathBuf,
@@ -131,7 +144,7 @@ pub struct Fixture {
 
 impl Fixture {
     /// Loads and scripts the datapath; SNAT source ports come from `snat_ports`.
-    pub fn load(pin_dir: &Path, snat_ports: (u16, u16)) -> Fixture {
+    fn load(pin_dir: &Path, snat_ports: (u16, u16)) -> Fixture {
         let dp = Datapath::load(pin_dir).unwrap();
         let mut objects = source::Objects::default();
         let mut report = source::Report::default();

@@ -4,15 +4,11 @@
 //! reconciler -> pinned maps). Runs inside a namespace made here, whose uplink has a fixed
 //! MAC and static neighbours, so that FIB lookups (and so XDP_TX versus handing over to tc)
 //! are deterministic.
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
-};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{ct_flags, IPPROTO_TCP, IPPROTO_UDP};
 use lb_tests::{
     fixture::*,
-    lab::in_netns,
     packet::{checksums_ok, endpoints, Frame, ACK, CLIENT_MAC, FIN, NODE_MAC, SYN},
 };
 
@@ -88,15 +84,10 @@ fn icmp_error(
 
 #[test]
 fn xdp_and_tc_rewrites_byte_for_byte() {
-    lb_tests::require_root();
-    let ns = fixture_netns();
-    let pins = lb_tests::Pins::new(&ns.name);
-    let pin_dir = pins.0.clone();
-    in_netns(&ns.name, move || run_fixtures(&pin_dir));
+    with_fixture((40000, 40999), run_fixtures);
 }
 
-fn run_fixtures(pin_dir: &Path) {
-    let mut fx = Fixture::load(pin_dir, (40000, 40999));
+fn run_fixtures(fx: &mut Fixture) {
     let client = sa(CLIENT, 5555);
 
     // 1. NodePort, backend on another node: DNAT + SNAT, out of eth0 again with XDP_TX.
@@ -321,12 +312,7 @@ fn run_fixtures(pin_dir: &Path) {
 
 #[test]
 fn snat_never_takes_a_port_the_node_itself_uses() {
-    lb_tests::require_root();
-    let ns = fixture_netns();
-    let pins = lb_tests::Pins::new(&ns.name);
-    let pin_dir = pins.0.clone();
-    in_netns(&ns.name, move || {
-        let mut fx = Fixture::load(&pin_dir, (45000, 45001));
+    with_fixture((45000, 45001), |fx| {
         let node_port = |p| sa(NODE, p);
         // The node's own sockets on both SNAT ports: a listener and a bound UDP socket each.
         let tcp_45000 = std::net::TcpListener::bind(node_port(45000)).unwrap();

@@ -11,8 +11,7 @@ use aya::{
 };
 use lb_common::{program_names, BenchFrame, BENCH_FRAME_LEN};
 use lb_tests::{
-    fixture::{fixture_netns, Fixture, CLIENT, NODE},
-    lab::in_netns,
+    fixture::{with_fixture, Fixture, CLIENT, NODE},
     packet::{Frame, ACK, SYN},
 };
 
@@ -29,16 +28,11 @@ struct Case {
 }
 
 fn main() -> Result<()> {
-    lb_tests::require_root();
-    let ns = fixture_netns();
-    let pins = lb_tests::Pins::new(&ns.name);
-    let pin_dir = pins.0.clone();
-    in_netns(&ns.name, move || run(&pin_dir))
+    // Every SNAT port is free for new flows: 7 rounds x 8 000 stay below the 64 512 ports.
+    with_fixture((1024, 65535), run)
 }
 
-fn run(pin_dir: &std::path::Path) -> Result<()> {
-    // Every SNAT port is free for new flows: 7 rounds x 8 000 stay below the 64 512 ports.
-    let mut fx = Fixture::load(pin_dir, (1024, 65535));
+fn run(fx: &mut Fixture) -> Result<()> {
     let client = SocketAddrV4::new(CLIENT, 40000);
     let node = |port| SocketAddrV4::new(NODE, port);
     // The flow the "established" case follows: created once, then only its ACKs.
