@@ -226,7 +226,9 @@ fn cluster_ip_from_pods_keeps_the_pod_address_and_hairpin_works() {
 fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
     let c = start(0);
     let pod_b = &c.lab.nodes[1].pods[0].ns.name;
-    for _ in 0..8 {
+    // Were the policy ignored, each request would reach pod-a (node1) with chance 1/3:
+    // 24 requests all missing it would be a 1-in-16 000 accident.
+    for _ in 0..24 {
         match answer(tcp_ask(pod_b, "10.96.1.9:80".parse().unwrap())) {
             (b, peer) if b == "pod-c" => assert_eq!(*peer.ip(), POD_B),
             // pod-b reaching itself: hairpin, SNATed to its node.
