@@ -16,12 +16,11 @@ use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{self, Datapath},
-    health::HealthServers,
-    maps::PinnedMaps,
+    datapath::{self, maps::PinnedMaps, Datapath},
     model::{self, Desired, NodeInfo, Options},
-    reconciler::Reconciler,
-    source::{fingerprint, ManifestCache},
+    reconcile::Reconciler,
+    source::manifests::{fingerprint, ManifestCache},
+    telemetry::health::HealthServers,
 };
 
 /// How often expired conntrack entries are deleted.
@@ -46,7 +45,7 @@ pub enum Error {
     #[error(transparent)]
     Datapath(Box<datapath::Error>),
     #[error(transparent)]
-    Maps(Box<crate::maps::Error>),
+    Maps(Box<crate::datapath::maps::Error>),
     #[error("attaching XDP to uplink {iface}: {source}")]
     Uplink {
         iface: String,
@@ -65,8 +64,8 @@ impl From<datapath::Error> for Error {
     }
 }
 
-impl From<crate::maps::Error> for Error {
-    fn from(e: crate::maps::Error) -> Self {
+impl From<crate::datapath::maps::Error> for Error {
+    fn from(e: crate::datapath::maps::Error) -> Self {
         Error::Maps(Box::new(e))
     }
 }
@@ -109,7 +108,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut conntrack: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> =
         datapath::open_map(&cfg.pin_dir, lb_common::map_names::CONNTRACK)?
             .try_into()
-            .map_err(|source| crate::maps::Error::Map { name: lb_common::map_names::CONNTRACK, source })?;
+            .map_err(|source| crate::datapath::maps::Error::Map { name: lb_common::map_names::CONNTRACK, source })?;
     let mut sweep = tokio::time::interval(CONNTRACK_SWEEP);
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(cfg.poll);
@@ -118,7 +117,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         tokio::select! {
             _ = &mut shutdown => break,
             _ = sweep.tick() => {
-                match crate::conntrack::sweep(&mut conntrack, crate::conntrack::monotonic_now_ns()) {
+                match crate::datapath::conntrack::sweep(&mut conntrack, crate::datapath::conntrack::monotonic_now_ns()) {
                     Ok(0) => {}
                     Ok(n) => info!(removed = n, "expired conntrack entries swept"),
                     Err(e) => warn!("sweeping conntrack: {e}"),
@@ -185,7 +184,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     Ok(())
 }
 
-fn problems(report: &crate::source::Report, desired: &Desired) -> Vec<String> {
+fn problems(report: &crate::source::manifests::Report, desired: &Desired) -> Vec<String> {
     report.errors.iter().map(|e| e.to_string()).chain(desired.errors.iter().map(|e| e.to_string())).collect()
 }
 

@@ -1,11 +1,12 @@
-//! The agent and its CLI: sources -> model -> reconciler -> maps.
+//! The agent and its CLI. Folders follow the data flow, and arrows point down it:
+//! `source` (objects) -> `model` (desired state) -> `reconcile` (ordered writes) ->
+//! `datapath` (load, attach, pins, maps); `telemetry` serves what the datapath and the agent
+//! report; `cli` renders views; `agent` wires them together.
 pub mod agent;
-pub mod conntrack;
+pub mod cli;
 pub mod datapath;
-pub mod health;
-pub mod maps;
 pub mod model;
 pub mod netns;
-pub mod reconciler;
-pub mod show;
+pub mod reconcile;
 pub mod source;
+pub mod telemetry;

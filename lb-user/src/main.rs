@@ -2,7 +2,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use lb_user::{agent, datapath, model, netns, source};
+use lb_user::{agent, datapath, model, netns, source::manifests as source};
 
 #[derive(Parser)]
 #[command(name = "lb-user", about = "eBPF/XDP Kubernetes Service load balancer: agent and CLI")]
@@ -143,7 +143,7 @@ fn main() -> anyhow::Result<()> {
         Command::Model { node } => {
             let (objects, report) = source::read_manifests(&node.manifests);
             let desired = model::desired_state(&objects, &node.node(), &node.options());
-            print!("{}", lb_user::show::desired(&desired));
+            print!("{}", lb_user::cli::show::desired(&desired));
             for e in report.errors.iter().map(|e| e.to_string()).chain(desired.errors.iter().map(|e| e.to_string())) {
                 eprintln!("error: {e}");
             }

@@ -14,11 +14,10 @@ use aya::{
 };
 use lb_common::{map_names, program_names, user::addr_be, CtKey, CtValue, XDP_META_FORWARD};
 use lb_user::{
-    datapath::{self, Datapath},
-    maps::PinnedMaps,
+    datapath::{self, maps::PinnedMaps, Datapath},
     model,
-    reconciler::Reconciler,
-    source,
+    reconcile::Reconciler,
+    source::{self, manifests},
 };
 
 use crate::lab::Netns;
@@ -147,8 +146,8 @@ impl Fixture {
     fn load(pin_dir: &Path, snat_ports: (u16, u16)) -> Fixture {
         let dp = Datapath::load(pin_dir).unwrap();
         let mut objects = source::Objects::default();
-        let mut report = source::Report::default();
-        source::parse_into(
+        let mut report = manifests::Report::default();
+        manifests::parse_into(
             Path::new("fixtures.yaml"),
             &(MANIFESTS.to_string() + &local_slices()),
             &mut objects,

@@ -4,9 +4,10 @@ use lb_common::{
     conntrack::{timeout_ns, State},
     map_names, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP,
 };
-use lb_user::{
+use lb_user::datapath::{
+    self,
     conntrack::{monotonic_now_ns, sweep},
-    datapath::{self, Datapath},
+    Datapath,
 };
 
 fn key(port: u16, proto: u8) -> CtKey {

@@ -6,7 +6,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use xtask::{bpf_linker_on_path, build_ebpf, workspace_root, EbpfToolchain};
+use lb_build::{bpf_linker_on_path, build_ebpf, workspace_root, EbpfToolchain};
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Tasks for the kube-xdp-lb workspace")]

@@ -1,7 +1,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::source::{parse_into, Report};
+use crate::source::manifests::{parse_into, Report};
 
 fn objects(yaml: &str) -> Objects {
     let mut o = Objects::default();

@@ -1,5 +1,9 @@
 //! The eBPF build recipe, shared by `cargo xtask build-ebpf` and lb-user's build script
 //! (so a plain `cargo build` embeds a fresh object). std only: it runs in build scripts.
+//!
+//! `LB_EBPF_STUB=1` makes lb-user embed an empty object instead, so the model, reconciler
+//! and agent logic build and unit-test on a machine without the eBPF toolchain; such a
+//! binary refuses to load a datapath.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -78,9 +82,17 @@ fn nightly_has_rust_src() -> bool {
     Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists()
 }
 
-/// The workspace root (this crate lives in `<root>/xtask`).
+/// Set (to anything but `0` or empty) to embed an empty object instead of building one.
+pub const STUB_VAR: &str = "LB_EBPF_STUB";
+
+/// Whether this build asked for the empty stub object.
+pub fn stub_requested() -> bool {
+    env::var(STUB_VAR).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The workspace root (this crate lives in `<root>/lb-build`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("lb-build has a parent").to_path_buf()
 }
 
 /// Builds `lb-ebpf` in release mode (BTF on) into its own target dir under `target/`

@@ -7,10 +7,29 @@ use aya::maps::{
 };
 use lb_common::{map_names, Backend, Config, ServiceKey, ServiceValue, SlotKey, SourceRange};
 
-use crate::{
-    datapath::{self, open_map},
-    reconciler::{MapStore, Range},
-};
+use crate::datapath::{self, open_map};
+
+/// A source range of one frontend: (address in network order, prefix length).
+pub type Range = (u32, u8);
+
+/// Access to the service maps. [`PinnedMaps`] is the datapath's; the reconciler's tests
+/// use a fake that records the order of writes.
+pub trait MapStore {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Self::Error>;
+    fn slots(&self) -> Result<Vec<(SlotKey, u32)>, Self::Error>;
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, Self::Error>;
+    fn source_ranges(&self) -> Result<Vec<(u32, Range)>, Self::Error>;
+    fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), Self::Error>;
+    fn del_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+    fn put_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), Self::Error>;
+    fn del_slot(&mut self, key: SlotKey) -> Result<(), Self::Error>;
+    fn put_source_range(&mut self, svc_id: u32, range: Range) -> Result<(), Self::Error>;
+    fn del_source_range(&mut self, svc_id: u32, range: Range) -> Result<(), Self::Error>;
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Self::Error>;
+    fn del_service(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
+    fn put_config(&mut self, config: Config) -> Result<(), Self::Error>;
+}
 
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,

@@ -7,23 +7,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Endpoints, Service},
-        discovery::v1::EndpointSlice,
-    },
-    serde::de::DeserializeOwned,
-};
+use k8s_openapi::serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-/// Everything read from the manifests: the model's input objects.
-#[derive(Debug, Default, Clone)]
-pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub endpoints: Vec<Endpoints>,
-}
+use super::Objects;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

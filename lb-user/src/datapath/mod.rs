@@ -9,6 +9,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub mod conntrack;
+pub mod maps;
+
 use aya::{
     maps::{Map, MapData, PerCpuArray},
     programs::{
@@ -68,6 +71,8 @@ pub enum Error {
     NotBpffs(PathBuf),
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
+    #[error("this lb-user was built with LB_EBPF_STUB set: it has no kernel object to load; rebuild without it")]
+    StubObject,
     #[error("pinning {}: {source}", path.display())]
     Pin {
         path: PathBuf,
@@ -120,6 +125,9 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the object, adopting maps already pinned under `pin_dir`, and pins programs.
     pub fn load(pin_dir: &Path) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(Error::StubObject);
+        }
         ensure_bpffs()?;
         for sub in ["maps", "progs", "links"] {
             let dir = pin_dir.join(sub);

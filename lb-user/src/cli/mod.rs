@@ -1,0 +1,2 @@
+//! Views for people: the CLI renders desired state and what the maps hold.
+pub mod show;

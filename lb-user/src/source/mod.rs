@@ -1,0 +1,16 @@
+//! Where Kubernetes objects come from: manifest files on disk (standalone mode). Every
+//! source hands the model the same typed objects.
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Service},
+    discovery::v1::EndpointSlice,
+};
+
+pub mod manifests;
+
+/// The model's input objects, as a source holds them.
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub endpoints: Vec<Endpoints>,
+}

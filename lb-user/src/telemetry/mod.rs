@@ -1,0 +1,2 @@
+//! What the agent reports: health endpoints and healthCheckNodePort servers.
+pub mod health;
