@@ -111,7 +111,8 @@ pub fn build_ebpf(root: &Path) -> Result<PathBuf, String> {
         .arg("--target-dir")
         .arg(&target_dir)
         // BTF for maps and programs, so bpftool prints named fields.
-        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"));
+        // BPF v3 for the conntrack's compare-and-swap and fetching atomics (kernel 5.12+).
+        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"].join("\x1f"));
     let status = cmd.status().map_err(|e| format!("running cargo for {toolchain:?}: {e}"))?;
     if !status.success() {
         return Err(format!("building lb-ebpf with {toolchain:?} failed ({status})"));

@@ -50,6 +50,21 @@ pub fn udp_replace_u16(check: u16, old: u16, new: u16) -> u16 {
     }
 }
 
+/// Does an L4 checksum field hold only the pseudo-header sum, as a stack leaves it for
+/// checksum offload (CHECKSUM_PARTIAL: the device, or whoever sends it on, adds the rest)?
+/// Values as read from packet memory. A complete checksum matches by chance once in 65536:
+/// callers may only use this to choose a slower path that is right either way.
+#[inline(always)]
+pub fn looks_partial(check: u16, src_addr: u32, dst_addr: u32, proto: u8, l4_len: u16) -> bool {
+    let sum = (src_addr & 0xffff)
+        + (src_addr >> 16)
+        + (dst_addr & 0xffff)
+        + (dst_addr >> 16)
+        + u16::from_ne_bytes([0, proto]) as u32
+        + l4_len.to_be() as u32;
+    check != 0 && check == fold(sum)
+}
+
 /// Full checksum of `bytes` (big-endian words), starting from `initial`: the value to
 /// store, in host order. Used to build fresh headers and in tests.
 pub fn checksum(bytes: &[u8], initial: u32) -> u16 {
@@ -112,6 +127,18 @@ mod tests {
         w[2..4].copy_from_slice(&30080u16.to_be_bytes());
         w[4..6].copy_from_slice(&updated.to_ne_bytes());
         assert_eq!(checksum(&w, 0), 0);
+    }
+
+    #[test]
+    fn a_partial_checksum_is_recognised() {
+        // 10.0.0.1 -> 10.0.0.2, TCP, 20 bytes: what Linux writes for CHECKSUM_PARTIAL.
+        let (src, dst) = ([10u8, 0, 0, 1], [10u8, 0, 0, 2]);
+        let pseudo = [src.as_slice(), &dst, &[0, 6], &20u16.to_be_bytes()].concat();
+        let partial = !checksum(&pseudo, 0);
+        let read = u16::from_ne_bytes(partial.to_be_bytes());
+        assert!(looks_partial(read, u32::from_ne_bytes(src), u32::from_ne_bytes(dst), 6, 20));
+        assert!(!looks_partial(read ^ 1, u32::from_ne_bytes(src), u32::from_ne_bytes(dst), 6, 20));
+        assert!(!looks_partial(read, u32::from_ne_bytes(src), u32::from_ne_bytes(dst), 6, 21));
     }
 
     #[test]

@@ -1,84 +1,203 @@
-//! Connection tracking states, their transitions and timeouts: pure, shared by the kernel
-//! programs and the agent (which shows and ages entries).
-
-/// State of one conntrack entry, stored as u8 in `CtValue::state`.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
-    /// TCP: SYN seen, no answer yet. UDP: no reply yet.
-    New = 0,
-    /// TCP: the other side answered. UDP: a reply was seen.
-    Established = 1,
-    /// TCP: a FIN was seen.
-    Closing = 2,
-    /// TCP: a RST was seen.
-    Reset = 3,
-}
-
-impl State {
-    #[inline(always)]
-    pub fn from_u8(v: u8) -> State {
-        match v {
-            1 => State::Established,
-            2 => State::Closing,
-            3 => State::Reset,
-            _ => State::New,
-        }
-    }
-}
+//! Connection tracking, pure: the flow's state bits and their transitions, timeouts, and
+//! the stamp that binds a flow's two halves. Shared by the kernel programs and the agent.
+//!
+//! # One flow, two halves
+//! A translated flow has two LB_CONNTRACK entries, one per direction, each keyed by the
+//! packets as they arrive. Both carry the same `stamp`: a random nonce (high 32 bits) and
+//! the coarse time of the flow's last refresh (low 32 bits). The rules:
+//! - Entries are inserted only with BPF_NOEXIST: a new flow never overwrites another's.
+//! - A refresh moves both halves' stamps forward by compare-and-swap, own half first; a
+//!   half whose peer no longer carries its nonce is gone, and so is its flow.
+//! - An entry is removed only by whoever wins a compare-and-swap of its stamp to
+//!   [`DEAD`] (the datapath, or the reaper program the agent runs), and the winner also
+//!   removes the peer the same way. So each half, and the NAT port a reply half's key
+//!   holds, is freed exactly once, and never while the other half lives.
+//! - Both halves expire together: same state bits, same stamp time.
+//!
+//! Time is `bpf_ktime_get_coarse_ns() >> UNIT_SHIFT` (CLOCK_MONOTONIC_COARSE) in 32 bits,
+//! compared with wrapping arithmetic: it wraps after 52 days, far beyond any timeout, and
+//! the agent sweeps expired entries within seconds.
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-const SEC: u64 = 1_000_000_000;
+/// One time unit is 2^20 ns (about 1.05 ms).
+pub const UNIT_SHIFT: u32 = 20;
 
-/// How long an entry lives after its last packet, by protocol and state. TCP values follow
-/// what kube-proxy configures for netfilter (established 24h, close-wait 1h is shortened to
-/// the FIN timeout here so that closed flows release their NAT ports quickly).
+/// Coarse nanoseconds to time units.
 #[inline(always)]
-pub fn timeout_ns(proto: u8, state: State) -> u64 {
-    if proto == crate::IPPROTO_TCP {
-        match state {
-            State::New => 60 * SEC,
-            State::Established => 86_400 * SEC,
-            State::Closing => 120 * SEC,
-            State::Reset => 10 * SEC,
-        }
+pub const fn units(ns: u64) -> u32 {
+    (ns >> UNIT_SHIFT) as u32
+}
+
+/// Seconds to time units.
+pub const fn secs(s: u64) -> u32 {
+    ((s * 1_000_000_000) >> UNIT_SHIFT) as u32
+}
+
+/// A stamp whose nonce is 0: the half is being removed.
+pub const DEAD: u64 = 0;
+
+/// How old a stamp may grow before a packet refreshes it (and its peer's): the only
+/// routine conntrack writes, so that busy flows do not write on every packet. Timeouts are
+/// therefore exact to about this much.
+pub const REFRESH: u32 = secs(1);
+
+#[inline(always)]
+pub const fn stamp(nonce: u32, time: u32) -> u64 {
+    (nonce as u64) << 32 | time as u64
+}
+
+#[inline(always)]
+pub const fn nonce(stamp: u64) -> u32 {
+    (stamp >> 32) as u32
+}
+
+#[inline(always)]
+pub const fn time(stamp: u64) -> u32 {
+    stamp as u32
+}
+
+/// Units since the stamp's time; a stamp from a CPU whose coarse clock ran ahead counts as 0.
+#[inline(always)]
+pub const fn age(stamp: u64, now: u32) -> u32 {
+    let d = now.wrapping_sub(time(stamp));
+    if (d as i32) < 0 {
+        0
     } else {
-        match state {
-            State::New => 30 * SEC,
-            _ => 120 * SEC,
-        }
+        d
     }
 }
 
-/// The next state after a packet. `reply` is true when the packet travels backend -> client.
-/// `tcp_flags` is the TCP flags byte (0 for UDP).
+/// `CtValue::state`: what the flow has seen, the same in both halves.
+pub mod bits {
+    /// The reply direction answered (TCP: an ACK, the SYN-ACK included; UDP: any datagram).
+    pub const ESTABLISHED: u32 = 1 << 0;
+    pub const FIN_ORIG: u32 = 1 << 1;
+    pub const FIN_REPLY: u32 = 1 << 2;
+    /// A reset was seen and the flow has not shown since that it lives on.
+    pub const RST: u32 = 1 << 3;
+    /// Since the reset, a packet other than a reset went this way: a flow whose both
+    /// directions carry on after an unvalidated reset is alive, and RST is cleared.
+    pub const SEEN_ORIG: u32 = 1 << 4;
+    pub const SEEN_REPLY: u32 = 1 << 5;
+}
+
+/// The phase a flow's bits put it in, which sets its timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// TCP: SYN sent, no answer. UDP: no reply yet.
+    New,
+    Established,
+    /// TCP: one direction sent FIN (half-closed flows may still carry data).
+    Closing,
+    /// TCP: both directions sent FIN, or a reset was seen.
+    Closed,
+}
+
 #[inline(always)]
-pub fn next_state(proto: u8, state: State, tcp_flags: u8, reply: bool) -> State {
-    if proto != crate::IPPROTO_TCP {
-        return if reply { State::Established } else { state };
+pub const fn phase(state: u32) -> Phase {
+    if state & bits::RST != 0 || state & (bits::FIN_ORIG | bits::FIN_REPLY) == bits::FIN_ORIG | bits::FIN_REPLY {
+        Phase::Closed
+    } else if state & (bits::FIN_ORIG | bits::FIN_REPLY) != 0 {
+        Phase::Closing
+    } else if state & bits::ESTABLISHED != 0 {
+        Phase::Established
+    } else {
+        Phase::New
     }
+}
+
+/// How long a flow lives after its last refresh. Unanswered flows and closing ones go
+/// fast (a flood of new flows frees its room quickly, and a closed flow's NAT port comes
+/// back in seconds, as Cilium's close timeout); established TCP keeps kube-proxy's
+/// netfilter setting (24 h), established UDP netfilter's stream timeout.
+#[inline(always)]
+pub const fn timeout(proto: u8, phase: Phase) -> u32 {
+    let tcp = proto == crate::IPPROTO_TCP;
+    match phase {
+        Phase::New if tcp => secs(10),
+        Phase::New => secs(30),
+        Phase::Established if tcp => secs(86_400),
+        Phase::Established => secs(120),
+        Phase::Closing => secs(60),
+        Phase::Closed => secs(10),
+    }
+}
+
+/// Is a half with this stamp and state alive at `now`?
+#[inline(always)]
+pub const fn alive(proto: u8, state: u32, stamp: u64, now: u32) -> bool {
+    nonce(stamp) != 0 && age(stamp, now) <= timeout(proto, phase(state))
+}
+
+/// Does this packet start a flow where none is tracked? Only a TCP SYN (without ACK) or
+/// any UDP datagram: a bare ACK, a FIN or a reset never take a NAT port or an entry.
+#[inline(always)]
+pub const fn starts_flow(proto: u8, tcp_flags: u8) -> bool {
+    proto != crate::IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
+/// Is this packet, in the original direction of a tracked flow, a new connection reusing
+/// its tuple? A fresh SYN on a closing or closed flow chooses its backend again.
+#[inline(always)]
+pub const fn restarts(proto: u8, state: u32, tcp_flags: u8) -> bool {
+    proto == crate::IPPROTO_TCP
+        && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+        && matches!(phase(state), Phase::Closing | Phase::Closed)
+}
+
+/// Does a packet in this direction refresh the stamp once it has aged? Not a SYN of an
+/// unanswered TCP flow (so a flow whose backend never answers expires, and the client's
+/// next retransmission chooses again), and nothing in a closed flow (so an unvalidated
+/// reset kills a flow only if the flow does not carry on both ways, see `bits::SEEN_*`).
+#[inline(always)]
+pub const fn refreshes(proto: u8, state: u32, reply: bool) -> bool {
+    match phase(state) {
+        Phase::New => reply || proto != crate::IPPROTO_TCP,
+        Phase::Closed => false,
+        _ => true,
+    }
+}
+
+/// The state bits after a packet. `reply` is true for packets of the reply direction
+/// (backend -> client); `tcp_flags` is 0 for UDP.
+#[inline(always)]
+pub const fn next_state(proto: u8, state: u32, tcp_flags: u8, reply: bool) -> u32 {
+    if proto != crate::IPPROTO_TCP {
+        return if reply { state | bits::ESTABLISHED } else { state };
+    }
+    let mut s = state;
     if tcp_flags & TCP_RST != 0 {
-        return State::Reset;
+        return (s | bits::RST) & !(bits::SEEN_ORIG | bits::SEEN_REPLY);
+    }
+    if s & bits::RST != 0 {
+        s |= if reply { bits::SEEN_REPLY } else { bits::SEEN_ORIG };
+        if s & (bits::SEEN_ORIG | bits::SEEN_REPLY) == bits::SEEN_ORIG | bits::SEEN_REPLY {
+            s &= !(bits::RST | bits::SEEN_ORIG | bits::SEEN_REPLY);
+        }
+    }
+    if reply && tcp_flags & TCP_ACK != 0 {
+        s |= bits::ESTABLISHED;
     }
     if tcp_flags & TCP_FIN != 0 {
-        return if state == State::Reset { State::Reset } else { State::Closing };
+        s |= if reply { bits::FIN_REPLY } else { bits::FIN_ORIG };
     }
-    match state {
-        State::New if reply && tcp_flags & TCP_ACK != 0 => State::Established,
-        // A fresh SYN on a flow that was torn down starts it over (port reuse by the client).
-        State::Reset | State::Closing if !reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN => State::New,
-        s => s,
-    }
+    s
 }
 
-/// Has an entry last seen at `last_seen_ns` expired at `now_ns`?
-#[inline(always)]
-pub fn expired(proto: u8, state: State, last_seen_ns: u64, now_ns: u64) -> bool {
-    now_ns.saturating_sub(last_seen_ns) > timeout_ns(proto, state)
+/// A flow's state as people read it (CLI, logs).
+pub const fn phase_name(proto: u8, state: u32) -> &'static str {
+    match phase(state) {
+        Phase::New if proto == crate::IPPROTO_TCP => "syn-sent",
+        Phase::New => "unreplied",
+        Phase::Established => "established",
+        Phase::Closing => "closing",
+        Phase::Closed if state & bits::RST != 0 => "reset",
+        Phase::Closed => "closed",
+    }
 }
 
 #[cfg(test)]
@@ -86,48 +205,93 @@ mod tests {
     use super::*;
     use crate::{IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
 
+    fn run(start: u32, packets: &[(u8, bool)]) -> u32 {
+        packets.iter().fold(start, |s, (flags, reply)| next_state(TCP, s, *flags, *reply))
+    }
+
     #[test]
-    fn tcp_handshake_then_close() {
-        let s = State::New;
-        let s = next_state(TCP, s, TCP_SYN, false);
-        assert_eq!(s, State::New);
+    fn tcp_handshake_then_close_from_both_sides() {
+        let s = next_state(TCP, 0, TCP_SYN, false);
+        assert_eq!(phase(s), Phase::New);
         let s = next_state(TCP, s, TCP_SYN | TCP_ACK, true);
-        assert_eq!(s, State::Established);
-        let s = next_state(TCP, s, TCP_ACK, false);
-        assert_eq!(s, State::Established);
+        assert_eq!(phase(s), Phase::Established);
+        let s = run(s, &[(TCP_ACK, false), (TCP_ACK, true)]);
+        assert_eq!(phase(s), Phase::Established);
         let s = next_state(TCP, s, TCP_FIN | TCP_ACK, false);
-        assert_eq!(s, State::Closing);
+        assert_eq!(phase(s), Phase::Closing, "half-closed");
         let s = next_state(TCP, s, TCP_ACK, true);
-        assert_eq!(s, State::Closing);
-        assert_eq!(next_state(TCP, s, TCP_RST, true), State::Reset);
+        assert_eq!(phase(s), Phase::Closing, "the other side may still send");
+        let s = next_state(TCP, s, TCP_FIN | TCP_ACK, true);
+        assert_eq!(phase(s), Phase::Closed);
     }
 
     #[test]
-    fn syn_without_answer_does_not_establish() {
-        assert_eq!(next_state(TCP, State::New, TCP_SYN, false), State::New);
-        assert_eq!(next_state(TCP, State::New, TCP_ACK, false), State::New);
+    fn only_a_syn_or_a_udp_datagram_starts_a_flow() {
+        assert!(starts_flow(TCP, TCP_SYN));
+        for flags in [TCP_ACK, TCP_SYN | TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST, TCP_SYN | TCP_RST, TCP_SYN | TCP_FIN, 0] {
+            assert!(!starts_flow(TCP, flags), "flags {flags:#x}");
+        }
+        assert!(starts_flow(UDP, 0));
     }
 
     #[test]
-    fn new_syn_restarts_a_closed_flow() {
-        assert_eq!(next_state(TCP, State::Reset, TCP_SYN, false), State::New);
-        assert_eq!(next_state(TCP, State::Closing, TCP_SYN, false), State::New);
-        assert_eq!(next_state(TCP, State::Closing, TCP_SYN | TCP_ACK, true), State::Closing);
+    fn a_fresh_syn_restarts_only_a_closing_or_closed_flow() {
+        let established = bits::ESTABLISHED;
+        assert!(!restarts(TCP, established, TCP_SYN), "a retransmitted SYN keeps its flow");
+        assert!(!restarts(TCP, 0, TCP_SYN));
+        assert!(restarts(TCP, established | bits::FIN_ORIG, TCP_SYN));
+        assert!(restarts(TCP, established | bits::RST, TCP_SYN));
+        assert!(!restarts(TCP, established | bits::RST, TCP_SYN | TCP_ACK));
+        assert!(!restarts(UDP, bits::RST, 0));
+    }
+
+    #[test]
+    fn an_unvalidated_reset_closes_unless_both_directions_carry_on() {
+        let s = next_state(TCP, bits::ESTABLISHED, TCP_RST, false);
+        assert_eq!(phase(s), Phase::Closed);
+        assert!(!refreshes(TCP, s, false) && !refreshes(TCP, s, true), "a reset cannot pin the flow");
+        let one_way = next_state(TCP, s, TCP_ACK, false);
+        assert_eq!(phase(one_way), Phase::Closed, "one side carrying on is not enough");
+        let again = next_state(TCP, one_way, TCP_RST, true);
+        assert_eq!(phase(again), Phase::Closed);
+        assert_eq!(again & (bits::SEEN_ORIG | bits::SEEN_REPLY), 0, "another reset starts the count over");
+        let revived = run(s, &[(TCP_ACK, false), (TCP_ACK, true)]);
+        assert_eq!(phase(revived), Phase::Established, "both directions carried on: the reset was bogus");
+        assert_eq!(revived, bits::ESTABLISHED);
+    }
+
+    #[test]
+    fn unanswered_syns_do_not_keep_their_flow_alive() {
+        assert!(!refreshes(TCP, 0, false), "a retransmitted SYN");
+        assert!(refreshes(TCP, 0, true));
+        assert!(refreshes(UDP, 0, false), "a one-way UDP stream keeps its flow");
+        assert!(refreshes(TCP, bits::ESTABLISHED | bits::FIN_ORIG, false), "half-closed flows carry data");
     }
 
     #[test]
     fn udp_establishes_on_reply() {
-        assert_eq!(next_state(UDP, State::New, 0, false), State::New);
-        assert_eq!(next_state(UDP, State::New, 0, true), State::Established);
+        assert_eq!(next_state(UDP, 0, 0, false), 0);
+        assert_eq!(phase(next_state(UDP, 0, 0, true)), Phase::Established);
     }
 
     #[test]
-    fn timeouts_by_state() {
-        assert!(timeout_ns(TCP, State::Reset) < timeout_ns(TCP, State::Closing));
-        assert!(timeout_ns(TCP, State::Closing) < timeout_ns(TCP, State::Established));
-        assert!(timeout_ns(UDP, State::New) < timeout_ns(UDP, State::Established));
-        let t = timeout_ns(TCP, State::Reset);
-        assert!(!expired(TCP, State::Reset, 100, 100 + t));
-        assert!(expired(TCP, State::Reset, 100, 101 + t));
+    fn timeouts_by_phase() {
+        assert!(timeout(TCP, Phase::Closed) < timeout(TCP, Phase::Closing));
+        assert!(timeout(TCP, Phase::Closing) < timeout(TCP, Phase::Established));
+        assert!(timeout(TCP, Phase::New) < timeout(UDP, Phase::New));
+        assert!(timeout(UDP, Phase::New) < timeout(UDP, Phase::Established));
+        assert_eq!(secs(1), 953);
+    }
+
+    #[test]
+    fn stamps_age_with_wrapping_time_and_die_with_nonce_zero() {
+        let s = stamp(7, u32::MAX - 10);
+        assert_eq!((nonce(s), time(s)), (7, u32::MAX - 10));
+        assert_eq!(age(s, 5), 16, "wraps");
+        assert_eq!(age(stamp(7, 100), 90), 0, "a stamp ahead of the clock is fresh");
+        let t = timeout(TCP, Phase::Closed);
+        assert!(alive(TCP, bits::RST, stamp(1, 100), 100 + t));
+        assert!(!alive(TCP, bits::RST, stamp(1, 100), 101 + t));
+        assert!(!alive(TCP, 0, stamp(0, 100), 100), "a DEAD stamp");
     }
 }

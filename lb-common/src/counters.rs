@@ -23,32 +23,62 @@ counters! {
     PASS_NOT_SERVICE = 0, "pass_not_service";
     /// Not IPv4 TCP/UDP/ICMP (ARP, IPv6, other protocols).
     PASS_NOT_IPV4 = 1, "pass_not_ipv4";
+    /// IPv4 header with options: passed untranslated (not supported).
+    PASS_IP_OPTIONS = 2, "pass_ip_options";
     /// First packet of a flow to a frontend: backend chosen, translated.
-    NEW_FLOW = 2, "new_flow";
+    NEW_FLOW = 3, "new_flow";
     /// Packet of a known flow, original direction, translated.
-    ESTABLISHED = 3, "established";
+    ESTABLISHED = 4, "established";
     /// Reply of a translated flow, reverse-translated.
-    REPLY = 4, "reply";
-    /// ICMP error about a translated flow, translated back for the client.
-    ICMP_ERROR_TRANSLATED = 5, "icmp_error_translated";
-    /// Frontend with no backends: the client was sent ICMP port unreachable.
-    REFUSED_NO_BACKEND = 6, "refused_no_backend";
-    /// externalTrafficPolicy=Local frontend with no local backend: dropped.
-    DROP_NO_LOCAL_BACKEND = 7, "drop_no_local_backend";
+    REPLY = 5, "reply";
+    /// ICMP error about a translated flow, translated back for the other end.
+    ICMP_ERROR_TRANSLATED = 6, "icmp_error_translated";
+    /// Frontend with no backend anywhere: the client was refused (ICMP port unreachable
+    /// for UDP and TCP SYNs).
+    REFUSED_NO_BACKEND = 7, "refused_no_backend";
+    /// Frontend with no backend here while a traffic policy is Local: dropped silently.
+    DROP_NO_LOCAL_BACKEND = 8, "drop_no_local_backend";
     /// Source not in loadBalancerSourceRanges: dropped.
-    DROP_SOURCE_RANGE = 8, "drop_source_range";
+    DROP_SOURCE_RANGE = 9, "drop_source_range";
     /// Headers cut short: dropped.
-    DROP_TRUNCATED = 9, "drop_truncated";
-    /// IPv4 fragment or IPv4 header with options: passed untranslated (not supported yet).
-    PASS_FRAGMENT_OR_OPTIONS = 10, "pass_fragment_or_options";
-    /// No free SNAT source port after bounded tries.
+    DROP_MALFORMED = 10, "drop_malformed";
+    /// No free SNAT source port.
     DROP_NAT_EXHAUSTED = 11, "drop_nat_exhausted";
-    /// A map update failed (map full).
-    DROP_MAP_FULL = 12, "drop_map_full";
+    /// Conntrack at its admission limit (or full): new flow refused, established ones kept.
+    DROP_CT_FULL = 12, "drop_ct_full";
     /// Translated and sent back out of the receiving interface (XDP_TX).
     XDP_TX = 13, "xdp_tx";
     /// A frontend whose slot or backend entry is missing (the agent broke its write order).
     DROP_STALE_SERVICE = 14, "drop_stale_service";
+    /// A TCP packet other than a SYN to a frontend, with no tracked flow: answered with a
+    /// reset (as the node's stack answers a connection it does not know).
+    RESET_NO_FLOW = 15, "reset_no_flow";
+    /// A TCP reset to a frontend, with no tracked flow: dropped.
+    DROP_NO_FLOW = 16, "drop_no_flow";
+    /// TCP to a backend that was removed: answered with a reset, flow removed.
+    RESET_BACKEND_GONE = 17, "reset_backend_gone";
+    /// UDP to a backend that was removed: flow removed, a new backend chosen.
+    BACKEND_GONE_RECHOSEN = 18, "backend_gone_rechosen";
+    /// A reply from a backend that was removed: dropped, flow removed.
+    DROP_BACKEND_GONE = 19, "drop_backend_gone";
+    /// A later fragment of a translated datagram, translated like its first.
+    FRAGMENT_TRANSLATED = 20, "fragment_translated";
+    /// A later fragment whose first fragment was not seen (or not translated): passed
+    /// untranslated.
+    PASS_FRAGMENT_UNMATCHED = 21, "pass_fragment_unmatched";
+    /// A refusal or reset not sent: over the rate limit.
+    ANSWER_RATE_LIMITED = 22, "answer_rate_limited";
+    /// A new flow whose reply tuple belonged to another flow took a NAT port instead.
+    SNAT_ON_COLLISION = 23, "snat_on_collision";
+    /// Two CPUs started the same flow at once; this packet was dropped (its retransmission
+    /// follows the flow).
+    DROP_CT_RACE = 24, "drop_ct_race";
+    /// XDP could not rewrite (a partial checksum) and left the packet to tc.
+    XDP_TO_TC = 25, "xdp_to_tc";
+    /// The source side of a flow rewritten at tc egress (netfilter mode).
+    EGRESS_REWRITTEN = 26, "egress_rewritten";
+    /// A half whose peer was gone: removed, the packet treated as untracked.
+    FLOW_ORPHANED = 27, "flow_orphaned";
 }
 
 #[cfg(test)]

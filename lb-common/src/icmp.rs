@@ -17,13 +17,18 @@ pub const HEADERS_LEN: usize = ETH_LEN + IPV4_LEN + ICMP_HDR_LEN;
 /// Length of the whole answer frame.
 pub const ANSWER_LEN: usize = HEADERS_LEN + QUOTE_LEN;
 
-/// Writes the Ethernet, IPv4 and ICMP headers of a port-unreachable answer into
-/// `frame[..HEADERS_LEN]`, whose `frame[HEADERS_LEN..]` already holds the quote (the
-/// offending packet's IPv4 header + 8 bytes). `macs` is the offending frame's destination
-/// and source MAC. The answer goes back where the frame came from: MACs and addresses
-/// swapped, its source the address the client tried to reach (the frontend).
+/// Destination unreachable codes the datapath answers with.
+pub const PORT_UNREACHABLE: u8 = 3;
+pub const FRAG_NEEDED: u8 = 4;
+
+/// Writes the Ethernet, IPv4 and ICMP headers of a destination-unreachable answer (`code`;
+/// `next_hop_mtu` for FRAG_NEEDED, else 0) into `frame[..HEADERS_LEN]`, whose
+/// `frame[HEADERS_LEN..]` already holds the quote (the offending packet's IPv4 header + 8
+/// bytes). `macs` is the offending frame's destination and source MAC. The answer goes back
+/// where the frame came from: MACs and addresses swapped, its source the address the client
+/// tried to reach (the frontend).
 #[inline(always)]
-pub fn write_port_unreachable(frame: &mut [u8; ANSWER_LEN], macs: [u8; 12]) {
+pub fn write_unreachable(frame: &mut [u8; ANSWER_LEN], macs: [u8; 12], code: u8, next_hop_mtu: u16) {
     let q = HEADERS_LEN;
     frame[0..6].copy_from_slice(&macs[6..12]);
     frame[6..12].copy_from_slice(&macs[0..6]);
@@ -44,7 +49,8 @@ pub fn write_port_unreachable(frame: &mut [u8; ANSWER_LEN], macs: [u8; 12]) {
     let ip_check = crate::checksum::checksum(&frame[ip..ip + IPV4_LEN], 0);
     frame[ip + 10..ip + 12].copy_from_slice(&ip_check.to_be_bytes());
     let icmp = ip + IPV4_LEN;
-    frame[icmp..icmp + ICMP_HDR_LEN].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+    let mtu = next_hop_mtu.to_be_bytes();
+    frame[icmp..icmp + ICMP_HDR_LEN].copy_from_slice(&[3, code, 0, 0, 0, 0, mtu[0], mtu[1]]);
     let icmp_check = crate::checksum::checksum(&frame[icmp..], 0);
     frame[icmp + 2..icmp + 4].copy_from_slice(&icmp_check.to_be_bytes());
 }
@@ -158,7 +164,7 @@ mod tests {
         quote[16..20].copy_from_slice(&[10, 96, 0, 20]); // frontend
         quote[20..28].copy_from_slice(&[0x9c, 0x40, 0x00, 0x35, 0, 8, 0, 0]);
         let original_quote: [u8; QUOTE_LEN] = frame[HEADERS_LEN..].try_into().unwrap();
-        write_port_unreachable(&mut frame, macs);
+        write_unreachable(&mut frame, macs, PORT_UNREACHABLE, 0);
         assert_eq!(&frame[0..6], &[2; 6]);
         assert_eq!(&frame[6..12], &[1; 6]);
         assert_eq!(&frame[14 + 12..14 + 16], &[10, 96, 0, 20]);
@@ -168,6 +174,10 @@ mod tests {
         assert_eq!((frame[34], frame[35]), (3, 3));
         assert_eq!(&frame[HEADERS_LEN..], &original_quote, "the quote is untouched");
         assert_eq!(u16::from_be_bytes([frame[16], frame[17]]) as usize, ANSWER_LEN - ETH_LEN);
+        write_unreachable(&mut frame, macs, FRAG_NEEDED, 1400);
+        assert_eq!(&frame[34..36], &[3, 4]);
+        assert_eq!(u16::from_be_bytes([frame[40], frame[41]]), 1400, "next-hop MTU");
+        assert_eq!(checksum(&frame[34..], 0), 0, "ICMP checksum verifies");
     }
 
     /// An ICMP error from `from` to `to` quoting a UDP packet src -> dst.

@@ -10,6 +10,7 @@ pub mod checksum;
 pub mod conntrack;
 pub mod counters;
 pub mod icmp;
+pub mod reset;
 #[cfg(feature = "user")]
 pub mod user;
 
@@ -23,39 +24,85 @@ pub mod map_names {
     pub const SLOTS: &str = "LB_SLOTS";
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const CONNTRACK: &str = "LB_CONNTRACK";
+    pub const CT_STATE: &str = "LB_CT_STATE";
     pub const SRC_RANGES: &str = "LB_SRC_RANGES";
     pub const CONFIG: &str = "LB_CONFIG";
     pub const COUNTERS: &str = "LB_COUNTERS";
-    pub const SNAT_CURSOR: &str = "LB_SNAT_CURSOR";
+    pub const FRONT_BITS: &str = "LB_FRONT_BITS";
+    pub const FRAGMENTS: &str = "LB_FRAGMENTS";
+    pub const RATE_LIMIT: &str = "LB_RATE_LIMIT";
+    pub const REAP_QUEUE: &str = "LB_REAP_QUEUE";
     /// Every map the agent pins; all survive an agent restart.
-    pub const ALL: [&str; 8] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, SRC_RANGES, CONFIG, COUNTERS, SNAT_CURSOR];
+    pub const ALL: [&str; 12] = [
+        SERVICES, SLOTS, BACKENDS, CONNTRACK, CT_STATE, SRC_RANGES, CONFIG, COUNTERS, FRONT_BITS, FRAGMENTS,
+        RATE_LIMIT, REAP_QUEUE,
+    ];
 }
 
 /// Program names as they appear in the object file and under [`PIN_DIR`].
 pub mod program_names {
     /// North-south, on node uplinks.
     pub const XDP_UPLINK: &str = "lb_xdp_uplink";
-    /// East-west, tc ingress on pod-facing devices.
+    /// tc ingress on node uplinks: translates what XDP could not (partial checksums) and
+    /// forwards what XDP translated but could not transmit.
+    pub const TC_UPLINK: &str = "lb_tc_uplink";
+    /// East-west, tc ingress on pod-facing and tunnel devices.
     pub const TC_POD: &str = "lb_tc_pod";
+    /// tc egress on uplinks, pod-facing and tunnel devices: the source-side rewrite of
+    /// flows whose destination side was rewritten on the way in (netfilter mode).
+    pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// Attached nowhere; the agent runs it (BPF_PROG_TEST_RUN) to remove conntrack entries.
+    pub const CT_REAP: &str = "lb_ct_reap";
     /// Passes everything: the benchmarks' floor, and the lab's veth peers.
     pub const XDP_PASS: &str = "lb_xdp_pass";
     /// Benchmark wrapper: restores a template frame, tail-calls the program under test.
     pub const BENCH_RESTORE: &str = "lb_bench_restore";
-    /// tc ingress on node uplinks: forwards what XDP translated but could not transmit.
-    pub const TC_UPLINK: &str = "lb_tc_uplink";
+    /// Every program the agent loads and pins.
+    pub const PINNED: [&str; 5] = [XDP_UPLINK, TC_UPLINK, TC_POD, TC_EGRESS, CT_REAP];
 }
 
-/// XDP metadata in front of a packet that XDP translated but could not send itself (the
-/// route leaves by another device, or the neighbour is not resolved yet): the uplink's tc
-/// program forwards it with bpf_redirect_neigh. The stack must not route it, since its
-/// source may now be the node's own address, which input routing drops as martian.
-pub const XDP_META_FORWARD: u32 = 0x4c42_4657;
+/// XDP metadata in front of a packet that XDP leaves to the uplink's tc program, which
+/// does what `tag` says.
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpMeta {
+    pub mark: u32,
+    pub tag: u32,
+}
 
-pub const MAX_SERVICES: u32 = 65_536;
-pub const MAX_BACKEND_SLOTS: u32 = 262_144;
-pub const MAX_BACKENDS: u32 = 65_536;
-pub const MAX_CONNTRACK: u32 = 262_144;
+/// `XdpMeta::tag`: translated; forward it with bpf_redirect_neigh (fast mode, or an ICMP
+/// error), which never meets the stack's martian check.
+pub const XDP_META_REDIRECT: u32 = 0x4c42_4657;
+/// `XdpMeta::tag`: translated on the destination side; set `mark` (the hand-over to tc
+/// egress) and let the stack route it (netfilter mode).
+pub const XDP_META_MARK: u32 = 0x4c42_4d4b;
+/// `XdpMeta::tag`: XDP could not rewrite the packet (its checksum may be partial): tc
+/// translates it.
+pub const XDP_META_PARTIAL: u32 = 0x4c42_5043;
+
+/// Capacities of the maps the agent does not size at load time.
+pub const MAX_SERVICES: u32 = 131_072;
+pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
+pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
+pub const MAX_FRAGMENTS: u32 = 8_192;
+pub const MAX_RATE_LIMITED: u32 = 16_384;
+/// What the reaper program removes of the flows whose keys are queued.
+pub mod reap_mode {
+    /// Dead ones: expired, or a half without its peer.
+    pub const DEAD: u32 = 0;
+    /// All of them, whatever their state (the agent asks to drop them).
+    pub const ALL: u32 = 1;
+}
+
+/// Keys one run of the reaper program handles.
+pub const REAP_BATCH: u32 = 256;
+/// Default conntrack capacity in entries (two per flow): 524 288 flows.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1_048_576;
+/// Frontend filter size in bits (a power of two): the datapath looks at one bit to know a
+/// packet cannot be for a frontend.
+pub const FRONT_FILTER_BITS: u32 = 1 << 20;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -76,11 +123,15 @@ pub struct ServiceKey {
 pub mod service_flags {
     /// NodePort, LoadBalancer ingress IP or externalIP (as opposed to a ClusterIP).
     pub const EXTERNAL: u32 = 1 << 0;
-    /// externalTrafficPolicy=Local: backends are this node's only, never SNAT, and an
-    /// empty set drops instead of refusing (the cloud LB's health check steers away).
+    /// externalTrafficPolicy=Local: set 0 holds this node's backends (never SNAT) for
+    /// traffic from outside; set 1 the cluster set for traffic from this node's own pods
+    /// (kube-proxy's short-circuit).
     pub const EXTERNAL_LOCAL: u32 = 1 << 1;
     /// loadBalancerSourceRanges apply: only sources in LB_SRC_RANGES for this svc_id.
     pub const SOURCE_RANGES: u32 = 1 << 2;
+    /// An empty backend set drops silently instead of refusing (ETP or ITP Local with
+    /// endpoints elsewhere, so that load balancers' health checks decide).
+    pub const DROP_WHEN_EMPTY: u32 = 1 << 3;
 }
 
 /// `ServiceValue::algorithm`
@@ -88,28 +139,53 @@ pub mod algorithm {
     pub const RANDOM: u8 = 0;
 }
 
-/// What a frontend translates to. Backends of the frontend are the slots
-/// `(svc_id, 0..backend_count)` in LB_SLOTS.
+/// What a frontend translates to. Its backends are the slots
+/// `SlotKey::new(svc_id, gen, set, 0..count[set])` in LB_SLOTS. A new backend set is
+/// written under the other generation and takes effect when this entry, naming that
+/// generation, replaces the old one: a packet sees the old set or the new, never a mix.
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Stable id of this frontend, allocated by the agent; keys its slots and source ranges.
+    /// Small id of this frontend, allocated by the agent (reused after removal): keys its
+    /// slots and source ranges and indexes its counters.
     pub svc_id: u32,
-    pub backend_count: u32,
     pub flags: u32,
     /// sessionAffinity=ClientIP timeout; 0 = no affinity.
     pub affinity_timeout_s: u32,
+    /// Slots in set 0 (the backends for the frontend's traffic) and set 1 (the cluster set
+    /// of an externalTrafficPolicy=Local frontend, for short-circuited traffic).
+    pub count: [u16; 2],
+    /// Which generation of slots is live (0 or 1).
+    pub gen: u8,
     pub algorithm: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
 }
 
+/// A slot of LB_SLOTS: `index` packs the generation (bit 31), the set (bit 30) and the
+/// position (bits 0-29).
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SlotKey {
     pub svc_id: u32,
-    pub slot: u32,
+    pub index: u32,
+}
+
+impl SlotKey {
+    #[inline(always)]
+    pub const fn new(svc_id: u32, gen: u8, set: u8, position: u32) -> SlotKey {
+        SlotKey { svc_id, index: ((gen as u32 & 1) << 31) | ((set as u32 & 1) << 30) | (position & 0x3fff_ffff) }
+    }
+    pub const fn gen(&self) -> u8 {
+        (self.index >> 31) as u8
+    }
+    pub const fn set(&self) -> u8 {
+        ((self.index >> 30) & 1) as u8
+    }
+    pub const fn position(&self) -> u32 {
+        self.index & 0x3fff_ffff
+    }
 }
 
 /// `Backend::flags`
@@ -118,23 +194,26 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 0;
 }
 
-/// One endpoint address:port, keyed by a backend id in LB_BACKENDS.
+/// One endpoint address:port, at its id's index in the LB_BACKENDS array. `gen` changes
+/// whenever the id is given to another endpoint or freed (then the entry is all zero but
+/// for `gen`), so a flow that remembers (id, gen) knows when its backend is gone.
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
     pub addr_be: u32,
     pub port_be: u16,
     pub flags: u8,
     pub _pad: u8,
+    pub gen: u32,
 }
 
-/// A flow as seen on the wire in one direction. Each translated flow has two entries:
-/// the original direction (client -> frontend) and the reply direction
-/// (backend -> client or SNAT address).
+/// A flow as seen on the wire in one direction. Each translated flow has two entries
+/// (halves): the original direction (client -> frontend) and the reply direction
+/// (backend -> client, or -> the SNAT address and port).
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
     pub src_addr_be: u32,
     pub dst_addr_be: u32,
@@ -146,6 +225,7 @@ pub struct CtKey {
 
 impl CtKey {
     /// The key of the packets travelling the other way.
+    #[inline(always)]
     pub const fn reversed(&self) -> CtKey {
         CtKey {
             src_addr_be: self.dst_addr_be,
@@ -160,29 +240,58 @@ impl CtKey {
 
 /// `CtValue::flags`
 pub mod ct_flags {
-    /// This entry is for the reply direction.
+    /// This half is the reply direction.
     pub const REPLY: u8 = 1 << 0;
-    /// The flow's source was rewritten (SNAT), so its NAT port is held by this entry.
+    /// The flow's source was rewritten (SNAT): the reply half's key holds the NAT port.
     pub const SNAT: u8 = 1 << 1;
+    /// `hop_*` hold where this half's packets go next (fast mode's XDP_TX).
+    pub const HOP: u8 = 1 << 2;
+    /// The flow was started by traffic from this node's pods to an externalTrafficPolicy=Local
+    /// frontend and uses its cluster set.
+    pub const SHORT_CIRCUIT: u8 = 1 << 3;
 }
 
-/// The rewrite to apply to a packet matching a CtKey: its addresses and ports become
-/// these. Symmetric: the reply entry restores what the original entry changed.
+/// One half of a flow: the rewrite for packets matching its key, and the flow's shared
+/// state. Both halves carry the same `stamp` nonce; see [`conntrack`] for the protocol that
+/// keeps them one flow.
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// bpf_ktime_get_ns() of the last packet in either direction seen by this entry.
-    pub last_seen_ns: u64,
+    /// `conntrack::stamp(nonce, time)`: the flow's nonce (high 32 bits, never 0 while live)
+    /// and the coarse time of its last refresh. Changed only by compare-and-swap.
+    pub stamp: u64,
     pub nat_src_addr_be: u32,
     pub nat_dst_addr_be: u32,
     pub nat_src_port_be: u16,
     pub nat_dst_port_be: u16,
     pub backend_id: u32,
-    /// A `conntrack::State` as u8.
-    pub state: u8,
+    /// The backend's generation when the flow chose it.
+    pub backend_gen: u32,
+    /// The frontend's id (counters; the Service a flow whose backend is gone chooses from).
+    pub svc_id: u32,
+    /// `conntrack::bits`, changed only by atomic or/and.
+    pub state: u32,
     pub flags: u8,
-    pub _pad: [u8; 6],
+    pub _pad: u8,
+    /// The path MTU toward where this half's packets go (0: not looked up yet).
+    pub hop_mtu: u16,
+    /// Where this half's packets leave (fast mode): ifindex and Ethernet addresses.
+    pub hop_ifindex: u32,
+    pub hop_dmac: [u8; 6],
+    pub hop_smac: [u8; 6],
+}
+
+/// Conntrack accounting, the single entry of LB_CT_STATE, changed with atomic adds.
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtState {
+    /// Entries (halves) in LB_CONNTRACK.
+    pub entries: u64,
+    /// Where the next SNAT port search starts: a shared cursor, so ports rotate through
+    /// the whole range and CPUs never walk the same ports.
+    pub snat_cursor: u64,
 }
 
 /// Data of the LB_SRC_RANGES LPM trie key (the trie's key is `Key<SourceRange>`): the
@@ -196,6 +305,18 @@ pub struct SourceRange {
     pub addr_be: u32,
 }
 
+/// `Config::mode`
+pub mod mode {
+    /// Translated packets go through the node's stack, so its netfilter forward hook
+    /// (where netfilter-based CNIs enforce NetworkPolicy) sees them: the destination side
+    /// is rewritten on the way in, the source side on the way out (tc egress), as
+    /// kube-proxy's PREROUTING DNAT and POSTROUTING SNAT do.
+    pub const NETFILTER: u32 = 0;
+    /// Translated packets leave straight from XDP (XDP_TX) or tc (bpf_redirect_neigh),
+    /// bypassing the node's netfilter forward hook and routing.
+    pub const FAST: u32 = 1;
+}
+
 /// Node-wide settings, the single entry of LB_CONFIG.
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -203,11 +324,76 @@ pub struct SourceRange {
 pub struct Config {
     /// This node's address, used as the SNAT source.
     pub node_addr_be: u32,
-    pub cluster_cidr_addr_be: u32,
-    pub cluster_cidr_prefix_len: u32,
-    /// SNAT source ports rotate through [snat_port_min, snat_port_max].
+    /// Sources in this prefix are local pods (kube-proxy's detect-local): ClusterIP
+    /// traffic from them keeps its source, and ETP=Local frontends short-circuit them.
+    pub local_addr_be: u32,
+    pub local_prefix_len: u32,
+    /// Replies reach the uplink only for these destinations: the node's SNAT ports, or
+    /// this prefix (where backends answer clients whose source was kept: pods here).
+    pub pods_addr_be: u32,
+    pub pods_prefix_len: u32,
+    /// `mode::*`
+    pub mode: u32,
+    /// New flows are refused while LB_CONNTRACK holds this many entries or more.
+    pub ct_admit_limit: u32,
+    /// skb->mark bits carrying the netfilter mode's hand-over to tc egress: a 16-bit
+    /// value shifted left by `mark_shift`.
+    pub mark_shift: u32,
+    /// SNAT source ports are taken from [snat_port_min, snat_port_max].
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    pub _pad: u32,
+}
+
+impl Config {
+    #[inline(always)]
+    pub fn fast(&self) -> bool {
+        self.mode == mode::FAST
+    }
+}
+
+/// A fragmented datagram, keyed as a hook sees it: (source, destination, protocol, IP id).
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    /// `frag_hook::*`
+    pub hook: u8,
+}
+
+/// `FragKey::hook`: which hook's view of the datagram a key is.
+pub mod frag_hook {
+    pub const INGRESS: u8 = 0;
+    pub const EGRESS: u8 = 1;
+}
+
+/// How the first fragment of a datagram was translated: later fragments get the same
+/// addresses (they carry no ports) and, in netfilter mode, the same hand-over to egress.
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    pub created_ns: u64,
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+    /// The egress mark payload (netfilter mode), as `flow::Translation::egress`.
+    pub egress: u16,
+    pub _pad: [u8; 6],
+}
+
+/// A token bucket of LB_RATE_LIMIT, for answers the datapath sends (ICMP port unreachable,
+/// TCP resets), kept like the kernel's ICMP limits: one node-wide bucket (key 0) and one
+/// per destination.
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Bucket {
+    pub last_ns: u64,
+    pub tokens: u64,
 }
 
 /// Length of the frames the benchmark wrapper restores: Ethernet + IPv4 + TCP, no payload.
@@ -219,25 +405,29 @@ pub const BENCH_FRAME_LEN: usize = 54;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BenchFrame {
     pub bytes: [u8; BENCH_FRAME_LEN],
-    /// Non-zero: bump the TCP source port before every run, so each run is a new flow.
-    pub new_flow_each_run: u16,
+    pub _pad: [u8; 2],
+    /// Non-zero: give every run a source address and port no earlier run used.
+    pub new_flow_each_run: u32,
+    /// Runs so far (the new-flow sequence number).
+    pub runs: u32,
 }
 
 /// Does a new flow need its source rewritten to the node's address (SNAT)?
 /// - hairpin (the backend is the client itself): always, or the backend would see a packet
 ///   from itself;
 /// - NodePort / LB IP / externalIP: with externalTrafficPolicy=Cluster when the backend is on
-///   another node, so the reply comes back through this node; never with Local;
-/// - ClusterIP: when the source is outside the cluster CIDR (as kube-proxy masquerades).
+///   another node, so the reply comes back through this node; never with Local, except for
+///   short-circuited traffic from outside the local pods (the node itself);
+/// - ClusterIP: when the source is not a local pod (as kube-proxy masquerades).
 #[inline(always)]
-pub fn needs_snat(service_flags: u32, backend_flags: u8, src_in_cluster: bool, hairpin: bool) -> bool {
+pub fn needs_snat(service_flags: u32, backend_flags: u8, src_local: bool, hairpin: bool) -> bool {
     if hairpin {
         return true;
     }
     if service_flags & service_flags::EXTERNAL != 0 {
         service_flags & service_flags::EXTERNAL_LOCAL == 0 && backend_flags & backend_flags::LOCAL == 0
     } else {
-        !src_in_cluster
+        !src_local
     }
 }
 
@@ -251,6 +441,15 @@ pub fn in_prefix(addr_be: u32, net_be: u32, prefix_len: u32) -> bool {
     (u32::from_be(addr_be) >> shift) == (u32::from_be(net_be) >> shift)
 }
 
+/// The frontend filter's bit for a destination address and port: every frontend sets its
+/// bit, so a clear bit means no frontend (a set one may be a collision).
+#[inline(always)]
+pub fn front_filter_bit(addr_be: u32, port_be: u16) -> u32 {
+    let x = (addr_be as u64) << 16 | port_be as u64;
+    // Fibonacci hashing: the top bits of a multiply spread nearby addresses and ports.
+    (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FRONT_FILTER_BITS.trailing_zeros())) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,12 +460,16 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(size_of::<SlotKey>(), 8);
-        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<Backend>(), 12);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<CtState>(), 16);
         assert_eq!(size_of::<SourceRange>(), 8);
-        assert_eq!(size_of::<Config>(), 16);
-        assert_eq!(size_of::<BenchFrame>(), 56);
+        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragValue>(), 24);
+        assert_eq!(size_of::<BenchFrame>(), 64);
+        assert_eq!(size_of::<XdpMeta>(), 8);
     }
 
     #[test]
@@ -275,6 +478,15 @@ mod tests {
         for name in map_names::ALL {
             assert!(name.len() <= 15, "{name} is longer than 15 characters");
         }
+    }
+
+    #[test]
+    fn slot_keys_pack_generation_set_and_position() {
+        let k = SlotKey::new(7, 1, 1, 12345);
+        assert_eq!((k.svc_id, k.gen(), k.set(), k.position()), (7, 1, 1, 12345));
+        let k = SlotKey::new(7, 0, 1, 0);
+        assert_eq!((k.gen(), k.set(), k.position()), (0, 1, 0));
+        assert_ne!(SlotKey::new(1, 0, 0, 5), SlotKey::new(1, 1, 0, 5));
     }
 
     #[test]
@@ -298,6 +510,17 @@ mod tests {
         assert!(needs_snat(0, local, false, false), "ClusterIP from outside the cluster");
         assert!(needs_snat(0, local, true, true), "hairpin");
         assert!(needs_snat(EXTERNAL | EXTERNAL_LOCAL, local, true, true), "hairpin via ETP Local");
+    }
+
+    #[test]
+    fn front_filter_bits_stay_in_range_and_spread() {
+        let mut seen = [false; 64];
+        for i in 0..64u32 {
+            let bit = front_filter_bit((0x0a60_0000 + i).to_be(), 80u16.to_be());
+            assert!(bit < FRONT_FILTER_BITS);
+            seen[(bit % 64) as usize] = true;
+        }
+        assert!(seen.iter().filter(|s| **s).count() > 30, "consecutive addresses spread over words");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Benchmark support, attached nowhere: BPF_PROG_TEST_RUN with repeat > 1 feeds the
 //! program its own output, so a translated packet would come back as something else. This
-//! wrapper restores the template frame before every run (bumping the source port when asked,
-//! so each run is a new flow) and tail-calls the program under test. Running it in front of
-//! the empty program measures the wrapper itself, in the same run.
+//! wrapper restores the template frame before every run with word-sized stores (giving each
+//! run a source address and port no earlier run used, when asked, so each run is a new
+//! flow) and tail-calls the program under test. Running it in front of the empty program
+//! measures the wrapper itself, in the same run.
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::{Array, ProgramArray},
@@ -13,7 +14,7 @@ use aya_ebpf::{
 };
 use lb_common::{checksum, BenchFrame, BENCH_FRAME_LEN};
 
-use crate::packet::{ptr_at, L4_OFF, TCP_CHECK_OFF};
+use crate::packet::{ptr_at, IP_CHECK_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF};
 
 #[btf_map]
 static LB_BENCH_FRAME: Array<BenchFrame, 1> = Array::new();
@@ -37,17 +38,42 @@ pub fn lb_bench_restore(ctx: XdpContext) -> u32 {
     };
     // SAFETY: the map value and the bounds-checked frame are valid for the whole run.
     unsafe {
-        if (*t).new_flow_each_run != 0 {
-            let b = &mut (*t).bytes;
-            let old = u16::from_ne_bytes([b[L4_OFF], b[L4_OFF + 1]]);
-            let new = (u16::from_be(old).wrapping_add(1) | 1024).to_be();
-            let check = u16::from_ne_bytes([b[TCP_CHECK_OFF], b[TCP_CHECK_OFF + 1]]);
-            b[L4_OFF..L4_OFF + 2].copy_from_slice(&new.to_ne_bytes());
-            let check = checksum::replace_u16(check, old, new);
-            b[TCP_CHECK_OFF..TCP_CHECK_OFF + 2].copy_from_slice(&check.to_ne_bytes());
+        let src = (*t).bytes.as_ptr();
+        let dst = frame as *mut u8;
+        for i in 0..BENCH_FRAME_LEN / 8 {
+            (dst.add(i * 8) as *mut u64).write_unaligned((src.add(i * 8) as *const u64).read_unaligned());
         }
-        *frame = (*t).bytes;
+        let tail = BENCH_FRAME_LEN / 8 * 8;
+        (dst.add(tail) as *mut u32).write_unaligned((src.add(tail) as *const u32).read_unaligned());
+        (dst.add(tail + 4) as *mut u16).write_unaligned((src.add(tail + 4) as *const u16).read_unaligned());
+        if (*t).new_flow_each_run != 0 {
+            new_flow(dst, (*t).runs);
+            (*t).runs = (*t).runs.wrapping_add(1);
+        }
         LB_BENCH_TARGET.tail_call(&ctx, 0);
     }
     xdp_action::XDP_ABORTED
+}
+
+/// Gives run `n` its own source: port 1024 + n % 60000, the address's low 16 bits + n /
+/// 60000, with the IPv4 and TCP checksums updated.
+///
+/// # Safety
+/// `frame` points at BENCH_FRAME_LEN writable bytes.
+#[inline(always)]
+unsafe fn new_flow(frame: *mut u8, n: u32) {
+    let port_ptr = frame.add(L4_OFF) as *mut u16;
+    let addr_ptr = frame.add(IP_SRC_OFF + 2) as *mut u16;
+    let ip_check_ptr = frame.add(IP_CHECK_OFF) as *mut u16;
+    let tcp_check_ptr = frame.add(TCP_CHECK_OFF) as *mut u16;
+    let (old_port, old_addr) = (port_ptr.read_unaligned(), addr_ptr.read_unaligned());
+    let new_port = ((1024 + n % 60_000) as u16).to_be();
+    let new_addr = u16::from_be(old_addr).wrapping_add((n / 60_000) as u16).to_be();
+    port_ptr.write_unaligned(new_port);
+    addr_ptr.write_unaligned(new_addr);
+    let ip_check = checksum::replace_u16(ip_check_ptr.read_unaligned(), old_addr, new_addr);
+    ip_check_ptr.write_unaligned(ip_check);
+    let mut tcp_check = checksum::replace_u16(tcp_check_ptr.read_unaligned(), old_addr, new_addr);
+    tcp_check = checksum::replace_u16(tcp_check, old_port, new_port);
+    tcp_check_ptr.write_unaligned(tcp_check);
 }

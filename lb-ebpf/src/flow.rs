@@ -1,24 +1,21 @@
 //! The decision about one packet, the same for XDP and tc: follow a tracked flow, or start
 //! one (frontend lookup, source ranges, backend choice, SNAT port), or let it pass.
-use aya_ebpf::{
-    bindings::{bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
-    helpers::{
-        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_sk_lookup_udp, bpf_sk_release,
-        bpf_skc_lookup_tcp,
-    },
-    EbpfContext,
-};
-// Rare events only (a stale service entry, NAT exhaustion, a full map): never per packet.
+use aya_ebpf::{helpers::bpf_get_prandom_u32, EbpfContext};
+// Rare events only (a stale service entry, NAT exhaustion): never per packet.
 use aya_log_ebpf::{error, warn};
 use lb_common::{
-    conntrack::{expired, next_state, State, TCP_ACK, TCP_SYN},
-    counters, ct_flags, in_prefix, needs_snat, service_flags, CtKey, CtValue, ServiceKey, ServiceValue, SlotKey,
-    IPPROTO_TCP,
+    conntrack::{age, alive, next_state, refreshes, restarts, starts_flow, stamp, REFRESH, TCP_RST},
+    counters, ct_flags, in_prefix, needs_snat, service_flags, Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue,
+    SlotKey, IPPROTO_TCP,
 };
 
 use crate::{
-    maps::{source_allowed, LB_BACKENDS, LB_CONFIG, LB_CONNTRACK, LB_SERVICES, LB_SLOTS, LB_SNAT_CURSOR},
+    ct,
+    maps::{
+        backend, config, count, ct_state, maybe_frontend, source_allowed, LB_CONNTRACK, LB_SCRATCH, LB_SERVICES, LB_SLOTS,
+    },
     packet::Parsed,
+    ratelimit,
 };
 
 /// The new addresses and ports of a translated packet.
@@ -31,288 +28,377 @@ pub struct Rewrite {
 }
 
 impl Rewrite {
+    /// The rewrite a half applies.
     #[inline(always)]
-    fn of(v: &CtValue) -> Self {
-        Rewrite {
-            src_addr_be: v.nat_src_addr_be,
-            dst_addr_be: v.nat_dst_addr_be,
-            src_port_be: v.nat_src_port_be,
-            dst_port_be: v.nat_dst_port_be,
-        }
-    }
-
-    /// The conntrack key of the packets answering the rewritten one.
-    #[inline(always)]
-    fn answer_key(&self, proto: u8) -> CtKey {
-        CtKey {
-            src_addr_be: self.dst_addr_be,
-            dst_addr_be: self.src_addr_be,
-            src_port_be: self.dst_port_be,
-            dst_port_be: self.src_port_be,
-            proto,
-            _pad: [0; 3],
+    pub fn of(v: *const CtValue) -> Self {
+        // SAFETY: reading plain integers of a live map value.
+        unsafe {
+            Rewrite {
+                src_addr_be: (*v).nat_src_addr_be,
+                dst_addr_be: (*v).nat_dst_addr_be,
+                src_port_be: (*v).nat_src_port_be,
+                dst_port_be: (*v).nat_dst_port_be,
+            }
         }
     }
 }
 
-pub enum Verdict {
-    /// Not ours: hand to the stack untouched, counted under this index.
-    Pass(u32),
-    Drop(u32),
+/// What to do with a packet. A plain struct with every byte a named field, not an enum:
+/// the programs copy verdicts between BPF functions, and LLVM copies an enum's unused bytes
+/// from registers the verifier knows were never written (and then rejects the program);
+/// a niche-packed enum also gets BTF the kernel refuses.
+/// (Nor does it carry a pointer to the flow's entry: the verifier loses track of a map
+/// pointer that crosses a BPF call inside a struct.)
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Verdict {
+    /// Translate: the new addresses and ports.
+    pub rw: Rewrite,
+    /// Counted under this index.
+    pub counter: u32,
+    /// Translate, netfilter mode: what tc egress needs to rewrite the source side (see
+    /// `egress_payload`); 0 when the source stays.
+    pub egress: u16,
+    /// `action::*`
+    pub action: u8,
+    /// Translate: the next hop the flow's half has cached (`ct_flags::HOP` set), unless
+    /// this packet refreshed the half, which asks for a new lookup.
+    pub hop_flags: u8,
+    pub hop_ifindex: u32,
+    pub hop_mtu: u16,
+    pub hop_dmac: [u8; 6],
+    pub hop_smac: [u8; 6],
+    pub _pad: [u8; 6],
+}
+
+/// `Verdict::action`
+pub mod action {
+    /// Not ours: hand to the stack untouched.
+    pub const PASS: u8 = 0;
+    pub const DROP: u8 = 1;
     /// A frontend without backends: answer ICMP port unreachable.
-    Refuse,
-    /// Rewrite and forward, counted under this index.
-    Translate(Rewrite, u32),
+    pub const REFUSE: u8 = 2;
+    /// Answer a TCP reset.
+    pub const RESET: u8 = 3;
+    pub const TRANSLATE: u8 = 4;
+    /// The tracked flow is gone: treat the packet as untracked (internal to `decide`).
+    pub const UNTRACKED: u8 = 5;
 }
 
-/// How often a flow busy in one direction refreshes the entry of the other direction, so
-/// that a one-way stream does not let its reply entry (and NAT port) expire under it.
-const PEER_REFRESH_NS: u64 = 1_000_000_000;
-/// SNAT ports tried before giving up on a new flow.
-const SNAT_TRIES: u32 = 16;
+const NO_REWRITE: Rewrite = Rewrite { src_addr_be: 0, dst_addr_be: 0, src_port_be: 0, dst_port_be: 0 };
+
+impl Verdict {
+    #[inline(always)]
+    const fn of(action: u8, counter: u32) -> Verdict {
+        Verdict {
+            rw: NO_REWRITE,
+            counter,
+            egress: 0,
+            action,
+            hop_flags: 0,
+            hop_ifindex: 0,
+            hop_mtu: 0,
+            hop_dmac: [0; 6],
+            hop_smac: [0; 6],
+            _pad: [0; 6],
+        }
+    }
+    pub const fn pass(counter: u32) -> Verdict {
+        Verdict::of(action::PASS, counter)
+    }
+    pub const fn drop(counter: u32) -> Verdict {
+        Verdict::of(action::DROP, counter)
+    }
+    pub const fn refuse() -> Verdict {
+        Verdict::of(action::REFUSE, counters::REFUSED_NO_BACKEND)
+    }
+    pub const fn reset(counter: u32) -> Verdict {
+        Verdict::of(action::RESET, counter)
+    }
+    const fn untracked() -> Verdict {
+        Verdict::of(action::UNTRACKED, 0)
+    }
+    #[inline(always)]
+    fn translate(rw: Rewrite, counter: u32, egress: u16) -> Verdict {
+        Verdict { rw, counter, egress, ..Verdict::of(action::TRANSLATE, counter) }
+    }
+
+    /// With the next hop `half` caches, if it has one and `fresh`.
+    #[inline(always)]
+    fn with_hop(mut self, half: *const CtValue, fresh: bool) -> Verdict {
+        // SAFETY: reading plain integers of a live map value.
+        unsafe {
+            if fresh && (*half).flags & ct_flags::HOP != 0 {
+                self.hop_flags = ct_flags::HOP;
+                self.hop_ifindex = (*half).hop_ifindex;
+                self.hop_mtu = (*half).hop_mtu;
+                self.hop_dmac = (*half).hop_dmac;
+                self.hop_smac = (*half).hop_smac;
+            }
+        }
+        self
+    }
+}
 
 /// Where a packet that is not for a frontend may still belong to a translated flow.
 #[derive(Clone, Copy)]
 pub enum Replies {
     /// Anywhere: tc on pod devices sees backends answer clients at any address.
     Anywhere,
-    /// Only toward the node's SNAT address and port range, or into the cluster CIDR: the
+    /// Only toward the node's SNAT address and port range, or into the pod prefix: the
     /// uplink, where everything else can pass without a conntrack lookup.
     ToNatOrPods,
 }
 
+/// The mark payload tc egress needs for a half (netfilter mode): the NAT port of a flow
+/// with SNAT (egress finds the reply half at (backend -> node:port) from it); for the reply
+/// half of a flow without SNAT, [`EGRESS_OWN_TUPLE`] (egress looks its own tuple up); 0 for
+/// a forward half without SNAT, whose source stays.
 #[inline(always)]
-pub fn decide<C: EbpfContext>(ctx: &C, p: &Parsed, replies: Replies) -> Verdict {
+fn egress_payload(key: &CtKey, v: *const CtValue) -> u16 {
+    // SAFETY: reading plain integers of a live map value.
+    let (flags, nat_src_port_be) = unsafe { ((*v).flags, (*v).nat_src_port_be) };
+    match (flags & ct_flags::REPLY != 0, flags & ct_flags::SNAT != 0) {
+        (false, true) => u16::from_be(nat_src_port_be),
+        (false, false) => 0,
+        (true, true) => u16::from_be(key.dst_port_be),
+        (true, false) => EGRESS_OWN_TUPLE,
+    }
+}
+
+/// Mark payload: "look up the packet's own tuple". SNAT ports are never this low.
+pub const EGRESS_OWN_TUPLE: u16 = 1;
+
+/// None when the packet can be neither for a frontend nor part of a translated flow (the
+/// cheap test most passing traffic stops at); else whether it may be for a frontend.
+#[inline(always)]
+pub fn screen(k: &CtKey, cfg: &Config, replies: Replies) -> Option<bool> {
+    let maybe_front = maybe_frontend(k.dst_addr_be, k.dst_port_be);
+    (maybe_front || may_be_reply(k, cfg, replies)).then_some(maybe_front)
+}
+
+#[inline(always)]
+pub fn decide<C: EbpfContext>(ctx: &C, p: &Parsed, maybe_front: bool) -> Verdict {
     let k = &p.key;
+    if let Some(v) = LB_CONNTRACK.get_ptr_mut(k) {
+        let verdict = follow(p, v);
+        if verdict.action != action::UNTRACKED {
+            return verdict;
+        }
+    }
+    if !maybe_front {
+        return Verdict::pass(counters::PASS_NOT_SERVICE);
+    }
     let frontend = ServiceKey { addr_be: k.dst_addr_be, port_be: k.dst_port_be, proto: k.proto, _pad: 0 };
     // SAFETY: entries are replaced whole by the agent and stay readable for the whole run
     // (RCU); a reference rather than a copy keeps the entry out of this frame.
-    let svc = unsafe { LB_SERVICES.get(&frontend) };
-    if svc.is_none() && !may_be_reply(k, replies) {
-        return Verdict::Pass(counters::PASS_NOT_SERVICE);
-    }
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(v) = follow_tracked(p, now) {
-        return v;
-    }
-    match svc {
-        Some(svc) => start_flow(ctx, p, svc, now),
-        None => Verdict::Pass(counters::PASS_NOT_SERVICE),
+    match unsafe { LB_SERVICES.get(&frontend) } {
+        Some(svc) => start_flow(ctx, p, svc),
+        None => Verdict::pass(counters::PASS_NOT_SERVICE),
     }
 }
 
 #[inline(always)]
-fn may_be_reply(k: &CtKey, replies: Replies) -> bool {
+fn may_be_reply(k: &CtKey, cfg: &Config, replies: Replies) -> bool {
     let Replies::ToNatOrPods = replies else { return true };
-    let Some(cfg) = LB_CONFIG.get(0) else { return true };
     let port = u16::from_be(k.dst_port_be);
-    (k.dst_addr_be == cfg.node_addr_be && (cfg.snat_port_min..=cfg.snat_port_max).contains(&port))
-        || in_prefix(k.dst_addr_be, cfg.cluster_cidr_addr_be, cfg.cluster_cidr_prefix_len)
+    (k.dst_addr_be == cfg.node_addr_be && port >= cfg.snat_port_min && port <= cfg.snat_port_max)
+        || in_prefix(k.dst_addr_be, cfg.pods_addr_be, cfg.pods_prefix_len)
 }
 
 /// The rewrite of a live tracked flow, leaving its state alone: for ICMP errors about it.
 #[inline(always)]
-pub fn tracked_rewrite(key: &CtKey) -> Option<Rewrite> {
-    // SAFETY: read-only copy of plain integers.
-    let v = unsafe { *LB_CONNTRACK.get_ptr(key)? };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if expired(key.proto, State::from_u8(v.state), v.last_seen_ns, now) {
+pub fn tracked_rewrite(key: &CtKey) -> Option<(Rewrite, u16)> {
+    let v = LB_CONNTRACK.get_ptr_mut(key)?;
+    let seen = ct::load_stamp(v);
+    if !alive(key.proto, ct::load_state(v), seen, ct::now()) {
         return None;
     }
-    Some(Rewrite::of(&v))
+    Some((Rewrite::of(v), egress_payload(key, v)))
 }
 
+/// A packet of a tracked flow; UNTRACKED when its flow is gone (expired, closed and
+/// restarted by a SYN, broken, or its UDP backend removed).
 #[inline(always)]
-fn follow_tracked(p: &Parsed, now: u64) -> Option<Verdict> {
-    let entry = LB_CONNTRACK.get_ptr_mut(&p.key)?;
-    // SAFETY: LRU entries may be recycled under us; we only read plain integers from it.
-    let v = unsafe { &mut *entry };
-    let proto = p.key.proto;
-    let state = State::from_u8(v.state);
-    let reply = v.flags & ct_flags::REPLY != 0;
-    let fresh_syn = proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    // A new SYN on a closed flow is a new connection that chooses its backend again.
-    if !reply && fresh_syn && matches!(state, State::Closing | State::Reset) {
-        return None;
-    }
-    if expired(proto, state, v.last_seen_ns, now) {
-        return None;
-    }
-    let next = next_state(proto, state, p.tcp_flags, reply);
-    let refresh_peer = next != state || now - v.last_seen_ns > PEER_REFRESH_NS;
-    v.state = next as u8;
-    v.last_seen_ns = now;
-    let rewrite = Rewrite::of(v);
-    if refresh_peer {
-        if let Some(peer) = LB_CONNTRACK.get_ptr_mut(&rewrite.answer_key(proto)) {
-            // SAFETY: as above.
-            unsafe {
-                (*peer).state = next as u8;
-                (*peer).last_seen_ns = now;
-            }
-        }
-    }
-    let counter = if reply { counters::REPLY } else { counters::ESTABLISHED };
-    Some(Verdict::Translate(rewrite, counter))
-}
-
-// New flows are the slow path: a call of its own keeps their locals (two conntrack
-// values, service, backend and config copies) out of the per-packet frame.
-#[inline(never)]
-fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue, now: u64) -> Verdict {
+fn follow(p: &Parsed, v: *mut CtValue) -> Verdict {
     let k = &p.key;
-    if svc.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(svc.svc_id, k.src_addr_be) {
-        return Verdict::Drop(counters::DROP_SOURCE_RANGE);
+    let now = ct::now();
+    let seen = ct::load_stamp(v);
+    let state = ct::load_state(v);
+    // SAFETY: reading plain integers of a live map value.
+    let (flags, backend_id, backend_gen) = unsafe { ((*v).flags, (*v).backend_id, (*v).backend_gen) };
+    let reply = flags & ct_flags::REPLY != 0;
+    if !alive(k.proto, state, seen, now) || (!reply && restarts(k.proto, state, p.tcp_flags)) {
+        ct::reap(k, v, seen);
+        return Verdict::untracked();
     }
-    if svc.backend_count == 0 {
-        return if svc.flags & service_flags::EXTERNAL_LOCAL != 0 {
-            Verdict::Drop(counters::DROP_NO_LOCAL_BACKEND)
+    if !backend(backend_id).is_some_and(|b: &Backend| b.gen == backend_gen) {
+        // Removed, not merely terminating: the flow goes. UDP chooses again at once
+        // (kube-proxy deletes such flows); TCP gets a reset rather than silence; a late
+        // reply from the removed backend is dropped.
+        ct::reap(k, v, seen);
+        return if reply {
+            Verdict::drop(counters::DROP_BACKEND_GONE)
+        } else if k.proto == IPPROTO_TCP {
+            Verdict::reset(counters::RESET_BACKEND_GONE)
         } else {
-            Verdict::Refuse
+            count(counters::BACKEND_GONE_RECHOSEN, 0);
+            Verdict::untracked()
         };
     }
-    let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
-    let Some(backend_id) = (unsafe { LB_SLOTS.get(&SlotKey { svc_id: svc.svc_id, slot }) }).copied() else {
-        error!(ctx, "frontend {} has {} backends but no slot {}", svc.svc_id, svc.backend_count, slot);
-        return Verdict::Drop(counters::DROP_STALE_SERVICE);
-    };
-    let Some(backend) = (unsafe { LB_BACKENDS.get(&backend_id) }).copied() else {
-        error!(ctx, "frontend {} slot {} names a missing backend {}", svc.svc_id, slot, backend_id);
-        return Verdict::Drop(counters::DROP_STALE_SERVICE);
-    };
-    let Some(cfg) = LB_CONFIG.get(0).copied() else {
-        return Verdict::Drop(counters::DROP_STALE_SERVICE);
-    };
-    let src_in_cluster = in_prefix(k.src_addr_be, cfg.cluster_cidr_addr_be, cfg.cluster_cidr_prefix_len);
-    let hairpin = k.src_addr_be == backend.addr_be;
-    let snat = needs_snat(svc.flags, backend.flags, src_in_cluster, hairpin);
+    let next = next_state(k.proto, state, p.tcp_flags, reply);
+    let refresh = next != state || (refreshes(k.proto, state, reply) && age(seen, now) >= REFRESH);
+    if refresh && !ct::refresh(k, v, seen, (state as u64) << 32 | next as u64, now) {
+        count(counters::FLOW_ORPHANED, 0);
+        return Verdict::untracked();
+    }
+    let rw = Rewrite::of(v);
+    let egress = egress_payload(k, v);
+    // The half was removed (and its memory maybe reused) while we read it.
+    if lb_common::conntrack::nonce(ct::load_stamp(v)) != lb_common::conntrack::nonce(seen) {
+        return Verdict::untracked();
+    }
+    let counter = if reply { counters::REPLY } else { counters::ESTABLISHED };
+    Verdict::translate(rw, counter, egress).with_hop(v, !refresh)
+}
 
-    let state = next_state(k.proto, State::New, p.tcp_flags, false) as u8;
-    let mut answer = CtValue {
-        last_seen_ns: now,
+// New flows are the slow path: a call of its own keeps their locals (two conntrack values,
+// service, backend and config copies) out of the per-packet frame.
+#[inline(never)]
+fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdict {
+    let k = &p.key;
+    if !starts_flow(k.proto, p.tcp_flags) {
+        return if p.tcp_flags & TCP_RST != 0 {
+            Verdict::drop(counters::DROP_NO_FLOW)
+        } else {
+            Verdict::reset(counters::RESET_NO_FLOW)
+        };
+    }
+    if svc.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(svc.svc_id, k.src_addr_be) {
+        return Verdict::drop(counters::DROP_SOURCE_RANGE);
+    }
+    let Some(cfg) = config() else {
+        return Verdict::drop(counters::DROP_STALE_SERVICE);
+    };
+    let src_local = in_prefix(k.src_addr_be, cfg.local_addr_be, cfg.local_prefix_len);
+    let short_circuit = svc.flags & service_flags::EXTERNAL_LOCAL != 0 && src_local;
+    let set = short_circuit as usize;
+    let slots = svc.count[set] as u32;
+    if slots == 0 {
+        return if svc.flags & service_flags::DROP_WHEN_EMPTY != 0 && !short_circuit {
+            Verdict::drop(counters::DROP_NO_LOCAL_BACKEND)
+        } else {
+            Verdict::refuse()
+        };
+    }
+    if ct_state().is_some_and(|s| unsafe { (*s).entries } >= cfg.ct_admit_limit as u64) {
+        return Verdict::drop(counters::DROP_CT_FULL);
+    }
+    // SAFETY: plain helper call.
+    let slot = unsafe { bpf_get_prandom_u32() } % slots;
+    let Some(backend_id) = (unsafe { LB_SLOTS.get(SlotKey::new(svc.svc_id, svc.gen, set as u8, slot)) }).copied()
+    else {
+        error!(ctx, "frontend {} has {} backends but no slot {}", svc.svc_id, slots, slot);
+        return Verdict::drop(counters::DROP_STALE_SERVICE);
+    };
+    let Some(b) = backend(backend_id).copied().filter(|b| b.addr_be != 0) else {
+        error!(ctx, "frontend {} slot {} names a missing backend {}", svc.svc_id, slot, backend_id);
+        return Verdict::drop(counters::DROP_STALE_SERVICE);
+    };
+    // The effective policy: short-circuited traffic is served like ETP=Cluster's, but keeps
+    // its source (a pod's replies route back to this node).
+    let hairpin = k.src_addr_be == b.addr_be;
+    let flags = if short_circuit { svc.flags & !service_flags::EXTERNAL } else { svc.flags };
+    let mut snat = needs_snat(flags, b.flags, src_local, hairpin);
+    let now = ct::now();
+    let fresh = stamp(ct::new_nonce(), now);
+    let state = next_state(k.proto, 0, p.tcp_flags, false);
+    // Built in a per-CPU scratch entry rather than on this frame: the verifier's 512-byte
+    // stack budget covers the whole call chain, and a new flow's is the deepest.
+    let Some(scratch) = LB_SCRATCH.get_ptr_mut(0) else {
+        return Verdict::drop(counters::DROP_STALE_SERVICE);
+    };
+    // SAFETY: per-CPU, and nothing else on this CPU runs while this program does.
+    let reply = unsafe { &mut *scratch };
+    *reply = CtValue {
+        stamp: fresh,
         nat_src_addr_be: k.dst_addr_be,
         nat_dst_addr_be: k.src_addr_be,
         nat_src_port_be: k.dst_port_be,
         nat_dst_port_be: k.src_port_be,
         backend_id,
+        backend_gen: b.gen,
+        svc_id: svc.svc_id,
         state,
-        flags: ct_flags::REPLY,
-        _pad: [0; 6],
+        flags: ct_flags::REPLY | if short_circuit { ct_flags::SHORT_CIRCUIT } else { 0 },
+        ..CtValue::default()
     };
-    let mut forward = Rewrite {
-        src_addr_be: k.src_addr_be,
-        dst_addr_be: backend.addr_be,
-        src_port_be: k.src_port_be,
-        dst_port_be: backend.port_be,
+    let mut reply_key = CtKey {
+        src_addr_be: b.addr_be,
+        dst_addr_be: k.src_addr_be,
+        src_port_be: b.port_be,
+        dst_port_be: k.src_port_be,
+        proto: k.proto,
+        _pad: [0; 3],
     };
+    if !snat && !insert_or_reclaim(&reply_key, reply) {
+        // The reply tuple belongs to another live flow (the same client port reaching two
+        // frontends that share a backend): never overwrite it; take a NAT port instead.
+        count(counters::SNAT_ON_COLLISION, 0);
+        snat = true;
+    }
     if snat {
-        answer.flags |= ct_flags::SNAT;
-        forward.src_addr_be = cfg.node_addr_be;
-        let Some(port_be) = claim_snat_port(ctx, &forward, &answer, &cfg, k.proto, now) else {
-            warn!(
-                ctx,
-                "no free SNAT port toward {:i}:{} in {}-{}",
-                u32::from_be(backend.addr_be),
-                u16::from_be(backend.port_be),
-                cfg.snat_port_min,
-                cfg.snat_port_max
-            );
-            return Verdict::Drop(counters::DROP_NAT_EXHAUSTED);
-        };
-        forward.src_port_be = port_be;
-    } else if LB_CONNTRACK.insert(&forward.answer_key(k.proto), &answer, BPF_ANY as u64).is_err() {
-        error!(ctx, "conntrack insert failed");
-        return Verdict::Drop(counters::DROP_MAP_FULL);
+        if cfg.node_addr_be == 0 {
+            return Verdict::drop(counters::DROP_NAT_EXHAUSTED);
+        }
+        reply.flags |= ct_flags::SNAT;
+        reply_key.dst_addr_be = cfg.node_addr_be;
+        if ct::claim_snat_port(ctx, &mut reply_key, reply, cfg) == 0 {
+            if ratelimit::log_allowed() {
+                warn!(
+                    ctx,
+                    "no free SNAT port toward {:i}:{} in {}-{}",
+                    u32::from_be(b.addr_be),
+                    u16::from_be(b.port_be),
+                    cfg.snat_port_min,
+                    cfg.snat_port_max
+                );
+            }
+            return Verdict::drop(counters::DROP_NAT_EXHAUSTED);
+        }
     }
-    let entry = CtValue {
-        nat_src_addr_be: forward.src_addr_be,
-        nat_dst_addr_be: forward.dst_addr_be,
-        nat_src_port_be: forward.src_port_be,
-        nat_dst_port_be: forward.dst_port_be,
-        flags: if snat { ct_flags::SNAT } else { 0 },
-        ..answer
-    };
-    if LB_CONNTRACK.insert(&p.key, &entry, BPF_ANY as u64).is_err() {
-        let _ = LB_CONNTRACK.remove(&forward.answer_key(k.proto));
-        error!(ctx, "conntrack insert failed");
-        return Verdict::Drop(counters::DROP_MAP_FULL);
+    // The forward half is the reply half rewritten in place.
+    let forward = reply;
+    forward.nat_src_addr_be = reply_key.dst_addr_be;
+    forward.nat_dst_addr_be = b.addr_be;
+    forward.nat_src_port_be = reply_key.dst_port_be;
+    forward.nat_dst_port_be = b.port_be;
+    forward.flags &= !ct_flags::REPLY;
+    if !insert_or_reclaim(k, forward) {
+        // Another CPU started this very flow a moment ago: it keeps it.
+        if let Some(v) = LB_CONNTRACK.get_ptr_mut(&reply_key) {
+            ct::reap(&reply_key, v, fresh);
+        }
+        return Verdict::drop(counters::DROP_CT_RACE);
     }
-    Verdict::Translate(forward, counters::NEW_FLOW)
+    Verdict::translate(Rewrite::of(forward), counters::NEW_FLOW, egress_payload(k, forward))
 }
 
-/// Claims a free source port for `forward` (whose source address is already the node's)
-/// by inserting the answer entry that will hold it. Ports rotate through the whole range
-/// from a per-CPU cursor (CPUs start spread apart), not lowest-free-first: a port comes back
-/// only after the range has gone by, so it does not meet the backend's TIME_WAIT socket of
-/// the flow that used it last.
+/// Inserts a half at `key`; a dead entry there (expired, or being removed) is removed
+/// first, a live one never touched. False when a live flow holds the key.
 #[inline(always)]
-fn claim_snat_port<C: EbpfContext>(
-    ctx: &C,
-    forward: &Rewrite,
-    answer: &CtValue,
-    cfg: &lb_common::Config,
-    proto: u8,
-    now: u64,
-) -> Option<u16> {
-    let span = (cfg.snat_port_max as u32).saturating_sub(cfg.snat_port_min as u32) + 1;
-    let cursor = LB_SNAT_CURSOR.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
-    let mut next = unsafe { *cursor };
-    if next == 0 {
-        next = unsafe { bpf_get_smp_processor_id() }.wrapping_mul(span / 16 + 1);
+fn insert_or_reclaim(key: &CtKey, value: &CtValue) -> bool {
+    if ct::insert(key, value) {
+        return true;
     }
-    let mut try_rewrite = *forward;
-    for _ in 0..SNAT_TRIES {
-        let port = cfg.snat_port_min as u32 + next % span;
-        next = next.wrapping_add(1);
-        try_rewrite.src_port_be = (port as u16).to_be();
-        let key = try_rewrite.answer_key(proto);
-        if node_has_socket(ctx, &key) {
-            continue;
-        }
-        let claimed = LB_CONNTRACK.insert(&key, answer, BPF_NOEXIST as u64).is_ok()
-            || LB_CONNTRACK.get_ptr(&key).is_some_and(|held| {
-                // SAFETY: read-only copy of plain integers.
-                let held = unsafe { *held };
-                // Taken by a flow that is over: reclaim it.
-                expired(proto, State::from_u8(held.state), held.last_seen_ns, now)
-                    && LB_CONNTRACK.insert(&key, answer, BPF_ANY as u64).is_ok()
-            });
-        if claimed {
-            unsafe { *cursor = next };
-            return Some(try_rewrite.src_port_be);
-        }
-    }
-    unsafe { *cursor = next };
-    None
-}
-
-/// Would a packet with this tuple (backend -> node:port) reach a socket of the node itself?
-/// Then the port is the node's own (a connection to that backend, or a listener) and SNAT
-/// must not take it: the flow's replies would be taken from the socket.
-#[inline(always)]
-fn node_has_socket<C: EbpfContext>(ctx: &C, key: &CtKey) -> bool {
-    // SAFETY: an all-zero tuple is valid; only its IPv4 part is filled and passed.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-        saddr: key.src_addr_be,
-        daddr: key.dst_addr_be,
-        sport: key.src_port_be,
-        dport: key.dst_port_be,
+    let Some(held) = LB_CONNTRACK.get_ptr_mut(key) else {
+        // Removed in the meantime.
+        return ct::insert(key, value);
     };
-    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
-    let netns = BPF_F_CURRENT_NETNS as u64;
-    // SAFETY: valid context and tuple; a socket found is released right away.
-    unsafe {
-        let sk = if key.proto == IPPROTO_TCP {
-            bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
-        };
-        if sk.is_null() {
-            return false;
-        }
-        bpf_sk_release(sk.cast());
+    let seen = ct::load_stamp(held);
+    if alive(key.proto, ct::load_state(held), seen, ct::now()) {
+        return false;
     }
-    true
+    ct::reap(key, held, seen);
+    ct::insert(key, value)
 }

@@ -1,13 +1,22 @@
-//! Kernel side: XDP on node uplinks (north-south) and tc ingress on pod-facing devices
-//! (east-west). Entry points are thin; the decision about a packet is made once, in
-//! `flow::decide`, and each hook applies it with the means it has.
+//! Kernel side: XDP on node uplinks (north-south), tc ingress on pod-facing and tunnel
+//! devices (east-west), tc egress for the netfilter mode's second half, and the conntrack
+//! reaper the agent runs. Entry points are thin; the decision about a packet is made once,
+//! in `flow::decide`, and each hook applies it with the means it has.
 #![no_std]
 #![no_main]
+// The atomic intrinsics (see atomic.rs); the build uses a compiler that allows them.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
+mod atomic;
 mod bench;
+mod ct;
 mod flow;
+mod frag;
 mod maps;
 mod packet;
+mod ratelimit;
+mod reap;
 mod tc;
 mod xdp;
 

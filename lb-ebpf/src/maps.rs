@@ -1,12 +1,15 @@
-//! The maps, named as in `lb_common::map_names` (the static's name is the map's name).
+//! The maps, named as in `lb_common::map_names` (the static's name is the map's name), and
+//! the one-line accessors the programs share.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     counters::{self, Counter},
-    Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue, SlotKey, SourceRange, MAX_BACKENDS, MAX_BACKEND_SLOTS,
-    MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES,
+    front_filter_bit, Backend, Bucket, Config, CtKey, CtState, CtValue, FragKey, FragValue, ServiceKey, ServiceValue,
+    SlotKey, SourceRange, DEFAULT_CONNTRACK_ENTRIES, FRONT_FILTER_BITS, MAX_BACKENDS, MAX_BACKEND_SLOTS,
+    MAX_FRAGMENTS, MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
 };
 
 #[btf_map]
@@ -15,11 +18,19 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usiz
 #[btf_map]
 pub static LB_SLOTS: HashMap<SlotKey, u32, { MAX_BACKEND_SLOTS as usize }> = HashMap::new();
 
+/// Indexed by backend id.
 #[btf_map]
-pub static LB_BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+pub static LB_BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Not an LRU: nothing is evicted behind the flows' backs (see lb_common::conntrack). Not
+/// preallocated: memory follows the flows, and an entry is freed only after an RCU grace
+/// period, so a reader never sees a recycled entry. The agent sets the capacity at load.
+#[btf_map]
+pub static LB_CONNTRACK: HashMap<CtKey, CtValue, { DEFAULT_CONNTRACK_ENTRIES as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 #[btf_map]
-pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+pub static LB_CT_STATE: Array<CtState, 1> = Array::new();
 
 #[btf_map]
 pub static LB_SRC_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
@@ -27,12 +38,26 @@ pub static LB_SRC_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize
 #[btf_map]
 pub static LB_CONFIG: Array<Config, 1> = Array::new();
 
-/// Where each CPU continues its walk through the SNAT port range.
-#[btf_map]
-pub static LB_SNAT_CURSOR: PerCpuArray<u32, 1> = PerCpuArray::new();
-
 #[btf_map]
 pub static LB_COUNTERS: PerCpuArray<Counter, { counters::COUNT as usize }> = PerCpuArray::new();
+
+/// One bit per (address, port) hash: clear means no frontend has it.
+#[btf_map]
+pub static LB_FRONT_BITS: Array<u64, { (FRONT_FILTER_BITS / 64) as usize }> = Array::new();
+
+#[btf_map]
+pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue, { MAX_FRAGMENTS as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static LB_RATE_LIMIT: LruHashMap<u32, Bucket, { MAX_RATE_LIMITED as usize }> = LruHashMap::new();
+
+/// Where a new flow's conntrack value is built (not pinned: nothing survives a packet).
+#[btf_map]
+pub static LB_SCRATCH: PerCpuArray<CtValue, 1> = PerCpuArray::new();
+
+/// Keys the agent asks the reaper program to look at.
+#[btf_map]
+pub static LB_REAP_QUEUE: Array<CtKey, { REAP_BATCH as usize }> = Array::new();
 
 #[inline(always)]
 pub fn count(index: u32, bytes: u64) {
@@ -46,7 +71,30 @@ pub fn count(index: u32, bytes: u64) {
 }
 
 #[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    LB_CONFIG.get(0)
+}
+
+#[inline(always)]
 pub fn source_allowed(svc_id: u32, src_addr_be: u32) -> bool {
     let key = Key::new(64, SourceRange { svc_id_be: svc_id.to_be(), addr_be: src_addr_be });
     LB_SRC_RANGES.get(&key).is_some()
+}
+
+/// Might (address, port) be a frontend? False means certainly not.
+#[inline(always)]
+pub fn maybe_frontend(addr_be: u32, port_be: u16) -> bool {
+    let bit = front_filter_bit(addr_be, port_be);
+    LB_FRONT_BITS.get(bit / 64).is_some_and(|w| *w & (1u64 << (bit % 64)) != 0)
+}
+
+#[inline(always)]
+pub fn backend(id: u32) -> Option<&'static Backend> {
+    LB_BACKENDS.get(id)
+}
+
+/// The conntrack accounting entry (its fields change only by atomic operations).
+#[inline(always)]
+pub fn ct_state() -> Option<*mut CtState> {
+    LB_CT_STATE.get_ptr_mut(0)
 }

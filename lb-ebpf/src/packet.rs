@@ -1,4 +1,4 @@
-//! Bounds-checked access to packet bytes and the IPv4/L4 parse shared by both hooks.
+//! Bounds-checked access to packet bytes and the IPv4/L4 parse shared by every hook.
 use core::mem::size_of;
 
 use lb_common::{counters, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
@@ -28,11 +28,27 @@ pub fn read<T: Copy>(start: usize, end: usize, off: usize) -> Option<T> {
     ptr_at::<T>(start, end, off).map(|p| unsafe { p.read_unaligned() })
 }
 
-/// An IPv4 TCP or UDP packet, its flow as seen on the wire.
+/// Where a packet stands in IPv4 fragmentation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram.
+    No,
+    /// The first fragment: it carries the ports.
+    First,
+    /// A later fragment: addresses only, translated like its first.
+    Later,
+}
+
+/// An IPv4 TCP or UDP packet, its flow as seen on the wire. For a later fragment the
+/// key's ports are 0.
 #[derive(Clone, Copy)]
 pub struct Parsed {
     pub key: CtKey,
     pub tcp_flags: u8,
+    pub fragment: Fragment,
+    pub ip_id_be: u16,
+    /// IPv4 total length minus the header: the L4 length of an unfragmented packet.
+    pub l4_len: u16,
     pub frame_len: u64,
 }
 
@@ -48,40 +64,53 @@ const fn pass(counter: u32) -> NotAFlow {
     NotAFlow { counter, drop: false, icmp: false }
 }
 
+const MALFORMED: NotAFlow = NotAFlow { counter: counters::DROP_MALFORMED, drop: true, icmp: false };
+
+/// Parses the linear bytes [start, end) of a frame whose whole length is `frame_len` (tc
+/// packets may carry more in fragments than their linear part).
 #[inline(always)]
-pub fn parse(start: usize, end: usize) -> Result<Parsed, NotAFlow> {
-    let frame_len = (end - start) as u64;
+pub fn parse(start: usize, end: usize, frame_len: u64) -> Result<Parsed, NotAFlow> {
     let ethertype: u16 = read(start, end, 12).ok_or(pass(counters::PASS_NOT_IPV4))?;
     if ethertype != 0x0800u16.to_be() {
         return Err(pass(counters::PASS_NOT_IPV4));
     }
-    let truncated = NotAFlow { counter: counters::DROP_TRUNCATED, drop: true, icmp: false };
-    let ip: [u8; 20] = read(start, end, IP_OFF).ok_or(truncated)?;
+    let ip: [u8; 20] = read(start, end, IP_OFF).ok_or(MALFORMED)?;
     let proto = ip[9];
-    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+    let frag_field = u16::from_be_bytes([ip[6], ip[7]]);
+    let offset = frag_field & 0x1fff;
+    let more = frag_field & 0x2000 != 0;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        let icmp = proto == IPPROTO_ICMP && ip[0] == 0x45 && !fragment;
+        let icmp = proto == IPPROTO_ICMP && ip[0] == 0x45 && offset == 0 && !more;
         return Err(NotAFlow { counter: counters::PASS_NOT_SERVICE, drop: false, icmp });
     }
-    if ip[0] != 0x45 || fragment {
-        return Err(pass(counters::PASS_FRAGMENT_OR_OPTIONS));
+    if ip[0] != 0x45 {
+        return Err(if ip[0] >> 4 == 4 && ip[0] & 0xf > 5 { pass(counters::PASS_IP_OPTIONS) } else { MALFORMED });
     }
-    let l4_len = if proto == IPPROTO_TCP { 20 } else { 8 };
-    if start + L4_OFF + l4_len > end {
-        return Err(NotAFlow { counter: counters::DROP_TRUNCATED, drop: true, icmp: false });
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
+    if (tot_len as u64) < 20 || tot_len as u64 > frame_len - ETH_LEN as u64 {
+        return Err(MALFORMED);
     }
-    let ports: [u16; 2] = read(start, end, L4_OFF).ok_or(pass(counters::DROP_TRUNCATED))?;
+    let mut key = CtKey {
+        src_addr_be: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        dst_addr_be: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        src_port_be: 0,
+        dst_port_be: 0,
+        proto,
+        _pad: [0; 3],
+    };
+    let ip_id_be = u16::from_ne_bytes([ip[4], ip[5]]);
+    let l4_len = tot_len - 20;
+    if offset != 0 {
+        return Ok(Parsed { key, tcp_flags: 0, fragment: Fragment::Later, ip_id_be, l4_len, frame_len });
+    }
+    let l4_min: u16 = if proto == IPPROTO_TCP { 20 } else { 8 };
+    if l4_len < l4_min || start + L4_OFF + l4_min as usize > end {
+        return Err(MALFORMED);
+    }
+    let ports: [u16; 2] = read(start, end, L4_OFF).ok_or(MALFORMED)?;
+    key.src_port_be = ports[0];
+    key.dst_port_be = ports[1];
     let tcp_flags = if proto == IPPROTO_TCP { read::<u8>(start, end, L4_OFF + 13).unwrap_or(0) } else { 0 };
-    Ok(Parsed {
-        key: CtKey {
-            src_addr_be: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-            dst_addr_be: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
-            src_port_be: ports[0],
-            dst_port_be: ports[1],
-            proto,
-            _pad: [0; 3],
-        },
-        tcp_flags,
-        frame_len,
-    })
+    let fragment = if more { Fragment::First } else { Fragment::No };
+    Ok(Parsed { key, tcp_flags, fragment, ip_id_be, l4_len, frame_len })
 }

@@ -16,15 +16,56 @@ use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{self, maps::PinnedMaps, Datapath},
+    datapath::{self, conntrack::Conntrack, maps::PinnedMaps, Datapath},
     model::{self, Desired, NodeInfo, Options},
     reconcile::Reconciler,
     source::manifests::{fingerprint, ManifestCache},
     telemetry::health::HealthServers,
 };
 
-/// How often expired conntrack entries are deleted.
-const CONNTRACK_SWEEP: Duration = Duration::from_secs(10);
+/// How often conntrack is swept: often enough that flows a flood left (unanswered SYNs
+/// expire in 10 s) free their room soon after they expire.
+const CONNTRACK_SWEEP: Duration = Duration::from_secs(2);
+
+/// Sweeps conntrack on a thread of its own: reading a table of a million entries takes a
+/// few hundred milliseconds, which the agent's event loop must not wait for.
+struct Sweeper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sweeper {
+    fn start(mut conntrack: Conntrack) -> Sweeper {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Relaxed) {
+                match conntrack.sweep() {
+                    Ok(s) if s.removed > 0 => {
+                        info!(removed = s.removed, entries = s.entries, read_ms = s.read_ms, reap_ms = s.reap_ms, "conntrack swept")
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!("sweeping conntrack: {e}"),
+                }
+                let deadline = std::time::Instant::now() + CONNTRACK_SWEEP;
+                while !stopped.load(Relaxed) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        Sweeper { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 pub struct AgentConfig {
     pub pin_dir: PathBuf,
@@ -37,6 +78,19 @@ pub struct AgentConfig {
     pub snat_ports: (u16, u16),
     /// How often the manifests are checked for changes.
     pub poll: Duration,
+    pub datapath: DatapathOptions,
+}
+
+/// How the datapath runs, as the operator chose.
+#[derive(Clone, Copy, Debug)]
+pub struct DatapathOptions {
+    pub capacity: datapath::Capacity,
+    /// New flows are refused above this share of the conntrack capacity (percent).
+    pub admit_percent: u32,
+    /// `lb_common::mode::*`
+    pub mode: u32,
+    /// Where in skb->mark the netfilter mode's 16-bit hand-over to tc egress lives.
+    pub mark_shift: u32,
 }
 
 // Datapath and map errors carry aya's sizeable errors: boxed, so Result stays small.
@@ -73,12 +127,20 @@ impl From<crate::datapath::maps::Error> for Error {
 impl AgentConfig {
     fn datapath_config(&self) -> Result<Config, Error> {
         let node_addr = *self.node.addresses.first().ok_or(Error::NoNodeAddress)?;
+        let local = self.options.cluster_cidr;
+        let entries = self.datapath.capacity.conntrack_entries as u64;
         Ok(Config {
             node_addr_be: addr_be(node_addr),
-            cluster_cidr_addr_be: addr_be(self.options.cluster_cidr.addr),
-            cluster_cidr_prefix_len: self.options.cluster_cidr.prefix_len as u32,
+            local_addr_be: addr_be(local.addr),
+            local_prefix_len: local.prefix_len as u32,
+            pods_addr_be: addr_be(local.addr),
+            pods_prefix_len: local.prefix_len as u32,
+            mode: self.datapath.mode,
+            ct_admit_limit: (entries * self.datapath.admit_percent.min(100) as u64 / 100) as u32,
+            mark_shift: self.datapath.mark_shift,
             snat_port_min: self.snat_ports.0,
             snat_port_max: self.snat_ports.1,
+            _pad: 0,
         })
     }
 }
@@ -86,7 +148,7 @@ impl AgentConfig {
 /// Runs until `shutdown` resolves. The datapath keeps running after the agent exits.
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
     let datapath_config = cfg.datapath_config()?;
-    let mut dp = Datapath::load(&cfg.pin_dir)?;
+    let mut dp = Datapath::load(&cfg.pin_dir, cfg.datapath.capacity)?;
     for iface in &cfg.uplinks {
         dp.attach_uplink(iface).map_err(|source| Error::Uplink { iface: iface.clone(), source: Box::new(source) })?;
     }
@@ -105,24 +167,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut synced_once = false;
     let mut last_errors = Vec::new();
     info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, "agent started");
-    let mut conntrack: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> =
-        datapath::open_map(&cfg.pin_dir, lb_common::map_names::CONNTRACK)?
-            .try_into()
-            .map_err(|source| crate::datapath::maps::Error::Map { name: lb_common::map_names::CONNTRACK, source })?;
-    let mut sweep = tokio::time::interval(CONNTRACK_SWEEP);
+    let _sweeper = Sweeper::start(Conntrack::open(&cfg.pin_dir)?);
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(cfg.poll);
     attach_pod_devices(&mut dp, &cfg, &mut attached);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = sweep.tick() => {
-                match crate::datapath::conntrack::sweep(&mut conntrack, crate::datapath::conntrack::monotonic_now_ns()) {
-                    Ok(0) => {}
-                    Ok(n) => info!(removed = n, "expired conntrack entries swept"),
-                    Err(e) => warn!("sweeping conntrack: {e}"),
-                }
-            }
             ready = kernel_log.readable_mut() => {
                 if let Ok(mut guard) = ready {
                     // Clear first: anything arriving while we drain makes it ready again.

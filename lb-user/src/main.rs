@@ -27,6 +27,8 @@ enum Command {
     Load {
         #[command(flatten)]
         pin: PinDir,
+        #[command(flatten)]
+        capacity: CapacityArgs,
         /// Uplink interface(s) for the XDP program.
         #[arg(long, required = true)]
         iface: Vec<String>,
@@ -59,12 +61,70 @@ enum Command {
         /// SNAT source port range, MIN-MAX.
         #[arg(long, default_value = "32768-65535", value_parser = parse_port_range)]
         snat_ports: (u16, u16),
+        #[command(flatten)]
+        datapath: DatapathArgs,
     },
     /// Print this node's desired state for manifests (Service, EndpointSlice, Endpoints).
     Model {
         #[command(flatten)]
         node: NodeArgs,
     },
+}
+
+#[derive(Args, Clone, Copy)]
+struct CapacityArgs {
+    /// Connections (flows) conntrack can hold: two entries each, about 150 bytes of kernel
+    /// memory per entry in use. A pinned table keeps the size it was created with.
+    #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_ENTRIES / 2, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    conntrack_flows: u32,
+}
+
+impl CapacityArgs {
+    fn capacity(self) -> datapath::Capacity {
+        datapath::Capacity { conntrack_entries: self.conntrack_flows * 2 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Forwarding {
+    /// Translated packets go through the node's stack, so netfilter's forward hook (where
+    /// netfilter-based CNIs enforce NetworkPolicy) sees them: the destination side is
+    /// rewritten on the way in, the source side (SNAT) on the way out, as kube-proxy does.
+    Netfilter,
+    /// Translated packets leave straight from XDP (XDP_TX) or tc (bpf_redirect_neigh):
+    /// faster, but they BYPASS the node's netfilter forward hook and so any NetworkPolicy or
+    /// firewall rule enforced there.
+    Fast,
+}
+
+#[derive(Args, Clone, Copy)]
+struct DatapathArgs {
+    #[command(flatten)]
+    capacity: CapacityArgs,
+    /// New connections are refused (and counted) once conntrack is this full (percent), so
+    /// a flood of new flows never pushes out established ones.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(10..=100))]
+    conntrack_admit_percent: u32,
+    #[arg(long, value_enum, default_value_t = Forwarding::Netfilter)]
+    forwarding: Forwarding,
+    /// skb->mark bits [SHIFT, SHIFT+16) carry the netfilter mode's hand-over from ingress to
+    /// egress; pick bits no other component of the node uses.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
+    mark_shift: u32,
+}
+
+impl DatapathArgs {
+    fn options(self) -> agent::DatapathOptions {
+        agent::DatapathOptions {
+            capacity: self.capacity.capacity(),
+            admit_percent: self.conntrack_admit_percent,
+            mode: match self.forwarding {
+                Forwarding::Netfilter => lb_common::mode::NETFILTER,
+                Forwarding::Fast => lb_common::mode::FAST,
+            },
+            mark_shift: self.mark_shift,
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -111,8 +171,8 @@ fn main() -> anyhow::Result<()> {
         netns::enter(ns)?;
     }
     match cli.command {
-        Command::Load { pin, iface, pod_iface } => {
-            let mut dp = datapath::Datapath::load(&pin.pin_dir)?;
+        Command::Load { pin, capacity, iface, pod_iface } => {
+            let mut dp = datapath::Datapath::load(&pin.pin_dir, capacity.capacity())?;
             for i in &iface {
                 dp.attach_uplink(i).with_context(|| format!("attaching XDP to {i}"))?;
             }
@@ -121,7 +181,7 @@ fn main() -> anyhow::Result<()> {
             }
             println!("loaded; pinned under {}", pin.pin_dir.display());
         }
-        Command::Agent { pin, node, iface, pod_device_patterns, snat_ports } => {
+        Command::Agent { pin, node, iface, pod_device_patterns, snat_ports, datapath } => {
             let cfg = agent::AgentConfig {
                 pin_dir: pin.pin_dir,
                 manifests: node.manifests.clone(),
@@ -131,6 +191,7 @@ fn main() -> anyhow::Result<()> {
                 pod_device_patterns,
                 snat_ports,
                 poll: std::time::Duration::from_millis(500),
+                datapath: datapath.options(),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(agent::run(cfg, shutdown_signal()))?;

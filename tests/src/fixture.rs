@@ -12,7 +12,7 @@ use aya::{
     maps::HashMap,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{map_names, program_names, user::addr_be, CtKey, CtValue, XDP_META_FORWARD};
+use lb_common::{map_names, program_names, user::addr_be, CtKey, CtValue, XdpMeta};
 use lb_user::{
     datapath::{self, maps::PinnedMaps, Datapath},
     model,
@@ -122,17 +122,37 @@ fn fixture_netns() -> Netns {
     ns
 }
 
-/// Runs `f` on a fixture loaded, with SNAT ports from `snat_ports`, in a fixture namespace
-/// made for it; namespace and pins are removed afterwards, also when `f` panics.
-pub fn with_fixture<R: Send + 'static>(
-    snat_ports: (u16, u16),
-    f: impl FnOnce(&mut Fixture) -> R + Send + 'static,
-) -> R {
+/// How a fixture's datapath is configured.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    pub snat_ports: (u16, u16),
+    /// `lb_common::mode::*`
+    pub mode: u32,
+    pub conntrack_entries: u32,
+    /// New flows are refused at this many entries.
+    pub admit_limit: u32,
+}
+
+impl Setup {
+    /// Fast mode (every rewrite in one hook, XDP_TX where it can), SNAT ports from `snat_ports`.
+    pub fn fast(snat_ports: (u16, u16)) -> Setup {
+        let entries = lb_common::DEFAULT_CONNTRACK_ENTRIES;
+        Setup { snat_ports, mode: lb_common::mode::FAST, conntrack_entries: entries, admit_limit: entries }
+    }
+    /// Netfilter mode: the destination side on the way in, the source side at tc egress.
+    pub fn netfilter(snat_ports: (u16, u16)) -> Setup {
+        Setup { mode: lb_common::mode::NETFILTER, ..Setup::fast(snat_ports) }
+    }
+}
+
+/// Runs `f` on a fixture loaded as `setup` says, in a fixture namespace made for it;
+/// namespace and pins are removed afterwards, also when `f` panics.
+pub fn with_fixture<R: Send + 'static>(setup: Setup, f: impl FnOnce(&mut Fixture) -> R + Send + 'static) -> R {
     crate::require_root();
     let ns = fixture_netns();
     let pins = crate::Pins::new(&ns.name);
     let pin_dir = pins.0.clone();
-    crate::lab::in_netns(&ns.name, move || f(&mut Fixture::load(&pin_dir, snat_ports)))
+    crate::lab::in_netns(&ns.name, move || f(&mut Fixture::load(&pin_dir, setup)))
 }
 
 pub struct Fixture {
@@ -142,9 +162,10 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// Loads and scripts the datapath; SNAT source ports come from `snat_ports`.
-    fn load(pin_dir: &Path, snat_ports: (u16, u16)) -> Fixture {
-        let dp = Datapath::load(pin_dir).unwrap();
+    /// Loads and scripts the datapath.
+    fn load(pin_dir: &Path, setup: Setup) -> Fixture {
+        let capacity = datapath::Capacity { conntrack_entries: setup.conntrack_entries };
+        let dp = Datapath::load(pin_dir, capacity).unwrap();
         let mut objects = source::Objects::default();
         let mut report = manifests::Report::default();
         manifests::parse_into(
@@ -159,12 +180,19 @@ impl Fixture {
         let desired = model::desired_state(&objects, &node, &options);
         assert!(desired.errors.is_empty(), "{:?}", desired.errors);
         let mut store = PinnedMaps::open(pin_dir).unwrap();
+        let cluster = addr_be(Ipv4Addr::new(10, 244, 0, 0));
         let config = lb_common::Config {
             node_addr_be: addr_be(NODE),
-            cluster_cidr_addr_be: addr_be(Ipv4Addr::new(10, 244, 0, 0)),
-            cluster_cidr_prefix_len: 16,
-            snat_port_min: snat_ports.0,
-            snat_port_max: snat_ports.1,
+            local_addr_be: cluster,
+            local_prefix_len: 16,
+            pods_addr_be: cluster,
+            pods_prefix_len: 16,
+            mode: setup.mode,
+            ct_admit_limit: setup.admit_limit,
+            mark_shift: 0,
+            snat_port_min: setup.snat_ports.0,
+            snat_port_max: setup.snat_ports.1,
+            _pad: 0,
         };
         let changes = Reconciler::adopt(&store).unwrap().apply(&desired, config, &mut store).unwrap();
         assert!(changes.failures.is_empty(), "{:?}", changes.failures);
@@ -172,9 +200,9 @@ impl Fixture {
         Fixture { dp, pin_dir: pin_dir.to_path_buf(), eth0 }
     }
 
-    /// Runs the XDP program as if the frame came in on eth0: (action, frame out, tagged
+    /// Runs the XDP program as if the frame came in on eth0: (action, frame out, what it left
     /// for the uplink's tc program).
-    pub fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>, bool) {
+    pub fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>, Option<XdpMeta>) {
         let program: &mut Xdp = self.dp.ebpf_mut().program_mut(program_names::XDP_UPLINK).unwrap().try_into().unwrap();
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
         let mut ctx = [0u8; 24];
@@ -191,11 +219,16 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("test run of {frame:02x?}: {e}"));
         out.truncate(r.data_size_out as usize);
         // Metadata, if any, comes out in front of the frame.
-        let tagged = out.len() == frame.len() + 4 && out[..4] == XDP_META_FORWARD.to_ne_bytes();
-        if tagged {
-            out.drain(..4);
+        let meta_len = std::mem::size_of::<XdpMeta>();
+        let meta = (out.len() >= frame.len() + meta_len && r.return_value == XDP_PASS)
+            .then(|| bytemuck_meta(&out[..meta_len]))
+            .filter(|m| {
+                [lb_common::XDP_META_REDIRECT, lb_common::XDP_META_MARK, lb_common::XDP_META_PARTIAL].contains(&m.tag)
+            });
+        if meta.is_some() {
+            out.drain(..meta_len);
         }
-        (r.return_value, out, tagged)
+        (r.return_value, out, meta)
     }
 
     pub fn tc_pod(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -233,6 +266,13 @@ impl Fixture {
             _pad: [0; 3],
         };
         ct.get(&key, 0).ok()
+    }
+}
+
+fn bytemuck_meta(bytes: &[u8]) -> XdpMeta {
+    XdpMeta {
+        mark: u32::from_ne_bytes(bytes[0..4].try_into().unwrap()),
+        tag: u32::from_ne_bytes(bytes[4..8].try_into().unwrap()),
     }
 }
 

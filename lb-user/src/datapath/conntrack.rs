@@ -1,36 +1,133 @@
-//! Sweeping expired conntrack entries. The datapath already treats an expired entry as
-//! absent (and reclaims its SNAT port); the sweep frees its LRU slot, so live flows are
-//! not the ones the LRU evicts under pressure.
-use aya::maps::{HashMap, MapData, MapError};
+//! Conntrack from the agent's side: reading the table, and removing entries through the
+//! kernel's reaper program (never by deleting keys from here: only a compare-and-swap of
+//! an entry's stamp may free it, see lb_common::conntrack). The sweep frees the room of
+//! flows that are over; the datapath already treats them as gone.
+use std::{path::Path, time::Instant};
+
+use aya::{
+    maps::{Array, IterableMap, MapData},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp},
+};
 use lb_common::{
-    conntrack::{expired, State},
-    CtKey, CtValue,
+    conntrack::{alive, nonce, units},
+    map_names, program_names, reap_mode, CtKey, CtState, CtValue, REAP_BATCH,
 };
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns.
-pub fn monotonic_now_ns() -> u64 {
+use super::{batch, open_map, Error, Result};
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of bpf_ktime_get_coarse_ns.
+pub fn coarse_now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Deletes the entries expired at `now_ns`; returns how many.
-pub fn sweep(map: &mut HashMap<MapData, CtKey, CtValue>, now_ns: u64) -> Result<usize, MapError> {
-    let stale: Vec<CtKey> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(k, v)| expired(k.proto, State::from_u8(v.state), v.last_seen_ns, now_ns))
-        .map(|(k, _)| k)
-        .collect();
-    let mut removed = 0;
-    for key in &stale {
-        match map.remove(key) {
-            Ok(()) => removed += 1,
-            // Gone meanwhile (evicted, or replaced by the datapath): fine.
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e),
-        }
+/// The conntrack table and its reaper, opened from the pins (works while the agent is down).
+pub struct Conntrack {
+    table: aya::maps::HashMap<MapData, CtKey, CtValue>,
+    state: Array<MapData, CtState>,
+    queue: Array<MapData, CtKey>,
+    reaper: Xdp,
+}
+
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Entries read.
+    pub entries: usize,
+    /// Entries found dead (expired, or without their peer) and handed to the reaper.
+    pub candidates: usize,
+    /// Flows the reaper removed (each with both halves where both were there).
+    pub removed: usize,
+    pub read_ms: u128,
+    pub reap_ms: u128,
+}
+
+fn typed<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &'static str) -> Result<T> {
+    T::try_from(open_map(pin_dir, name)?).map_err(|source| Error::Map { name, source })
+}
+
+impl Conntrack {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let name = program_names::CT_REAP;
+        let path = pin_dir.join("progs").join(name);
+        let reaper = Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface)
+            .map_err(|source| Error::Program { name, source })?;
+        Ok(Conntrack {
+            table: typed(pin_dir, map_names::CONNTRACK)?,
+            state: typed(pin_dir, map_names::CT_STATE)?,
+            queue: typed(pin_dir, map_names::REAP_QUEUE)?,
+            reaper,
+        })
     }
-    Ok(removed)
+
+    /// Every entry (both halves of every flow).
+    pub fn entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        let name = map_names::CONNTRACK;
+        batch::read_all(IterableMap::map(&self.table)).map_err(|source| Error::Io { path: name.into(), source })
+    }
+
+    /// Entries as the datapath counts them (its admission control reads the same number).
+    pub fn counted_entries(&self) -> Result<u64> {
+        let name = map_names::CT_STATE;
+        Ok(self.state.get(&0, 0).map_err(|source| Error::Map { name, source })?.entries)
+    }
+
+    /// Removes the flows that are over: expired, or a half whose peer is gone.
+    pub fn sweep(&mut self) -> Result<Sweep> {
+        let started = Instant::now();
+        let entries = self.entries()?;
+        let read_ms = started.elapsed().as_millis();
+        let now = units(coarse_now_ns());
+        let held: std::collections::HashMap<CtKey, u32> =
+            entries.iter().map(|(k, v)| (*k, nonce(v.stamp))).collect();
+        let dead: Vec<CtKey> = entries
+            .iter()
+            .filter(|(k, v)| {
+                !alive(k.proto, v.state, v.stamp, now) || held.get(&peer_of(k, v)) != Some(&nonce(v.stamp))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        let started = Instant::now();
+        let removed = self.reap(&dead, reap_mode::DEAD)?;
+        Ok(Sweep { entries: entries.len(), candidates: dead.len(), removed, read_ms, reap_ms: started.elapsed().as_millis() })
+    }
+
+    /// Removes these flows whatever their state (both halves of each).
+    pub fn remove(&mut self, keys: &[CtKey]) -> Result<usize> {
+        self.reap(keys, reap_mode::ALL)
+    }
+
+    fn reap(&mut self, keys: &[CtKey], mode: u32) -> Result<usize> {
+        let mut removed = 0;
+        for chunk in keys.chunks(REAP_BATCH as usize) {
+            let name = map_names::REAP_QUEUE;
+            for (i, key) in chunk.iter().enumerate() {
+                self.queue.set(i as u32, key, 0).map_err(|source| Error::Map { name, source })?;
+            }
+            let mut frame = [0u8; 16];
+            frame[8..12].copy_from_slice(&(chunk.len() as u32).to_ne_bytes());
+            frame[12..16].copy_from_slice(&mode.to_ne_bytes());
+            let mut out = [0u8; 16];
+            let program_err = |source: ProgramError| Error::Program { name: program_names::CT_REAP, source };
+            self.reaper
+                .test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..TestRunOptions::new() })
+                .map_err(program_err)?;
+            removed += u32::from_ne_bytes([out[12], out[13], out[14], out[15]]) as usize;
+        }
+        Ok(removed)
+    }
+}
+
+/// The key of a half's peer (the packets answering its rewrite), as the datapath computes it.
+pub fn peer_of(key: &CtKey, v: &CtValue) -> CtKey {
+    CtKey {
+        src_addr_be: v.nat_dst_addr_be,
+        dst_addr_be: v.nat_src_addr_be,
+        src_port_be: v.nat_dst_port_be,
+        dst_port_be: v.nat_src_port_be,
+        proto: key.proto,
+        _pad: [0; 3],
+    }
 }

@@ -1,41 +1,49 @@
-//! The service maps as pinned by the datapath, behind the reconciler's [`MapStore`].
+//! The service maps as pinned by the datapath, behind the [`MapStore`] the reconciler writes
+//! through.
 use std::path::Path;
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, MapData, MapError,
+    Array, HashMap, IterableMap, MapData, MapError,
 };
 use lb_common::{map_names, Backend, Config, ServiceKey, ServiceValue, SlotKey, SourceRange};
 
-use crate::datapath::{self, open_map};
+use crate::datapath::{self, batch, open_map};
 
 /// A source range of one frontend: (address in network order, prefix length).
 pub type Range = (u32, u8);
 
-/// Access to the service maps. [`PinnedMaps`] is the datapath's; the reconciler's tests
-/// use a fake that records the order of writes.
+/// Access to the service maps. [`PinnedMaps`] is the datapath's; the reconciler's tests use
+/// a fake that records the order of writes.
 pub trait MapStore {
     type Error: std::error::Error + Send + Sync + 'static;
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Self::Error>;
     fn slots(&self) -> Result<Vec<(SlotKey, u32)>, Self::Error>;
+    /// Backend entries in use (non-zero address), by id.
     fn backends(&self) -> Result<Vec<(u32, Backend)>, Self::Error>;
+    /// The generation of every backend id whose entry is free (address 0) but was used.
+    fn backend_gens(&self) -> Result<Vec<(u32, u32)>, Self::Error>;
     fn source_ranges(&self) -> Result<Vec<(u32, Range)>, Self::Error>;
+    /// Non-zero words of the frontend filter.
+    fn filter_words(&self) -> Result<Vec<(u32, u64)>, Self::Error>;
+    /// Writes a backend entry (a free one is all zero but for its generation).
     fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), Self::Error>;
-    fn del_backend(&mut self, id: u32) -> Result<(), Self::Error>;
     fn put_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), Self::Error>;
     fn del_slot(&mut self, key: SlotKey) -> Result<(), Self::Error>;
     fn put_source_range(&mut self, svc_id: u32, range: Range) -> Result<(), Self::Error>;
     fn del_source_range(&mut self, svc_id: u32, range: Range) -> Result<(), Self::Error>;
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Self::Error>;
     fn del_service(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
+    fn put_filter_word(&mut self, index: u32, word: u64) -> Result<(), Self::Error>;
     fn put_config(&mut self, config: Config) -> Result<(), Self::Error>;
 }
 
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, SlotKey, u32>,
-    backends: HashMap<MapData, u32, Backend>,
+    backends: Array<MapData, Backend>,
     ranges: LpmTrie<MapData, SourceRange, u32>,
+    filter: Array<MapData, u64>,
     config: Array<MapData, Config>,
 }
 
@@ -48,6 +56,12 @@ pub enum Error {
         name: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("map {name}: {source}")]
+    Batch {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -62,8 +76,14 @@ impl PinnedMaps {
             slots: typed(pin_dir, map_names::SLOTS)?,
             backends: typed(pin_dir, map_names::BACKENDS)?,
             ranges: typed(pin_dir, map_names::SRC_RANGES)?,
+            filter: typed(pin_dir, map_names::FRONT_BITS)?,
             config: typed(pin_dir, map_names::CONFIG)?,
         })
+    }
+
+    fn all_backends(&self) -> Result<Vec<(u32, Backend)>, Error> {
+        batch::read_all(IterableMap::map(&self.backends))
+            .map_err(|source| Error::Batch { name: map_names::BACKENDS, source })
     }
 }
 
@@ -87,13 +107,16 @@ impl MapStore for PinnedMaps {
     type Error = Error;
 
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error> {
-        self.services.iter().collect::<Result<_, _>>().map_err(at(map_names::SERVICES))
+        batch::read_all(IterableMap::map(&self.services)).map_err(|source| Error::Batch { name: map_names::SERVICES, source })
     }
     fn slots(&self) -> Result<Vec<(SlotKey, u32)>, Error> {
-        self.slots.iter().collect::<Result<_, _>>().map_err(at(map_names::SLOTS))
+        batch::read_all(IterableMap::map(&self.slots)).map_err(|source| Error::Batch { name: map_names::SLOTS, source })
     }
     fn backends(&self) -> Result<Vec<(u32, Backend)>, Error> {
-        self.backends.iter().collect::<Result<_, _>>().map_err(at(map_names::BACKENDS))
+        Ok(self.all_backends()?.into_iter().filter(|(_, b)| b.addr_be != 0).collect())
+    }
+    fn backend_gens(&self) -> Result<Vec<(u32, u32)>, Error> {
+        Ok(self.all_backends()?.into_iter().filter(|(_, b)| b.addr_be == 0 && b.gen != 0).map(|(i, b)| (i, b.gen)).collect())
     }
     fn source_ranges(&self) -> Result<Vec<(u32, Range)>, Error> {
         let keys: Vec<Key<SourceRange>> =
@@ -106,11 +129,13 @@ impl MapStore for PinnedMaps {
             })
             .collect())
     }
-    fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), Error> {
-        self.backends.insert(id, backend, 0).map_err(at(map_names::BACKENDS))
+    fn filter_words(&self) -> Result<Vec<(u32, u64)>, Error> {
+        let words: Vec<(u32, u64)> = batch::read_all(IterableMap::map(&self.filter))
+            .map_err(|source| Error::Batch { name: map_names::FRONT_BITS, source })?;
+        Ok(words.into_iter().filter(|(_, w)| *w != 0).collect())
     }
-    fn del_backend(&mut self, id: u32) -> Result<(), Error> {
-        absent_ok(self.backends.remove(&id)).map_err(at(map_names::BACKENDS))
+    fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), Error> {
+        self.backends.set(id, backend, 0).map_err(at(map_names::BACKENDS))
     }
     fn put_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), Error> {
         self.slots.insert(key, backend_id, 0).map_err(at(map_names::SLOTS))
@@ -129,6 +154,9 @@ impl MapStore for PinnedMaps {
     }
     fn del_service(&mut self, key: ServiceKey) -> Result<(), Error> {
         absent_ok(self.services.remove(&key)).map_err(at(map_names::SERVICES))
+    }
+    fn put_filter_word(&mut self, index: u32, word: u64) -> Result<(), Error> {
+        self.filter.set(index, word, 0).map_err(at(map_names::FRONT_BITS))
     }
     fn put_config(&mut self, config: Config) -> Result<(), Error> {
         self.config.set(0, config, 0).map_err(at(map_names::CONFIG))

@@ -9,6 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub mod batch;
 pub mod conntrack;
 pub mod maps;
 
@@ -61,7 +62,7 @@ pub enum Error {
     #[error("the datapath's log ring: {0}")]
     Logger(#[source] aya_log::Error),
     #[error(
-        "{}: {field} is {pinned}, this build expects {expected}, so its state cannot be adopted; \
+        "{}: {field} is {pinned}, this agent (its build or its options) expects {expected}, so its state cannot be adopted; \
          `lb-user unload --pin-dir {}` starts over (tracked flows are lost), or use another --pin-dir",
         path.display(),
         path.parent().and_then(Path::parent).unwrap_or(path).display()
@@ -116,6 +117,19 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
+/// What the maps are sized to at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// LB_CONNTRACK entries: two per flow.
+    pub conntrack_entries: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity { conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES }
+    }
+}
+
 /// The loaded programs of one datapath instance, pinned under `pin_dir`.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -124,7 +138,7 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the object, adopting maps already pinned under `pin_dir`, and pins programs.
-    pub fn load(pin_dir: &Path) -> Result<Self> {
+    pub fn load(pin_dir: &Path, capacity: Capacity) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             return Err(Error::StubObject);
         }
@@ -136,20 +150,23 @@ impl Datapath {
         if !on_bpffs(pin_dir) {
             return Err(Error::NotBpffs(pin_dir.to_path_buf()));
         }
-        check_pinned_shapes(pin_dir)?;
+        check_pinned_shapes(pin_dir, capacity)?;
         let mut loader = EbpfLoader::new();
         for name in map_names::ALL {
             loader.map_pin_path(name, pin_dir.join("maps").join(name));
         }
+        loader.map_max_entries(map_names::CONNTRACK, capacity.conntrack_entries);
         let ebpf = loader.load(EBPF_OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
         let mut datapath = Datapath { ebpf, pin_dir: pin_dir.to_path_buf() };
-        let xdp: &mut Xdp = datapath.program(program_names::XDP_UPLINK)?;
-        xdp.load().map_err(|source| Error::Program { name: program_names::XDP_UPLINK, source })?;
-        for name in [program_names::TC_POD, program_names::TC_UPLINK] {
+        for name in [program_names::XDP_UPLINK, program_names::CT_REAP] {
+            let xdp: &mut Xdp = datapath.program(name)?;
+            xdp.load().map_err(|source| Error::Program { name, source })?;
+        }
+        for name in [program_names::TC_POD, program_names::TC_UPLINK, program_names::TC_EGRESS] {
             let tc: &mut SchedClassifier = datapath.program(name)?;
             tc.load().map_err(|source| Error::Program { name, source })?;
         }
-        for name in [program_names::XDP_UPLINK, program_names::TC_POD, program_names::TC_UPLINK] {
+        for name in program_names::PINNED {
             let program = datapath.ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
             let path = pin_dir.join("progs").join(name);
             remove_if_present(&path)?;
@@ -173,22 +190,25 @@ impl Datapath {
         };
         let link = program.take_link(id).map_err(program_err)?;
         pin_link(link.try_into(), link_path, name)?;
-        self.attach_tc(program_names::TC_UPLINK, "tcup", iface)
+        self.attach_tc(program_names::TC_UPLINK, "tcup", iface, TcAttachType::Ingress)?;
+        self.attach_tc(program_names::TC_EGRESS, "tceg", iface, TcAttachType::Egress)
     }
 
-    /// Attaches the east-west program at tc ingress (tcx) of a pod-facing device.
+    /// Attaches the east-west program at tc ingress (tcx) of a pod-facing or tunnel device,
+    /// and the egress program.
     pub fn attach_pod_device(&mut self, iface: &str) -> Result<()> {
-        self.attach_tc(program_names::TC_POD, "tc", iface)
+        self.attach_tc(program_names::TC_POD, "tc", iface, TcAttachType::Ingress)?;
+        self.attach_tc(program_names::TC_EGRESS, "tceg", iface, TcAttachType::Egress)
     }
 
-    fn attach_tc(&mut self, name: &'static str, kind: &str, iface: &str) -> Result<()> {
+    fn attach_tc(&mut self, name: &'static str, kind: &str, iface: &str, direction: TcAttachType) -> Result<()> {
         let link_path = self.link_path(kind, iface);
         let program: &mut SchedClassifier = self.program(name)?;
         let program_err = |source| Error::Program { name, source };
         let replaced = take_pinned::<SchedClassifierLink>(&link_path)?.and_then(|old| program.attach_to_link(old).ok());
         let id = match replaced {
             Some(id) => id,
-            None => program.attach(iface, TcAttachType::Ingress).map_err(program_err)?,
+            None => program.attach(iface, direction).map_err(program_err)?,
         };
         let link = program.take_link(id).map_err(program_err)?;
         pin_link(link.try_into(), link_path, name)
@@ -202,8 +222,13 @@ impl Datapath {
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let path = entry.map_err(io_err(&dir))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if let Some(device) = name.strip_prefix("tc-").filter(|d| !present.contains(*d)) {
-                pruned.push(device.to_string());
+            let device = name.strip_prefix("tc-").or_else(|| name.strip_prefix("tceg-"));
+            // An uplink's egress link (beside its xdp- link) is not a pod device's.
+            let uplink = self.pin_dir.join("links").join(format!("xdp-{}", device.unwrap_or_default())).exists();
+            if let Some(device) = device.filter(|d| !present.contains(*d) && !uplink) {
+                if name.starts_with("tc-") {
+                    pruned.push(device.to_string());
+                }
                 remove_if_present(&path)?;
             }
         }
@@ -291,26 +316,31 @@ pub fn read_counters(pin_dir: &Path) -> Result<Vec<(&'static str, Counter)>> {
 }
 
 /// (name, key size, value size, max entries) of every pinned map, as this build defines them.
-fn expected_shapes() -> [(&'static str, usize, usize, u32); 8] {
+fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 12] {
     use lb_common::*;
     use std::mem::size_of;
     [
         (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), MAX_SERVICES),
         (map_names::SLOTS, size_of::<SlotKey>(), size_of::<u32>(), MAX_BACKEND_SLOTS),
         (map_names::BACKENDS, size_of::<u32>(), size_of::<Backend>(), MAX_BACKENDS),
-        (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), MAX_CONNTRACK),
+        (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), capacity.conntrack_entries),
+        (map_names::CT_STATE, size_of::<u32>(), size_of::<CtState>(), 1),
         // LPM trie keys carry a u32 prefix length in front.
         (map_names::SRC_RANGES, size_of::<u32>() + size_of::<SourceRange>(), size_of::<u32>(), MAX_SOURCE_RANGES),
         (map_names::CONFIG, size_of::<u32>(), size_of::<Config>(), 1),
         (map_names::COUNTERS, size_of::<u32>(), size_of::<Counter>(), counters::COUNT),
-        (map_names::SNAT_CURSOR, size_of::<u32>(), size_of::<u32>(), 1),
+        (map_names::FRONT_BITS, size_of::<u32>(), size_of::<u64>(), FRONT_FILTER_BITS / 64),
+        (map_names::FRAGMENTS, size_of::<FragKey>(), size_of::<FragValue>(), MAX_FRAGMENTS),
+        (map_names::RATE_LIMIT, size_of::<u32>(), size_of::<Bucket>(), MAX_RATE_LIMITED),
+        (map_names::REAP_QUEUE, size_of::<u32>(), size_of::<CtKey>(), REAP_BATCH),
     ]
 }
 
 /// Adopting a pinned map of another layout (left by an older build) would let the programs
-/// misread it: refuse, naming the map and what differs.
-fn check_pinned_shapes(pin_dir: &Path) -> Result<()> {
-    for (name, key, value, entries) in expected_shapes() {
+/// misread it: refuse, naming the map and what differs. The conntrack capacity is the
+/// agent's option, and a pinned table cannot be resized in place: the same refusal says so.
+fn check_pinned_shapes(pin_dir: &Path, capacity: Capacity) -> Result<()> {
+    for (name, key, value, entries) in expected_shapes(capacity) {
         let path = pin_dir.join("maps").join(name);
         if !path.exists() {
             continue;

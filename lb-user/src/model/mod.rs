@@ -158,6 +158,15 @@ pub struct Frontend {
     /// externalTrafficPolicy=Local on an external frontend: local backends only, no
     /// SNAT, and an empty set drops rather than refuses.
     pub external_local: bool,
+    /// externalTrafficPolicy=Local only: the cluster set, for traffic from this node's own
+    /// pods (kube-proxy's short-circuit); empty otherwise.
+    pub short_circuit: Vec<BackendAddr>,
+    /// An empty `backends` drops silently instead of refusing: a Local traffic policy with
+    /// endpoints elsewhere (a load balancer's health check steers clients away).
+    pub drop_when_empty: bool,
+    /// Endpoints still in the slices but chosen by no set (terminating, not ready): their
+    /// established flows carry on, only new flows avoid them. Sorted.
+    pub retained: Vec<BackendAddr>,
     /// loadBalancerSourceRanges (LoadBalancer ingress frontends only); empty = any.
     pub source_ranges: Vec<Cidr>,
     /// sessionAffinity=ClientIP timeout.
@@ -381,13 +390,23 @@ fn add_service(ctx: &mut Ctx, svc: &Service, sref: &ServiceRef, slices: &[Endpoi
             .collect::<BTreeSet<_>>();
         let local_set =
             select(&endpoints, |e| is_local(ctx, e)).into_iter().map(|e| backend(ctx, e)).collect::<BTreeSet<_>>();
+        let chosen: BTreeSet<BackendAddr> = cluster_set.union(&local_set).copied().collect();
+        let retained: Vec<BackendAddr> =
+            endpoints.iter().map(|e| backend(ctx, e)).filter(|b| !chosen.contains(b)).collect();
+        let anywhere = endpoints.iter().any(|e| e.ready || e.serving && e.terminating);
         let mut add = |kind: FrontendKind, addr: Ipv4Addr, port: u16, field: &str, ctx: &mut Ctx| {
             let local = if kind.is_external() { external_local } else { internal_local };
+            let backends: Vec<BackendAddr> = if local { &local_set } else { &cluster_set }.iter().copied().collect();
+            let short_circuit =
+                if kind.is_external() && external_local { cluster_set.iter().copied().collect() } else { Vec::new() };
             let frontend = Frontend {
                 service: sref.clone(),
                 port_name: port_name.clone(),
                 kind,
-                backends: if local { &local_set } else { &cluster_set }.iter().copied().collect(),
+                drop_when_empty: local && backends.is_empty() && anywhere,
+                backends,
+                short_circuit,
+                retained: retained.clone(),
                 external_local: kind.is_external() && external_local,
                 source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() },
                 affinity_timeout_s,

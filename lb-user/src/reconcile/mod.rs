@@ -1,15 +1,25 @@
 //! The reconciler: the only writer of the service maps. It keeps a view of what the maps
 //! hold and, given a desired state, writes the difference in an order that never lets a
-//! packet see a half-updated Service: backends, then slots, then the service entry with
-//! its new count, then removals. After a restart it adopts what the pinned maps hold
-//! (ids included, so tracked flows keep pointing at valid backends).
+//! packet see a half-updated Service:
+//! 1. the frontend filter gains the bits of new frontends;
+//! 2. per frontend: backends, then a changed backend set written whole under the other
+//!    slot generation, source ranges it gains, then the service entry (naming the new
+//!    generation: the swap), then the old generation's slots and ranges it lost;
+//! 3. frontends no longer desired: entry first, then their slots and ranges;
+//! 4. backend ids no frontend uses any more are freed (their generation moves on, so the
+//!    flows that still name them know their backend is gone);
+//! 5. the filter loses the bits of removed frontends.
+//!
+//! After a restart it adopts what the pinned maps hold (ids and generations included, so
+//! tracked flows keep pointing at valid backends) and cleans up what an interrupted run
+//! left: slots of a dead generation or past a count, ranges of no frontend.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey};
+use lb_common::{front_filter_bit, service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey, MAX_BACKENDS, MAX_SERVICES};
 
 use crate::{
     datapath::maps::{MapStore, Range},
-    model::{Cidr, Desired, Frontend, FrontendKey},
+    model::{BackendAddr, Cidr, Desired, Frontend, FrontendKey},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -17,8 +27,11 @@ struct FrontendState {
     svc_id: u32,
     /// The entry as written to LB_SERVICES; None until it has been.
     entry: Option<ServiceValue>,
-    slots: Vec<u32>,
+    /// Backend ids of the live generation's slots, per set.
+    slots: [Vec<u32>; 2],
     ranges: BTreeSet<Range>,
+    /// Backend ids the frontend keeps alive without choosing them (draining endpoints).
+    retained: Vec<u32>,
 }
 
 /// What one `apply` changed.
@@ -33,55 +46,122 @@ pub struct Changes {
     pub failures: Vec<String>,
 }
 
+/// Small integer ids, the lowest free one first, so that ids index arrays densely.
 #[derive(Debug, Default)]
+struct Ids {
+    used: BTreeSet<u32>,
+    limit: u32,
+}
+
+impl Ids {
+    fn new(limit: u32) -> Self {
+        Ids { used: BTreeSet::new(), limit }
+    }
+    /// Ids start at 1: 0 means "none" in the maps.
+    fn take(&mut self) -> Option<u32> {
+        let id = (1..self.limit).find(|i| !self.used.contains(i))?;
+        self.used.insert(id);
+        Some(id)
+    }
+    fn release(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+}
+
+#[derive(Debug)]
 pub struct Reconciler {
     frontends: BTreeMap<ServiceKey, FrontendState>,
     backend_ids: BTreeMap<Backend, u32>,
-    next_svc_id: u32,
-    next_backend_id: u32,
+    /// The generation each backend id carries now (used and freed ids alike).
+    backend_gens: BTreeMap<u32, u32>,
+    backend_pool: Ids,
+    svc_pool: Ids,
+    /// Filter words as the map holds them.
+    filter: BTreeMap<u32, u64>,
+    /// Left over by an interrupted run, removed by the next apply.
+    stale_slots: Vec<SlotKey>,
+    stale_ranges: Vec<(u32, Range)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WriteError<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Map(E),
+    #[error("no free {0} id (all {1} in use)")]
+    Exhausted(&'static str, u32),
 }
 
 impl Reconciler {
     /// Starts from what the maps hold now (empty maps give an empty view).
     pub fn adopt<S: MapStore>(store: &S) -> Result<Self, S::Error> {
-        let mut r = Reconciler { next_svc_id: 1, next_backend_id: 1, ..Default::default() };
-        let mut slots_by_svc: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
-        for (k, id) in store.slots()? {
-            slots_by_svc.entry(k.svc_id).or_default().insert(k.slot, id);
-        }
-        let mut ranges_by_svc: BTreeMap<u32, BTreeSet<Range>> = BTreeMap::new();
-        for (svc_id, range) in store.source_ranges()? {
-            ranges_by_svc.entry(svc_id).or_default().insert(range);
-        }
-        for (key, value) in store.services()? {
-            let slots = slots_by_svc.remove(&value.svc_id).unwrap_or_default();
-            // Slots past the count are leftovers of an interrupted shrink: keep them in
-            // the view so the next apply removes them.
-            let slots = (0..=slots.keys().max().copied().unwrap_or(0).max(value.backend_count))
-                .map_while(|i| slots.get(&i).copied())
-                .collect();
-            let ranges = ranges_by_svc.remove(&value.svc_id).unwrap_or_default();
-            r.next_svc_id = r.next_svc_id.max(value.svc_id + 1);
-            r.frontends.insert(key, FrontendState { svc_id: value.svc_id, entry: Some(value), slots, ranges });
+        let mut r = Reconciler {
+            frontends: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            backend_gens: BTreeMap::new(),
+            backend_pool: Ids::new(MAX_BACKENDS),
+            svc_pool: Ids::new(MAX_SERVICES),
+            filter: store.filter_words()?.into_iter().collect(),
+            stale_slots: Vec::new(),
+            stale_ranges: Vec::new(),
+        };
+        for (id, gen) in store.backend_gens()? {
+            r.backend_gens.insert(id, gen);
         }
         for (id, backend) in store.backends()? {
-            r.next_backend_id = r.next_backend_id.max(id + 1);
-            r.backend_ids.insert(backend, id);
+            r.backend_gens.insert(id, backend.gen);
+            r.backend_pool.used.insert(id);
+            r.backend_ids.insert(Backend { gen: 0, ..backend }, id);
         }
+        let mut slots: BTreeMap<SlotKey, u32> = store.slots()?.into_iter().collect();
+        let mut ranges: BTreeMap<u32, BTreeSet<Range>> = BTreeMap::new();
+        for (svc_id, range) in store.source_ranges()? {
+            ranges.entry(svc_id).or_default().insert(range);
+        }
+        for (key, value) in store.services()? {
+            let mut state = FrontendState { svc_id: value.svc_id, entry: Some(value), ..Default::default() };
+            for set in 0..2u8 {
+                for position in 0..value.count[set as usize] as u32 {
+                    match slots.remove(&SlotKey::new(value.svc_id, value.gen, set, position)) {
+                        Some(id) => state.slots[set as usize].push(id),
+                        // A hole: the entry cannot be trusted; the next apply rewrites it.
+                        None => state.entry = None,
+                    }
+                }
+            }
+            state.ranges = ranges.remove(&value.svc_id).unwrap_or_default();
+            r.svc_pool.used.insert(value.svc_id);
+            r.frontends.insert(key, state);
+        }
+        r.stale_slots = slots.into_keys().collect();
+        r.stale_ranges = ranges.into_iter().flat_map(|(svc, rs)| rs.into_iter().map(move |r| (svc, r))).collect();
+        // Ids of leftovers are not handed out until the leftovers are gone.
+        let left: Vec<u32> = r.stale_slots.iter().map(|k| k.svc_id).chain(r.stale_ranges.iter().map(|(id, _)| *id)).collect();
+        r.svc_pool.used.extend(left);
         Ok(r)
     }
 
     /// Makes the maps hold `desired`. A frontend whose writes fail is reported in
     /// [`Changes::failures`] and the others are still written; an error is returned only when
-    /// the node-wide config cannot be written.
-    pub fn apply<S: MapStore>(
-        &mut self,
-        desired: &Desired,
-        config: Config,
-        store: &mut S,
-    ) -> Result<Changes, S::Error> {
+    /// the node-wide config or the frontend filter cannot be written.
+    pub fn apply<S: MapStore>(&mut self, desired: &Desired, config: Config, store: &mut S) -> Result<Changes, S::Error> {
         let mut changes = Changes::default();
         store.put_config(config)?;
+        // Leftovers first: no entry reaches them, and their ids may be reused below.
+        for key in std::mem::take(&mut self.stale_slots) {
+            if let Err(e) = store.del_slot(key) {
+                self.stale_slots.push(key);
+                changes.failures.push(format!("removing a leftover slot of frontend id {}: {e}", key.svc_id));
+            }
+        }
+        for (svc_id, range) in std::mem::take(&mut self.stale_ranges) {
+            if let Err(e) = store.del_source_range(svc_id, range) {
+                self.stale_ranges.push((svc_id, range));
+                changes.failures.push(format!("removing a leftover source range of frontend id {svc_id}: {e}"));
+            }
+        }
+        self.release_cleaned_ids();
+        let wanted = filter_of(desired.frontends.keys().map(filter_key));
+        self.write_filter(store, &wanted, true)?;
         let mut keep = BTreeSet::new();
         for (fkey, frontend) in &desired.frontends {
             let key = service_key(fkey);
@@ -92,101 +172,181 @@ impl Reconciler {
         }
         let gone: Vec<ServiceKey> = self.frontends.keys().filter(|k| !keep.contains(k)).copied().collect();
         for key in gone {
-            if let Err(e) = self.remove_frontend(key, store) {
-                let addr = lb_common::user::ip_from_be(key.addr_be);
-                changes.failures.push(format!(
-                    "frontend {addr}:{}/{}: removing: {e}",
-                    u16::from_be(key.port_be),
-                    key.proto
-                ));
-            } else {
-                changes.services_removed += 1;
+            match self.remove_frontend(key, store) {
+                Ok(()) => changes.services_removed += 1,
+                Err(e) => {
+                    let addr = lb_common::user::ip_from_be(key.addr_be);
+                    changes.failures.push(format!(
+                        "frontend {addr}:{}/{}: removing: {e}",
+                        u16::from_be(key.port_be),
+                        key.proto
+                    ));
+                }
             }
         }
-        let used: BTreeSet<u32> = self.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
-        let unused: Vec<Backend> =
-            self.backend_ids.iter().filter(|(_, id)| !used.contains(id)).map(|(b, _)| *b).collect();
-        for backend in unused {
-            let id = self.backend_ids[&backend];
-            store.del_backend(id)?;
-            self.backend_ids.remove(&backend);
-            changes.backends_removed += 1;
-        }
+        self.free_unused_backends(store, &mut changes)?;
+        // Bits of frontends still held (a failed removal) stay set.
+        let held = filter_of(self.frontends.keys().map(|k| (k.addr_be, k.port_be)));
+        self.write_filter(store, &held, false)?;
         Ok(changes)
     }
 
+    /// Frontend ids held only by leftovers that are now gone become free again.
+    fn release_cleaned_ids(&mut self) {
+        let live: BTreeSet<u32> = self.frontends.values().map(|f| f.svc_id).collect();
+        let left: BTreeSet<u32> =
+            self.stale_slots.iter().map(|k| k.svc_id).chain(self.stale_ranges.iter().map(|(id, _)| *id)).collect();
+        let held: Vec<u32> = self.svc_pool.used.iter().copied().filter(|id| !live.contains(id) && !left.contains(id)).collect();
+        for id in held {
+            self.svc_pool.release(id);
+        }
+    }
+
+    /// Writes the filter words that change: with `keep_held`, bits are only added (`target`
+    /// ORed in), else the filter becomes exactly `target`.
+    fn write_filter<S: MapStore>(
+        &mut self,
+        store: &mut S,
+        target: &BTreeMap<u32, u64>,
+        keep_held: bool,
+    ) -> Result<(), S::Error> {
+        let indices: BTreeSet<u32> = self.filter.keys().chain(target.keys()).copied().collect();
+        for index in indices {
+            let held = self.filter.get(&index).copied().unwrap_or(0);
+            let wanted = target.get(&index).copied().unwrap_or(0);
+            let new = if keep_held { held | wanted } else { wanted };
+            if new != held {
+                store.put_filter_word(index, new)?;
+                if new == 0 {
+                    self.filter.remove(&index);
+                } else {
+                    self.filter.insert(index, new);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn free_unused_backends<S: MapStore>(&mut self, store: &mut S, changes: &mut Changes) -> Result<(), S::Error> {
+        let used: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.slots.iter().flatten().chain(f.retained.iter()).copied())
+            .collect();
+        let unused: Vec<(Backend, u32)> =
+            self.backend_ids.iter().filter(|(_, id)| !used.contains(id)).map(|(b, id)| (*b, *id)).collect();
+        for (backend, id) in unused {
+            let gen = self.backend_gens.get(&id).copied().unwrap_or(0).wrapping_add(1);
+            store.put_backend(id, Backend { gen, ..Backend::default() })?;
+            self.backend_gens.insert(id, gen);
+            self.backend_ids.remove(&backend);
+            self.backend_pool.release(id);
+            changes.backends_removed += 1;
+        }
+        Ok(())
+    }
+
+    fn backend_id<S: MapStore>(
+        &mut self,
+        b: &BackendAddr,
+        store: &mut S,
+        changes: &mut Changes,
+    ) -> Result<u32, WriteError<S::Error>> {
+        let key = Backend::new(b.addr, b.port, b.local, 0);
+        if let Some(id) = self.backend_ids.get(&key) {
+            return Ok(*id);
+        }
+        let id = self.backend_pool.take().ok_or(WriteError::Exhausted("backend", MAX_BACKENDS - 1))?;
+        // A reused id gets a new generation: flows of its last endpoint must not follow it.
+        let gen = self.backend_gens.get(&id).copied().unwrap_or(0).wrapping_add(1).max(1);
+        if let Err(e) = store.put_backend(id, Backend { gen, ..key }) {
+            self.backend_pool.release(id);
+            return Err(WriteError::Map(e));
+        }
+        self.backend_gens.insert(id, gen);
+        self.backend_ids.insert(key, id);
+        changes.backends_added += 1;
+        Ok(id)
+    }
+
     fn remove_frontend<S: MapStore>(&mut self, key: ServiceKey, store: &mut S) -> Result<(), S::Error> {
-        let state = &self.frontends[&key];
+        let state = self.frontends[&key].clone();
         // The entry first: from then on no packet reaches its slots.
         store.del_service(key)?;
-        for slot in 0..state.slots.len() as u32 {
-            store.del_slot(SlotKey { svc_id: state.svc_id, slot })?;
+        let gen = state.entry.map_or(0, |e| e.gen);
+        for (set, ids) in state.slots.iter().enumerate() {
+            for position in 0..ids.len() as u32 {
+                store.del_slot(SlotKey::new(state.svc_id, gen, set as u8, position))?;
+            }
         }
         for range in &state.ranges {
             store.del_source_range(state.svc_id, *range)?;
         }
         self.frontends.remove(&key);
+        self.svc_pool.release(state.svc_id);
         Ok(())
     }
 
-    /// Writes one frontend: backends, slots, source ranges, the entry, then removals. The
-    /// view follows each successful write, so after a failure it still says what the maps
-    /// hold and the next apply resumes where this one stopped.
+    /// Writes one frontend. The view follows each successful write, so after a failure it
+    /// still says what the maps hold and the next apply resumes where this one stopped.
     fn write_frontend<S: MapStore>(
         &mut self,
         key: ServiceKey,
         frontend: &Frontend,
         store: &mut S,
         changes: &mut Changes,
-    ) -> Result<(), S::Error> {
-        let mut ids = Vec::with_capacity(frontend.backends.len());
-        for b in &frontend.backends {
-            let backend = Backend::new(b.addr, b.port, b.local);
-            let id = match self.backend_ids.get(&backend) {
-                Some(id) => *id,
-                None => {
-                    let id = self.next_backend_id;
-                    store.put_backend(id, backend)?;
-                    self.next_backend_id += 1;
-                    self.backend_ids.insert(backend, id);
-                    changes.backends_added += 1;
-                    id
-                }
-            };
-            ids.push(id);
+    ) -> Result<(), WriteError<S::Error>> {
+        let mut sets: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+        for (set, backends) in [&frontend.backends, &frontend.short_circuit].into_iter().enumerate() {
+            for b in backends {
+                sets[set].push(self.backend_id(b, store, changes)?);
+            }
         }
-        let next_svc_id = &mut self.next_svc_id;
-        let state = self.frontends.entry(key).or_insert_with(|| {
-            *next_svc_id += 1;
-            FrontendState { svc_id: *next_svc_id - 1, ..Default::default() }
-        });
+        let mut retained = Vec::new();
+        for b in &frontend.retained {
+            retained.push(self.backend_id(b, store, changes)?);
+        }
+        if !self.frontends.contains_key(&key) {
+            let svc_id = self.svc_pool.take().ok_or(WriteError::Exhausted("frontend", MAX_SERVICES - 1))?;
+            self.frontends.insert(key, FrontendState { svc_id, ..Default::default() });
+        }
+        let state = self.frontends.get_mut(&key).expect("inserted above");
+        state.retained = retained;
         let svc_id = state.svc_id;
-        for (slot, id) in ids.iter().enumerate() {
-            if state.slots.get(slot) != Some(id) {
-                store.put_slot(SlotKey { svc_id, slot: slot as u32 }, *id)?;
-                match state.slots.get_mut(slot) {
-                    Some(held) => *held = *id,
-                    None => state.slots.push(*id),
+        let old_gen = state.entry.map(|e| e.gen);
+        let new_gen = match old_gen {
+            Some(g) if state.slots != sets => 1 - g,
+            Some(g) => g,
+            None => 0,
+        };
+        if old_gen != Some(new_gen) || state.entry.is_none() {
+            for (set, ids) in sets.iter().enumerate() {
+                for (position, id) in ids.iter().enumerate() {
+                    store.put_slot(SlotKey::new(svc_id, new_gen, set as u8, position as u32), *id).map_err(WriteError::Map)?;
                 }
             }
         }
         let ranges: BTreeSet<Range> = frontend.source_ranges.iter().map(range_of).collect();
         for r in ranges.difference(&state.ranges.clone()) {
-            store.put_source_range(svc_id, *r)?;
+            store.put_source_range(svc_id, *r).map_err(WriteError::Map)?;
             state.ranges.insert(*r);
         }
-        let value = service_value(svc_id, ids.len() as u32, frontend);
+        let value = service_value(svc_id, new_gen, &sets, frontend);
         if state.entry != Some(value) {
-            store.put_service(key, value)?;
-            state.entry = Some(value);
+            store.put_service(key, value).map_err(WriteError::Map)?;
             changes.services_written += 1;
         }
-        while state.slots.len() > ids.len() {
-            store.del_slot(SlotKey { svc_id, slot: state.slots.len() as u32 - 1 })?;
-            state.slots.pop();
+        let old_slots = std::mem::replace(&mut state.slots, sets);
+        state.entry = Some(value);
+        if let Some(g) = old_gen.filter(|g| *g != new_gen) {
+            for (set, ids) in old_slots.iter().enumerate() {
+                for position in (0..ids.len() as u32).rev() {
+                    store.del_slot(SlotKey::new(svc_id, g, set as u8, position)).map_err(WriteError::Map)?;
+                }
+            }
         }
         for r in state.ranges.clone().difference(&ranges) {
-            store.del_source_range(svc_id, *r)?;
+            store.del_source_range(svc_id, *r).map_err(WriteError::Map)?;
             state.ranges.remove(r);
         }
         Ok(())
@@ -197,11 +357,25 @@ pub fn service_key(k: &FrontendKey) -> ServiceKey {
     ServiceKey::new(k.addr, k.port, k.protocol.number())
 }
 
+fn filter_key(k: &FrontendKey) -> (u32, u16) {
+    (lb_common::user::addr_be(k.addr), k.port.to_be())
+}
+
+/// The frontend filter words that frontends at these (address, port) set.
+fn filter_of(frontends: impl Iterator<Item = (u32, u16)>) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for (addr_be, port_be) in frontends {
+        let bit = front_filter_bit(addr_be, port_be);
+        *words.entry(bit / 64).or_insert(0u64) |= 1 << (bit % 64);
+    }
+    words
+}
+
 fn range_of(c: &Cidr) -> Range {
     (lb_common::user::addr_be(c.addr), c.prefix_len)
 }
 
-fn service_value(svc_id: u32, backend_count: u32, f: &Frontend) -> ServiceValue {
+fn service_value(svc_id: u32, gen: u8, sets: &[Vec<u32>; 2], f: &Frontend) -> ServiceValue {
     let mut flags = 0;
     if f.kind.is_external() {
         flags |= service_flags::EXTERNAL;
@@ -212,13 +386,17 @@ fn service_value(svc_id: u32, backend_count: u32, f: &Frontend) -> ServiceValue 
     if !f.source_ranges.is_empty() {
         flags |= service_flags::SOURCE_RANGES;
     }
+    if f.drop_when_empty {
+        flags |= service_flags::DROP_WHEN_EMPTY;
+    }
     ServiceValue {
         svc_id,
-        backend_count,
         flags,
         affinity_timeout_s: f.affinity_timeout_s.unwrap_or(0),
+        count: [sets[0].len() as u16, sets[1].len() as u16],
+        gen,
         algorithm: lb_common::algorithm::RANDOM,
-        _pad: [0; 3],
+        _pad: [0; 2],
     }
 }
 

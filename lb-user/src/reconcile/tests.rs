@@ -14,9 +14,14 @@ struct Fake {
     slots: BTreeMap<SlotKey, u32>,
     backends: BTreeMap<u32, Backend>,
     ranges: BTreeSet<(u32, Range)>,
+    filter: BTreeMap<u32, u64>,
     log: Vec<String>,
     /// put_service fails for this frontend, as with a full map.
     full_for: Option<ServiceKey>,
+}
+
+fn slot(k: &SlotKey) -> String {
+    format!("{}/g{}s{}/{}", k.svc_id, k.gen(), k.set(), k.position())
 }
 
 impl MapStore for Fake {
@@ -28,28 +33,33 @@ impl MapStore for Fake {
         Ok(self.slots.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn backends(&self) -> Result<Vec<(u32, Backend)>, FakeError> {
-        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+        Ok(self.backends.iter().filter(|(_, b)| b.addr_be != 0).map(|(k, v)| (*k, *v)).collect())
+    }
+    fn backend_gens(&self) -> Result<Vec<(u32, u32)>, FakeError> {
+        Ok(self.backends.iter().filter(|(_, b)| b.addr_be == 0).map(|(k, v)| (*k, v.gen)).collect())
     }
     fn source_ranges(&self) -> Result<Vec<(u32, Range)>, FakeError> {
         Ok(self.ranges.iter().copied().collect())
     }
+    fn filter_words(&self) -> Result<Vec<(u32, u64)>, FakeError> {
+        Ok(self.filter.iter().map(|(k, v)| (*k, *v)).collect())
+    }
     fn put_backend(&mut self, id: u32, b: Backend) -> Result<(), FakeError> {
-        self.log.push(format!("put backend {id} {}:{}", b.ip(), b.port()));
+        if b.addr_be == 0 {
+            self.log.push(format!("free backend {id} gen {}", b.gen));
+        } else {
+            self.log.push(format!("put backend {id} {}:{} gen {}", b.ip(), b.port(), b.gen));
+        }
         self.backends.insert(id, b);
         Ok(())
     }
-    fn del_backend(&mut self, id: u32) -> Result<(), FakeError> {
-        self.log.push(format!("del backend {id}"));
-        self.backends.remove(&id);
-        Ok(())
-    }
     fn put_slot(&mut self, k: SlotKey, id: u32) -> Result<(), FakeError> {
-        self.log.push(format!("put slot {}/{} = {id}", k.svc_id, k.slot));
+        self.log.push(format!("put slot {} = {id}", slot(&k)));
         self.slots.insert(k, id);
         Ok(())
     }
     fn del_slot(&mut self, k: SlotKey) -> Result<(), FakeError> {
-        self.log.push(format!("del slot {}/{}", k.svc_id, k.slot));
+        self.log.push(format!("del slot {}", slot(&k)));
         self.slots.remove(&k);
         Ok(())
     }
@@ -67,7 +77,7 @@ impl MapStore for Fake {
         if self.full_for == Some(k) {
             return Err(FakeError);
         }
-        self.log.push(format!("put service {} count {}", v.svc_id, v.backend_count));
+        self.log.push(format!("put service {} gen {} count {:?}", v.svc_id, v.gen, v.count));
         self.services.insert(k, v);
         Ok(())
     }
@@ -76,9 +86,23 @@ impl MapStore for Fake {
         self.services.remove(&k);
         Ok(())
     }
+    fn put_filter_word(&mut self, index: u32, word: u64) -> Result<(), FakeError> {
+        self.log.push(format!("filter {} bits", word.count_ones()));
+        if word == 0 {
+            self.filter.remove(&index);
+        } else {
+            self.filter.insert(index, word);
+        }
+        Ok(())
+    }
     fn put_config(&mut self, _: Config) -> Result<(), FakeError> {
         Ok(())
     }
+}
+
+/// The log without the filter's writes (tests of the filter look at it on its own).
+fn writes(log: Vec<String>) -> Vec<String> {
+    log.into_iter().filter(|l| !l.starts_with("filter")).collect()
 }
 
 fn frontend(backends: &[(u8, u16)]) -> Frontend {
@@ -91,6 +115,9 @@ fn frontend(backends: &[(u8, u16)]) -> Frontend {
             .map(|(last, port)| BackendAddr { addr: Ipv4Addr::new(10, 244, 1, *last), port: *port, local: false })
             .collect(),
         external_local: false,
+        short_circuit: vec![],
+        drop_when_empty: false,
+        retained: vec![],
         source_ranges: vec![],
         affinity_timeout_s: None,
     }
@@ -109,8 +136,9 @@ fn desired(frontends: &[(u8, Frontend)]) -> Desired {
 
 fn apply(r: &mut Reconciler, store: &mut Fake, d: &Desired) -> Vec<String> {
     store.log.clear();
-    r.apply(d, Config::default(), store).unwrap();
-    std::mem::take(&mut store.log)
+    let changes = r.apply(d, Config::default(), store).unwrap();
+    assert!(changes.failures.is_empty(), "{:?}", changes.failures);
+    writes(std::mem::take(&mut store.log))
 }
 
 #[test]
@@ -121,26 +149,77 @@ fn writes_backends_then_slots_then_the_service_entry() {
     assert_eq!(
         log,
         [
-            "put backend 1 10.244.1.10:8080",
-            "put backend 2 10.244.1.11:8080",
-            "put slot 1/0 = 1",
-            "put slot 1/1 = 2",
-            "put service 1 count 2"
+            "put backend 1 10.244.1.10:8080 gen 1",
+            "put backend 2 10.244.1.11:8080 gen 1",
+            "put slot 1/g0s0/0 = 1",
+            "put slot 1/g0s0/1 = 2",
+            "put service 1 gen 0 count [2, 0]"
         ]
     );
 }
 
 #[test]
-fn shrinking_lowers_the_count_before_removing_slots_and_backends() {
+fn a_changed_backend_set_is_written_whole_under_the_other_generation_then_swapped_in() {
     let mut store = Fake::default();
     let mut r = Reconciler::adopt(&store).unwrap();
     apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080), (11, 8080), (12, 8080)]))]));
-    let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(11, 8080)]))]));
-    // Leftover slots go from the top down, so the view stays a prefix if a deletion fails.
+    let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(11, 8080), (13, 8080)]))]));
+    // A packet sees generation 0 (old set, whole) until the entry names generation 1 (new
+    // set, whole); then the old slots go, then the backends no one uses.
     assert_eq!(
         log,
-        ["put slot 1/0 = 2", "put service 1 count 1", "del slot 1/2", "del slot 1/1", "del backend 1", "del backend 3"]
+        [
+            "put backend 4 10.244.1.13:8080 gen 1",
+            "put slot 1/g1s0/0 = 2",
+            "put slot 1/g1s0/1 = 4",
+            "put service 1 gen 1 count [2, 0]",
+            "del slot 1/g0s0/2",
+            "del slot 1/g0s0/1",
+            "del slot 1/g0s0/0",
+            "free backend 1 gen 2",
+            "free backend 3 gen 2",
+        ]
     );
+}
+
+#[test]
+fn a_reused_backend_id_gets_a_new_generation() {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080)]))]));
+    apply(&mut r, &mut store, &desired(&[(1, frontend(&[]))]));
+    let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(20, 8080)]))]));
+    // Flows that chose 10.244.1.10 remember (id 1, gen 1): id 1 now names another endpoint
+    // at gen 3, so they know their backend is gone.
+    assert_eq!(log[0], "put backend 1 10.244.1.20:8080 gen 3");
+}
+
+#[test]
+fn retained_endpoints_keep_their_ids_without_slots() {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080), (11, 8080)]))]));
+    let mut draining = frontend(&[(11, 8080)]);
+    draining.retained = frontend(&[(10, 8080)]).backends;
+    let log = apply(&mut r, &mut store, &desired(&[(1, draining)]));
+    assert!(!log.iter().any(|l| l.starts_with("free backend")), "the terminating backend keeps its flows: {log:?}");
+    assert_eq!(store.backends[&1].ip(), Ipv4Addr::new(10, 244, 1, 10));
+    let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(11, 8080)]))]));
+    assert_eq!(log, ["free backend 1 gen 2"], "gone from the slices: freed");
+}
+
+#[test]
+fn the_short_circuit_set_goes_in_set_one() {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    let mut etp = frontend(&[(10, 8080)]);
+    etp.kind = FrontendKind::NodePort;
+    etp.external_local = true;
+    etp.short_circuit = frontend(&[(10, 8080), (11, 8080)]).backends;
+    let log = apply(&mut r, &mut store, &desired(&[(1, etp)]));
+    assert_eq!(&log[2..], ["put slot 1/g0s0/0 = 1", "put slot 1/g0s1/0 = 1", "put slot 1/g0s1/1 = 2", "put service 1 gen 0 count [1, 2]"]);
+    let v = store.services.values().next().unwrap();
+    assert_eq!(v.flags, service_flags::EXTERNAL | service_flags::EXTERNAL_LOCAL);
 }
 
 #[test]
@@ -149,7 +228,25 @@ fn an_unchanged_state_writes_nothing() {
     let mut r = Reconciler::adopt(&store).unwrap();
     let d = desired(&[(1, frontend(&[(10, 8080)]))]);
     apply(&mut r, &mut store, &d);
-    assert!(apply(&mut r, &mut store, &d).is_empty());
+    store.log.clear();
+    r.apply(&d, Config::default(), &mut store).unwrap();
+    assert!(store.log.is_empty(), "{:?}", store.log);
+}
+
+#[test]
+fn the_frontend_filter_gains_bits_before_entries_and_loses_them_after() {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    store.log.clear();
+    r.apply(&desired(&[(1, frontend(&[(10, 8080)]))]), Config::default(), &mut store).unwrap();
+    assert_eq!(store.log.first().map(String::as_str), Some("filter 1 bits"), "{:?}", store.log);
+    let key = service_key(desired(&[(1, frontend(&[]))]).frontends.keys().next().unwrap());
+    let bit = lb_common::front_filter_bit(key.addr_be, key.port_be);
+    assert_eq!(store.filter[&(bit / 64)] >> (bit % 64) & 1, 1);
+    store.log.clear();
+    r.apply(&Desired::default(), Config::default(), &mut store).unwrap();
+    assert_eq!(store.log.last().map(String::as_str), Some("filter 0 bits"), "{:?}", store.log);
+    assert!(store.filter.is_empty());
 }
 
 #[test]
@@ -162,7 +259,7 @@ fn removed_service_entry_goes_before_its_slots_and_ranges() {
     apply(&mut r, &mut store, &desired(&[(1, lb), (2, frontend(&[(10, 8080)]))]));
     assert_eq!(store.services.values().next().unwrap().flags, service_flags::EXTERNAL | service_flags::SOURCE_RANGES);
     let log = apply(&mut r, &mut store, &desired(&[(2, frontend(&[(10, 8080)]))]));
-    assert_eq!(log, ["del service 1", "del slot 1/0", "del range 1 /16"]);
+    assert_eq!(log, ["del service 1", "del slot 1/g0s0/0", "del range 1 /16"]);
     assert!(store.ranges.is_empty());
 }
 
@@ -177,31 +274,55 @@ fn a_restarted_reconciler_adopts_ids_and_only_removes_what_is_no_longer_desired(
     let d = desired(&[(1, frontend(&[(10, 8080)])), (2, frontend(&[(11, 8080)]))]);
     assert!(apply(&mut second, &mut store, &d).is_empty());
     assert_eq!((store.services.clone(), store.backends.clone()), (services, backends));
-    // New ids continue after the adopted ones.
     let log = apply(&mut second, &mut store, &desired(&[(1, frontend(&[(10, 8080)])), (3, frontend(&[(12, 8080)]))]));
     assert_eq!(
         log,
         [
-            "put backend 3 10.244.1.12:8080",
-            "put slot 3/0 = 3",
-            "put service 3 count 1",
+            "put backend 3 10.244.1.12:8080 gen 1",
+            "put slot 3/g0s0/0 = 3",
+            "put service 3 gen 0 count [1, 0]",
             "del service 2",
-            "del slot 2/0",
-            "del backend 2"
+            "del slot 2/g0s0/0",
+            "free backend 2 gen 2"
         ]
     );
 }
 
 #[test]
-fn adoption_cleans_up_slots_left_past_the_count() {
+fn after_a_restart_with_changed_services_no_frontend_inherits_another_ones_ranges_or_id() {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    let mut lb = frontend(&[(10, 8080)]);
+    lb.kind = FrontendKind::LoadBalancer;
+    lb.source_ranges = vec!["192.168.0.0/16".parse().unwrap()];
+    apply(&mut r, &mut store, &desired(&[(1, lb)]));
+    // As if the agent died after removing frontend 1's entry but before its range: the range
+    // of id 1 is left behind.
+    let key = *store.services.keys().next().unwrap();
+    store.services.remove(&key);
+    let mut restarted = Reconciler::adopt(&store).unwrap();
+    apply(&mut restarted, &mut store, &desired(&[(2, frontend(&[(11, 8080)]))]));
+    let v = store.services.values().next().unwrap();
+    assert_eq!(v.svc_id, 1, "the id is free again and reused");
+    assert_eq!(v.flags & service_flags::SOURCE_RANGES, 0);
+    assert!(store.ranges.is_empty(), "the new frontend does not inherit the old one's ranges: {:?}", store.ranges);
+    assert_eq!(store.slots.len(), 1);
+}
+
+#[test]
+fn adoption_cleans_up_slots_of_a_dead_generation() {
     let mut store = Fake::default();
     let mut r = Reconciler::adopt(&store).unwrap();
     apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080), (11, 8080)]))]));
-    // As if an agent died between "put service count 1" and "del slot 1/1".
-    store.services.values_mut().for_each(|v| v.backend_count = 1);
+    // As if an agent died after the swap to generation 1 but before removing generation 0.
+    store.slots.insert(SlotKey::new(1, 1, 0, 0), 2);
+    store.services.values_mut().for_each(|v| {
+        v.gen = 1;
+        v.count = [1, 0];
+    });
     let mut r = Reconciler::adopt(&store).unwrap();
-    let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080)]))]));
-    assert_eq!(log, ["del slot 1/1", "del backend 2"]);
+    let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(11, 8080)]))]));
+    assert_eq!(log, ["del slot 1/g0s0/0", "del slot 1/g0s0/1", "free backend 1 gen 2"]);
 }
 
 #[test]
@@ -213,7 +334,6 @@ fn a_frontend_that_cannot_be_written_is_reported_and_the_others_are_written() {
     let changes = r.apply(&d, Config::default(), &mut store).unwrap();
     assert_eq!(changes.failures, ["Service default/web: frontend 10.96.0.1:80/TCP: map full"]);
     assert_eq!(store.services.len(), 1, "the other frontend is served");
-    assert_eq!(store.slots.len(), 2, "the failed frontend's slot is written, its entry is not");
     // Once the map has room, the next apply finishes the job.
     store.full_for = None;
     let changes = r.apply(&d, Config::default(), &mut store).unwrap();
@@ -226,5 +346,5 @@ fn a_frontend_without_backends_gets_its_entry_so_clients_are_refused() {
     let mut store = Fake::default();
     let mut r = Reconciler::adopt(&store).unwrap();
     let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[]))]));
-    assert_eq!(log, ["put service 1 count 0"]);
+    assert_eq!(log, ["put service 1 gen 0 count [0, 0]"]);
 }

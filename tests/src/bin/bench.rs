@@ -29,7 +29,7 @@ struct Case {
 
 fn main() -> Result<()> {
     // Every SNAT port is free for new flows: 7 rounds x 8 000 stay below the 64 512 ports.
-    with_fixture((1024, 65535), run)
+    with_fixture(lb_tests::fixture::Setup::fast((1024, 65535)), run)
 }
 
 fn run(fx: &mut Fixture) -> Result<()> {
@@ -108,7 +108,9 @@ fn run(fx: &mut Fixture) -> Result<()> {
                 targets.set(0, target.fd()?, 0)?;
                 let frame = BenchFrame {
                     bytes: bytes.clone().try_into().expect("54 bytes"),
-                    new_flow_each_run: case.new_flow_each_run as u16,
+                    _pad: [0; 2],
+                    new_flow_each_run: case.new_flow_each_run as u32,
+                    runs: 0,
                 };
                 templates.set(0, frame, 0)?;
             }

@@ -1,0 +1,248 @@
+//! The conntrack protocol of `lb_common::conntrack`, kernel side: stamps change only by
+//! compare-and-swap, entries are inserted only with BPF_NOEXIST and removed only by the
+//! winner of a swap to DEAD, who removes the peer half the same way.
+use core::ptr::addr_of_mut;
+
+use aya_ebpf::{
+    bindings::{bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    EbpfContext,
+};
+use lb_common::{
+    conntrack::{nonce, stamp, units, DEAD},
+    Config, CtKey, CtValue, IPPROTO_TCP,
+};
+
+use crate::{
+    atomic,
+    maps::{ct_state, LB_CONNTRACK},
+};
+
+/// Coarse time in conntrack units.
+#[inline(always)]
+pub fn now() -> u32 {
+    // SAFETY: plain helper call.
+    units(unsafe { bpf_ktime_get_coarse_ns() })
+}
+
+/// A fresh nonce for a new flow: never 0, which marks a dying half.
+#[inline(always)]
+pub fn new_nonce() -> u32 {
+    // SAFETY: plain helper call.
+    (unsafe { bpf_get_prandom_u32() }) | 1
+}
+
+#[inline(always)]
+fn stamp_ptr(v: *mut CtValue) -> *mut u64 {
+    // SAFETY: only the address is taken.
+    unsafe { addr_of_mut!((*v).stamp) }
+}
+
+#[inline(always)]
+fn state_ptr(v: *mut CtValue) -> *mut u32 {
+    // SAFETY: only the address is taken.
+    unsafe { addr_of_mut!((*v).state) }
+}
+
+/// Compare-and-swap of a half's stamp; Err carries the stamp found instead.
+#[inline(always)]
+fn swap_stamp(v: *mut CtValue, old: u64, new: u64) -> Result<(), u64> {
+    // SAFETY: map values are 8-byte aligned and live for the program's run (RCU).
+    match unsafe { atomic::cas(stamp_ptr(v), old, new) } {
+        (_, true) => Ok(()),
+        (found, false) => Err(found),
+    }
+}
+
+#[inline(always)]
+pub fn load_stamp(v: *mut CtValue) -> u64 {
+    // SAFETY: as swap_stamp.
+    unsafe { atomic::load(stamp_ptr(v)) }
+}
+
+#[inline(always)]
+pub fn load_state(v: *mut CtValue) -> u32 {
+    // SAFETY: as swap_stamp; a u32 load is single-copy atomic.
+    unsafe { state_ptr(v).read_volatile() }
+}
+
+/// The key of the peer half: the packets answering what this half's rewrite produces.
+#[inline(always)]
+pub fn peer_key(v: *const CtValue, proto: u8) -> CtKey {
+    // SAFETY: reading plain integers of a live map value.
+    unsafe {
+        CtKey {
+            src_addr_be: (*v).nat_dst_addr_be,
+            dst_addr_be: (*v).nat_src_addr_be,
+            src_port_be: (*v).nat_dst_port_be,
+            dst_port_be: (*v).nat_src_port_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+#[inline(always)]
+fn count_entries(delta: i64) {
+    if let Some(s) = ct_state() {
+        // SAFETY: the single entry of an array map, changed only atomically.
+        unsafe { atomic::fetch_add(addr_of_mut!((*s).entries), delta as u64) };
+    }
+}
+
+/// Inserts a half that no entry holds yet.
+#[inline(always)]
+pub fn insert(key: &CtKey, value: &CtValue) -> bool {
+    let ok = LB_CONNTRACK.insert(key, value, BPF_NOEXIST as u64).is_ok();
+    if ok {
+        count_entries(1);
+    }
+    ok
+}
+
+/// Removes the half at `key`, last seen with `seen` as its stamp, and its peer, if this
+/// caller wins the swap to DEAD (so each is removed exactly once). False if the half
+/// changed meanwhile (refreshed, or someone else is removing it).
+#[inline(never)]
+pub fn reap(key: &CtKey, v: *mut CtValue, seen: u64) -> bool {
+    if nonce(seen) == 0 || swap_stamp(v, seen, DEAD).is_err() {
+        return false;
+    }
+    let peer = peer_key(v, key.proto);
+    if LB_CONNTRACK.remove(key).is_ok() {
+        count_entries(-1);
+    }
+    if let Some(p) = LB_CONNTRACK.get_ptr_mut(&peer) {
+        let ps = load_stamp(p);
+        if nonce(ps) == nonce(seen)
+            && swap_stamp(p, ps, DEAD).is_ok()
+            && LB_CONNTRACK.remove(&peer).is_ok()
+        {
+            count_entries(-1);
+        }
+    }
+    true
+}
+
+/// Removes a half this program inserted a moment ago and that its flow will not use.
+#[inline(always)]
+fn unclaim(key: &CtKey, fresh: u64) {
+    if let Some(v) = LB_CONNTRACK.get_ptr_mut(key) {
+        if swap_stamp(v, fresh, DEAD).is_ok() && LB_CONNTRACK.remove(key).is_ok() {
+            count_entries(-1);
+        }
+    }
+}
+
+/// Moves a live half's stamp to `now` and its state from `old` to `new`, and its peer's the
+/// same way. False when the peer no longer carries the flow's nonce: the flow is broken,
+/// this half has been removed, and the packet is untracked.
+#[inline(never)]
+/// `states` packs the old state (high 32 bits) and the new (low): BPF calls take five
+/// arguments at most.
+pub fn refresh(key: &CtKey, v: *mut CtValue, seen: u64, states: u64, now: u32) -> bool {
+    let (old, new) = ((states >> 32) as u32, states as u32);
+    let fresh = stamp(nonce(seen), now);
+    if let Err(current) = swap_stamp(v, seen, fresh) {
+        // Another CPU refreshed the flow first (fine), or it is being removed.
+        if nonce(current) != nonce(seen) {
+            return false;
+        }
+    }
+    apply_state(v, old, new);
+    let peer = peer_key(v, key.proto);
+    let Some(p) = LB_CONNTRACK.get_ptr_mut(&peer).filter(|p| nonce(load_stamp(*p)) == nonce(seen)) else {
+        let own = load_stamp(v);
+        if nonce(own) == nonce(seen) {
+            reap(key, v, own);
+        }
+        return false;
+    };
+    let ps = load_stamp(p);
+    if ps != fresh {
+        // Losing this race means the peer was refreshed at the same moment: fine.
+        let _ = swap_stamp(p, ps, fresh);
+    }
+    apply_state(p, old, new);
+    true
+}
+
+#[inline(always)]
+fn apply_state(v: *mut CtValue, old: u32, new: u32) {
+    let set = new & !old;
+    let clear = old & !new;
+    // SAFETY: map values are aligned and live for the program's run.
+    unsafe {
+        if set != 0 {
+            atomic::fetch_or(state_ptr(v), set);
+        }
+        if clear != 0 {
+            atomic::fetch_and(state_ptr(v), !clear);
+        }
+    }
+}
+
+/// Inserts `reply` (the reply half, whose key holds the NAT port) at the first free SNAT
+/// port toward its backend, returning the port (network order), or 0 when none is free. The search starts where a
+/// cursor shared by all CPUs points, so ports rotate through the whole range (a port comes
+/// back only after the range has gone by, long after the backend's TIME_WAIT for its last
+/// flow) and no two new flows walk the same ports; runs of taken ports are left by jumping
+/// to random places. Ports the node's own sockets use toward the backend are skipped.
+#[inline(never)]
+pub fn claim_snat_port<C: EbpfContext>(ctx: &C, key: &mut CtKey, reply: &CtValue, cfg: &Config) -> u16 {
+    const RUN: u32 = 8;
+    const JUMPS: u32 = 12;
+    let span = (cfg.snat_port_max as u32).saturating_sub(cfg.snat_port_min as u32) + 1;
+    let Some(s) = ct_state() else { return 0 };
+    // SAFETY: the single entry of an array map, changed only atomically.
+    let mut base = unsafe { atomic::fetch_add(addr_of_mut!((*s).snat_cursor), 1) } as u32;
+    for jump in 0..JUMPS {
+        if jump > 0 {
+            // SAFETY: plain helper call.
+            base = unsafe { bpf_get_prandom_u32() };
+        }
+        for i in 0..RUN {
+            let port = (cfg.snat_port_min as u32 + base.wrapping_add(i) % span) as u16;
+            key.dst_port_be = port.to_be();
+            if !insert(key, reply) {
+                continue;
+            }
+            if node_has_socket(ctx, key) {
+                unclaim(key, reply.stamp);
+                continue;
+            }
+            return key.dst_port_be;
+        }
+    }
+    0
+}
+
+/// Would a packet with this tuple (backend -> node:port) reach a socket of the node itself?
+/// Then the port is the node's own (a connection to that backend, or a listener) and SNAT
+/// must not take it: the flow's replies would be taken from the socket.
+#[inline(always)]
+fn node_has_socket<C: EbpfContext>(ctx: &C, key: &CtKey) -> bool {
+    // SAFETY: an all-zero tuple is valid; only its IPv4 part is filled and passed.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+        saddr: key.src_addr_be,
+        daddr: key.dst_addr_be,
+        sport: key.src_port_be,
+        dport: key.dst_port_be,
+    };
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: valid context and tuple; a socket found is released right away.
+    unsafe {
+        let sk = if key.proto == IPPROTO_TCP {
+            bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
+}
