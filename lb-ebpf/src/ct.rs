@@ -114,10 +114,7 @@ pub fn reap(key: &CtKey, v: *mut CtValue, seen: u64) -> bool {
     }
     if let Some(p) = LB_CONNTRACK.get_ptr_mut(&peer) {
         let ps = load_stamp(p);
-        if nonce(ps) == nonce(seen)
-            && swap_stamp(p, ps, DEAD).is_ok()
-            && LB_CONNTRACK.remove(&peer).is_ok()
-        {
+        if nonce(ps) == nonce(seen) && swap_stamp(p, ps, DEAD).is_ok() && LB_CONNTRACK.remove(&peer).is_ok() {
             count_entries(-1);
         }
     }

@@ -4,15 +4,16 @@ use aya_ebpf::{helpers::bpf_get_prandom_u32, EbpfContext};
 // Rare events only (a stale service entry, NAT exhaustion): never per packet.
 use aya_log_ebpf::{error, warn};
 use lb_common::{
-    conntrack::{age, alive, next_state, refreshes, restarts, starts_flow, stamp, REFRESH, TCP_RST},
-    counters, ct_flags, in_prefix, needs_snat, service_flags, Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue,
-    SlotKey, IPPROTO_TCP,
+    conntrack::{age, alive, next_state, refreshes, restarts, stamp, starts_flow, REFRESH, TCP_RST},
+    counters, ct_flags, in_prefix, needs_snat, service_flags, Backend, Config, CtKey, CtValue, ServiceKey,
+    ServiceValue, SlotKey, IPPROTO_TCP,
 };
 
 use crate::{
     ct,
     maps::{
-        backend, config, count, ct_state, maybe_frontend, source_allowed, LB_CONNTRACK, LB_SCRATCH, LB_SERVICES, LB_SLOTS,
+        backend, config, count, ct_state, maybe_frontend, source_allowed, LB_CONNTRACK, LB_SCRATCH, LB_SERVICES,
+        LB_SLOTS,
     },
     packet::Parsed,
     ratelimit,

@@ -12,7 +12,13 @@ const FRESH_NS: u64 = 2_000_000_000;
 
 #[inline(always)]
 fn key(p: &Parsed, hook: u8) -> FragKey {
-    FragKey { src_addr_be: p.key.src_addr_be, dst_addr_be: p.key.dst_addr_be, id_be: p.ip_id_be, proto: p.key.proto, hook }
+    FragKey {
+        src_addr_be: p.key.src_addr_be,
+        dst_addr_be: p.key.dst_addr_be,
+        id_be: p.ip_id_be,
+        proto: p.key.proto,
+        hook,
+    }
 }
 
 /// Remembers the addresses (and egress hand-over) the first fragment got at `hook`.

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     counters::{self, Counter},
     front_filter_bit, Backend, Bucket, Config, CtKey, CtState, CtValue, FragKey, FragValue, ServiceKey, ServiceValue,
-    SlotKey, SourceRange, DEFAULT_CONNTRACK_ENTRIES, FRONT_FILTER_BITS, MAX_BACKENDS, MAX_BACKEND_SLOTS,
-    MAX_FRAGMENTS, MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
+    SlotKey, SourceRange, DEFAULT_CONNTRACK_ENTRIES, FRONT_FILTER_BITS, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_FRAGMENTS,
+    MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
 };
 
 #[btf_map]
@@ -26,8 +26,12 @@ pub static LB_BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new()
 /// preallocated: memory follows the flows, and an entry is freed only after an RCU grace
 /// period, so a reader never sees a recycled entry. The agent sets the capacity at load.
 #[btf_map]
-pub static LB_CONNTRACK: HashMap<CtKey, CtValue, { DEFAULT_CONNTRACK_ENTRIES as usize }, { BPF_F_NO_PREALLOC as usize }> =
-    HashMap::new();
+pub static LB_CONNTRACK: HashMap<
+    CtKey,
+    CtValue,
+    { DEFAULT_CONNTRACK_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 #[btf_map]
 pub static LB_CT_STATE: Array<CtState, 1> = Array::new();
@@ -54,6 +58,11 @@ pub static LB_RATE_LIMIT: LruHashMap<u32, Bucket, { MAX_RATE_LIMITED as usize }>
 /// Where a new flow's conntrack value is built (not pinned: nothing survives a packet).
 #[btf_map]
 pub static LB_SCRATCH: PerCpuArray<CtValue, 1> = PerCpuArray::new();
+
+/// Where FIB lookups are built (`bpf_fib_lookup` is 64 bytes the call chain's stack
+/// budget cannot spare). Bytes, so the map's BTF stays a plain array.
+#[btf_map]
+pub static LB_FIB_SCRATCH: PerCpuArray<[u64; 8], 1> = PerCpuArray::new();
 
 /// Keys the agent asks the reaper program to look at.
 #[btf_map]
@@ -86,6 +95,18 @@ pub fn source_allowed(svc_id: u32, src_addr_be: u32) -> bool {
 pub fn maybe_frontend(addr_be: u32, port_be: u16) -> bool {
     let bit = front_filter_bit(addr_be, port_be);
     LB_FRONT_BITS.get(bit / 64).is_some_and(|w| *w & (1u64 << (bit % 64)) != 0)
+}
+
+/// This CPU's FIB lookup parameters, all zero (every field the kernel reads is set or 0).
+#[inline(always)]
+pub fn fib_scratch() -> Option<&'static mut aya_ebpf::bindings::bpf_fib_lookup> {
+    let p = LB_FIB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU, nothing else on this CPU runs while this program does; 64 bytes,
+    // the size of bpf_fib_lookup, and 8-aligned.
+    unsafe {
+        *p = [0; 8];
+        Some(&mut *(p as *mut aya_ebpf::bindings::bpf_fib_lookup))
+    }
 }
 
 #[inline(always)]

@@ -18,7 +18,6 @@ use crate::{
     packet::ptr_at,
 };
 
-
 #[xdp]
 pub fn lb_ct_reap(ctx: XdpContext) -> u32 {
     let Some(args) = ptr_at::<[u32; 2]>(ctx.data(), ctx.data_end(), 8) else {

@@ -17,7 +17,9 @@ use aya_ebpf::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
+    },
     macros::classifier,
     programs::TcContext,
 };
@@ -29,8 +31,10 @@ use lb_common::{
 use crate::{
     flow::{action, decide, screen, tracked_rewrite, Replies, Rewrite, Verdict, EGRESS_OWN_TUPLE},
     frag,
-    maps::{config, count, LB_CONNTRACK},
-    packet::{parse, Fragment, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF, UDP_CHECK_OFF},
+    maps::{config, count, fib_scratch, LB_CONNTRACK},
+    packet::{
+        parse, Fragment, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF, UDP_CHECK_OFF,
+    },
     ratelimit,
 };
 
@@ -184,11 +188,13 @@ fn frag_needed(ctx: &TcContext, p: &Parsed, t: &Verdict) -> u16 {
     0
 }
 
-// A call of its own: the 64-byte bpf_fib_lookup would otherwise sit in every caller's frame.
-#[inline(never)]
-fn fib_of(ctx: &TcContext, proto: u8, rw: &Rewrite, tot_len: u16) -> (i64, bpf_fib_lookup) {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid input (this path is not the hot one).
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+/// A FIB lookup from this packet's device; the result stays in this CPU's scratch until
+/// the next lookup.
+#[inline(always)]
+fn fib_of(ctx: &TcContext, proto: u8, rw: &Rewrite, tot_len: u16) -> (i64, &'static bpf_fib_lookup) {
+    let Some(fib) = fib_scratch() else {
+        return (-1, &EMPTY_FIB);
+    };
     fib.family = AF_INET;
     fib.l4_protocol = proto;
     fib.sport = rw.src_port_be;
@@ -198,10 +204,13 @@ fn fib_of(ctx: &TcContext, proto: u8, rw: &Rewrite, tot_len: u16) -> (i64, bpf_f
     fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     fib.__bindgen_anon_3.ipv4_src = rw.src_addr_be;
     fib.__bindgen_anon_4.ipv4_dst = rw.dst_addr_be;
-    // SAFETY: fib is a valid, sized bpf_fib_lookup on our stack; the context is valid.
-    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, &mut fib, size_of::<bpf_fib_lookup>() as i32, 0) };
+    // SAFETY: fib is a valid, sized bpf_fib_lookup (in a map value); the context is valid.
+    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, fib, size_of::<bpf_fib_lookup>() as i32, 0) };
     (rc, fib)
 }
+
+// SAFETY: an all-zero bpf_fib_lookup is valid.
+static EMPTY_FIB: bpf_fib_lookup = unsafe { core::mem::zeroed() };
 
 /// Sends a translated packet where the FIB says, resolving the neighbour if needed, after
 /// the TTL decrement a router owes. Without a route the stack gets it.

@@ -3,7 +3,7 @@
 //! else it translated to the uplink's tc program (bpf_redirect_neigh); in netfilter mode it
 //! rewrites the destination side and lets the stack route the packet, the tc program first
 //! setting the mark that tells tc egress to rewrite the source side.
-use core::mem::{size_of, MaybeUninit};
+use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS},
@@ -13,14 +13,14 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    checksum, counters, ct_flags, frag_hook, icmp, reset, Config, XdpMeta, IPPROTO_TCP,
-    XDP_META_MARK, XDP_META_PARTIAL, XDP_META_REDIRECT,
+    checksum, counters, ct_flags, frag_hook, icmp, reset, Config, XdpMeta, IPPROTO_ICMP, IPPROTO_TCP, XDP_META_MARK,
+    XDP_META_PARTIAL, XDP_META_REDIRECT,
 };
 
 use crate::{
     flow::{action, decide, screen, tracked_rewrite, Replies, Rewrite, Verdict},
     frag,
-    maps::{config, count, LB_CONNTRACK},
+    maps::{config, count, fib_scratch, LB_CONNTRACK},
     packet::{
         parse, ptr_at, read, Fragment, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF,
         UDP_CHECK_OFF,
@@ -144,49 +144,19 @@ fn next_hop(ctx: &XdpContext, p: &Parsed, t: &Verdict) -> Hop {
     lookup_hop(ctx, p, t)
 }
 
-// A call of its own: the 64-byte bpf_fib_lookup would otherwise sit in every caller's
-// frame, and the verifier caps a call chain's stack at 512 bytes.
-#[inline(never)]
+#[inline(always)]
 fn lookup_hop(ctx: &XdpContext, p: &Parsed, t: &Verdict) -> Hop {
-    let (proto, rw, tot_len) = (p.key.proto, &t.rw, p.l4_len + 20);
-    let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
-    // Word stores, not a memset call: every field the kernel reads must be zero or set.
-    let words = fib.as_mut_ptr() as *mut u64;
-    for i in 0..size_of::<bpf_fib_lookup>() / 8 {
-        // SAFETY: within the struct; volatile keeps LLVM from turning this into memset.
-        unsafe { words.add(i).write_volatile(0) };
-    }
-    // SAFETY: all bytes initialised above.
-    let mut fib = unsafe { fib.assume_init() };
-    fib.family = AF_INET;
-    fib.l4_protocol = proto;
-    fib.sport = rw.src_port_be;
-    fib.dport = rw.dst_port_be;
-    fib.__bindgen_anon_1.tot_len = tot_len;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_3.ipv4_src = rw.src_addr_be;
-    fib.__bindgen_anon_4.ipv4_dst = rw.dst_addr_be;
-    // SAFETY: fib is a valid, sized bpf_fib_lookup on our stack.
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut fib, size_of::<bpf_fib_lookup>() as i32, 0) };
-    let mut hop = Hop { transmit: false, dmac: fib.dmac, smac: fib.smac, frag_needed: 0 };
-    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
-        // SAFETY: the kernel filled the union's mtu_result.
-        hop.frag_needed = unsafe { fib.__bindgen_anon_1.mtu_result };
-        return hop;
-    }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return hop;
-    }
-    hop.transmit = fib.ifindex == ctx.ingress_ifindex() as u32;
+    let tot_len = p.l4_len + 20;
+    let (hop, ifindex) = fib_hop(ctx, p.key.proto, &t.rw, tot_len);
     // A new flow's first packet caches nothing: its half is looked up by its next packet.
-    if t.counter != counters::NEW_FLOW {
+    if ifindex != 0 && t.counter != counters::NEW_FLOW {
         if let Some(half) = LB_CONNTRACK.get_ptr_mut(&p.key) {
             // SAFETY: a live map value; a racing reader sees the old hop or the new one, at
             // worst one packet with a mix while the next hop changes.
             unsafe {
-                (*half).hop_ifindex = fib.ifindex;
-                (*half).hop_dmac = fib.dmac;
-                (*half).hop_smac = fib.smac;
+                (*half).hop_ifindex = ifindex;
+                (*half).hop_dmac = hop.dmac;
+                (*half).hop_smac = hop.smac;
                 // The cache says "packets up to this size fit": bigger ones look again.
                 if tot_len > (*half).hop_mtu || (*half).flags & ct_flags::HOP == 0 {
                     (*half).hop_mtu = tot_len;
@@ -196,6 +166,37 @@ fn lookup_hop(ctx: &XdpContext, p: &Parsed, t: &Verdict) -> Hop {
         }
     }
     hop
+}
+
+/// The FIB's next hop for a packet with this rewrite, and the egress ifindex (0 when the
+/// lookup failed or the packet does not fit).
+// A call of its own: the 64-byte bpf_fib_lookup stays off its callers' frames.
+#[inline(never)]
+fn fib_hop(ctx: &XdpContext, proto: u8, rw: &Rewrite, tot_len: u16) -> (Hop, u32) {
+    let Some(fib) = fib_scratch() else {
+        return (Hop { transmit: false, dmac: [0; 6], smac: [0; 6], frag_needed: 0 }, 0);
+    };
+    fib.family = AF_INET;
+    fib.l4_protocol = proto;
+    fib.sport = rw.src_port_be;
+    fib.dport = rw.dst_port_be;
+    fib.__bindgen_anon_1.tot_len = tot_len;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_3.ipv4_src = rw.src_addr_be;
+    fib.__bindgen_anon_4.ipv4_dst = rw.dst_addr_be;
+    // SAFETY: fib is a valid, sized bpf_fib_lookup (in a map value).
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), fib, size_of::<bpf_fib_lookup>() as i32, 0) };
+    let mut hop = Hop { transmit: false, dmac: fib.dmac, smac: fib.smac, frag_needed: 0 };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: the kernel filled the union's mtu_result.
+        hop.frag_needed = unsafe { fib.__bindgen_anon_1.mtu_result };
+        return (hop, 0);
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return (hop, 0);
+    }
+    hop.transmit = fib.ifindex == ctx.ingress_ifindex() as u32;
+    (hop, fib.ifindex)
 }
 
 #[inline(always)]
@@ -298,19 +299,28 @@ fn later_fragment(ctx: &XdpContext, p: &Parsed, cfg: &Config) -> u32 {
     let Some(mut ip_check) = read::<u16>(start, end, IP_CHECK_OFF) else { return xdp_action::XDP_DROP };
     ip_check = checksum::replace_u32(ip_check, p.key.src_addr_be, src);
     ip_check = checksum::replace_u32(ip_check, p.key.dst_addr_be, first.dst_addr_be);
-    if write(ctx, IP_CHECK_OFF, ip_check).and(write(ctx, IP_SRC_OFF, src)).and(write(ctx, IP_DST_OFF, first.dst_addr_be)).is_err() {
+    if write(ctx, IP_CHECK_OFF, ip_check)
+        .and(write(ctx, IP_SRC_OFF, src))
+        .and(write(ctx, IP_DST_OFF, first.dst_addr_be))
+        .is_err()
+    {
         return xdp_action::XDP_DROP;
     }
     count(counters::FRAGMENT_TRANSLATED, p.frame_len);
     if !fast {
-        return if first.egress == 0 { xdp_action::XDP_PASS } else { hand_over(ctx, XDP_META_MARK, first.egress as u32) };
+        return if first.egress == 0 {
+            xdp_action::XDP_PASS
+        } else {
+            hand_over(ctx, XDP_META_MARK, first.egress as u32)
+        };
     }
     hand_over(ctx, XDP_META_REDIRECT, 0)
 }
 
 /// An ICMP error about a tracked flow, translated in place for the other end of the flow
-/// and forwarded like the flow's packets (by tc, with bpf_redirect_neigh: its new source
-/// may be the node's own address, which the stack's input routing drops as a martian).
+/// and forwarded as fast mode forwards (XDP_TX, or tc's bpf_redirect_neigh) in either mode:
+/// its new source may be the node's own address, which the stack's input routing drops as
+/// a martian.
 // A call of its own, so its locals do not add to the hot path's frame.
 #[inline(never)]
 fn translate_icmp_error(ctx: &XdpContext) -> Option<u32> {
@@ -319,8 +329,16 @@ fn translate_icmp_error(ctx: &XdpContext) -> Option<u32> {
     let w = unsafe { &mut *w };
     let (rw, _) = tracked_rewrite(&icmp::error_flow(w)?)?;
     icmp::translate_error(w, rw.src_addr_be, rw.src_port_be, rw.dst_addr_be, rw.dst_port_be);
-    count(counters::ICMP_ERROR_TRANSLATED, (ctx.data_end() - ctx.data()) as u64);
-    Some(hand_over(ctx, XDP_META_REDIRECT, 0))
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    count(counters::ICMP_ERROR_TRANSLATED, frame_len);
+    let outer = Rewrite {
+        src_addr_be: u32::from_ne_bytes([w[12], w[13], w[14], w[15]]),
+        dst_addr_be: rw.dst_addr_be,
+        src_port_be: 0,
+        dst_port_be: 0,
+    };
+    let (hop, _) = fib_hop(ctx, IPPROTO_ICMP, &outer, 0);
+    Some(forward(ctx, frame_len, &hop, 0, true))
 }
 
 /// Turns the packet into an ICMP destination unreachable answer, in place, and sends it

@@ -43,7 +43,13 @@ impl Sweeper {
             while !stopped.load(Relaxed) {
                 match conntrack.sweep() {
                     Ok(s) if s.removed > 0 => {
-                        info!(removed = s.removed, entries = s.entries, read_ms = s.read_ms, reap_ms = s.reap_ms, "conntrack swept")
+                        info!(
+                            removed = s.removed,
+                            entries = s.entries,
+                            read_ms = s.read_ms,
+                            reap_ms = s.reap_ms,
+                            "conntrack swept"
+                        )
                     }
                     Ok(_) => {}
                     Err(e) => warn!("sweeping conntrack: {e}"),

@@ -249,8 +249,8 @@ impl Fixture {
     /// A backend by the id the reconciler gave it (what conntrack entries point at).
     pub fn backend(&self, id: u32) -> Option<lb_common::Backend> {
         let map = datapath::open_map(&self.pin_dir, map_names::BACKENDS).unwrap();
-        let backends: HashMap<_, u32, lb_common::Backend> = map.try_into().unwrap();
-        backends.get(&id, 0).ok()
+        let backends: aya::maps::Array<_, lb_common::Backend> = map.try_into().unwrap();
+        backends.get(&id, 0).ok().filter(|b| b.addr_be != 0)
     }
 
     /// The conntrack entry of a flow as seen on the wire.

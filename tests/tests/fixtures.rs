@@ -6,7 +6,10 @@
 //! are deterministic.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use lb_common::{ct_flags, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    conntrack::{phase, Phase},
+    ct_flags, IPPROTO_TCP, IPPROTO_UDP, XDP_META_REDIRECT,
+};
 use lb_tests::{
     fixture::*,
     packet::{checksums_ok, endpoints, Frame, ACK, CLIENT_MAC, FIN, NODE_MAC, SYN},
@@ -84,7 +87,7 @@ fn icmp_error(
 
 #[test]
 fn xdp_and_tc_rewrites_byte_for_byte() {
-    with_fixture((40000, 40999), run_fixtures);
+    with_fixture(Setup::fast((40000, 40999)), run_fixtures);
 }
 
 fn run_fixtures(fx: &mut Fixture) {
@@ -117,11 +120,7 @@ fn run_fixtures(fx: &mut Fixture) {
     assert_eq!(action, XDP_TX);
     assert_eq!(out, expected(&synack, sa(NODE, 30080), client, 63, Some((CLIENT_MAC, NODE_MAC))), "reply bytes");
     let reply_entry = fx.conntrack(sa(REMOTE_POD, 8080), sa(NODE, snat_port), IPPROTO_TCP).unwrap();
-    assert_eq!(
-        reply_entry.state,
-        lb_common::conntrack::State::Established as u8,
-        "the handshake answer established the flow"
-    );
+    assert_eq!(phase(reply_entry.state), Phase::Established, "the handshake answer established the flow");
 
     // 3. The rest of the flow keeps its translation; FIN moves it to closing.
     let ack = Frame::tcp(client, sa(NODE, 30080), ACK);
@@ -131,10 +130,7 @@ fn run_fixtures(fx: &mut Fixture) {
         (XDP_TX, expected(&ack, sa(NODE, snat_port), sa(REMOTE_POD, 8080), 63, Some((NODE2_MAC, NODE_MAC))))
     );
     fx.xdp(&Frame::tcp(client, sa(NODE, 30080), FIN | ACK).bytes());
-    assert_eq!(
-        fx.conntrack(client, sa(NODE, 30080), IPPROTO_TCP).unwrap().state,
-        lb_common::conntrack::State::Closing as u8
-    );
+    assert_eq!(phase(fx.conntrack(client, sa(NODE, 30080), IPPROTO_TCP).unwrap().state), Phase::Closing);
 
     // 4. A second client gets another SNAT port (no collision).
     let other = sa(CLIENT, 5556);
@@ -144,15 +140,21 @@ fn run_fixtures(fx: &mut Fixture) {
 
     // 5. NodePort, local backend, cluster policy: DNAT only, handed to tc (route via veth0).
     let syn = Frame::tcp(client, sa(NODE, 30081), SYN);
-    let (action, out, tagged) = fx.xdp(&syn.bytes());
-    assert_eq!((action, tagged), (XDP_PASS, true), "translated, handed over for forwarding");
+    let (action, out, meta) = fx.xdp(&syn.bytes());
+    assert_eq!(
+        (action, meta.map(|m| m.tag)),
+        (XDP_PASS, Some(XDP_META_REDIRECT)),
+        "translated, handed over for forwarding"
+    );
     assert_eq!(out, expected(&syn, client, sa(LOCAL_POD, 8080), 64, None), "DNAT only, client address kept");
 
-    // 6. externalTrafficPolicy=Local: local backend, client address kept.
-    let syn = Frame::tcp(client, sa(NODE, 30082), SYN);
-    let (action, out, tagged) = fx.xdp(&syn.bytes());
-    assert_eq!((action, tagged), (XDP_PASS, true));
-    assert_eq!(out, expected(&syn, client, sa(LOCAL_POD, 8080), 64, None));
+    // 6. externalTrafficPolicy=Local: local backend, client address kept. (Another client
+    // port: from 5555 the reply tuple would be step 5's, see conntrack_fixtures.)
+    let etp_client = sa(CLIENT, 5560);
+    let syn = Frame::tcp(etp_client, sa(NODE, 30082), SYN);
+    let (action, out, meta) = fx.xdp(&syn.bytes());
+    assert_eq!((action, meta.map(|m| m.tag)), (XDP_PASS, Some(XDP_META_REDIRECT)));
+    assert_eq!(out, expected(&syn, etp_client, sa(LOCAL_POD, 8080), 64, None));
 
     // 7. externalTrafficPolicy=Local without a local backend: dropped.
     let syn = Frame::tcp(client, sa(NODE, 30083), SYN).bytes();
@@ -194,8 +196,8 @@ fn run_fixtures(fx: &mut Fixture) {
     arp.extend_from_slice(&[0u8; 28]);
     let mut ipv6 = Frame::tcp(client, sa(NODE, 30080), SYN).bytes();
     ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
-    let mut fragment = Frame::tcp(client, sa(NODE, 30080), SYN).bytes();
-    fragment[20] |= 0x20; // more fragments
+    let mut fragment = Frame::udp(client, sa(NODE, 30080)).bytes();
+    fragment[21] = 0x10; // a later fragment (offset 16 x 8 bytes) whose first was never seen
     let mut options = Frame::tcp(client, sa(NODE, 30080), SYN).bytes();
     options[14] = 0x46;
     let mut icmp_echo = Frame::udp(client, sa(NODE, 30080)).bytes();
@@ -206,21 +208,21 @@ fn run_fixtures(fx: &mut Fixture) {
         ("ICMP", icmp_echo, "pass_not_service"),
         ("ARP", arp, "pass_not_ipv4"),
         ("IPv6", ipv6, "pass_not_ipv4"),
-        ("a fragment", fragment, "pass_fragment_or_options"),
-        ("IPv4 options", options, "pass_fragment_or_options"),
+        ("a stray later fragment", fragment, "pass_fragment_unmatched"),
+        ("IPv4 options", options, "pass_ip_options"),
     ];
     for (what, frame, counter) in passes {
         let before = fx.counters()[counter];
-        let (action, out, tagged) = fx.xdp(&frame);
-        assert_eq!((action, &out, tagged), (XDP_PASS, &frame, false), "{what} passes unchanged");
+        let (action, out, meta) = fx.xdp(&frame);
+        assert_eq!((action, &out, meta), (XDP_PASS, &frame, None), "{what} passes unchanged");
         assert_eq!(fx.counters()[counter], before + 1, "{what} counted as {counter}");
     }
     let full = Frame::tcp(client, sa(NODE, 30080), SYN).bytes();
     let udp_full = Frame::udp(client, sa(NODE, 30080)).bytes();
     for (what, frame) in [("IPv4 header", &full[..30]), ("TCP header", &full[..44]), ("UDP header", &udp_full[..38])] {
-        let before = fx.counters()["drop_truncated"];
+        let before = fx.counters()["drop_malformed"];
         assert_eq!(fx.xdp(frame).0, XDP_DROP, "cut inside the {what}: dropped");
-        assert_eq!(fx.counters()["drop_truncated"], before + 1);
+        assert_eq!(fx.counters()["drop_malformed"], before + 1);
     }
 
     // 12. East-west at tc: ClusterIP from a pod, DNAT only; the answer reverse-translated.
@@ -261,11 +263,11 @@ fn run_fixtures(fx: &mut Fixture) {
     // 15. A ClusterIP reached from outside the cluster CIDR (at XDP) is SNATed to the node.
     let outsider = sa(CLIENT, 7100);
     let syn = Frame::tcp(outsider, sa(Ipv4Addr::new(10, 96, 0, 10), 80), SYN);
-    let (action, out, tagged) = fx.xdp(&syn.bytes());
+    let (action, out, meta) = fx.xdp(&syn.bytes());
     let port = u16::from_be(
         fx.conntrack(outsider, sa(Ipv4Addr::new(10, 96, 0, 10), 80), IPPROTO_TCP).unwrap().nat_src_port_be,
     );
-    assert_eq!((action, tagged), (XDP_PASS, true));
+    assert_eq!((action, meta.map(|m| m.tag)), (XDP_PASS, Some(XDP_META_REDIRECT)));
     assert_eq!(out, expected(&syn, sa(NODE, port), sa(LOCAL_POD, 8080), 64, None), "ClusterIP from outside: DNAT+SNAT");
 
     // 16. ICMP errors about translated flows go back translated for the client's stack.
@@ -283,7 +285,7 @@ fn run_fixtures(fx: &mut Fixture) {
     assert_eq!(&out[12..], &want[12..], "fragmentation needed from a router");
     // About a flow nobody translated: untouched.
     let stray = icmp_error((3, 3), REMOTE_POD, NODE, sa(NODE, 1), sa(REMOTE_POD, 2), IPPROTO_UDP, 64);
-    assert_eq!(fx.xdp(&stray), (XDP_PASS, stray.clone(), false));
+    assert_eq!(fx.xdp(&stray), (XDP_PASS, stray.clone(), None));
     // At tc, from a local backend about the ClusterIP flow of step 12.
     let err = icmp_error((3, 3), LOCAL_POD, OTHER_LOCAL_POD, pod_client, sa(LOCAL_POD, 8080), IPPROTO_TCP, 64);
     let (action, out) = fx.tc_pod(&err);
@@ -312,7 +314,7 @@ fn run_fixtures(fx: &mut Fixture) {
 
 #[test]
 fn snat_never_takes_a_port_the_node_itself_uses() {
-    with_fixture((45000, 45001), |fx| {
+    with_fixture(Setup::fast((45000, 45001)), |fx| {
         let node_port = |p| sa(NODE, p);
         // The node's own sockets on both SNAT ports: a listener and a bound UDP socket each.
         let tcp_45000 = std::net::TcpListener::bind(node_port(45000)).unwrap();

@@ -80,8 +80,7 @@ impl Conntrack {
         let entries = self.entries()?;
         let read_ms = started.elapsed().as_millis();
         let now = units(coarse_now_ns());
-        let held: std::collections::HashMap<CtKey, u32> =
-            entries.iter().map(|(k, v)| (*k, nonce(v.stamp))).collect();
+        let held: std::collections::HashMap<CtKey, u32> = entries.iter().map(|(k, v)| (*k, nonce(v.stamp))).collect();
         let dead: Vec<CtKey> = entries
             .iter()
             .filter(|(k, v)| {
@@ -91,7 +90,13 @@ impl Conntrack {
             .collect();
         let started = Instant::now();
         let removed = self.reap(&dead, reap_mode::DEAD)?;
-        Ok(Sweep { entries: entries.len(), candidates: dead.len(), removed, read_ms, reap_ms: started.elapsed().as_millis() })
+        Ok(Sweep {
+            entries: entries.len(),
+            candidates: dead.len(),
+            removed,
+            read_ms,
+            reap_ms: started.elapsed().as_millis(),
+        })
     }
 
     /// Removes these flows whatever their state (both halves of each).

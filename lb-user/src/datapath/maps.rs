@@ -107,7 +107,8 @@ impl MapStore for PinnedMaps {
     type Error = Error;
 
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error> {
-        batch::read_all(IterableMap::map(&self.services)).map_err(|source| Error::Batch { name: map_names::SERVICES, source })
+        batch::read_all(IterableMap::map(&self.services))
+            .map_err(|source| Error::Batch { name: map_names::SERVICES, source })
     }
     fn slots(&self) -> Result<Vec<(SlotKey, u32)>, Error> {
         batch::read_all(IterableMap::map(&self.slots)).map_err(|source| Error::Batch { name: map_names::SLOTS, source })
@@ -116,7 +117,12 @@ impl MapStore for PinnedMaps {
         Ok(self.all_backends()?.into_iter().filter(|(_, b)| b.addr_be != 0).collect())
     }
     fn backend_gens(&self) -> Result<Vec<(u32, u32)>, Error> {
-        Ok(self.all_backends()?.into_iter().filter(|(_, b)| b.addr_be == 0 && b.gen != 0).map(|(i, b)| (i, b.gen)).collect())
+        Ok(self
+            .all_backends()?
+            .into_iter()
+            .filter(|(_, b)| b.addr_be == 0 && b.gen != 0)
+            .map(|(i, b)| (i, b.gen))
+            .collect())
     }
     fn source_ranges(&self) -> Result<Vec<(u32, Range)>, Error> {
         let keys: Vec<Key<SourceRange>> =

@@ -15,7 +15,9 @@
 //! left: slots of a dead generation or past a count, ranges of no frontend.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{front_filter_bit, service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey, MAX_BACKENDS, MAX_SERVICES};
+use lb_common::{
+    front_filter_bit, service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey, MAX_BACKENDS, MAX_SERVICES,
+};
 
 use crate::{
     datapath::maps::{MapStore, Range},
@@ -135,7 +137,8 @@ impl Reconciler {
         r.stale_slots = slots.into_keys().collect();
         r.stale_ranges = ranges.into_iter().flat_map(|(svc, rs)| rs.into_iter().map(move |r| (svc, r))).collect();
         // Ids of leftovers are not handed out until the leftovers are gone.
-        let left: Vec<u32> = r.stale_slots.iter().map(|k| k.svc_id).chain(r.stale_ranges.iter().map(|(id, _)| *id)).collect();
+        let left: Vec<u32> =
+            r.stale_slots.iter().map(|k| k.svc_id).chain(r.stale_ranges.iter().map(|(id, _)| *id)).collect();
         r.svc_pool.used.extend(left);
         Ok(r)
     }
@@ -143,7 +146,12 @@ impl Reconciler {
     /// Makes the maps hold `desired`. A frontend whose writes fail is reported in
     /// [`Changes::failures`] and the others are still written; an error is returned only when
     /// the node-wide config or the frontend filter cannot be written.
-    pub fn apply<S: MapStore>(&mut self, desired: &Desired, config: Config, store: &mut S) -> Result<Changes, S::Error> {
+    pub fn apply<S: MapStore>(
+        &mut self,
+        desired: &Desired,
+        config: Config,
+        store: &mut S,
+    ) -> Result<Changes, S::Error> {
         let mut changes = Changes::default();
         store.put_config(config)?;
         // Leftovers first: no entry reaches them, and their ids may be reused below.
@@ -196,7 +204,8 @@ impl Reconciler {
         let live: BTreeSet<u32> = self.frontends.values().map(|f| f.svc_id).collect();
         let left: BTreeSet<u32> =
             self.stale_slots.iter().map(|k| k.svc_id).chain(self.stale_ranges.iter().map(|(id, _)| *id)).collect();
-        let held: Vec<u32> = self.svc_pool.used.iter().copied().filter(|id| !live.contains(id) && !left.contains(id)).collect();
+        let held: Vec<u32> =
+            self.svc_pool.used.iter().copied().filter(|id| !live.contains(id) && !left.contains(id)).collect();
         for id in held {
             self.svc_pool.release(id);
         }
@@ -228,11 +237,8 @@ impl Reconciler {
     }
 
     fn free_unused_backends<S: MapStore>(&mut self, store: &mut S, changes: &mut Changes) -> Result<(), S::Error> {
-        let used: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .flat_map(|f| f.slots.iter().flatten().chain(f.retained.iter()).copied())
-            .collect();
+        let used: BTreeSet<u32> =
+            self.frontends.values().flat_map(|f| f.slots.iter().flatten().chain(f.retained.iter()).copied()).collect();
         let unused: Vec<(Backend, u32)> =
             self.backend_ids.iter().filter(|(_, id)| !used.contains(id)).map(|(b, id)| (*b, *id)).collect();
         for (backend, id) in unused {
@@ -322,7 +328,9 @@ impl Reconciler {
         if old_gen != Some(new_gen) || state.entry.is_none() {
             for (set, ids) in sets.iter().enumerate() {
                 for (position, id) in ids.iter().enumerate() {
-                    store.put_slot(SlotKey::new(svc_id, new_gen, set as u8, position as u32), *id).map_err(WriteError::Map)?;
+                    store
+                        .put_slot(SlotKey::new(svc_id, new_gen, set as u8, position as u32), *id)
+                        .map_err(WriteError::Map)?;
                 }
             }
         }

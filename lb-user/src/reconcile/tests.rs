@@ -217,7 +217,10 @@ fn the_short_circuit_set_goes_in_set_one() {
     etp.external_local = true;
     etp.short_circuit = frontend(&[(10, 8080), (11, 8080)]).backends;
     let log = apply(&mut r, &mut store, &desired(&[(1, etp)]));
-    assert_eq!(&log[2..], ["put slot 1/g0s0/0 = 1", "put slot 1/g0s1/0 = 1", "put slot 1/g0s1/1 = 2", "put service 1 gen 0 count [1, 2]"]);
+    assert_eq!(
+        &log[2..],
+        ["put slot 1/g0s0/0 = 1", "put slot 1/g0s1/0 = 1", "put slot 1/g0s1/1 = 2", "put service 1 gen 0 count [1, 2]"]
+    );
     let v = store.services.values().next().unwrap();
     assert_eq!(v.flags, service_flags::EXTERNAL | service_flags::EXTERNAL_LOCAL);
 }
