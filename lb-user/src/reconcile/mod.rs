@@ -5,11 +5,12 @@
 //! (ids included, so tracked flows keep pointing at valid backends).
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::Ipv4Net;
 use lb_common::{service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey};
 
 use crate::{
     datapath::maps::{MapStore, Range},
-    model::{Cidr, Desired, Frontend, FrontendKey},
+    model::{Desired, Frontend, FrontendKey},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -170,7 +171,7 @@ impl Reconciler {
                 }
             }
         }
-        let ranges: BTreeSet<Range> = frontend.source_ranges.iter().map(range_of).collect();
+        let ranges: BTreeSet<Range> = frontend.source_ranges.prefixes().iter().map(range_of).collect();
         for r in ranges.difference(&state.ranges.clone()) {
             store.put_source_range(svc_id, *r)?;
             state.ranges.insert(*r);
@@ -197,8 +198,8 @@ pub fn service_key(k: &FrontendKey) -> ServiceKey {
     ServiceKey::new(k.addr, k.port, k.protocol.number())
 }
 
-fn range_of(c: &Cidr) -> Range {
-    (lb_common::user::addr_be(c.addr), c.prefix_len)
+fn range_of(c: &Ipv4Net) -> Range {
+    (lb_common::user::addr_be(c.network()), c.prefix_len())
 }
 
 fn service_value(svc_id: u32, backend_count: u32, f: &Frontend) -> ServiceValue {
@@ -209,7 +210,7 @@ fn service_value(svc_id: u32, backend_count: u32, f: &Frontend) -> ServiceValue 
     if f.external_local {
         flags |= service_flags::EXTERNAL_LOCAL;
     }
-    if !f.source_ranges.is_empty() {
+    if f.source_ranges.restricts() {
         flags |= service_flags::SOURCE_RANGES;
     }
     ServiceValue {

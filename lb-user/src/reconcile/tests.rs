@@ -1,7 +1,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::*;
-use crate::model::{BackendAddr, FrontendKind, Protocol, ServiceRef};
+use crate::model::{BackendAddr, FrontendKind, Protocol, ServiceRef, SourceRanges, WhenEmpty};
 
 #[derive(Debug, thiserror::Error)]
 #[error("map full")]
@@ -90,9 +90,12 @@ fn frontend(backends: &[(u8, u16)]) -> Frontend {
             .iter()
             .map(|(last, port)| BackendAddr { addr: Ipv4Addr::new(10, 244, 1, *last), port: *port, local: false })
             .collect(),
+        short_circuit_backends: vec![],
+        when_empty: WhenEmpty::Refuse,
         external_local: false,
-        source_ranges: vec![],
+        source_ranges: SourceRanges::Any,
         affinity_timeout_s: None,
+        serving: vec![],
     }
 }
 
@@ -158,7 +161,7 @@ fn removed_service_entry_goes_before_its_slots_and_ranges() {
     let mut r = Reconciler::adopt(&store).unwrap();
     let mut lb = frontend(&[(10, 8080)]);
     lb.kind = FrontendKind::LoadBalancer;
-    lb.source_ranges = vec!["192.168.0.0/16".parse().unwrap()];
+    lb.source_ranges = SourceRanges::Only(vec!["192.168.0.0/16".parse().unwrap()]);
     apply(&mut r, &mut store, &desired(&[(1, lb), (2, frontend(&[(10, 8080)]))]));
     assert_eq!(store.services.values().next().unwrap().flags, service_flags::EXTERNAL | service_flags::SOURCE_RANGES);
     let log = apply(&mut r, &mut store, &desired(&[(2, frontend(&[(10, 8080)]))]));
