@@ -62,8 +62,15 @@ struct SlicePort {
 /// The IPv4 slices of every Service, by Service. Legacy Endpoints are used, converted as the
 /// EndpointSlice mirroring controller does, only for Services that have no EndpointSlice.
 pub(super) fn slices_by_service(ctx: &mut Ctx, objects: &Objects) -> BTreeMap<ServiceRef, Vec<Slice>> {
+    let key =
+        |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| (meta.namespace.clone(), meta.name.clone());
+    // In name order, so that errors come out in the same order whatever the input order.
+    let mut slices: Vec<&EndpointSlice> = objects.slices.iter().collect();
+    slices.sort_by_key(|s| key(&s.metadata));
+    let mut legacy: Vec<&Endpoints> = objects.endpoints.iter().collect();
+    legacy.sort_by_key(|e| key(&e.metadata));
     let mut by_service: BTreeMap<ServiceRef, Vec<(String, &EndpointSlice)>> = BTreeMap::new();
-    for slice in &objects.slices {
+    for slice in slices {
         let namespace = slice.namespace().unwrap_or_else(|| "default".into());
         let object = format!("EndpointSlice {namespace}/{}", slice.name_any());
         let Some(name) = slice.labels().get(SERVICE_NAME_LABEL).filter(|n| !n.is_empty()) else {
@@ -76,9 +83,8 @@ pub(super) fn slices_by_service(ctx: &mut Ctx, objects: &Objects) -> BTreeMap<Se
         };
         by_service.entry(ServiceRef { namespace, name: name.clone() }).or_default().push((object, slice));
     }
-    let mirrored: Vec<(ServiceRef, Vec<EndpointSlice>)> = objects
-        .endpoints
-        .iter()
+    let mirrored: Vec<(ServiceRef, Vec<EndpointSlice>)> = legacy
+        .into_iter()
         .map(|ep| {
             (ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() }, ep)
         })
@@ -87,9 +93,6 @@ pub(super) fn slices_by_service(ctx: &mut Ctx, objects: &Objects) -> BTreeMap<Se
         .collect();
     let mut out: BTreeMap<ServiceRef, Vec<Slice>> = BTreeMap::new();
     for (sref, slices) in by_service {
-        // Read in name order: errors come out in the same order whatever the input order.
-        let mut slices = slices;
-        slices.sort_by(|a, b| a.0.cmp(&b.0));
         out.insert(sref, slices.into_iter().filter_map(|(object, s)| read_slice(ctx, &object, s)).collect());
     }
     for (sref, slices) in &mirrored {

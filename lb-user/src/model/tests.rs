@@ -448,8 +448,16 @@ fn only_the_first_address_of_an_endpoint_is_used_and_a_bad_one_is_reported() {
 
 #[test]
 fn the_same_objects_in_any_order_give_the_same_state() {
-    let mut o = objects(&format!("{WEB}---\n{LB}"));
+    // Errors too: two slices with no Service label, two with a bad address.
+    let stray = |name: &str| {
+        format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}}}\naddressType: IPv4\nendpoints: []\n")
+    };
+    let bad = |name: &str| {
+        format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [bogus]}}]\n")
+    };
+    let mut o = objects(&[WEB, LB, &stray("x"), &stray("y"), &bad("web-2"), &bad("web-3")].join("---\n"));
     let a = desired_state(&o, &node(), &opts());
+    assert_eq!(a.errors.len(), 4, "{:?}", a.errors);
     o.services.reverse();
     o.slices.reverse();
     assert_eq!(a, desired_state(&o, &node(), &opts()));
