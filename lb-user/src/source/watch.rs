@@ -229,7 +229,11 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_missing_path_is_polled_and_a_retry_comes_when_asked() {
-        let path = std::env::temp_dir().join(format!("lb-watch-missing-{}", std::process::id()));
+        // An empty ConfigMapDir owns the path (removed on drop, also on a panic); the
+        // test starts without it.
+        let dir = ConfigMapDir::new("lb-watch-missing", &[]);
+        let path = dir.path.clone();
+        std::fs::remove_dir_all(&path).unwrap();
         let mut watch = ManifestWatch::new(&path);
         assert!(!watch.is_watching());
         assert!(changed_within(&mut watch, Duration::from_millis(50)).await);
@@ -242,6 +246,5 @@ pub(crate) mod tests {
         assert!(!changed_within(&mut watch, Duration::from_millis(300)).await, "nothing changed since");
         std::fs::write(path.join("x.yaml"), "x: 1\n").unwrap();
         assert!(changed_within(&mut watch, Duration::from_secs(3)).await);
-        std::fs::remove_dir_all(&path).unwrap();
     }
 }
