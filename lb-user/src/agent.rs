@@ -1,7 +1,8 @@
 //! The agent in standalone mode: loads and attaches the datapath, adopts the pinned maps,
-//! and keeps them equal to the model of the manifests; attaches the pod-side program to
-//! every device matching the pattern, including ones created later (netlink link events);
-//! serves healthCheckNodePorts for externalTrafficPolicy=Local Services.
+//! and keeps them equal to the model of the manifests, read again whenever they change;
+//! attaches the pod-side program to every device matching the patterns, including ones
+//! created later (netlink link events); serves healthCheckNodePorts for
+//! externalTrafficPolicy=Local Services.
 use std::{
     collections::BTreeSet,
     ffi::CStr,
@@ -11,15 +12,16 @@ use std::{
     time::Duration,
 };
 
+use globset::GlobSet;
 use lb_common::{user::addr_be, Config};
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 use crate::{
     datapath::{self, conntrack::Conntrack, maps::PinnedMaps, Datapath},
-    model::{self, Desired, NodeInfo, Options},
+    model::{self, Desired, HealthCheck, LocalDetect, NodeFlags, NodeInfo, Options},
     reconcile::Reconciler,
-    source::manifests::{fingerprint, ManifestCache},
+    source::{manifests::ManifestCache, watch::ManifestWatch, Objects},
     telemetry::health::HealthServers,
 };
 
@@ -72,18 +74,20 @@ impl Drop for Sweeper {
         }
     }
 }
+/// How soon a read or a write that failed is tried again.
+const RETRY: Duration = Duration::from_secs(1);
 
 pub struct AgentConfig {
     pub pin_dir: PathBuf,
     pub manifests: PathBuf,
-    pub node: NodeInfo,
+    /// This node as the command line gives it; what it leaves out comes from the node's
+    /// Node object among the manifests.
+    pub node: NodeFlags,
     pub options: Options,
     pub uplinks: Vec<String>,
-    /// Glob-like patterns (`lxc*`, `veth*`) naming pod-facing devices.
-    pub pod_device_patterns: Vec<String>,
+    /// Pod-facing devices: the names these glob patterns (`lxc*`, `veth*`) match.
+    pub pod_devices: GlobSet,
     pub snat_ports: (u16, u16),
-    /// How often the manifests are checked for changes.
-    pub poll: Duration,
     pub datapath: DatapathOptions,
 }
 
@@ -112,8 +116,6 @@ pub enum Error {
         #[source]
         source: Box<datapath::Error>,
     },
-    #[error("node has no IPv4 address for SNAT (give --node-address)")]
-    NoNodeAddress,
     #[error("waiting on netlink or the datapath log: {0}")]
     Poll(#[source] io::Error),
 }
@@ -130,30 +132,27 @@ impl From<crate::datapath::maps::Error> for Error {
     }
 }
 
-impl AgentConfig {
-    fn datapath_config(&self) -> Result<Config, Error> {
-        let node_addr = *self.node.addresses.first().ok_or(Error::NoNodeAddress)?;
-        let local = self.options.cluster_cidr;
-        let entries = self.datapath.capacity.conntrack_entries as u64;
-        Ok(Config {
-            node_addr_be: addr_be(node_addr),
-            local_addr_be: addr_be(local.addr),
-            local_prefix_len: local.prefix_len as u32,
-            pods_addr_be: addr_be(local.addr),
-            pods_prefix_len: local.prefix_len as u32,
-            mode: self.datapath.mode,
-            ct_admit_limit: (entries * self.datapath.admit_percent.min(100) as u64 / 100) as u32,
-            mark_shift: self.datapath.mark_shift,
-            snat_port_min: self.snat_ports.0,
-            snat_port_max: self.snat_ports.1,
-            _pad: 0,
-        })
+fn datapath_config(node: &NodeInfo, local: LocalDetect, cfg: &AgentConfig) -> Config {
+    let pods = local.cidr();
+    let entries = cfg.datapath.capacity.conntrack_entries as u64;
+    Config {
+        // node_info never returns a node without an address.
+        node_addr_be: addr_be(node.addresses[0]),
+        local_addr_be: addr_be(pods.network()),
+        local_prefix_len: u32::from(pods.prefix_len()),
+        pods_addr_be: addr_be(pods.network()),
+        pods_prefix_len: u32::from(pods.prefix_len()),
+        mode: cfg.datapath.mode,
+        ct_admit_limit: (entries * cfg.datapath.admit_percent.min(100) as u64 / 100) as u32,
+        mark_shift: cfg.datapath.mark_shift,
+        snat_port_min: cfg.snat_ports.0,
+        snat_port_max: cfg.snat_ports.1,
+        _pad: 0,
     }
 }
 
 /// Runs until `shutdown` resolves. The datapath keeps running after the agent exits.
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
-    let datapath_config = cfg.datapath_config()?;
     let mut dp = Datapath::load(&cfg.pin_dir, cfg.datapath.capacity)?;
     for iface in &cfg.uplinks {
         dp.attach_uplink(iface).map_err(|source| Error::Uplink { iface: iface.clone(), source: Box::new(source) })?;
@@ -163,19 +162,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut kernel_log = unsafe { AsyncFd::register(logger) }.map_err(|e| Error::Poll(e.into()))?;
     let mut store = PinnedMaps::open(&cfg.pin_dir)?;
     let mut reconciler = Reconciler::adopt(&store)?;
-    let mut manifests = ManifestCache::default();
+    let mut sync = ManifestSync::default();
+    let mut watch = ManifestWatch::new(&cfg.manifests);
     let mut health = HealthServers::default();
     let mut attached = BTreeSet::new();
     let socket = link_events_socket().map_err(Error::Poll)?;
     // SAFETY: the OwnedFd moves into the AsyncFd and stays open for its whole life.
     let links = unsafe { AsyncFd::register(socket) }.map_err(|e| Error::Poll(e.into()))?;
-    let mut seen = None;
-    let mut synced_once = false;
-    let mut last_errors = Vec::new();
     info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, "agent started");
     let _sweeper = Sweeper::start(Conntrack::open(&cfg.pin_dir)?);
     tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(cfg.poll);
     attach_pod_devices(&mut dp, &cfg, &mut attached);
     loop {
         tokio::select! {
@@ -195,44 +191,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                 }
                 attach_pod_devices(&mut dp, &cfg, &mut attached);
             }
-            _ = tick.tick() => {
-                let now = fingerprint(&cfg.manifests);
-                if seen.as_ref() == Some(&now) {
-                    continue;
+            () = watch.changed() => {
+                let step = sync.step(&cfg, &mut reconciler, &mut store);
+                if step.unreadable {
+                    watch.rewatch();
                 }
-                seen = Some(now);
-                let (objects, report) = manifests.read(&cfg.manifests);
-                let desired = model::desired_state(&objects, &cfg.node, &cfg.options);
-                let mut errors = problems(&report, &desired);
-                if report.incomplete && !synced_once {
-                    // Adopted state stays whole until the source has been read once.
-                    errors.push("keeping the datapath as adopted until the manifests can be read".into());
-                    seen = None;
-                } else {
-                    match reconciler.apply(&desired, datapath_config, &mut store) {
-                        Ok(c) => {
-                            synced_once = true;
-                            // Frontends that failed are retried on the next tick.
-                            if !c.failures.is_empty() {
-                                seen = None;
-                            }
-                            info!(frontends = desired.frontends.len(), written = c.services_written, removed = c.services_removed, backends_added = c.backends_added, backends_removed = c.backends_removed, failed = c.failures.len(), "maps synced");
-                            errors.extend(c.failures);
-                        }
-                        Err(e) => {
-                            errors.push(format!("writing the datapath config: {e}"));
-                            seen = None;
-                        }
-                    }
+                if sync.retry {
+                    watch.retry_in(RETRY);
                 }
-                if errors != last_errors {
-                    for e in &errors {
-                        warn!("{e}");
-                    }
-                    last_errors = errors;
-                }
-                if synced_once {
-                    health.update(&desired.health_checks).await;
+                if let Some(checks) = step.health_checks {
+                    health.update(&checks).await;
                 }
             }
         }
@@ -241,13 +209,100 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     Ok(())
 }
 
-fn problems(report: &crate::source::manifests::Report, desired: &Desired) -> Vec<String> {
-    report.errors.iter().map(|e| e.to_string()).chain(desired.errors.iter().map(|e| e.to_string())).collect()
+/// Keeps the maps equal to the manifests, from one read to the next.
+#[derive(Default)]
+struct ManifestSync {
+    cache: ManifestCache,
+    /// The objects the maps were last made to hold, and the state the model made of them.
+    applied: Option<(Objects, Desired)>,
+    /// Something failed and must be tried again, even if the manifests do not change.
+    retry: bool,
+    /// The problems last logged; logged again only when they change.
+    problems: Vec<String>,
+}
+
+/// What one read led to.
+struct Step {
+    /// The manifest path could not be read at all.
+    unreadable: bool,
+    /// The maps were written: serve these health checks.
+    health_checks: Option<Vec<HealthCheck>>,
+}
+
+impl ManifestSync {
+    /// Reads the manifests and, when they changed or a retry is due, makes the maps hold
+    /// their model.
+    fn step(&mut self, cfg: &AgentConfig, reconciler: &mut Reconciler, store: &mut PinnedMaps) -> Step {
+        let (objects, report) = self.cache.read(&cfg.manifests);
+        let mut step = Step { unreadable: report.incomplete, health_checks: None };
+        let mut problems: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+        if let Some((applied, desired)) = &self.applied {
+            if !self.retry && *applied == objects {
+                // Nothing new to write; the model's complaints about these objects stand.
+                problems.extend(desired.errors.iter().map(ToString::to_string));
+                self.log(problems);
+                return step;
+            }
+        }
+        self.retry = false;
+        if report.incomplete && self.applied.is_none() {
+            // Adopted state stays whole until the source has been read once.
+            problems.push("keeping the datapath as adopted until the manifests can be read".into());
+            self.retry = true;
+            self.log(problems);
+            return step;
+        }
+        let node = cfg.node.node_info(&objects.nodes).and_then(|n| Ok((cfg.node.local_detect(&objects.nodes)?, n)));
+        let (local, node) = match node {
+            Ok(found) => found,
+            Err(e) => {
+                problems.push(format!("{e}; the datapath is left as it is"));
+                self.retry = true;
+                self.log(problems);
+                return step;
+            }
+        };
+        let previous = self.applied.as_ref().map(|(_, d)| d).cloned().unwrap_or_default();
+        let desired = model::desired_state_after(&previous, &objects, &node, &cfg.options);
+        problems.extend(desired.errors.iter().map(ToString::to_string));
+        match reconciler.apply(&desired, datapath_config(&node, local, cfg), store) {
+            Ok(c) => {
+                info!(
+                    frontends = desired.frontends.len(),
+                    written = c.services_written,
+                    removed = c.services_removed,
+                    backends_added = c.backends_added,
+                    backends_removed = c.backends_removed,
+                    failed = c.failures.len(),
+                    "maps synced"
+                );
+                // Frontends that failed are retried.
+                self.retry = !c.failures.is_empty();
+                problems.extend(c.failures);
+                step.health_checks = Some(desired.health_checks.clone());
+                self.applied = Some((objects, desired));
+            }
+            Err(e) => {
+                problems.push(format!("writing the datapath config: {e}"));
+                self.retry = true;
+            }
+        }
+        self.log(problems);
+        step
+    }
+
+    fn log(&mut self, problems: Vec<String>) {
+        if problems != self.problems {
+            for p in &problems {
+                warn!("{p}");
+            }
+            self.problems = problems;
+        }
+    }
 }
 
 fn attach_pod_devices(dp: &mut Datapath, cfg: &AgentConfig, attached: &mut BTreeSet<String>) {
-    let present: BTreeSet<String> =
-        interface_names().into_iter().filter(|n| cfg.pod_device_patterns.iter().any(|p| glob_match(p, n))).collect();
+    let present: BTreeSet<String> = interface_names().into_iter().filter(|n| cfg.pod_devices.is_match(n)).collect();
     // A deleted device took its attachment with it; only the pin is left to remove.
     attached.retain(|n| present.contains(n));
     match dp.prune_pod_links(&present) {
@@ -264,19 +319,6 @@ fn attach_pod_devices(dp: &mut Datapath, cfg: &AgentConfig, attached: &mut BTree
                 attached.insert(name);
             }
             Err(e) => warn!(device = %name, "attaching pod-side program: {e}"),
-        }
-    }
-}
-
-/// `*` matches any run of characters; everything else matches itself.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == name,
-        Some((prefix, rest)) => {
-            let Some(tail) = name.strip_prefix(prefix) else {
-                return false;
-            };
-            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob_match(rest, &tail[i..]))
         }
     }
 }
@@ -332,19 +374,4 @@ fn drain(fd: &OwnedFd) {
     let mut buf = [0u8; 8192];
     // SAFETY: recv into a local buffer on a non-blocking socket.
     while unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::glob_match;
-
-    #[test]
-    fn device_patterns() {
-        assert!(glob_match("lxc*", "lxc12ab"));
-        assert!(glob_match("veth*", "veth"));
-        assert!(!glob_match("veth*", "eth0"));
-        assert!(glob_match("cali*x", "cali123x"));
-        assert!(!glob_match("cali*x", "cali123y"));
-        assert!(glob_match("eth0", "eth0"));
-    }
 }

@@ -2,6 +2,8 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use globset::{Glob, GlobSetBuilder};
+use ipnet::Ipv4Net;
 use lb_user::{agent, datapath, model, netns, source::manifests as source};
 
 #[derive(Parser)]
@@ -36,7 +38,8 @@ enum Command {
         #[arg(long)]
         pod_iface: Vec<String>,
     },
-    /// Detach and unpin everything under the pin directory.
+    /// Detach and unpin everything under the pin directory (only this product's own pins;
+    /// anything else there is refused, and then nothing is removed).
     Unload {
         #[command(flatten)]
         pin: PinDir,
@@ -52,19 +55,21 @@ enum Command {
         pin: PinDir,
         #[command(flatten)]
         node: NodeArgs,
+        #[command(flatten)]
+        local: LocalArgs,
         /// Uplink interface(s) for the XDP program.
         #[arg(long, required = true)]
         iface: Vec<String>,
-        /// Pod-facing devices get the tc program: names matching these patterns (`*` wildcard).
-        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*"])]
-        pod_device_patterns: Vec<String>,
+        /// Pod-facing devices get the tc program: names matching these glob patterns.
+        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*"], value_parser = parse_glob)]
+        pod_devices: Vec<Glob>,
         /// SNAT source port range, MIN-MAX.
         #[arg(long, default_value = "32768-65535", value_parser = parse_port_range)]
         snat_ports: (u16, u16),
         #[command(flatten)]
         datapath: DatapathArgs,
     },
-    /// Print this node's desired state for manifests (Service, EndpointSlice, Endpoints).
+    /// Print this node's desired state for manifests (Service, EndpointSlice, Endpoints, Node).
     Model {
         #[command(flatten)]
         node: NodeArgs,
@@ -127,36 +132,58 @@ impl DatapathArgs {
     }
 }
 
+/// This node. What is not given here comes from the `kind: Node` object of this name among
+/// the manifests (addresses from status.addresses, zone from its topology.kubernetes.io/zone
+/// label); there are no defaults.
 #[derive(Args, Clone)]
 struct NodeArgs {
     /// Manifest file or directory.
     #[arg(long)]
     manifests: PathBuf,
-    /// This node's name (matched against endpoints' nodeName).
-    #[arg(long, default_value = "node1")]
+    /// This node's name: matched against endpoints' nodeName, and names its Node object.
+    #[arg(long, required = true)]
     node_name: String,
     /// This node's addresses (NodePorts open on them; the first is the SNAT address).
-    #[arg(long = "node-address", required = true)]
+    #[arg(long = "node-address")]
     node_addresses: Vec<Ipv4Addr>,
+    /// This node's zone, for topology hints.
     #[arg(long)]
     zone: Option<String>,
-    #[arg(long, default_value = "10.244.0.0/16")]
-    cluster_cidr: model::Cidr,
     /// Open NodePorts only on node addresses in these CIDRs (default: all).
     #[arg(long)]
-    nodeport_addresses: Vec<model::Cidr>,
+    nodeport_addresses: Vec<Ipv4Net>,
+}
+
+/// Which sources are pods (kube-proxy's detect-local): their ClusterIP traffic keeps its
+/// source address, anyone else's is SNATed. Without either option, the Node object's
+/// spec.podCIDRs (as --node-pod-cidr).
+#[derive(Args, Clone)]
+#[group(multiple = false)]
+struct LocalArgs {
+    /// Every pod of the cluster is in this CIDR (detect-local mode ClusterCIDR).
+    #[arg(long)]
+    cluster_cidr: Option<Ipv4Net>,
+    /// This node's pods are in this CIDR (detect-local mode NodeCIDR).
+    #[arg(long)]
+    node_pod_cidr: Option<Ipv4Net>,
 }
 
 impl NodeArgs {
-    fn node(&self) -> model::NodeInfo {
-        model::NodeInfo {
+    fn flags(&self, local: Option<LocalArgs>) -> model::NodeFlags {
+        let local_detect = local.and_then(|l| {
+            l.cluster_cidr
+                .map(|c| model::LocalDetect::ClusterCidr(c.trunc()))
+                .or(l.node_pod_cidr.map(|c| model::LocalDetect::NodeCidr(c.trunc())))
+        });
+        model::NodeFlags {
             name: self.node_name.clone(),
             addresses: self.node_addresses.clone(),
             zone: self.zone.clone(),
+            local_detect,
         }
     }
     fn options(&self) -> model::Options {
-        model::Options { cluster_cidr: self.cluster_cidr, nodeport_addresses: self.nodeport_addresses.clone() }
+        model::Options { nodeport_addresses: self.nodeport_addresses.iter().map(Ipv4Net::trunc).collect() }
     }
 }
 
@@ -181,16 +208,19 @@ fn main() -> anyhow::Result<()> {
             }
             println!("loaded; pinned under {}", pin.pin_dir.display());
         }
-        Command::Agent { pin, node, iface, pod_device_patterns, snat_ports, datapath } => {
+        Command::Agent { pin, node, local, iface, pod_devices, snat_ports, datapath } => {
+            let mut patterns = GlobSetBuilder::new();
+            for g in pod_devices {
+                patterns.add(g);
+            }
             let cfg = agent::AgentConfig {
                 pin_dir: pin.pin_dir,
                 manifests: node.manifests.clone(),
-                node: node.node(),
+                node: node.flags(Some(local)),
                 options: node.options(),
                 uplinks: iface,
-                pod_device_patterns,
+                pod_devices: patterns.build().context("--pod-devices")?,
                 snat_ports,
-                poll: std::time::Duration::from_millis(500),
                 datapath: datapath.options(),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -203,7 +233,8 @@ fn main() -> anyhow::Result<()> {
         Command::Counters { pin } => print_counters(&pin.pin_dir)?,
         Command::Model { node } => {
             let (objects, report) = source::read_manifests(&node.manifests);
-            let desired = model::desired_state(&objects, &node.node(), &node.options());
+            let info = node.flags(None).node_info(&objects.nodes)?;
+            let desired = model::desired_state(&objects, &info, &node.options());
             print!("{}", lb_user::cli::show::desired(&desired));
             for e in report.errors.iter().map(|e| e.to_string()).chain(desired.errors.iter().map(|e| e.to_string())) {
                 eprintln!("error: {e}");
@@ -221,6 +252,10 @@ fn print_counters(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         println!("{label:<28} {:>12} packets {:>14} bytes", c.packets, c.bytes);
     }
     Ok(())
+}
+
+fn parse_glob(s: &str) -> Result<Glob, String> {
+    Glob::new(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {

@@ -176,7 +176,7 @@ impl Fixture {
         );
         assert!(report.errors.is_empty(), "{report}");
         let node = model::NodeInfo { name: "node1".into(), addresses: vec![NODE], zone: None };
-        let options = model::Options { cluster_cidr: "10.244.0.0/16".parse().unwrap(), nodeport_addresses: vec![] };
+        let options = model::Options::default();
         let desired = model::desired_state(&objects, &node, &options);
         assert!(desired.errors.is_empty(), "{:?}", desired.errors);
         let mut store = PinnedMaps::open(pin_dir).unwrap();

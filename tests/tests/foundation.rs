@@ -1,7 +1,11 @@
 //! Needs root and BPF: builds a lab, loads the real programs into a node namespace with the
 //! CLI, sends real packets, and reads the counter map that saw them. Fails, never skips,
 //! without root.
-use std::{net::SocketAddrV4, process::Command};
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use lb_common::map_names;
 use lb_tests::{
@@ -99,8 +103,10 @@ fn a_pinned_map_of_another_layout_is_refused_not_adopted() {
         .status()
         .unwrap();
     assert!(created.success());
+    // `lo` of the test's own namespace: nothing is attached in the machine's (the shape
+    // check refuses first anyway).
     let out = Command::new(lb_user_bin().unwrap())
-        .args(["load", "--pin-dir"])
+        .args(["--netns", &ns.name, "load", "--pin-dir"])
         .arg(&pins.0)
         .args(["--iface", "lo"])
         .output()
@@ -111,6 +117,68 @@ fn a_pinned_map_of_another_layout_is_refused_not_adopted() {
         stderr.contains(&format!("{}: key size is 4, this build expects 8", path.display())),
         "the error names the map and the field: {stderr}"
     );
+}
+
+/// Runs `lb-user unload --pin-dir DIR`, expecting a refusal: its error text.
+fn refused_unload(dir: &Path) -> String {
+    let out = Command::new(lb_user_bin().unwrap()).args(["unload", "--pin-dir"]).arg(dir).output().unwrap();
+    assert!(!out.status.success(), "unload of {} was refused", dir.display());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A directory the test owns, removed (whatever it holds) on drop.
+struct OwnedDir(PathBuf);
+
+impl Drop for OwnedDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn unload_refuses_a_directory_that_is_not_on_bpffs() {
+    lb_tests::require_root();
+    let dir = OwnedDir(std::env::temp_dir().join(format!("lbt-not-bpffs-{}", std::process::id())));
+    std::fs::create_dir_all(dir.0.join("maps")).unwrap();
+    std::fs::write(dir.0.join("maps").join(map_names::SERVICES), "not a pin").unwrap();
+    let stderr = refused_unload(&dir.0);
+    assert!(
+        stderr.contains(&format!("--pin-dir {} is not on a bpf filesystem", dir.0.display())),
+        "the error names the directory: {stderr}"
+    );
+    assert!(dir.0.join("maps").join(map_names::SERVICES).exists(), "nothing was removed");
+}
+
+#[test]
+fn unload_refuses_a_pin_directory_holding_a_foreign_pin_and_removes_nothing() {
+    lb_tests::require_root();
+    lb_user::datapath::ensure_bpffs().unwrap();
+    let dir = OwnedDir(PathBuf::from(format!("/sys/fs/bpf/lbt-foreign-{}", std::process::id())));
+    let maps = dir.0.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let pin_map = |name: &str| {
+        let created = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(maps.join(name))
+            .args(["type", "array", "key", "4", "value", "4", "entries", "1", "name", "lbt_map"])
+            .status()
+            .unwrap();
+        assert!(created.success(), "bpftool map create {name}");
+    };
+    // One of ours and one that is not.
+    pin_map(map_names::CONFIG);
+    pin_map("SOMEONE_ELSES");
+    let stderr = refused_unload(&dir.0);
+    let foreign = maps.join("SOMEONE_ELSES");
+    assert!(
+        stderr.contains(&format!("{}: not a pin of lb-user", foreign.display())),
+        "the error names the foreign pin: {stderr}"
+    );
+    assert!(maps.join(map_names::CONFIG).exists() && foreign.exists(), "nothing was removed");
+    // Without the stranger, the directory is ours and goes.
+    std::fs::remove_file(&foreign).unwrap();
+    lb_user(&["unload", "--pin-dir", &dir.0.display().to_string()]);
+    assert!(!dir.0.exists(), "unload removed our pins and the directory");
 }
 
 #[test]

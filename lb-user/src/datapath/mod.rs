@@ -33,6 +33,9 @@ use lb_common::{
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
 const BPF_FS: &str = "/sys/fs/bpf";
+
+/// Prefixes of the links under `links/`: `<kind>-<ifname>`.
+const LINK_KINDS: [&str; 4] = ["xdp", "tc", "tcup", "tceg"];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,12 @@ pub enum Error {
     IncompatiblePin { path: PathBuf, field: &'static str, pinned: u32, expected: u32 },
     #[error("--pin-dir {} is not on a bpf filesystem (use a directory under {BPF_FS})", .0.display())]
     NotBpffs(PathBuf),
+    #[error(
+        "{}: not a pin of lb-user (a pin directory holds only maps/, progs/ and links/ with this \
+         product's names); refusing to unload, nothing was removed",
+        .0.display()
+    )]
+    ForeignPin(PathBuf),
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
     #[error("this lb-user was built with LB_EBPF_STUB set: it has no kernel object to load; rebuild without it")]
@@ -285,12 +294,65 @@ fn remove_if_present(path: &Path) -> Result<()> {
 }
 
 /// Detaches everything pinned under `pin_dir` (removing a link's last pin detaches it)
-/// and removes the programs, the maps and the directory.
+/// and removes the programs, the maps and the directory. Only this product's own pins go:
+/// the directory must be on bpffs and hold nothing but the names `load` and the agent
+/// create, else nothing is removed and the error names the first stranger.
 pub fn unload(pin_dir: &Path) -> Result<()> {
-    match fs::remove_dir_all(pin_dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(pin_dir)(e)),
-        _ => Ok(()),
+    if fs::symlink_metadata(pin_dir).is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
+        return Ok(());
     }
+    if !on_bpffs(pin_dir) {
+        return Err(Error::NotBpffs(pin_dir.to_path_buf()));
+    }
+    let mut pins = Vec::new();
+    let mut dirs = Vec::new();
+    for (sub, subpath) in entries(pin_dir)? {
+        let known: fn(&str) -> bool = match sub.as_str() {
+            "maps" => |n| map_names::ALL.contains(&n),
+            "progs" => |n| program_names::PINNED.contains(&n),
+            "links" => is_link_name,
+            _ => return Err(Error::ForeignPin(subpath)),
+        };
+        if !fs::symlink_metadata(&subpath).map_err(io_err(&subpath))?.is_dir() {
+            return Err(Error::ForeignPin(subpath));
+        }
+        for (name, path) in entries(&subpath)? {
+            // Pins are files; a directory in there is someone else's.
+            if !known(&name) || !fs::symlink_metadata(&path).map_err(io_err(&path))?.is_file() {
+                return Err(Error::ForeignPin(path));
+            }
+            pins.push(path);
+        }
+        dirs.push(subpath);
+    }
+    // Links first, so the programs are detached before anything else goes.
+    pins.sort_by_key(|p| !p.starts_with(pin_dir.join("links")));
+    for pin in &pins {
+        fs::remove_file(pin).map_err(io_err(pin))?;
+    }
+    for dir in dirs.iter().map(PathBuf::as_path).chain([pin_dir]) {
+        fs::remove_dir(dir).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+/// `xdp-<ifname>`, `tc-<ifname>` or `tcup-<ifname>`, with a name the kernel could give a device.
+fn is_link_name(name: &str) -> bool {
+    name.split_once('-').is_some_and(|(kind, ifname)| {
+        LINK_KINDS.contains(&kind) && !ifname.is_empty() && ifname.len() < libc::IFNAMSIZ && !ifname.contains('/')
+    })
+}
+
+/// (name, path) of each entry of a directory; a name that is not UTF-8 is no name of ours.
+fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::ForeignPin(path.clone()))?;
+        out.push((name.to_string(), path));
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Is a link pinned for this interface (XDP uplink or tc pod device)?

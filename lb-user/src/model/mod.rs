@@ -1,20 +1,31 @@
 //! The model: a pure function from Kubernetes objects and facts about this node to the
 //! frontends and backend sets this node's datapath must serve. No I/O, no BPF: the same
-//! objects always give the same [`Desired`] state.
+//! objects always give the same [`Desired`] state. The Service contract is kube-proxy's;
+//! where this model departs from it, a comment says so and why.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
-    str::FromStr,
+    net::{Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Service, ServicePort},
-    discovery::v1::{Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice},
+use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::{
+    api::core::v1::{Service, ServicePort, ServiceSpec},
+    apimachinery::pkg::apis::meta::v1::Time,
 };
 use kube::ResourceExt;
 
 use crate::source::Objects;
+
+pub mod conntrack;
+mod endpoints;
+pub mod node;
+pub mod topology;
+
+pub use conntrack::{flow_cleanups, FlowCleanup};
+pub use endpoints::Endpoint;
+pub use node::{LocalDetect, NodeFlags, NodeInfo};
+pub use topology::{categorize_endpoints, Categorized, ServicePortInfo};
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -23,55 +34,11 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
-/// An IPv4 prefix such as `10.244.0.0/16`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub prefix_len: u8,
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix_len == 0 { 0 } else { u32::MAX << (32 - self.prefix_len as u32) };
-        u32::from(ip) & mask == u32::from(self.addr) & mask
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = addr.trim().parse().map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
-        let prefix_len: u8 = len
-            .trim()
-            .parse()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?;
-        Ok(Cidr { addr, prefix_len })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-/// Facts about the node the model computes for.
-#[derive(Clone, Debug)]
-pub struct NodeInfo {
-    pub name: String,
-    pub addresses: Vec<Ipv4Addr>,
-    pub zone: Option<String>,
-}
-
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Options {
-    pub cluster_cidr: Cidr,
     /// Like kube-proxy's --nodeport-addresses: NodePorts open only on node addresses in
     /// these prefixes; empty means every node address.
-    pub nodeport_addresses: Vec<Cidr>,
+    pub nodeport_addresses: Vec<Ipv4Net>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -148,29 +115,83 @@ pub struct BackendAddr {
     pub local: bool,
 }
 
+impl From<&Endpoint> for BackendAddr {
+    fn from(e: &Endpoint) -> Self {
+        BackendAddr { addr: e.addr, port: e.port, local: e.local }
+    }
+}
+
+/// What a packet for a frontend meets when the backend set it would use is empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenEmpty {
+    /// The Service has no usable endpoint anywhere (none ready, none serving and
+    /// terminating): refuse (TCP RST, ICMP port unreachable), so clients fail at once
+    /// instead of timing out. kube-proxy REJECTs, before any source-range filter.
+    Refuse,
+    /// The Service has usable endpoints, only none for this frontend's policy on this node
+    /// (internalTrafficPolicy Local on the ClusterIP, externalTrafficPolicy Local on an
+    /// external frontend): drop silently, as kube-proxy does; a load balancer's health
+    /// check, not a refusal, is what steers clients away from this node.
+    Drop,
+}
+
+/// Which sources may use a frontend (loadBalancerSourceRanges, on LoadBalancer ingress
+/// frontends only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceRanges {
+    /// Any source: no ranges are set, or this is not a LoadBalancer ingress frontend.
+    Any,
+    /// Only sources in these prefixes (never empty); others are dropped.
+    Only(Vec<Ipv4Net>),
+    /// Ranges are set but none is a usable IPv4 range: every source is dropped. kube-proxy
+    /// would leave the Service open to all; this model fails closed.
+    Closed,
+}
+
+impl SourceRanges {
+    /// Sources are filtered (Only or Closed).
+    pub fn restricts(&self) -> bool {
+        *self != SourceRanges::Any
+    }
+
+    /// The prefixes let in (none for Any and Closed).
+    pub fn prefixes(&self) -> &[Ipv4Net] {
+        match self {
+            SourceRanges::Only(p) => p,
+            SourceRanges::Any | SourceRanges::Closed => &[],
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub service: ServiceRef,
     pub port_name: String,
     pub kind: FrontendKind,
-    /// Sorted, without duplicates.
+    /// The backends for this frontend's traffic policy, sorted, without duplicates: the
+    /// cluster set, or the local set for the ClusterIP under internalTrafficPolicy Local
+    /// and for external frontends under externalTrafficPolicy Local (then: for sources
+    /// outside this node; see `short_circuit_backends`).
     pub backends: Vec<BackendAddr>,
-    /// externalTrafficPolicy=Local on an external frontend: local backends only, no
-    /// SNAT, and an empty set drops rather than refuses.
+    /// The cluster set, for external frontends under externalTrafficPolicy Local (empty on
+    /// every other frontend): traffic to them from this node's pods or from the node itself
+    /// goes here rather than to `backends`, as kube-proxy short-circuits it; it never left
+    /// the cluster, so the policy that keeps outside clients' addresses does not apply.
+    pub short_circuit_backends: Vec<BackendAddr>,
+    /// What an empty `backends` means: refuse or drop.
+    pub when_empty: WhenEmpty,
+    /// externalTrafficPolicy Local on an external frontend: no SNAT, the client address is kept.
     pub external_local: bool,
-    /// externalTrafficPolicy=Local only: the cluster set, for traffic from this node's own
-    /// pods (kube-proxy's short-circuit); empty otherwise.
-    pub short_circuit: Vec<BackendAddr>,
-    /// An empty `backends` drops silently instead of refusing: a Local traffic policy with
-    /// endpoints elsewhere (a load balancer's health check steers clients away).
-    pub drop_when_empty: bool,
-    /// Endpoints still in the slices but chosen by no set (terminating, not ready): their
-    /// established flows carry on, only new flows avoid them. Sorted.
-    pub retained: Vec<BackendAddr>,
-    /// loadBalancerSourceRanges (LoadBalancer ingress frontends only); empty = any.
-    pub source_ranges: Vec<Cidr>,
+    pub source_ranges: SourceRanges,
     /// sessionAffinity=ClientIP timeout.
     pub affinity_timeout_s: Option<u32>,
+    /// Every serving endpoint of this Service port, whatever the policies and topology
+    /// chose, sorted: what UDP conntrack cleanup compares ([`flow_cleanups`]).
+    pub serving: Vec<SocketAddrV4>,
+    /// Endpoints still in the slices that no set chose (terminating, not ready), sorted:
+    /// their established flows carry on, only new flows avoid them. An endpoint gone from
+    /// the slices is gone for its flows too.
+    pub retained: Vec<BackendAddr>,
 }
 
 /// A healthCheckNodePort this node serves for an externalTrafficPolicy=Local Service.
@@ -178,6 +199,7 @@ pub struct Frontend {
 pub struct HealthCheck {
     pub service: ServiceRef,
     pub node_port: u16,
+    /// Distinct IPs of this node's ready endpoints, over all the Service's ports.
     pub local_endpoints: usize,
 }
 
@@ -185,7 +207,7 @@ pub struct HealthCheck {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{object}: {field}: {problem}")]
 pub struct ModelError {
-    /// `Service ns/name` or `EndpointSlice ns/name`.
+    /// `Service ns/name`, `EndpointSlice ns/name` or `Node name`.
     pub object: String,
     pub field: String,
     pub problem: String,
@@ -196,19 +218,6 @@ pub struct Desired {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub health_checks: Vec<HealthCheck>,
     pub errors: Vec<ModelError>,
-}
-
-/// One endpoint address:port of a Service port, with its conditions.
-#[derive(Clone, Debug)]
-struct Endpoint {
-    addr: Ipv4Addr,
-    port: u16,
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-    node: Option<String>,
-    /// `hints.forZones`, when the endpoint has hints.
-    zone_hints: Option<Vec<String>>,
 }
 
 struct Ctx<'a> {
@@ -223,18 +232,33 @@ impl Ctx<'_> {
     }
 }
 
-/// The desired state of this node's datapath.
+/// A frontend some Service port wants, before conflicts are settled.
+struct Claim {
+    key: FrontendKey,
+    frontend: Frontend,
+    field: String,
+    created: Option<Time>,
+}
+
+/// The desired state of this node's datapath, starting from nothing.
 pub fn desired_state(objects: &Objects, node: &NodeInfo, opts: &Options) -> Desired {
+    desired_state_after(&Desired::default(), objects, node, opts)
+}
+
+/// The desired state that follows `previous`: where two Services claim one frontend, the
+/// one `previous` gave it to keeps it, so a newcomer never takes a frontend that is serving.
+pub fn desired_state_after(previous: &Desired, objects: &Objects, node: &NodeInfo, opts: &Options) -> Desired {
     let mut ctx = Ctx { node, opts, errors: Vec::new() };
-    let slices = slices_by_service(objects);
-    let mut services: Vec<&Service> = objects.services.iter().collect();
-    services.sort_by_key(|s| service_ref(s));
+    let slices = endpoints::slices_by_service(&mut ctx, objects);
+    let mut services: Vec<(ServiceRef, &Service)> = objects.services.iter().map(|s| (service_ref(s), s)).collect();
+    services.sort_by(|a, b| a.0.cmp(&b.0));
     let mut desired = Desired::default();
-    for svc in services {
-        let sref = service_ref(svc);
+    let mut claims = Vec::new();
+    for (sref, svc) in services {
         let svc_slices = slices.get(&sref).map(Vec::as_slice).unwrap_or(&[]);
-        add_service(&mut ctx, svc, &sref, svc_slices, &mut desired);
+        add_service(&mut ctx, svc, &sref, svc_slices, &mut claims, &mut desired.health_checks);
     }
+    settle_claims(&mut ctx, previous, claims, &mut desired);
     desired.errors = ctx.errors;
     desired
 }
@@ -243,212 +267,111 @@ fn service_ref(svc: &Service) -> ServiceRef {
     ServiceRef { namespace: svc.namespace().unwrap_or_else(|| "default".into()), name: svc.name_any() }
 }
 
-/// EndpointSlices grouped by the Service named in their label; legacy Endpoints are used,
-/// converted, only for Services that have no EndpointSlice.
-fn slices_by_service(objects: &Objects) -> BTreeMap<ServiceRef, Vec<EndpointSlice>> {
-    let mut map: BTreeMap<ServiceRef, Vec<EndpointSlice>> = BTreeMap::new();
-    for slice in &objects.slices {
-        let Some(name) = slice.labels().get(SERVICE_NAME_LABEL) else {
-            continue;
-        };
-        let sref = ServiceRef { namespace: slice.namespace().unwrap_or_else(|| "default".into()), name: name.clone() };
-        map.entry(sref).or_default().push(slice.clone());
+/// One owner per frontend. The API server keeps NodePorts and IPs unique; manifests do not,
+/// so: the owner in `previous` keeps it, else the Service created first
+/// (metadata.creationTimestamp; one without comes after those with), then namespace/name.
+/// Every other claimant is told who owns it.
+fn settle_claims(ctx: &mut Ctx, previous: &Desired, claims: Vec<Claim>, desired: &mut Desired) {
+    let mut by_key: BTreeMap<FrontendKey, Vec<Claim>> = BTreeMap::new();
+    for c in claims {
+        by_key.entry(c.key).or_default().push(c);
     }
-    for ep in &objects.endpoints {
-        let sref = ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() };
-        map.entry(sref).or_insert_with(|| endpoints_to_slices(ep));
+    for (key, mut claims) in by_key {
+        let incumbent = previous.frontends.get(&key).map(|f| &f.service);
+        // Stable: a Service's own claims stay in the order it declares them.
+        claims.sort_by(|a, b| {
+            let rank = |c: &Claim| (incumbent != Some(&c.frontend.service), c.created.is_none(), c.created.clone());
+            rank(a).cmp(&rank(b)).then_with(|| a.frontend.service.cmp(&b.frontend.service))
+        });
+        let mut claims = claims.into_iter();
+        let Some(winner) = claims.next() else { continue };
+        for loser in claims {
+            let problem = if loser.frontend.service == winner.frontend.service {
+                format!("frontend {key} is declared twice")
+            } else {
+                format!("frontend {key} already belongs to Service {}", winner.frontend.service)
+            };
+            ctx.error(format!("Service {}", loser.frontend.service), loser.field, problem);
+        }
+        desired.frontends.insert(key, winner.frontend);
     }
-    map
 }
 
-/// A legacy Endpoints object as EndpointSlices: one per subset, addresses ready,
-/// notReadyAddresses not ready.
-fn endpoints_to_slices(ep: &Endpoints) -> Vec<EndpointSlice> {
-    let mut out = Vec::new();
-    for subset in ep.subsets.iter().flatten() {
-        let ports = subset.ports.iter().flatten().map(|p| EndpointPort {
-            name: p.name.clone(),
-            port: Some(p.port),
-            protocol: p.protocol.clone(),
-            app_protocol: p.app_protocol.clone(),
-        });
-        let to_endpoint = |ready: bool| {
-            move |a: &k8s_openapi::api::core::v1::EndpointAddress| SliceEndpoint {
-                addresses: vec![a.ip.clone()],
-                conditions: Some(EndpointConditions {
-                    ready: Some(ready),
-                    serving: Some(ready),
-                    terminating: Some(false),
-                }),
-                node_name: a.node_name.clone(),
-                ..Default::default()
-            }
-        };
-        let endpoints = subset
-            .addresses
-            .iter()
-            .flatten()
-            .map(to_endpoint(true))
-            .chain(subset.not_ready_addresses.iter().flatten().map(to_endpoint(false)))
-            .collect();
-        let mut meta = ep.metadata.clone();
-        meta.name = Some(format!("{}-endpoints", ep.name_any()));
-        out.push(EndpointSlice {
-            address_type: "IPv4".into(),
-            endpoints,
-            metadata: meta,
-            ports: Some(ports.collect()),
-        });
-    }
-    out
+/// Everything a Service's ports share.
+struct ServiceFacts {
+    object: String,
+    internal_local: bool,
+    external_local: bool,
+    cluster_ip: Ipv4Addr,
+    external_ips: Vec<(usize, Ipv4Addr)>,
+    lb_ips: Vec<(usize, Ipv4Addr)>,
+    source_ranges: SourceRanges,
+    affinity_timeout_s: Option<u32>,
 }
 
-fn add_service(ctx: &mut Ctx, svc: &Service, sref: &ServiceRef, slices: &[EndpointSlice], desired: &mut Desired) {
+fn add_service(
+    ctx: &mut Ctx,
+    svc: &Service,
+    sref: &ServiceRef,
+    slices: &[endpoints::Slice],
+    claims: &mut Vec<Claim>,
+    health_checks: &mut Vec<HealthCheck>,
+) {
     let object = format!("Service {sref}");
     let labels = svc.labels();
     if labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL) {
         return;
     }
     let Some(spec) = svc.spec.as_ref() else {
+        ctx.error(&object, "spec", "missing");
         return;
     };
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-    if svc_type == "ExternalName" || spec.cluster_ip.as_deref() == Some("None") {
+    if svc_type == "ExternalName" {
         return;
     }
     if !matches!(svc_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
         ctx.error(&object, "spec.type", format!("unknown type {svc_type:?}"));
         return;
     }
-    let external_local = match spec.external_traffic_policy.as_deref() {
-        None | Some("Cluster") => false,
-        Some("Local") => true,
-        Some(other) => {
-            ctx.error(
-                &object,
-                "spec.externalTrafficPolicy",
-                format!("{other:?} is not Cluster or Local; using Cluster"),
-            );
-            false
-        }
+    // Headless, or no ClusterIP of this node's family: kube-proxy serves nothing of it,
+    // NodePorts included.
+    let Some(cluster_ip) = cluster_ip(ctx, &object, spec) else {
+        return;
     };
-    let internal_local = match spec.internal_traffic_policy.as_deref() {
-        None | Some("Cluster") => false,
-        Some("Local") => true,
-        Some(other) => {
-            ctx.error(
-                &object,
-                "spec.internalTrafficPolicy",
-                format!("{other:?} is not Cluster or Local; using Cluster"),
-            );
-            false
-        }
-    };
-    let affinity_timeout_s = affinity(ctx, &object, spec);
-    let cluster_ips = ipv4_list(
-        ctx,
-        &object,
-        "spec.clusterIPs",
-        spec.cluster_ips.clone().or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip])),
-    );
-    let external_ips = ipv4_list(ctx, &object, "spec.externalIPs", spec.external_ips.clone());
+    let external_ips = ipv4_list(ctx, &object, "spec.externalIPs", spec.external_ips.as_deref().unwrap_or_default());
     let lb_ips = if svc_type == "LoadBalancer" { load_balancer_ips(ctx, &object, svc) } else { Vec::new() };
-    let mut source_ranges = Vec::new();
-    for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
-        // IPv6 ranges belong to the other family.
-        if r.contains(':') {
-            continue;
-        }
-        // A bad range is left out, which only narrows who is let in: fail closed.
-        match r.parse::<Cidr>() {
-            Ok(c) => source_ranges.push(c),
-            Err(e) => ctx.error(&object, format!("spec.loadBalancerSourceRanges[{i}]"), e),
-        }
-    }
-    let node_addresses: Vec<Ipv4Addr> = ctx
-        .node
-        .addresses
-        .iter()
-        .copied()
-        .filter(|a| {
-            ctx.opts.nodeport_addresses.is_empty() || ctx.opts.nodeport_addresses.iter().any(|c| c.contains(*a))
-        })
-        .collect();
-
-    let mut local_ready = BTreeSet::new();
+    // kube-proxy's ExternalPolicyLocal: only a Service that traffic can reach from outside
+    // (by its type, or its externalIPs) has an external policy.
+    let externally_accessible_kind =
+        svc_type != "ClusterIP" || !spec.external_ips.as_deref().unwrap_or_default().is_empty();
+    let external_local = policy(ctx, &object, "spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())
+        && externally_accessible_kind;
+    let facts = ServiceFacts {
+        internal_local: policy(ctx, &object, "spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref()),
+        external_local,
+        cluster_ip,
+        source_ranges: source_ranges(ctx, &object, spec, &lb_ips),
+        external_ips,
+        lb_ips,
+        affinity_timeout_s: affinity(ctx, &object, spec),
+        object,
+    };
+    let created = svc.metadata.creation_timestamp.clone();
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
-        let field = format!("spec.ports[{i}]");
-        let Some((protocol, port)) = port_of(ctx, &object, &field, sp) else {
-            continue;
-        };
-        let port_name = sp.name.clone().unwrap_or_default();
-        let endpoints = endpoints_for(ctx, slices, &port_name, protocol);
-        local_ready.extend(endpoints.iter().filter(|e| e.ready && is_local(ctx, e)).map(|e| e.addr));
-        let cluster_set = with_topology(ctx, select(&endpoints, |_| true))
-            .into_iter()
-            .map(|e| backend(ctx, e))
-            .collect::<BTreeSet<_>>();
-        let local_set =
-            select(&endpoints, |e| is_local(ctx, e)).into_iter().map(|e| backend(ctx, e)).collect::<BTreeSet<_>>();
-        let chosen: BTreeSet<BackendAddr> = cluster_set.union(&local_set).copied().collect();
-        let retained: Vec<BackendAddr> =
-            endpoints.iter().map(|e| backend(ctx, e)).filter(|b| !chosen.contains(b)).collect();
-        let anywhere = endpoints.iter().any(|e| e.ready || e.serving && e.terminating);
-        let mut add = |kind: FrontendKind, addr: Ipv4Addr, port: u16, field: &str, ctx: &mut Ctx| {
-            let local = if kind.is_external() { external_local } else { internal_local };
-            let backends: Vec<BackendAddr> = if local { &local_set } else { &cluster_set }.iter().copied().collect();
-            let short_circuit =
-                if kind.is_external() && external_local { cluster_set.iter().copied().collect() } else { Vec::new() };
-            let frontend = Frontend {
-                service: sref.clone(),
-                port_name: port_name.clone(),
-                kind,
-                drop_when_empty: local && backends.is_empty() && anywhere,
-                backends,
-                short_circuit,
-                retained: retained.clone(),
-                external_local: kind.is_external() && external_local,
-                source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() },
-                affinity_timeout_s,
-            };
-            let key = FrontendKey { addr, port, protocol };
-            match desired.frontends.get(&key) {
-                Some(owner) if owner.service != *sref => {
-                    ctx.error(&object, field, format!("frontend {key} already belongs to Service {}", owner.service))
-                }
-                Some(_) => ctx.error(&object, field, format!("frontend {key} is declared twice")),
-                None => {
-                    desired.frontends.insert(key, frontend);
-                }
-            }
-        };
-        for ip in &cluster_ips {
-            add(FrontendKind::ClusterIp, *ip, port, &format!("{field}.port"), ctx);
-        }
-        for ip in &external_ips {
-            add(FrontendKind::ExternalIp, *ip, port, "spec.externalIPs", ctx);
-        }
-        for ip in &lb_ips {
-            add(FrontendKind::LoadBalancer, *ip, port, "status.loadBalancer.ingress", ctx);
-        }
-        if let Some(node_port) =
-            node_port_of(ctx, &object, &field, svc_type, spec.allocate_load_balancer_node_ports, sp)
-        {
-            for addr in &node_addresses {
-                add(FrontendKind::NodePort, *addr, node_port, &format!("{field}.nodePort"), ctx);
-            }
-        }
+        add_port(ctx, &facts, sref, slices, i, sp, svc_type, spec.allocate_load_balancer_node_ports, &created, claims);
     }
-    if external_local && svc_type == "LoadBalancer" {
+    // kube-proxy's NeedsHealthCheck: LoadBalancer Services with external policy Local.
+    if svc_type == "LoadBalancer" && facts.external_local {
         match spec.health_check_node_port {
-            Some(p) if (1..=65535).contains(&p) => desired.health_checks.push(HealthCheck {
+            Some(p) if (1..=65535).contains(&p) => health_checks.push(HealthCheck {
                 service: sref.clone(),
                 node_port: p as u16,
-                local_endpoints: local_ready.len(),
+                local_endpoints: endpoints::local_ready_ips(slices),
             }),
-            Some(p) => ctx.error(&object, "spec.healthCheckNodePort", format!("{p} is out of range 1-65535")),
+            Some(p) => ctx.error(&facts.object, "spec.healthCheckNodePort", format!("{p} is out of range 1-65535")),
             None => ctx.error(
-                &object,
+                &facts.object,
                 "spec.healthCheckNodePort",
                 "missing for externalTrafficPolicy=Local (the API server allocates it; manifests must give it)",
             ),
@@ -456,7 +379,130 @@ fn add_service(ctx: &mut Ctx, svc: &Service, sref: &ServiceRef, slices: &[Endpoi
     }
 }
 
-fn affinity(ctx: &mut Ctx, object: &str, spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Option<u32> {
+#[allow(clippy::too_many_arguments)]
+fn add_port(
+    ctx: &mut Ctx,
+    facts: &ServiceFacts,
+    sref: &ServiceRef,
+    slices: &[endpoints::Slice],
+    i: usize,
+    sp: &ServicePort,
+    svc_type: &str,
+    allocate_node_ports: Option<bool>,
+    created: &Option<Time>,
+    claims: &mut Vec<Claim>,
+) {
+    let field = format!("spec.ports[{i}]");
+    let Some((protocol, port)) = port_of(ctx, &facts.object, &field, sp) else {
+        return;
+    };
+    let node_port = node_port_of(ctx, &facts.object, &field, svc_type, allocate_node_ports, sp);
+    let port_name = sp.name.clone().unwrap_or_default();
+    let endpoints = endpoints::for_port(slices, &port_name, protocol);
+    let info = ServicePortInfo {
+        internal_policy_local: facts.internal_local,
+        external_policy_local: facts.external_local,
+        externally_accessible: node_port.is_some() || !facts.lb_ips.is_empty() || !facts.external_ips.is_empty(),
+    };
+    let sets = categorize_endpoints(&endpoints, &info, ctx.node);
+    let to_backends = |set: &Option<Vec<&Endpoint>>| -> Vec<BackendAddr> {
+        set.iter().flatten().map(|e| BackendAddr::from(*e)).collect::<BTreeSet<_>>().into_iter().collect()
+    };
+    let (cluster, local) = (to_backends(&sets.cluster), to_backends(&sets.local));
+    let serving: Vec<SocketAddrV4> =
+        endpoints.iter().filter(|e| e.serving).map(|e| SocketAddrV4::new(e.addr, e.port)).collect();
+    let when_empty = if sets.has_any { WhenEmpty::Drop } else { WhenEmpty::Refuse };
+    let chosen: BTreeSet<BackendAddr> = cluster.iter().chain(local.iter()).copied().collect();
+    let retained: Vec<BackendAddr> = endpoints
+        .iter()
+        .map(BackendAddr::from)
+        .filter(|b| !chosen.contains(b))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut claim = |kind: FrontendKind, addr: Ipv4Addr, port: u16, field: String| {
+        let external = kind.is_external();
+        let local_policy = if external { facts.external_local } else { facts.internal_local };
+        let frontend = Frontend {
+            service: sref.clone(),
+            port_name: port_name.clone(),
+            kind,
+            backends: if local_policy { local.clone() } else { cluster.clone() },
+            short_circuit_backends: if external && facts.external_local { cluster.clone() } else { Vec::new() },
+            when_empty,
+            external_local: external && facts.external_local,
+            source_ranges: if kind == FrontendKind::LoadBalancer {
+                facts.source_ranges.clone()
+            } else {
+                SourceRanges::Any
+            },
+            affinity_timeout_s: facts.affinity_timeout_s,
+            serving: serving.clone(),
+            retained: retained.clone(),
+        };
+        claims.push(Claim { key: FrontendKey { addr, port, protocol }, frontend, field, created: created.clone() });
+    };
+    claim(FrontendKind::ClusterIp, facts.cluster_ip, port, format!("{field}.port"));
+    for (j, ip) in &facts.external_ips {
+        claim(FrontendKind::ExternalIp, *ip, port, format!("spec.externalIPs[{j}]"));
+    }
+    for (j, ip) in &facts.lb_ips {
+        claim(FrontendKind::LoadBalancer, *ip, port, format!("status.loadBalancer.ingress[{j}].ip"));
+    }
+    if let Some(node_port) = node_port {
+        let addresses: BTreeSet<Ipv4Addr> = ctx
+            .node
+            .addresses
+            .iter()
+            .copied()
+            .filter(|a| {
+                ctx.opts.nodeport_addresses.is_empty() || ctx.opts.nodeport_addresses.iter().any(|c| c.contains(a))
+            })
+            .collect();
+        for addr in addresses {
+            claim(FrontendKind::NodePort, addr, node_port, format!("{field}.nodePort"));
+        }
+    }
+}
+
+/// The Service's ClusterIP of this node's family (IPv4), as kube-proxy's
+/// GetClusterIPByFamily picks it; None (with an error when the field is bad) when there is none.
+fn cluster_ip(ctx: &mut Ctx, object: &str, spec: &ServiceSpec) -> Option<Ipv4Addr> {
+    let headless = |ip: &str| ip == "None";
+    if spec.cluster_ip.as_deref().is_some_and(headless) || spec.cluster_ips.iter().flatten().any(|ip| headless(ip)) {
+        return None;
+    }
+    let (field, ips) = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips.clone()),
+        (_, Some(ip)) if !ip.is_empty() => ("spec.clusterIP", vec![ip.clone()]),
+        _ => {
+            ctx.error(object, "spec.clusterIP", "missing (the API server allocates it; manifests must give it)");
+            return None;
+        }
+    };
+    let field = |i: usize| if field == "spec.clusterIP" { field.to_string() } else { format!("{field}[{i}]") };
+    for (i, ip) in ips.iter().enumerate() {
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => return Some(v4),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => ctx.error(object, field(i), format!("{ip:?} is not an IP address")),
+        }
+    }
+    None
+}
+
+fn policy(ctx: &mut Ctx, object: &str, field: &str, value: Option<&str>) -> bool {
+    match value {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            ctx.error(object, field, format!("{other:?} is not Cluster or Local; using Cluster"));
+            false
+        }
+    }
+}
+
+fn affinity(ctx: &mut Ctx, object: &str, spec: &ServiceSpec) -> Option<u32> {
     match spec.session_affinity.as_deref() {
         None | Some("None") => None,
         Some("ClientIP") => {
@@ -485,36 +531,78 @@ fn affinity(ctx: &mut Ctx, object: &str, spec: &k8s_openapi::api::core::v1::Serv
     }
 }
 
-/// IPv4 addresses of a list field; IPv6 entries are the other family's and are skipped.
-fn ipv4_list(ctx: &mut Ctx, object: &str, field: &str, list: Option<Vec<String>>) -> Vec<Ipv4Addr> {
-    let mut out = Vec::new();
-    for (i, s) in list.into_iter().flatten().enumerate() {
-        if s.is_empty() || s == "None" || s.contains(':') {
-            continue;
+/// loadBalancerSourceRanges for the LoadBalancer ingress frontends. Like kube-proxy's
+/// proxiers (iptables/proxier.go, the firewall chain's "allowFromNode"): when a range holds
+/// the node's primary address, the LoadBalancer IPs themselves are let in too, because a
+/// request from the node to its LB IP loops back with that IP as its source. Unlike
+/// kube-proxy, ranges that leave no usable IPv4 range close the frontends rather than open them.
+fn source_ranges(ctx: &mut Ctx, object: &str, spec: &ServiceSpec, lb_ips: &[(usize, Ipv4Addr)]) -> SourceRanges {
+    let given = spec.load_balancer_source_ranges.as_deref().unwrap_or_default();
+    if given.is_empty() {
+        return SourceRanges::Any;
+    }
+    let mut prefixes = Vec::new();
+    let mut bad = Vec::new();
+    for (i, r) in given.iter().enumerate() {
+        // The API's validation lets whitespace around a range through; kube-proxy trims it.
+        match r.trim().parse::<IpNet>() {
+            Ok(IpNet::V4(net)) => prefixes.push(net.trunc()),
+            // The other family's ranges filter the other family's LoadBalancer IPs.
+            Ok(IpNet::V6(_)) => {}
+            Err(_) => bad.push((i, r)),
         }
-        match s.parse() {
-            Ok(ip) => out.push(ip),
+    }
+    let closed = prefixes.is_empty();
+    for (i, r) in bad {
+        let consequence = if closed {
+            "no valid IPv4 range is left, so the LoadBalancer IPs admit no one"
+        } else {
+            "left out, which only narrows who is let in"
+        };
+        ctx.error(object, format!("spec.loadBalancerSourceRanges[{i}]"), format!("{r:?} is not a CIDR; {consequence}"));
+    }
+    if closed {
+        return SourceRanges::Closed;
+    }
+    if ctx.node.addresses.first().is_some_and(|node| prefixes.iter().any(|p| p.contains(node))) {
+        prefixes.extend(lb_ips.iter().map(|(_, ip)| Ipv4Net::from(*ip)));
+    }
+    prefixes.sort();
+    prefixes.dedup();
+    SourceRanges::Only(prefixes)
+}
+
+/// IPv4 addresses of a list field, with their index; IPv6 entries are the other family's
+/// and are skipped.
+fn ipv4_list(ctx: &mut Ctx, object: &str, field: &str, list: &[String]) -> Vec<(usize, Ipv4Addr)> {
+    let mut out = Vec::new();
+    for (i, s) in list.iter().enumerate() {
+        match s.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => out.push((i, ip)),
+            Ok(std::net::IpAddr::V6(_)) => {}
             Err(_) => ctx.error(object, format!("{field}[{i}]"), format!("{s:?} is not an IP address")),
         }
     }
     out
 }
 
-fn load_balancer_ips(ctx: &mut Ctx, object: &str, svc: &Service) -> Vec<Ipv4Addr> {
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.clone())
-        .unwrap_or_default();
+fn load_balancer_ips(ctx: &mut Ctx, object: &str, svc: &Service) -> Vec<(usize, Ipv4Addr)> {
+    let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_deref());
     let mut out = Vec::new();
-    for (i, ing) in ingress.iter().enumerate() {
+    for (i, ing) in ingress.unwrap_or_default().iter().enumerate() {
         // ipMode Proxy: the cloud LB proxies to the nodes itself, as kube-proxy assumes.
         if ing.ip_mode.as_deref() == Some("Proxy") {
             continue;
         }
-        if let Some(ip) = &ing.ip {
-            out.extend(ipv4_list(ctx, object, &format!("status.loadBalancer.ingress[{i}].ip"), Some(vec![ip.clone()])));
+        let Some(ip) = &ing.ip else { continue };
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => out.push((i, v4)),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => ctx.error(
+                object,
+                format!("status.loadBalancer.ingress[{i}].ip"),
+                format!("{ip:?} is not an IP address"),
+            ),
         }
     }
     out
@@ -570,108 +658,6 @@ fn node_port_of(
             );
             None
         }
-    }
-}
-
-/// The endpoints of one Service port: slice ports match by (name, protocol), which also
-/// resolves named targetPorts; the same address:port from several slices counts once.
-fn endpoints_for(ctx: &mut Ctx, slices: &[EndpointSlice], port_name: &str, protocol: Protocol) -> Vec<Endpoint> {
-    let mut by_addr: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
-    for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let object = format!("EndpointSlice {}/{}", slice.namespace().unwrap_or_default(), slice.name_any());
-        let Some((pi, sp)) = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && p.protocol.as_deref().unwrap_or("TCP") == protocol.api_name()
-        }) else {
-            continue;
-        };
-        let port = match sp.port {
-            Some(p) if (1..=65535).contains(&p) => p as u16,
-            other => {
-                ctx.error(&object, format!("ports[{pi}].port"), format!("{other:?} is not a port in 1-65535"));
-                continue;
-            }
-        };
-        for (ei, ep) in slice.endpoints.iter().enumerate() {
-            let c = ep.conditions.clone().unwrap_or_default();
-            let ready = c.ready.unwrap_or(true);
-            let serving = c.serving.unwrap_or(ready);
-            let terminating = c.terminating.unwrap_or(false);
-            let zone_hints = ep
-                .hints
-                .as_ref()
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|z| z.iter().map(|z| z.name.clone()).collect());
-            for (ai, a) in ep.addresses.iter().enumerate() {
-                let Ok(addr) = a.parse::<Ipv4Addr>() else {
-                    ctx.error(
-                        &object,
-                        format!("endpoints[{ei}].addresses[{ai}]"),
-                        format!("{a:?} is not an IPv4 address"),
-                    );
-                    continue;
-                };
-                let new = Endpoint {
-                    addr,
-                    port,
-                    ready,
-                    serving,
-                    terminating,
-                    node: ep.node_name.clone(),
-                    zone_hints: zone_hints.clone(),
-                };
-                by_addr
-                    .entry((addr, port))
-                    .and_modify(|old| {
-                        // Seen in two slices (e.g. while a slice is being replaced): the
-                        // better conditions win.
-                        if new.ready && !old.ready || new.serving && !old.serving {
-                            *old = new.clone();
-                        }
-                    })
-                    .or_insert(new);
-            }
-        }
-    }
-    by_addr.into_values().collect()
-}
-
-fn is_local(ctx: &Ctx, e: &Endpoint) -> bool {
-    e.node.as_deref() == Some(ctx.node.name.as_str())
-}
-
-fn backend(ctx: &Ctx, e: &Endpoint) -> BackendAddr {
-    BackendAddr { addr: e.addr, port: e.port, local: is_local(ctx, e) }
-}
-
-/// Ready endpoints in scope; if there are none, the serving and terminating ones, so that
-/// connections drain to pods shutting down rather than fail.
-fn select(endpoints: &[Endpoint], in_scope: impl Fn(&Endpoint) -> bool) -> Vec<&Endpoint> {
-    let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| in_scope(e) && e.ready).collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    endpoints.iter().filter(|e| in_scope(e) && e.serving && e.terminating).collect()
-}
-
-/// Topology-aware hints: used when every selected endpoint has hints and some hint names
-/// this node's zone; otherwise all are kept (as kube-proxy does).
-fn with_topology<'a>(ctx: &Ctx, set: Vec<&'a Endpoint>) -> Vec<&'a Endpoint> {
-    let Some(zone) = ctx.node.zone.as_deref() else {
-        return set;
-    };
-    if set.is_empty() || set.iter().any(|e| e.zone_hints.is_none()) {
-        return set;
-    }
-    let in_zone: Vec<&Endpoint> =
-        set.iter().copied().filter(|e| e.zone_hints.as_ref().is_some_and(|z| z.iter().any(|z| z == zone))).collect();
-    if in_zone.is_empty() {
-        set
-    } else {
-        in_zone
     }
 }
 

@@ -15,13 +15,15 @@
 //! left: slots of a dead generation or past a count, ranges of no frontend.
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::Ipv4Net;
+
 use lb_common::{
     front_filter_bit, service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey, MAX_BACKENDS, MAX_SERVICES,
 };
 
 use crate::{
     datapath::maps::{MapStore, Range},
-    model::{BackendAddr, Cidr, Desired, Frontend, FrontendKey},
+    model::{BackendAddr, Desired, Frontend, FrontendKey, WhenEmpty},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -303,7 +305,7 @@ impl Reconciler {
         changes: &mut Changes,
     ) -> Result<(), WriteError<S::Error>> {
         let mut sets: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
-        for (set, backends) in [&frontend.backends, &frontend.short_circuit].into_iter().enumerate() {
+        for (set, backends) in [&frontend.backends, &frontend.short_circuit_backends].into_iter().enumerate() {
             for b in backends {
                 sets[set].push(self.backend_id(b, store, changes)?);
             }
@@ -334,7 +336,7 @@ impl Reconciler {
                 }
             }
         }
-        let ranges: BTreeSet<Range> = frontend.source_ranges.iter().map(range_of).collect();
+        let ranges: BTreeSet<Range> = frontend.source_ranges.prefixes().iter().map(range_of).collect();
         for r in ranges.difference(&state.ranges.clone()) {
             store.put_source_range(svc_id, *r).map_err(WriteError::Map)?;
             state.ranges.insert(*r);
@@ -379,8 +381,8 @@ fn filter_of(frontends: impl Iterator<Item = (u32, u16)>) -> BTreeMap<u32, u64> 
     words
 }
 
-fn range_of(c: &Cidr) -> Range {
-    (lb_common::user::addr_be(c.addr), c.prefix_len)
+fn range_of(c: &Ipv4Net) -> Range {
+    (lb_common::user::addr_be(c.network()), c.prefix_len())
 }
 
 fn service_value(svc_id: u32, gen: u8, sets: &[Vec<u32>; 2], f: &Frontend) -> ServiceValue {
@@ -391,10 +393,10 @@ fn service_value(svc_id: u32, gen: u8, sets: &[Vec<u32>; 2], f: &Frontend) -> Se
     if f.external_local {
         flags |= service_flags::EXTERNAL_LOCAL;
     }
-    if !f.source_ranges.is_empty() {
+    if f.source_ranges.restricts() {
         flags |= service_flags::SOURCE_RANGES;
     }
-    if f.drop_when_empty {
+    if f.when_empty == WhenEmpty::Drop {
         flags |= service_flags::DROP_WHEN_EMPTY;
     }
     ServiceValue {

@@ -1,7 +1,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::*;
-use crate::model::{BackendAddr, FrontendKind, Protocol, ServiceRef};
+use crate::model::{BackendAddr, FrontendKind, Protocol, ServiceRef, SourceRanges, WhenEmpty};
 
 #[derive(Debug, thiserror::Error)]
 #[error("map full")]
@@ -114,12 +114,13 @@ fn frontend(backends: &[(u8, u16)]) -> Frontend {
             .iter()
             .map(|(last, port)| BackendAddr { addr: Ipv4Addr::new(10, 244, 1, *last), port: *port, local: false })
             .collect(),
+        short_circuit_backends: vec![],
+        when_empty: WhenEmpty::Refuse,
         external_local: false,
-        short_circuit: vec![],
-        drop_when_empty: false,
-        retained: vec![],
-        source_ranges: vec![],
+        source_ranges: SourceRanges::Any,
         affinity_timeout_s: None,
+        serving: vec![],
+        retained: vec![],
     }
 }
 
@@ -215,7 +216,7 @@ fn the_short_circuit_set_goes_in_set_one() {
     let mut etp = frontend(&[(10, 8080)]);
     etp.kind = FrontendKind::NodePort;
     etp.external_local = true;
-    etp.short_circuit = frontend(&[(10, 8080), (11, 8080)]).backends;
+    etp.short_circuit_backends = frontend(&[(10, 8080), (11, 8080)]).backends;
     let log = apply(&mut r, &mut store, &desired(&[(1, etp)]));
     assert_eq!(
         &log[2..],
@@ -258,7 +259,7 @@ fn removed_service_entry_goes_before_its_slots_and_ranges() {
     let mut r = Reconciler::adopt(&store).unwrap();
     let mut lb = frontend(&[(10, 8080)]);
     lb.kind = FrontendKind::LoadBalancer;
-    lb.source_ranges = vec!["192.168.0.0/16".parse().unwrap()];
+    lb.source_ranges = SourceRanges::Only(vec!["192.168.0.0/16".parse().unwrap()]);
     apply(&mut r, &mut store, &desired(&[(1, lb), (2, frontend(&[(10, 8080)]))]));
     assert_eq!(store.services.values().next().unwrap().flags, service_flags::EXTERNAL | service_flags::SOURCE_RANGES);
     let log = apply(&mut r, &mut store, &desired(&[(2, frontend(&[(10, 8080)]))]));
@@ -297,7 +298,7 @@ fn after_a_restart_with_changed_services_no_frontend_inherits_another_ones_range
     let mut r = Reconciler::adopt(&store).unwrap();
     let mut lb = frontend(&[(10, 8080)]);
     lb.kind = FrontendKind::LoadBalancer;
-    lb.source_ranges = vec!["192.168.0.0/16".parse().unwrap()];
+    lb.source_ranges = SourceRanges::Only(vec!["192.168.0.0/16".parse().unwrap()]);
     apply(&mut r, &mut store, &desired(&[(1, lb)]));
     // As if the agent died after removing frontend 1's entry but before its range: the range
     // of id 1 is left behind.

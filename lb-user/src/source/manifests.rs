@@ -1,5 +1,5 @@
-//! The standalone source: Service, EndpointSlice (discovery.k8s.io/v1) and legacy
-//! Endpoints (v1) from manifest files, multi-document YAML as `kubectl apply -f` takes it.
+//! The standalone source: Service, EndpointSlice (discovery.k8s.io/v1), legacy Endpoints
+//! (v1) and Node (v1) objects from manifest files, multi-document YAML as `kubectl apply -f` takes it.
 //! An invalid object is reported (file, object, field) and skipped; the rest are used.
 use std::{
     collections::BTreeMap,
@@ -64,7 +64,7 @@ impl fmt::Display for Report {
 }
 
 /// Reads a manifest file, or every `.yaml`/`.yml`/`.json` file of a directory (sorted,
-/// recursively), into objects.
+/// recursively, hidden names skipped), into objects.
 pub fn read_manifests(path: &Path) -> (Objects, Report) {
     ManifestCache::default().read(path)
 }
@@ -77,21 +77,37 @@ pub struct ManifestCache {
     last_good: BTreeMap<PathBuf, Objects>,
 }
 
+/// How often a read is started again when a kubelet-written directory changed under it.
+const READ_ATTEMPTS: usize = 5;
+
 impl ManifestCache {
     pub fn read(&mut self, path: &Path) -> (Objects, Report) {
         let mut report = Report::default();
-        let mut files = Vec::new();
-        if let Err(e) = collect_files(path, &mut files) {
-            report.errors.push(e);
-            report.incomplete = true;
-            // The whole set is unreadable: serve what was read last.
-            return (self.merged(), report);
-        }
-        self.last_good.retain(|p, _| files.contains(p));
-        for file in files {
+        let mut attempt = 0;
+        let files = loop {
+            attempt += 1;
+            match read_all(path) {
+                Ok(Snapshot { files, links }) => {
+                    // A `..data` swapped while we read: start over, so that every file
+                    // comes from one version.
+                    let stable = links.iter().all(|(link, target)| fs::read_link(link).ok().as_ref() == Some(target));
+                    if stable || attempt == READ_ATTEMPTS {
+                        break files;
+                    }
+                }
+                Err(e) => {
+                    report.errors.push(e);
+                    report.incomplete = true;
+                    // The whole set is unreadable: serve what was read last.
+                    return (self.merged(), report);
+                }
+            }
+        };
+        self.last_good.retain(|p, _| files.iter().any(|(f, _)| f == p));
+        for (file, text) in files {
             let mut objects = Objects::default();
             let errors_before = report.errors.len();
-            match fs::read_to_string(&file) {
+            match text {
                 Ok(text) => parse_into(&file, &text, &mut objects, &mut report),
                 Err(source) => report.errors.push(Error::Read { path: file.clone(), source }),
             }
@@ -110,41 +126,75 @@ impl ManifestCache {
             all.services.extend(o.services.iter().cloned());
             all.slices.extend(o.slices.iter().cloned());
             all.endpoints.extend(o.endpoints.iter().cloned());
+            all.nodes.extend(o.nodes.iter().cloned());
         }
         all
     }
 }
 
-/// Paths, sizes and modification times of the manifest files: changes when they do.
-pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
-    let mut files = Vec::new();
-    let _ = collect_files(path, &mut files);
-    files
-        .into_iter()
-        .map(|f| {
-            let meta = fs::metadata(&f).ok();
-            let len = meta.as_ref().map_or(0, |m| m.len());
-            (f, len, meta.and_then(|m| m.modified().ok()))
-        })
-        .collect()
+/// One read of the manifest path: each file's text (or why not) under the name it is
+/// reported by, and the kubelet `..data` links followed, with their targets.
+struct Snapshot {
+    files: Vec<(PathBuf, std::io::Result<String>)>,
+    links: Vec<(PathBuf, PathBuf)>,
 }
 
-fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {
+/// Reads every manifest file under `path` once.
+fn read_all(path: &Path) -> Result<Snapshot, Error> {
+    let mut found = Vec::new();
+    let mut links = Vec::new();
     let meta = fs::metadata(path).map_err(|source| Error::Read { path: path.into(), source })?;
     if meta.is_file() {
-        out.push(path.to_path_buf());
-        return Ok(());
+        found.push((path.to_path_buf(), path.to_path_buf()));
+    } else {
+        collect_dir(path, path, &mut found, &mut links, 0)?;
     }
-    let mut entries: Vec<PathBuf> = fs::read_dir(path)
-        .map_err(|source| Error::Read { path: path.into(), source })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for entry in entries {
-        if entry.is_dir() {
-            collect_files(&entry, out)?;
-        } else if matches!(entry.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
-            out.push(entry);
+    let files = found.into_iter().map(|(shown, real)| (shown, fs::read_to_string(real))).collect();
+    Ok(Snapshot { files, links })
+}
+
+/// Deeper than this is a symlink loop, not a manifest tree.
+const MAX_DEPTH: usize = 16;
+
+/// Manifest files under the directory `real`, named as under `shown` (they differ inside a
+/// kubelet snapshot).
+///
+/// A directory that holds `..data` is a ConfigMap, Secret or projected volume as the
+/// kubelet writes it: the files are in a timestamped directory that `..data` links to,
+/// and the visible names link into `..data`. The kubelet swaps `..data` atomically, but
+/// creates and removes the visible links for added and removed keys only after the swap,
+/// so the set of visible names can lag. Reading the snapshot `..data` points to, resolved
+/// once, gives every file once and all from the same version; the visible links are not
+/// read again.
+fn collect_dir(
+    shown: &Path,
+    real: &Path,
+    out: &mut Vec<(PathBuf, PathBuf)>,
+    links: &mut Vec<(PathBuf, PathBuf)>,
+    depth: usize,
+) -> Result<(), Error> {
+    let dir_err = |source| Error::Read { path: shown.into(), source };
+    if depth > MAX_DEPTH {
+        return Err(dir_err(std::io::Error::other("directories nested too deep (a symlink loop?)")));
+    }
+    let data = real.join("..data");
+    if let Ok(target) = fs::read_link(&data) {
+        links.push((data, target.clone()));
+        return collect_dir(shown, &real.join(target), out, links, depth + 1);
+    }
+    let mut names: Vec<std::ffi::OsString> =
+        fs::read_dir(real).map_err(dir_err)?.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+    names.sort();
+    for name in names {
+        // Hidden names are not manifests: editors' temporaries, the kubelet's `..` entries.
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let (shown, real) = (shown.join(&name), real.join(&name));
+        if fs::metadata(&real).is_ok_and(|m| m.is_dir()) {
+            collect_dir(&shown, &real, out, links, depth + 1)?;
+        } else if matches!(real.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+            out.push((shown, real));
         }
     }
     Ok(())
@@ -170,7 +220,9 @@ pub fn parse_into(path: &Path, text: &str, objects: &mut Objects, report: &mut R
 fn add_value(path: &Path, doc: usize, value: Value, objects: &mut Objects, report: &mut Report) {
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
     let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
-    let object = describe(&kind, &value);
+    // Nodes are cluster-scoped: no namespace.
+    let namespaced = kind != "Node";
+    let object = describe(&kind, namespaced, &value);
     let field_error =
         |field, problem: String| Error::Field { path: path.into(), doc, object: object.clone(), field, problem };
     match (api_version.as_str(), kind.as_str()) {
@@ -182,10 +234,13 @@ fn add_value(path: &Path, doc: usize, value: Value, objects: &mut Objects, repor
             }
             None => report.errors.push(field_error("items", "a List needs a sequence of items".into())),
         },
-        ("v1", "Service") => typed(path, doc, &object, value, &mut objects.services, report),
-        ("discovery.k8s.io/v1", "EndpointSlice") => typed(path, doc, &object, value, &mut objects.slices, report),
-        ("v1", "Endpoints") => typed(path, doc, &object, value, &mut objects.endpoints, report),
-        (_, "Service" | "EndpointSlice" | "Endpoints") => report.errors.push(field_error(
+        ("v1", "Service") => typed(path, doc, &object, namespaced, value, &mut objects.services, report),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            typed(path, doc, &object, namespaced, value, &mut objects.slices, report)
+        }
+        ("v1", "Endpoints") => typed(path, doc, &object, namespaced, value, &mut objects.endpoints, report),
+        ("v1", "Node") => typed(path, doc, &object, namespaced, value, &mut objects.nodes, report),
+        (_, "Service" | "EndpointSlice" | "Endpoints" | "Node") => report.errors.push(field_error(
             "apiVersion",
             format!("{api_version:?} is not supported for {kind} (use v1, or discovery.k8s.io/v1 for EndpointSlice)"),
         )),
@@ -198,6 +253,7 @@ fn typed<T: DeserializeOwned + kube::ResourceExt>(
     path: &Path,
     doc: usize,
     object: &str,
+    namespaced: bool,
     value: Value,
     into: &mut Vec<T>,
     report: &mut Report,
@@ -215,7 +271,7 @@ fn typed<T: DeserializeOwned + kube::ResourceExt>(
                 return;
             }
             // Like kubectl apply without -n: objects without a namespace go to "default".
-            if obj.meta().namespace.is_none() {
+            if namespaced && obj.meta().namespace.is_none() {
                 obj.meta_mut().namespace = Some("default".into());
             }
             into.push(obj);
@@ -230,11 +286,14 @@ fn typed<T: DeserializeOwned + kube::ResourceExt>(
     }
 }
 
-fn describe(kind: &str, value: &Value) -> String {
+fn describe(kind: &str, namespaced: bool, value: &Value) -> String {
     let meta = value.get("metadata");
     let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<unnamed>");
-    let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default");
     let kind = if kind.is_empty() { "object" } else { kind };
+    if !namespaced {
+        return format!("{kind} {name}");
+    }
+    let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default");
     format!("{kind} {ns}/{name}")
 }
 
@@ -342,6 +401,61 @@ spec: {ports: [{port: 80}]}
         fs::remove_file(dir.join("b.yaml")).unwrap();
         assert_eq!(names(&cache.read(&dir).0), ["a"], "a deleted file withdraws its objects");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_configmap_volume_is_read_once_per_file_and_a_swap_is_never_seen_half_done() {
+        use crate::source::watch::tests::ConfigMapDir;
+        let svc = |name: &str, port: u16| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: {port}}}]}}\n")
+        };
+        let seen = |o: &Objects| {
+            o.services
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}:{}",
+                        s.metadata.name.clone().unwrap(),
+                        s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let (a1, b1) = (svc("a", 1), svc("b", 1));
+        let mut dir = ConfigMapDir::new("lb-configmap-test", &[("a.yaml", &a1), ("b.yaml", &b1)]);
+        let mut cache = ManifestCache::default();
+        let (objects, report) = cache.read(&dir.path);
+        assert!(report.errors.is_empty(), "{report}");
+        assert_eq!(seen(&objects), ["a:1", "b:1"], "each file once, though three paths lead to it");
+        // Version 2 changes a, drops b and adds c; a read between any two of the kubelet's
+        // steps sees version 1 or version 2 whole.
+        let (a2, c2) = (svc("a", 2), svc("c", 2));
+        let mut reads = Vec::new();
+        let path = dir.path.clone();
+        dir.update(&[("a.yaml", &a2), ("c.yaml", &c2)], |step| {
+            let (objects, report) = cache.read(&path);
+            assert!(report.errors.is_empty(), "{step}: {report}");
+            reads.push((step.to_string(), seen(&objects)));
+        });
+        let v1 = vec!["a:1".to_string(), "b:1".to_string()];
+        let v2 = vec!["a:2".to_string(), "c:2".to_string()];
+        let want = [
+            ("snapshot written", &v1),
+            ("..data swapped", &v2),
+            ("new keys linked", &v2),
+            ("dropped keys unlinked", &v2),
+        ];
+        assert_eq!(reads, want.map(|(s, v)| (s.to_string(), v.clone())));
+        let (objects, report) = cache.read(&dir.path);
+        assert!(report.errors.is_empty(), "{report}");
+        assert_eq!(seen(&objects), v2);
+        // A bad version is reported under the name the pod sees, and a's last good
+        // objects stay served.
+        dir.update(&[("a.yaml", "kind: Service\nmetadata: [broken"), ("c.yaml", &c2)], |_| {});
+        let (objects, report) = cache.read(&dir.path);
+        assert_eq!(seen(&objects), v2);
+        let shown = format!("{}: document 1: not YAML", dir.path.join("a.yaml").display());
+        assert!(report.errors[0].to_string().starts_with(&shown), "{report}");
     }
 
     #[test]

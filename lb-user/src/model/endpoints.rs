@@ -1,0 +1,233 @@
+//! Endpoints as kube-proxy's EndpointSliceCache reads them (pkg/proxy/endpointslicecache.go):
+//! slices belong to the Service named by their `kubernetes.io/service-name` label; only
+//! slices of the node's family (addressType IPv4) count; only `addresses[0]` of an endpoint
+//! is used; unset `ready` and `serving` mean true and unset `terminating` false; an
+//! address:port seen twice is one endpoint.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{
+    core::v1::{EndpointAddress, Endpoints},
+    discovery::v1::{Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice},
+};
+use kube::ResourceExt;
+
+use super::{Ctx, Protocol, ServiceRef, SERVICE_NAME_LABEL};
+use crate::source::Objects;
+
+/// One endpoint of a Service port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// Its nodeName is this node's name.
+    pub local: bool,
+    /// `hints.forZones` names; empty when the endpoint has no zone hint.
+    pub zone_hints: BTreeSet<String>,
+    /// `hints.forNodes` names (trafficDistribution PreferSameNode); empty when it has none.
+    pub node_hints: BTreeSet<String>,
+}
+
+impl Endpoint {
+    /// Which of two copies of one address:port is kept. kube-proxy lets a non-terminating
+    /// copy replace a terminating one (an IP reused by a new pod while the old one
+    /// terminates) and otherwise keeps whichever it saw last; here the rest of the order is
+    /// fixed too (ready, serving, then every other field), so the outcome never depends on
+    /// the order the slices arrived in.
+    fn preference(&self) -> (bool, bool, bool, &Self) {
+        (!self.terminating, self.ready, self.serving, self)
+    }
+}
+
+/// An EndpointSlice, read once: its ports and its usable endpoints (port not yet set).
+#[derive(Debug, Default)]
+pub(super) struct Slice {
+    ports: Vec<SlicePort>,
+    endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug)]
+struct SlicePort {
+    name: String,
+    protocol: String,
+    /// None when the slice gives no usable port number (reported once, when read).
+    port: Option<u16>,
+}
+
+/// The IPv4 slices of every Service, by Service. Legacy Endpoints are used, converted as the
+/// EndpointSlice mirroring controller does, only for Services that have no EndpointSlice.
+pub(super) fn slices_by_service(ctx: &mut Ctx, objects: &Objects) -> BTreeMap<ServiceRef, Vec<Slice>> {
+    let key =
+        |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| (meta.namespace.clone(), meta.name.clone());
+    // In name order, so that errors come out in the same order whatever the input order.
+    let mut slices: Vec<&EndpointSlice> = objects.slices.iter().collect();
+    slices.sort_by_key(|s| key(&s.metadata));
+    let mut legacy: Vec<&Endpoints> = objects.endpoints.iter().collect();
+    legacy.sort_by_key(|e| key(&e.metadata));
+    let mut by_service: BTreeMap<ServiceRef, Vec<(String, &EndpointSlice)>> = BTreeMap::new();
+    for slice in slices {
+        let namespace = slice.namespace().unwrap_or_else(|| "default".into());
+        let object = format!("EndpointSlice {namespace}/{}", slice.name_any());
+        let Some(name) = slice.labels().get(SERVICE_NAME_LABEL).filter(|n| !n.is_empty()) else {
+            ctx.error(
+                &object,
+                "metadata.labels",
+                format!("no {SERVICE_NAME_LABEL} label, so it belongs to no Service"),
+            );
+            continue;
+        };
+        by_service.entry(ServiceRef { namespace, name: name.clone() }).or_default().push((object, slice));
+    }
+    let mirrored: Vec<(ServiceRef, Vec<EndpointSlice>)> = legacy
+        .into_iter()
+        .map(|ep| {
+            (ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() }, ep)
+        })
+        .filter(|(sref, _)| !by_service.contains_key(sref))
+        .map(|(sref, ep)| (sref, mirror(ep)))
+        .collect();
+    let mut out: BTreeMap<ServiceRef, Vec<Slice>> = BTreeMap::new();
+    for (sref, slices) in by_service {
+        out.insert(sref, slices.into_iter().filter_map(|(object, s)| read_slice(ctx, &object, s)).collect());
+    }
+    for (sref, slices) in &mirrored {
+        let object = format!("Endpoints {sref}");
+        out.insert(sref.clone(), slices.iter().filter_map(|s| read_slice(ctx, &object, s)).collect());
+    }
+    out
+}
+
+/// A legacy Endpoints object as EndpointSlices, one per subset, the way the EndpointSlice
+/// mirroring controller writes them: `addresses` ready, `notReadyAddresses` not ready, no
+/// other condition set.
+fn mirror(ep: &Endpoints) -> Vec<EndpointSlice> {
+    let mut out = Vec::new();
+    for subset in ep.subsets.iter().flatten() {
+        let ports = subset.ports.iter().flatten().map(|p| EndpointPort {
+            name: p.name.clone(),
+            port: Some(p.port),
+            protocol: p.protocol.clone(),
+            app_protocol: p.app_protocol.clone(),
+        });
+        let to_endpoint = |ready: bool| {
+            move |a: &EndpointAddress| SliceEndpoint {
+                addresses: vec![a.ip.clone()],
+                conditions: Some(EndpointConditions { ready: Some(ready), ..Default::default() }),
+                node_name: a.node_name.clone(),
+                ..Default::default()
+            }
+        };
+        let endpoints = subset
+            .addresses
+            .iter()
+            .flatten()
+            .map(to_endpoint(true))
+            .chain(subset.not_ready_addresses.iter().flatten().map(to_endpoint(false)))
+            .collect();
+        out.push(EndpointSlice {
+            address_type: "IPv4".into(),
+            endpoints,
+            metadata: ep.metadata.clone(),
+            ports: Some(ports.collect()),
+        });
+    }
+    out
+}
+
+/// Reads one slice; None for a slice of another address family. Bad fields are reported
+/// once here, and only the endpoints or ports at fault are left out.
+fn read_slice(ctx: &mut Ctx, object: &str, slice: &EndpointSlice) -> Option<Slice> {
+    if slice.address_type != "IPv4" {
+        return None;
+    }
+    let mut out = Slice::default();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let port = match p.port {
+            Some(n) if (1..=65535).contains(&n) => Some(n as u16),
+            other => {
+                ctx.error(object, format!("ports[{i}].port"), format!("{other:?} is not a port in 1-65535"));
+                None
+            }
+        };
+        // The API server defaults a missing name to "" and a missing protocol to TCP.
+        out.ports.push(SlicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            port,
+        });
+    }
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let Some(first) = ep.addresses.first() else {
+            ctx.error(object, format!("endpoints[{i}].addresses"), "empty");
+            continue;
+        };
+        let Ok(addr) = first.parse::<Ipv4Addr>() else {
+            ctx.error(object, format!("endpoints[{i}].addresses[0]"), format!("{first:?} is not an IPv4 address"));
+            continue;
+        };
+        let c = ep.conditions.clone().unwrap_or_default();
+        let hints = ep.hints.as_ref();
+        out.endpoints.push(Endpoint {
+            addr,
+            port: 0,
+            ready: c.ready.unwrap_or(true),
+            serving: c.serving.unwrap_or(true),
+            terminating: c.terminating.unwrap_or(false),
+            local: ep.node_name.as_deref() == Some(ctx.node.name.as_str()),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
+        });
+    }
+    Some(out)
+}
+
+/// The endpoints of one Service port, sorted by address and port. Slice ports match by
+/// (name, protocol), which also resolves named targetPorts.
+pub(super) fn for_port(slices: &[Slice], port_name: &str, protocol: Protocol) -> Vec<Endpoint> {
+    let mut by_addr: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    for slice in slices {
+        for sp in slice.ports.iter().filter(|p| p.name == port_name && p.protocol == protocol.api_name()) {
+            let Some(port) = sp.port else { continue };
+            for e in &slice.endpoints {
+                let new = Endpoint { port, ..e.clone() };
+                match by_addr.get_mut(&(new.addr, port)) {
+                    Some(old) if new.preference() > old.preference() => *old = new,
+                    Some(_) => {}
+                    None => {
+                        by_addr.insert((new.addr, port), new);
+                    }
+                }
+            }
+        }
+    }
+    by_addr.into_values().collect()
+}
+
+/// Distinct IPs of this node's ready endpoints over every port of the slices: the count
+/// kube-proxy's healthCheckNodePort server reports (EndpointsMap.LocalReadyEndpoints; a
+/// terminating endpoint is not ready, so a node with only terminating ones fails the check).
+pub(super) fn local_ready_ips(slices: &[Slice]) -> usize {
+    slices
+        .iter()
+        .filter(|s| s.ports.iter().any(|p| p.port.is_some()))
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.local && e.ready)
+        .map(|e| e.addr)
+        .collect::<BTreeSet<_>>()
+        .len()
+}
