@@ -84,7 +84,7 @@ pub const XDP_META_PARTIAL: u32 = 0x4c42_5043;
 /// Capacities of the maps the agent does not size at load time.
 pub const MAX_SERVICES: u32 = 131_072;
 pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
-pub const MAX_BACKENDS: u32 = 131_072;
+pub const MAX_BACKENDS: u32 = 1_048_576;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub const MAX_FRAGMENTS: u32 = 8_192;
 pub const MAX_RATE_LIMITED: u32 = 16_384;
@@ -194,9 +194,11 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 0;
 }
 
-/// One endpoint address:port, at its id's index in the LB_BACKENDS array. `gen` changes
-/// whenever the id is given to another endpoint or freed (then the entry is all zero but
-/// for `gen`), so a flow that remembers (id, gen) knows when its backend is gone.
+/// One endpoint address:port of one Service port, at its id's index in the LB_BACKENDS
+/// array. `gen` changes whenever the id is given to another endpoint or freed (then the
+/// entry is all zero but for `gen`), so a flow that remembers (id, gen) knows when its
+/// backend is gone; ids are not shared between Service ports, so an endpoint leaving one
+/// Service is gone for that Service's flows even while another Service still uses it.
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -206,6 +208,10 @@ pub struct Backend {
     pub flags: u8,
     pub _pad: u8,
     pub gen: u32,
+    pub _pad2: u32,
+    /// A stable hash of the Service port the id belongs to (the agent's, for adopting ids
+    /// after a restart; the datapath does not read it).
+    pub owner: u64,
 }
 
 /// A flow as seen on the wire in one direction. Each translated flow has two entries
@@ -460,7 +466,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(size_of::<SlotKey>(), 8);
-        assert_eq!(size_of::<Backend>(), 12);
+        assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<CtState>(), 16);

@@ -44,9 +44,9 @@ impl ServiceKey {
 }
 
 impl Backend {
-    pub fn new(ip: Ipv4Addr, port: u16, local: bool, gen: u32) -> Self {
+    pub fn new(ip: Ipv4Addr, port: u16, local: bool, owner: u64) -> Self {
         let flags = if local { backend_flags::LOCAL } else { 0 };
-        Backend { addr_be: addr_be(ip), port_be: port.to_be(), flags, _pad: 0, gen }
+        Backend { addr_be: addr_be(ip), port_be: port.to_be(), flags, owner, ..Backend::default() }
     }
     pub fn ip(&self) -> Ipv4Addr {
         ip_from_be(self.addr_be)

@@ -46,6 +46,8 @@ pub struct Parsed {
     pub key: CtKey,
     pub tcp_flags: u8,
     pub fragment: Fragment,
+    /// Don't Fragment: a packet too big for the path is answered, not fragmented.
+    pub df: bool,
     pub ip_id_be: u16,
     /// IPv4 total length minus the header: the L4 length of an unfragmented packet.
     pub l4_len: u16,
@@ -79,6 +81,7 @@ pub fn parse(start: usize, end: usize, frame_len: u64) -> Result<Parsed, NotAFlo
     let frag_field = u16::from_be_bytes([ip[6], ip[7]]);
     let offset = frag_field & 0x1fff;
     let more = frag_field & 0x2000 != 0;
+    let df = frag_field & 0x4000 != 0;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         let icmp = proto == IPPROTO_ICMP && ip[0] == 0x45 && offset == 0 && !more;
         return Err(NotAFlow { counter: counters::PASS_NOT_SERVICE, drop: false, icmp });
@@ -101,7 +104,7 @@ pub fn parse(start: usize, end: usize, frame_len: u64) -> Result<Parsed, NotAFlo
     let ip_id_be = u16::from_ne_bytes([ip[4], ip[5]]);
     let l4_len = tot_len - 20;
     if offset != 0 {
-        return Ok(Parsed { key, tcp_flags: 0, fragment: Fragment::Later, ip_id_be, l4_len, frame_len });
+        return Ok(Parsed { key, tcp_flags: 0, fragment: Fragment::Later, df, ip_id_be, l4_len, frame_len });
     }
     let l4_min: u16 = if proto == IPPROTO_TCP { 20 } else { 8 };
     if l4_len < l4_min || start + L4_OFF + l4_min as usize > end {
@@ -112,5 +115,5 @@ pub fn parse(start: usize, end: usize, frame_len: u64) -> Result<Parsed, NotAFlo
     key.dst_port_be = ports[1];
     let tcp_flags = if proto == IPPROTO_TCP { read::<u8>(start, end, L4_OFF + 13).unwrap_or(0) } else { 0 };
     let fragment = if more { Fragment::First } else { Fragment::No };
-    Ok(Parsed { key, tcp_flags, fragment, ip_id_be, l4_len, frame_len })
+    Ok(Parsed { key, tcp_flags, fragment, df, ip_id_be, l4_len, frame_len })
 }

@@ -119,7 +119,7 @@ fn datapath(ctx: &TcContext, replies: Replies) -> Result<i32, ()> {
     let v = decide(ctx, &p, maybe_front);
     match v.action {
         // Checked before the rewrite, so the answer quotes the packet as its sender sent it.
-        action::TRANSLATE => match frag_needed(ctx, &p, &v) {
+        action::TRANSLATE => match if p.df { frag_needed(ctx, &p, &v) } else { 0 } {
             0 => Ok(translate(ctx, &p, &v, cfg)),
             mtu => Ok(answer_unreachable(ctx, &p, Unreachable::frag_needed(mtu))),
         },

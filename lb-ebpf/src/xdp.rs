@@ -107,7 +107,9 @@ fn looks_partial(ctx: &XdpContext, p: &Parsed) -> bool {
 #[inline(never)]
 fn translate(ctx: &XdpContext, p: &Parsed, t: &Verdict, cfg: &Config) -> u32 {
     let hop = next_hop(ctx, p, t);
-    if hop.frag_needed != 0 {
+    // Without DF the packet goes on whole: the stack fragments it in netfilter mode; fast
+    // mode does not fragment (README: known limits).
+    if hop.frag_needed != 0 && p.df {
         // Answered before the rewrite, so the quote is the packet as the client sent it.
         return answer_unreachable(ctx, p, Unreachable::frag_needed(hop.frag_needed));
     }

@@ -159,6 +159,9 @@ pub struct Fixture {
     pub dp: Datapath,
     pub pin_dir: std::path::PathBuf,
     pub eth0: u32,
+    reconciler: Reconciler,
+    store: PinnedMaps,
+    config: lb_common::Config,
 }
 
 impl Fixture {
@@ -166,20 +169,7 @@ impl Fixture {
     fn load(pin_dir: &Path, setup: Setup) -> Fixture {
         let capacity = datapath::Capacity { conntrack_entries: setup.conntrack_entries };
         let dp = Datapath::load(pin_dir, capacity).unwrap();
-        let mut objects = source::Objects::default();
-        let mut report = manifests::Report::default();
-        manifests::parse_into(
-            Path::new("fixtures.yaml"),
-            &(MANIFESTS.to_string() + &local_slices()),
-            &mut objects,
-            &mut report,
-        );
-        assert!(report.errors.is_empty(), "{report}");
-        let node = model::NodeInfo { name: "node1".into(), addresses: vec![NODE], zone: None };
-        let options = model::Options::default();
-        let desired = model::desired_state(&objects, &node, &options);
-        assert!(desired.errors.is_empty(), "{:?}", desired.errors);
-        let mut store = PinnedMaps::open(pin_dir).unwrap();
+        let store = PinnedMaps::open(pin_dir).unwrap();
         let cluster = addr_be(Ipv4Addr::new(10, 244, 0, 0));
         let config = lb_common::Config {
             node_addr_be: addr_be(NODE),
@@ -194,10 +184,110 @@ impl Fixture {
             snat_port_max: setup.snat_ports.1,
             _pad: 0,
         };
-        let changes = Reconciler::adopt(&store).unwrap().apply(&desired, config, &mut store).unwrap();
-        assert!(changes.failures.is_empty(), "{:?}", changes.failures);
+        let reconciler = Reconciler::adopt(&store).unwrap();
         let eth0 = ifindex("eth0");
-        Fixture { dp, pin_dir: pin_dir.to_path_buf(), eth0 }
+        let mut fx = Fixture { dp, pin_dir: pin_dir.to_path_buf(), eth0, reconciler, store, config };
+        fx.apply(&(MANIFESTS.to_string() + &local_slices()));
+        fx
+    }
+
+    /// Programs the maps for these manifests (replacing what they held), as the agent would.
+    pub fn apply(&mut self, yaml: &str) {
+        let mut objects = source::Objects::default();
+        let mut report = manifests::Report::default();
+        manifests::parse_into(Path::new("fixtures.yaml"), yaml, &mut objects, &mut report);
+        assert!(report.errors.is_empty(), "{report}");
+        let node = model::NodeInfo { name: "node1".into(), addresses: vec![NODE], zone: None };
+        let desired = model::desired_state(&objects, &node, &model::Options::default());
+        assert!(desired.errors.is_empty(), "{:?}", desired.errors);
+        let changes = self.reconciler.apply(&desired, self.config, &mut self.store).unwrap();
+        assert!(changes.failures.is_empty(), "{:?}", changes.failures);
+    }
+
+    /// Every conntrack entry.
+    pub fn ct_entries(&self) -> Vec<(CtKey, CtValue)> {
+        lb_user::datapath::conntrack::Conntrack::open(&self.pin_dir).unwrap().entries().unwrap()
+    }
+
+    /// Conntrack entries as the datapath counts them (what admission control reads).
+    pub fn ct_counted(&self) -> u64 {
+        lb_user::datapath::conntrack::Conntrack::open(&self.pin_dir).unwrap().counted_entries().unwrap()
+    }
+
+    /// Runs the agent's sweep once; (flows removed, entries read).
+    pub fn sweep(&self) -> (usize, usize) {
+        let s = lb_user::datapath::conntrack::Conntrack::open(&self.pin_dir).unwrap().sweep().unwrap();
+        (s.removed, s.entries)
+    }
+
+    /// Makes a flow look idle for `secs` more seconds: both halves' stamps move back, as if
+    /// that much time had passed since their last refresh.
+    pub fn age(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8, secs: u64) {
+        let key = ct_key(src, dst, proto);
+        let map = datapath::open_map(&self.pin_dir, map_names::CONNTRACK).unwrap();
+        let mut ct: HashMap<_, CtKey, CtValue> = map.try_into().unwrap();
+        let v = ct.get(&key, 0).unwrap_or_else(|_| panic!("no conntrack entry {key}"));
+        let peer = lb_user::datapath::conntrack::peer_of(&key, &v);
+        let back = lb_common::conntrack::secs(secs);
+        for k in [key, peer] {
+            if let Ok(mut half) = ct.get(&k, 0) {
+                let t = lb_common::conntrack::time(half.stamp).wrapping_sub(back);
+                half.stamp = lb_common::conntrack::stamp(lb_common::conntrack::nonce(half.stamp), t);
+                ct.insert(k, half, 0).unwrap();
+            }
+        }
+    }
+
+    /// Removes one half of a flow behind the datapath's back (as a bug or a lost entry
+    /// would), keeping the entry count honest.
+    pub fn lose_half(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) {
+        let map = datapath::open_map(&self.pin_dir, map_names::CONNTRACK).unwrap();
+        let mut ct: HashMap<_, CtKey, CtValue> = map.try_into().unwrap();
+        ct.remove(&ct_key(src, dst, proto)).unwrap();
+        let map = datapath::open_map(&self.pin_dir, map_names::CT_STATE).unwrap();
+        let mut state: aya::maps::Array<_, lb_common::CtState> = map.try_into().unwrap();
+        let mut s = state.get(&0, 0).unwrap();
+        s.entries -= 1;
+        state.set(0, s, 0).unwrap();
+    }
+
+    /// Inserts a flow's reply half holding a NAT port, as if a flow held it (for filling
+    /// the port range): (backend -> node:port), fresh, with a peer that does not exist, so
+    /// it counts as taken until the sweep finds it orphaned.
+    pub fn hold_nat_port(&self, backend: SocketAddrV4, port: u16, proto: u8) {
+        let map = datapath::open_map(&self.pin_dir, map_names::CONNTRACK).unwrap();
+        let mut ct: HashMap<_, CtKey, CtValue> = map.try_into().unwrap();
+        let now = lb_common::conntrack::units(lb_user::datapath::conntrack::coarse_now_ns());
+        let value = CtValue {
+            stamp: lb_common::conntrack::stamp(0x5eed, now),
+            nat_src_addr_be: addr_be(Ipv4Addr::new(203, 0, 113, 1)),
+            nat_dst_addr_be: addr_be(Ipv4Addr::new(203, 0, 113, 2)),
+            flags: lb_common::ct_flags::REPLY | lb_common::ct_flags::SNAT,
+            ..CtValue::default()
+        };
+        ct.insert(ct_key(backend, SocketAddrV4::new(NODE, port), proto), value, 0).unwrap();
+    }
+
+    /// Runs the tc egress program on a frame carrying `mark`: (action, frame out, mark after).
+    pub fn tc_egress(&mut self, frame: &[u8], mark: u32) -> (u32, Vec<u8>, u32) {
+        let program: &mut SchedClassifier =
+            self.dp.ebpf_mut().program_mut(program_names::TC_EGRESS).unwrap().try_into().unwrap();
+        // struct __sk_buff: len, pkt_type, mark (offset 8), ...; the kernel takes mark from it.
+        let mut ctx_in = [0u8; 192];
+        ctx_in[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; 192];
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                ..TestRunOptions::new()
+            })
+            .unwrap();
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out, u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()))
     }
 
     /// Runs the XDP program as if the frame came in on eth0: (action, frame out, what it left
@@ -257,15 +347,19 @@ impl Fixture {
     pub fn conntrack(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<CtValue> {
         let map = datapath::open_map(&self.pin_dir, map_names::CONNTRACK).unwrap();
         let ct: HashMap<_, CtKey, CtValue> = map.try_into().unwrap();
-        let key = CtKey {
-            src_addr_be: addr_be(*src.ip()),
-            dst_addr_be: addr_be(*dst.ip()),
-            src_port_be: src.port().to_be(),
-            dst_port_be: dst.port().to_be(),
-            proto,
-            _pad: [0; 3],
-        };
-        ct.get(&key, 0).ok()
+        ct.get(&ct_key(src, dst, proto), 0).ok()
+    }
+}
+
+/// The conntrack key of packets `src -> dst`.
+pub fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> CtKey {
+    CtKey {
+        src_addr_be: addr_be(*src.ip()),
+        dst_addr_be: addr_be(*dst.ip()),
+        src_port_be: src.port().to_be(),
+        dst_port_be: dst.port().to_be(),
+        proto,
+        _pad: [0; 3],
     }
 }
 

@@ -50,25 +50,36 @@ pub struct Changes {
     pub failures: Vec<String>,
 }
 
-/// Small integer ids, the lowest free one first, so that ids index arrays densely.
+/// Small integer ids, the lowest free one first, so that ids index arrays densely. Ids
+/// start at 1: 0 means "none" in the maps.
 #[derive(Debug, Default)]
 struct Ids {
-    used: BTreeSet<u32>,
+    /// Released ids below `next`.
+    free: BTreeSet<u32>,
+    next: u32,
     limit: u32,
 }
 
 impl Ids {
     fn new(limit: u32) -> Self {
-        Ids { used: BTreeSet::new(), limit }
+        Ids { free: BTreeSet::new(), next: 1, limit }
     }
-    /// Ids start at 1: 0 means "none" in the maps.
     fn take(&mut self) -> Option<u32> {
-        let id = (1..self.limit).find(|i| !self.used.contains(i))?;
-        self.used.insert(id);
-        Some(id)
+        if let Some(id) = self.free.pop_first() {
+            return Some(id);
+        }
+        (self.next < self.limit).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
     }
     fn release(&mut self, id: u32) {
-        self.used.remove(&id);
+        self.free.insert(id);
+    }
+    /// Marks ids found in use (adoption): the ones below them that nobody holds are free.
+    fn adopt(&mut self, used: &BTreeSet<u32>) {
+        self.next = used.last().map_or(1, |max| max + 1);
+        self.free = (1..self.next).filter(|i| !used.contains(i)).collect();
     }
 }
 
@@ -82,9 +93,11 @@ pub struct Reconciler {
     svc_pool: Ids,
     /// Filter words as the map holds them.
     filter: BTreeMap<u32, u64>,
-    /// Left over by an interrupted run, removed by the next apply.
+    /// Left over by an interrupted run, removed by the next apply; their frontend ids are
+    /// not handed out until then.
     stale_slots: Vec<SlotKey>,
     stale_ranges: Vec<(u32, Range)>,
+    stale_ids: BTreeSet<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,13 +120,13 @@ impl Reconciler {
             filter: store.filter_words()?.into_iter().collect(),
             stale_slots: Vec::new(),
             stale_ranges: Vec::new(),
+            stale_ids: BTreeSet::new(),
         };
         for (id, gen) in store.backend_gens()? {
             r.backend_gens.insert(id, gen);
         }
         for (id, backend) in store.backends()? {
             r.backend_gens.insert(id, backend.gen);
-            r.backend_pool.used.insert(id);
             r.backend_ids.insert(Backend { gen: 0, ..backend }, id);
         }
         let mut slots: BTreeMap<SlotKey, u32> = store.slots()?.into_iter().collect();
@@ -133,15 +146,15 @@ impl Reconciler {
                 }
             }
             state.ranges = ranges.remove(&value.svc_id).unwrap_or_default();
-            r.svc_pool.used.insert(value.svc_id);
             r.frontends.insert(key, state);
         }
         r.stale_slots = slots.into_keys().collect();
         r.stale_ranges = ranges.into_iter().flat_map(|(svc, rs)| rs.into_iter().map(move |r| (svc, r))).collect();
-        // Ids of leftovers are not handed out until the leftovers are gone.
-        let left: Vec<u32> =
-            r.stale_slots.iter().map(|k| k.svc_id).chain(r.stale_ranges.iter().map(|(id, _)| *id)).collect();
-        r.svc_pool.used.extend(left);
+        let live: BTreeSet<u32> = r.frontends.values().map(|f| f.svc_id).collect();
+        r.stale_ids = r.stale_slots.iter().map(|k| k.svc_id).chain(r.stale_ranges.iter().map(|(id, _)| *id)).collect();
+        r.stale_ids.retain(|id| !live.contains(id));
+        r.svc_pool.adopt(&live.union(&r.stale_ids).copied().collect());
+        r.backend_pool.adopt(&r.backend_ids.values().copied().collect());
         Ok(r)
     }
 
@@ -203,13 +216,14 @@ impl Reconciler {
 
     /// Frontend ids held only by leftovers that are now gone become free again.
     fn release_cleaned_ids(&mut self) {
-        let live: BTreeSet<u32> = self.frontends.values().map(|f| f.svc_id).collect();
         let left: BTreeSet<u32> =
             self.stale_slots.iter().map(|k| k.svc_id).chain(self.stale_ranges.iter().map(|(id, _)| *id)).collect();
-        let held: Vec<u32> =
-            self.svc_pool.used.iter().copied().filter(|id| !live.contains(id) && !left.contains(id)).collect();
-        for id in held {
-            self.svc_pool.release(id);
+        for id in std::mem::take(&mut self.stale_ids) {
+            if left.contains(&id) {
+                self.stale_ids.insert(id);
+            } else {
+                self.svc_pool.release(id);
+            }
         }
     }
 
@@ -256,11 +270,12 @@ impl Reconciler {
 
     fn backend_id<S: MapStore>(
         &mut self,
+        owner: u64,
         b: &BackendAddr,
         store: &mut S,
         changes: &mut Changes,
     ) -> Result<u32, WriteError<S::Error>> {
-        let key = Backend::new(b.addr, b.port, b.local, 0);
+        let key = Backend::new(b.addr, b.port, b.local, owner);
         if let Some(id) = self.backend_ids.get(&key) {
             return Ok(*id);
         }
@@ -304,15 +319,16 @@ impl Reconciler {
         store: &mut S,
         changes: &mut Changes,
     ) -> Result<(), WriteError<S::Error>> {
+        let owner = owner_of(frontend, key.proto);
         let mut sets: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
         for (set, backends) in [&frontend.backends, &frontend.short_circuit_backends].into_iter().enumerate() {
             for b in backends {
-                sets[set].push(self.backend_id(b, store, changes)?);
+                sets[set].push(self.backend_id(owner, b, store, changes)?);
             }
         }
         let mut retained = Vec::new();
         for b in &frontend.retained {
-            retained.push(self.backend_id(b, store, changes)?);
+            retained.push(self.backend_id(owner, b, store, changes)?);
         }
         if !self.frontends.contains_key(&key) {
             let svc_id = self.svc_pool.take().ok_or(WriteError::Exhausted("frontend", MAX_SERVICES - 1))?;
@@ -361,6 +377,14 @@ impl Reconciler {
         }
         Ok(())
     }
+}
+
+/// The owner of a frontend's backend ids: its Service port, hashed stably (FNV-1a), so the
+/// frontends of one Service port (ClusterIP, NodePorts, ...) share ids, other Services'
+/// frontends do not, and a restarted agent finds its ids again.
+fn owner_of(f: &Frontend, proto: u8) -> u64 {
+    let name = format!("{}/{}/{}/{proto}", f.service.namespace, f.service.name, f.port_name);
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 pub fn service_key(k: &FrontendKey) -> ServiceKey {
