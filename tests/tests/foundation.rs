@@ -73,7 +73,7 @@ fn pinned_maps_print_named_fields_with_bpftool() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
-    for field in ["\"node_addr_be\"", "\"snat_port_min\"", "\"cluster_cidr_prefix_len\""] {
+    for field in ["\"node_addr_be\"", "\"snat_port_min\"", "\"local_prefix_len\"", "\"ct_admit_limit\""] {
         assert!(text.contains(field), "bpftool shows {field}: {text}");
     }
     // Every pinned map carries BTF for its key and value types.
@@ -114,7 +114,7 @@ fn a_pinned_map_of_another_layout_is_refused_not_adopted() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("{}: key size is 4, this build expects 8", path.display())),
+        stderr.contains(&format!("{}: key size is 4, this agent (its build or its options) expects 8", path.display())),
         "the error names the map and the field: {stderr}"
     );
 }
