@@ -76,11 +76,13 @@ impl Netns {
         self.exec("sysctl", &["-qw", key_value]).map(drop)
     }
 
-    /// Emulates a NIC: complete checksums on transmit (veths otherwise hand partial
-    /// checksums to the peer, which no wire does), and NAPI on receive, which a veth needs
-    /// to take frames sent to it with XDP_TX.
-    pub fn as_wire(&self, dev: &str) -> Result<()> {
-        self.exec("ethtool", &["-K", dev, "tx", "off", "gro", "on"]).map(drop)
+    /// NAPI on receive, which a veth needs to take frames sent to it with XDP_TX. With
+    /// `complete_checksums`, also checksums completed on transmit, as a wire carries them;
+    /// otherwise the veth keeps its default, handing partial checksums (CHECKSUM_PARTIAL) to
+    /// its peer as pods and veth uplinks (kind clusters) do.
+    pub fn as_wire(&self, dev: &str, complete_checksums: bool) -> Result<()> {
+        let tx = if complete_checksums { "off" } else { "on" };
+        self.exec("ethtool", &["-K", dev, "tx", tx, "gro", "on"]).map(drop)
     }
 
     /// Keep the namespace after drop (for `lab up`).
@@ -109,11 +111,17 @@ pub fn in_netns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'sta
 }
 
 /// What to build.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Spec {
     /// Pods on each node; the number of entries is the number of nodes.
     pub pods_per_node: Vec<usize>,
     pub clients: usize,
+    /// Turn transmit checksum offload off on every veth (by default the devices keep
+    /// theirs, and packets carry partial checksums as real pods' do).
+    pub complete_checksums: bool,
+    /// Pod networks reach each other through a VXLAN overlay (`vxlan0` on each node, as
+    /// flannel's vxlan backend sets it up) instead of routes via the nodes' addresses.
+    pub overlay: bool,
 }
 
 #[derive(Debug)]
@@ -145,6 +153,7 @@ pub struct Lab {
     pub clients: Vec<Client>,
     wire_xdp: Option<WireXdp>,
     pub segment: Netns,
+    complete_checksums: bool,
 }
 
 /// The pass-through XDP program on the segment's ports (see `lb_xdp_pass`).
@@ -171,10 +180,16 @@ impl Lab {
         let segment = Netns::new(prefix, "seg")?;
         segment.ip(&["link", "add", "br0", "type", "bridge"])?;
         segment.ip(&["link", "set", "br0", "up"])?;
-        let mut lab = Lab { nodes: Vec::new(), clients: Vec::new(), wire_xdp: None, segment };
+        let mut lab = Lab {
+            nodes: Vec::new(),
+            clients: Vec::new(),
+            wire_xdp: None,
+            segment,
+            complete_checksums: spec.complete_checksums,
+        };
         let n = spec.pods_per_node.len();
         for (i, pods) in spec.pods_per_node.iter().enumerate() {
-            let node = lab.add_node(prefix, i, n)?;
+            let node = lab.add_node(prefix, i, n, spec.overlay)?;
             lab.nodes.push(node);
             for j in 0..*pods {
                 let pod = lab.add_pod(prefix, i, j)?;
@@ -195,13 +210,13 @@ impl Lab {
     fn plug(&self, ns: &Netns, dev: &str, port: &str) -> Result<()> {
         ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", port, "netns", &self.segment.name])?;
         self.segment.ip(&["link", "set", port, "master", "br0", "up"])?;
-        self.segment.as_wire(port)?;
-        ns.as_wire(dev)?;
+        self.segment.as_wire(port, self.complete_checksums)?;
+        ns.as_wire(dev, self.complete_checksums)?;
         ns.ip(&["link", "set", dev, "up"])?;
         Ok(())
     }
 
-    fn add_node(&self, prefix: &str, i: usize, nodes: usize) -> Result<Node> {
+    fn add_node(&self, prefix: &str, i: usize, nodes: usize, overlay: bool) -> Result<Node> {
         let name = format!("node{}", i + 1);
         let ns = Netns::new(prefix, &name)?;
         self.plug(&ns, "eth0", &format!("n{i}"))?;
@@ -210,8 +225,12 @@ impl Lab {
         for key in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
             ns.sysctl(key)?;
         }
-        for k in (0..nodes).filter(|k| *k != i) {
-            ns.ip(&["route", "add", &format!("10.244.{}.0/24", k + 1), "via", &node_addr(k).to_string()])?;
+        if overlay {
+            add_vxlan(&ns, i, nodes)?;
+        } else {
+            for k in (0..nodes).filter(|k| *k != i) {
+                ns.ip(&["route", "add", &format!("10.244.{}.0/24", k + 1), "via", &node_addr(k).to_string()])?;
+            }
         }
         Ok(Node { name, ns, addr, uplink: "eth0", pods: Vec::new() })
     }
@@ -231,8 +250,8 @@ impl Lab {
         let addr = pod_addr(i, j);
         let gateway = format!("10.244.{}.1", i + 1);
         node.ns.ip(&["link", "add", &host_device, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-        node.ns.as_wire(&host_device)?;
-        ns.as_wire("eth0")?;
+        node.ns.as_wire(&host_device, self.complete_checksums)?;
+        ns.as_wire("eth0", self.complete_checksums)?;
         node.ns.ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_device])?;
         node.ns.ip(&["link", "set", &host_device, "up"])?;
         node.ns.ip(&["route", "add", &format!("{addr}/32"), "dev", &host_device])?;
@@ -272,6 +291,26 @@ impl Lab {
         }
         Ok(())
     }
+}
+
+/// The overlay device of node `i`, as flannel's vxlan backend makes it: `vxlan0` with the
+/// node's pod network's .0 address; for each other node a route to its pod network via
+/// its .0 on the overlay, a permanent neighbour entry for that .0 (the other node's VTEP
+/// MAC) and a forwarding entry sending that MAC to the other node's address.
+fn add_vxlan(ns: &Netns, i: usize, nodes: usize) -> Result<()> {
+    let vtep_mac = |k: usize| format!("02:00:00:00:1e:{:02x}", k + 1);
+    let addr = node_addr(i).to_string();
+    ns.ip(&["link", "add", "vxlan0", "type", "vxlan", "id", "1", "local", &addr, "dstport", "4789", "dev", "eth0", "nolearning"])?;
+    ns.ip(&["link", "set", "vxlan0", "address", &vtep_mac(i)])?;
+    ns.ip(&["addr", "add", &format!("10.244.{}.0/32", i + 1), "dev", "vxlan0"])?;
+    ns.ip(&["link", "set", "vxlan0", "up"])?;
+    for k in (0..nodes).filter(|k| *k != i) {
+        let gateway = format!("10.244.{}.0", k + 1);
+        ns.ip(&["neigh", "add", &gateway, "lladdr", &vtep_mac(k), "dev", "vxlan0", "nud", "permanent"])?;
+        run("bridge", &["-n", &ns.name, "fdb", "add", &vtep_mac(k), "dev", "vxlan0", "dst", &node_addr(k).to_string()])?;
+        ns.ip(&["route", "add", &format!("10.244.{}.0/24", k + 1), "via", &gateway, "dev", "vxlan0", "onlink"])?;
+    }
+    Ok(())
 }
 
 fn attach_wire_xdp(segment: &str, ports: Vec<String>) -> Result<WireXdp> {

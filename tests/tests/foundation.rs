@@ -33,7 +33,7 @@ fn load(lab: &Lab) -> Pins {
 #[test]
 fn loaded_programs_count_real_packets_and_unload_cleanly() {
     lb_tests::require_root();
-    let lab = Lab::build("lbt", &Spec { pods_per_node: vec![0], clients: 1 }).unwrap();
+    let lab = Lab::build("lbt", &Spec { pods_per_node: vec![0], clients: 1, ..Spec::default() }).unwrap();
     let node = &lab.nodes[0];
     let pins = load(&lab);
     // Loading again replaces the attachment instead of stacking a second one.
@@ -64,7 +64,7 @@ fn loaded_programs_count_real_packets_and_unload_cleanly() {
 #[test]
 fn pinned_maps_print_named_fields_with_bpftool() {
     lb_tests::require_root();
-    let lab = Lab::build("lbt", &Spec { pods_per_node: vec![0], clients: 0 }).unwrap();
+    let lab = Lab::build("lbt", &Spec { pods_per_node: vec![0], ..Spec::default() }).unwrap();
     let pins = load(&lab);
     let pin_dir = pins.0.display().to_string();
     let out = Command::new("bpftool")
@@ -186,7 +186,7 @@ fn a_panicking_test_leaves_no_namespace_behind() {
     lb_tests::require_root();
     let names = std::sync::Mutex::new(Vec::new());
     let result = std::panic::catch_unwind(|| {
-        let lab = Lab::build("lbt", &Spec { pods_per_node: vec![1], clients: 1 }).unwrap();
+        let lab = Lab::build("lbt", &Spec { pods_per_node: vec![1], clients: 1, ..Spec::default() }).unwrap();
         names.lock().unwrap().extend([
             lab.segment.name.clone(),
             lab.nodes[0].ns.name.clone(),

@@ -116,7 +116,7 @@ fn start_with(clients: usize, agent_args: &[&str]) -> Cluster {
     let yaml = with_lb_status(&manifests());
     let c = Cluster::start(
         "lbt",
-        &Spec { pods_per_node: vec![1, 2], clients },
+        &Spec { pods_per_node: vec![1, 2], clients, ..Spec::default() },
         Manifests::inline(&yaml).unwrap(),
         agent_args,
     )

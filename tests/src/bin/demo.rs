@@ -20,7 +20,7 @@ fn main() -> Result<()> {
     let manifests = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("examples"));
     println!("== building the lab: client -- bridge -- node1 (pod-a), node2 (pod-b, pod-c),");
     println!("   an echo backend in every pod, the agent on each node serving {}", manifests.display());
-    let spec = Spec { pods_per_node: vec![1, 2], clients: 1 };
+    let spec = Spec { pods_per_node: vec![1, 2], clients: 1, ..Spec::default() };
     let cluster = Cluster::start("lbd", &spec, Manifests::existing(&manifests), &[])?;
     let (lab, agents) = (&cluster.lab, &cluster.agents);
     for (i, p) in lab.nodes.iter().flat_map(|n| n.pods.iter()).enumerate() {

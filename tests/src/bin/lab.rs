@@ -9,7 +9,7 @@ fn main() -> Result<()> {
     lb_tests::require_root();
     match std::env::args().nth(1).as_deref() {
         Some("up") => {
-            let mut lab = Lab::build(PREFIX, &Spec { pods_per_node: vec![1, 2], clients: 1 })?;
+            let mut lab = Lab::build(PREFIX, &Spec { pods_per_node: vec![1, 2], clients: 1, ..Spec::default() })?;
             lab.keep(PREFIX)?;
             for node in &lab.nodes {
                 println!("{} ({}): netns {}", node.name, node.addr, node.ns.name);
