@@ -33,8 +33,8 @@ counters! {
     REPLY = 5, "reply";
     /// ICMP error about a translated flow, translated back for the other end.
     ICMP_ERROR_TRANSLATED = 6, "icmp_error_translated";
-    /// Frontend with no backend anywhere: the client was refused (ICMP port unreachable
-    /// for UDP and TCP SYNs).
+    /// Frontend with no backend anywhere: the client was refused (a TCP reset, or ICMP port
+    /// unreachable for UDP).
     REFUSED_NO_BACKEND = 7, "refused_no_backend";
     /// Frontend with no backend here while a traffic policy is Local: dropped silently.
     DROP_NO_LOCAL_BACKEND = 8, "drop_no_local_backend";

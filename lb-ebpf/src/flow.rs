@@ -286,8 +286,14 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
     let set = short_circuit as usize;
     let slots = svc.count[set] as u32;
     if slots == 0 {
+        // Refused: TCP with a reset, UDP with ICMP port unreachable. A reset reaches a
+        // connecting socket whatever the timing; an ICMP error arriving while connect()
+        // still holds the socket (an answer from the same node comes back that fast) is
+        // only a soft error, and the client waits for its retransmission.
         return if svc.flags & service_flags::DROP_WHEN_EMPTY != 0 && !short_circuit {
             Verdict::drop(counters::DROP_NO_LOCAL_BACKEND)
+        } else if k.proto == IPPROTO_TCP {
+            Verdict::reset(counters::REFUSED_NO_BACKEND)
         } else {
             Verdict::refuse()
         };

@@ -14,8 +14,8 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
@@ -437,8 +437,10 @@ impl Unreachable {
     }
 }
 
-/// Answers ICMP destination unreachable to the sender: room for the new IPv4 + ICMP headers
-/// is made right after the Ethernet header, which leaves the packet where ICMP quotes it.
+/// Answers ICMP destination unreachable to the sender: the answer (new headers, then the
+/// offending packet's IPv4 header + 8 bytes as the quote) is built in a buffer and written
+/// over the packet, cut or grown to its length. (Making room in front with adjust_room
+/// fails on a packet whose checksum is partial, as a pod's are.)
 // A call of its own, so its locals do not add to the hot path's frame.
 #[inline(never)]
 fn answer_unreachable(ctx: &TcContext, p: &Parsed, u: Unreachable) -> i32 {
@@ -446,23 +448,20 @@ fn answer_unreachable(ctx: &TcContext, p: &Parsed, u: Unreachable) -> i32 {
         count(counters::ANSWER_RATE_LIMITED, p.frame_len);
         return TC_ACT_SHOT;
     }
-    count(u.counter, p.frame_len);
     let mut macs = [0u8; 12];
     let mut frame = [0u8; icmp::ANSWER_LEN];
-    // Loads into our own buffers (aya's `load` returns copies, and this frame's size counts
-    // against the verifier's stack budget).
-    if load(ctx, 0, &mut macs) != 0
-        || ctx.adjust_room(icmp::GROW as i32, BPF_ADJ_ROOM_MAC, 0).is_err()
-        // SAFETY: plain helper call on our own skb.
-        || unsafe { bpf_skb_change_tail(ctx.skb.skb, icmp::ANSWER_LEN as u32, 0) } != 0
-        || load(ctx, 0, &mut frame) != 0
+    let mut quote = [0u8; icmp::QUOTE_LEN];
+    if load(ctx, 0, &mut macs) != 0 || load(ctx, IP_OFF, &mut quote) != 0 {
+        return TC_ACT_SHOT;
+    }
+    frame[icmp::HEADERS_LEN..].copy_from_slice(&quote);
+    icmp::write_unreachable(&mut frame, macs, u.code, u.mtu);
+    // SAFETY: plain helper call on our own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, icmp::ANSWER_LEN as u32, 0) } != 0 || ctx.store(0, &frame, 0).is_err()
     {
         return TC_ACT_SHOT;
     }
-    icmp::write_unreachable(&mut frame, macs, u.code, u.mtu);
-    if ctx.store(0, &frame, 0).is_err() {
-        return TC_ACT_SHOT;
-    }
+    count(u.counter, p.frame_len);
     back_where_it_came_from(ctx)
 }
 
@@ -473,7 +472,6 @@ fn answer_reset(ctx: &TcContext, p: &Parsed, counter: u32) -> i32 {
         count(counters::ANSWER_RATE_LIMITED, p.frame_len);
         return TC_ACT_SHOT;
     }
-    count(counter, p.frame_len);
     let Ok(doff) = ctx.load::<u8>(L4_OFF + 12) else { return TC_ACT_SHOT };
     let segment_len = p.l4_len.saturating_sub(((doff >> 4) as u16) * 4);
     // SAFETY: plain helper call on our own skb.
@@ -488,6 +486,7 @@ fn answer_reset(ctx: &TcContext, p: &Parsed, counter: u32) -> i32 {
     if ctx.store(0, &frame, BPF_F_RECOMPUTE_CSUM as u64).is_err() {
         return TC_ACT_SHOT;
     }
+    count(counter, p.frame_len);
     back_where_it_came_from(ctx)
 }
 

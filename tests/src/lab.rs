@@ -300,14 +300,32 @@ impl Lab {
 fn add_vxlan(ns: &Netns, i: usize, nodes: usize) -> Result<()> {
     let vtep_mac = |k: usize| format!("02:00:00:00:1e:{:02x}", k + 1);
     let addr = node_addr(i).to_string();
-    ns.ip(&["link", "add", "vxlan0", "type", "vxlan", "id", "1", "local", &addr, "dstport", "4789", "dev", "eth0", "nolearning"])?;
+    ns.ip(&[
+        "link",
+        "add",
+        "vxlan0",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &addr,
+        "dstport",
+        "4789",
+        "dev",
+        "eth0",
+        "nolearning",
+    ])?;
     ns.ip(&["link", "set", "vxlan0", "address", &vtep_mac(i)])?;
     ns.ip(&["addr", "add", &format!("10.244.{}.0/32", i + 1), "dev", "vxlan0"])?;
     ns.ip(&["link", "set", "vxlan0", "up"])?;
     for k in (0..nodes).filter(|k| *k != i) {
         let gateway = format!("10.244.{}.0", k + 1);
         ns.ip(&["neigh", "add", &gateway, "lladdr", &vtep_mac(k), "dev", "vxlan0", "nud", "permanent"])?;
-        run("bridge", &["-n", &ns.name, "fdb", "add", &vtep_mac(k), "dev", "vxlan0", "dst", &node_addr(k).to_string()])?;
+        run(
+            "bridge",
+            &["-n", &ns.name, "fdb", "add", &vtep_mac(k), "dev", "vxlan0", "dst", &node_addr(k).to_string()],
+        )?;
         ns.ip(&["route", "add", &format!("10.244.{}.0/24", k + 1), "via", &gateway, "dev", "vxlan0", "onlink"])?;
     }
     Ok(())

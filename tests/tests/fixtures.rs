@@ -12,7 +12,7 @@ use lb_common::{
 };
 use lb_tests::{
     fixture::*,
-    packet::{checksums_ok, endpoints, Frame, ACK, CLIENT_MAC, FIN, NODE_MAC, SYN},
+    packet::{checksums_ok, endpoints, Frame, ACK, CLIENT_MAC, FIN, NODE_MAC, RST, SYN},
 };
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -160,13 +160,21 @@ fn run_fixtures(fx: &mut Fixture) {
     let syn = Frame::tcp(client, sa(NODE, 30083), SYN).bytes();
     assert_eq!(fx.xdp(&syn).0, XDP_DROP);
 
-    // 8. No endpoints at all: ICMP port unreachable, TCP and UDP, sent back by XDP_TX.
-    for frame in [Frame::tcp(client, sa(NODE, 30099), SYN).bytes(), Frame::udp(client, sa(NODE, 30099)).bytes()] {
-        let (action, out, _) = fx.xdp(&frame);
-        assert_eq!(action, XDP_TX);
-        assert_eq!(out, port_unreachable(&frame), "ICMP port unreachable bytes");
-        assert!(checksums_ok(&out));
-    }
+    // 8. No endpoints at all: refused and sent back by XDP_TX; UDP with ICMP port
+    // unreachable, TCP with a reset.
+    let frame = Frame::udp(client, sa(NODE, 30099)).bytes();
+    let (action, out, _) = fx.xdp(&frame);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(out, port_unreachable(&frame), "ICMP port unreachable bytes");
+    assert!(checksums_ok(&out));
+    let syn = Frame::tcp(client, sa(NODE, 30099), SYN);
+    let (action, out, _) = fx.xdp(&syn.bytes());
+    assert_eq!(action, XDP_TX);
+    assert_eq!((out.len(), endpoints(&out)), (54, (sa(NODE, 30099), client)), "back from the frontend");
+    assert_eq!(&out[0..12], &[CLIENT_MAC, NODE_MAC].concat()[..]);
+    assert_eq!(out[47], RST | ACK);
+    assert_eq!(&out[42..46], &1001u32.to_be_bytes(), "acknowledging the SYN (seq 1000)");
+    assert!(checksums_ok(&out));
 
     // 9. loadBalancerSourceRanges: only 192.168.50.101 may use the LB IP.
     assert_eq!(fx.xdp(&Frame::tcp(client, sa(Ipv4Addr::new(192, 168, 60, 6), 80), SYN).bytes()).0, XDP_DROP);
