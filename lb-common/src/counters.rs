@@ -79,6 +79,9 @@ counters! {
     EGRESS_REWRITTEN = 26, "egress_rewritten";
     /// A half whose peer was gone: removed, the packet treated as untracked.
     FLOW_ORPHANED = 27, "flow_orphaned";
+    /// A packet of a translated flow too big for its path (DF set): answered with ICMP
+    /// fragmentation needed, quoting it as its sender sent it.
+    FRAG_NEEDED_ANSWERED = 28, "frag_needed_answered";
 }
 
 #[cfg(test)]

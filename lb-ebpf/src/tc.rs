@@ -161,10 +161,28 @@ fn translate(ctx: &TcContext, p: &Parsed, t: &Verdict, cfg: &Config) -> i32 {
 /// Would the translated packet need fragmenting on its way (DF set)? The MTU it meets, or
 /// 0. Checked against the path the half's cache says fits (packets up to the largest that
 /// passed), else with a FIB lookup.
+/// The largest IPv4 packet this skb becomes on the wire: its own length, or for a GSO
+/// super-packet (a pod's TCP hands over up to 64 KB at once) the headers plus one segment,
+/// as the kernel's forwarding path checks it.
+#[inline(always)]
+fn wire_len(ctx: &TcContext, p: &Parsed) -> u16 {
+    // SAFETY: reading a field of the valid context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return p.l4_len + 20;
+    }
+    let l4_header = if p.key.proto == IPPROTO_TCP {
+        ctx.load::<u8>(L4_OFF + 12).map_or(20, |doff| (doff >> 4) as u16 * 4)
+    } else {
+        8
+    };
+    (20 + l4_header + gso_size as u16).min(p.l4_len + 20)
+}
+
 // A call of its own: the FIB lookup's result would otherwise sit in the entry's frame.
 #[inline(never)]
 fn frag_needed(ctx: &TcContext, p: &Parsed, t: &Verdict) -> u16 {
-    let tot_len = p.l4_len + 20;
+    let tot_len = wire_len(ctx, p);
     if t.hop_flags & ct_flags::HOP != 0 && tot_len <= t.hop_mtu {
         return 0;
     }
@@ -433,7 +451,7 @@ impl Unreachable {
         Unreachable { counter: counters::REFUSED_NO_BACKEND, code: icmp::PORT_UNREACHABLE, mtu: 0 }
     }
     pub const fn frag_needed(mtu: u16) -> Self {
-        Unreachable { counter: counters::ICMP_ERROR_TRANSLATED, code: icmp::FRAG_NEEDED, mtu }
+        Unreachable { counter: counters::FRAG_NEEDED_ANSWERED, code: icmp::FRAG_NEEDED, mtu }
     }
 }
 

@@ -168,3 +168,203 @@ pub fn parse_answer(answer: &str) -> Option<(String, SocketAddrV4)> {
     let (name, peer) = answer.trim().split_once(" saw ")?;
     Some((name.to_string(), peer.parse().ok()?))
 }
+
+/// A TCP server for bulk transfers: `PUT <n>\n` then n bytes is answered with the count of
+/// bytes received; `GET <n>\n` with n bytes; `ECHO 0\n` echoes what follows until the
+/// client closes (a long-lived connection). Stops on drop.
+pub struct Bulk {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Bulk {
+    pub fn start(ns: &str, addr: Ipv4Addr, port: u16) -> Result<Bulk> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (ns, stopped) = (ns.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            if let Err(e) = lb_user::netns::enter(&ns) {
+                let _ = ready_tx.send(Err(anyhow!("{e}")));
+                return;
+            }
+            let listener = match TcpListener::bind((addr, port)).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow!("bulk server on {addr}:{port}: {e}")));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        std::thread::spawn(move || {
+                            let _ = serve_bulk(conn);
+                        });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => return,
+                }
+            }
+        });
+        ready_rx.recv_timeout(TIMEOUT).map_err(|_| anyhow!("bulk server did not start"))??;
+        Ok(Bulk { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Bulk {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Bounded: a transfer that stalls (a path MTU black hole) fails in this time.
+const BULK_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn serve_bulk(mut conn: TcpStream) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(BULK_TIMEOUT))?;
+    conn.set_write_timeout(Some(BULK_TIMEOUT))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' && line.len() < 64 {
+        conn.read_exact(&mut byte)?;
+        line.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&line);
+    let (verb, n) = text.trim().split_once(' ').unwrap_or(("", "0"));
+    let n: usize = n.parse().unwrap_or(0);
+    if verb == "GET" {
+        conn.write_all(&vec![b'x'; n])?;
+        return Ok(());
+    }
+    if verb == "ECHO" {
+        let mut buf = [0u8; 1500];
+        loop {
+            match conn.read(&mut buf)? {
+                0 => return Ok(()),
+                k => conn.write_all(&buf[..k])?,
+            }
+        }
+    }
+    let mut got = 0;
+    let mut buf = vec![0u8; 65536];
+    while got < n {
+        match conn.read(&mut buf)? {
+            0 => break,
+            k => got += k,
+        }
+    }
+    conn.write_all(got.to_string().as_bytes())
+}
+
+/// Sends `n` bytes to a [`Bulk`] server from inside `ns`; the count it received.
+pub fn bulk_put(ns: &str, dst: SocketAddrV4, n: usize) -> io::Result<usize> {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+        s.set_read_timeout(Some(BULK_TIMEOUT))?;
+        s.set_write_timeout(Some(BULK_TIMEOUT))?;
+        s.write_all(format!("PUT {n}\n").as_bytes())?;
+        s.write_all(&vec![b'y'; n])?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        out.trim().parse().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{out:?}: {e}")))
+    })
+}
+
+/// Fetches `n` bytes from a [`Bulk`] server from inside `ns`; how many arrived.
+pub fn bulk_get(ns: &str, dst: SocketAddrV4, n: usize) -> io::Result<usize> {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+        s.set_read_timeout(Some(BULK_TIMEOUT))?;
+        s.write_all(format!("GET {n}\n").as_bytes())?;
+        let mut got = 0;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match s.read(&mut buf)? {
+                0 => return Ok(got),
+                k => got += k,
+            }
+        }
+    })
+}
+
+/// A long-lived connection to a [`Bulk`] server's echo, opened from inside `ns` (the
+/// socket stays in that namespace; using it from another thread is fine).
+pub fn echo_connection(ns: &str, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.write_all(b"ECHO 0\n")?;
+        Ok(s)
+    })
+}
+
+/// One round trip on an echo connection.
+pub fn echo_round_trip(s: &mut TcpStream, message: &[u8]) -> io::Result<()> {
+    s.write_all(message)?;
+    let mut back = vec![0u8; message.len()];
+    s.read_exact(&mut back)?;
+    if back != message {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "echoed something else"));
+    }
+    Ok(())
+}
+
+/// Sends `count` TCP SYNs from inside `ns` with raw sockets, from `src` with source ports
+/// counting up from `first_port` (wrapping within 1024..65535), to `dst`: a bounded flood
+/// of new flows, paced to about `per_second`.
+pub fn syn_flood(
+    ns: &str,
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+    first_port: u16,
+    count: usize,
+    per_second: usize,
+) -> io::Result<()> {
+    in_netns(ns, move || {
+        // SAFETY: a raw socket we own and close below; IP_HDRINCL: we write the IPv4 header.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        let started = std::time::Instant::now();
+        let mut result = Ok(());
+        for i in 0..count {
+            let port = 1024 + ((first_port as usize - 1024 + i) % (65535 - 1024)) as u16;
+            let frame = crate::packet::Frame::tcp(SocketAddrV4::new(src, port), dst, crate::packet::SYN).bytes();
+            let packet = &frame[14..];
+            // SAFETY: sending our own buffer to a valid sockaddr_in.
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&to as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            if sent < 0 {
+                result = Err(io::Error::last_os_error());
+                break;
+            }
+            let due = Duration::from_secs_f64((i + 1) as f64 / per_second as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        // SAFETY: closing the fd we opened.
+        unsafe { libc::close(fd) };
+        result
+    })
+}

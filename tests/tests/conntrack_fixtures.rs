@@ -409,6 +409,7 @@ fn path_mtu_discovery_works_through_the_translation_and_refusals_are_rate_limite
         assert_eq!(&out[62..70], &big[34..42]);
         assert!(checksums_ok(&out));
         assert_eq!(delta(fx, &before, "established"), 0, "not forwarded");
+        assert_eq!(delta(fx, &before, "frag_needed_answered"), 1);
         let fits = Frame { payload: vec![1; 1300], ..Frame::tcp(client, np(30080), ACK) }.bytes();
         assert_eq!(fx.xdp(&fits).0, XDP_TX);
         assert_eq!(delta(fx, &before, "established"), 1);
