@@ -83,6 +83,10 @@ pub mod bits {
     /// directions carry on after an unvalidated reset is alive, and RST is cleared.
     pub const SEEN_ORIG: u32 = 1 << 4;
     pub const SEEN_REPLY: u32 = 1 << 5;
+    /// Forward half only: the flow counts in its backend's live flows. Whoever clears it
+    /// (atomically: at the flow's close, or at its removal) takes the flow off the count,
+    /// so it is counted down exactly once.
+    pub const LIVE: u32 = 1 << 6;
 }
 
 /// The phase a flow's bits put it in, which sets its timeout.

@@ -32,10 +32,29 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "LB_FRAGMENTS";
     pub const RATE_LIMIT: &str = "LB_RATE_LIMIT";
     pub const REAP_QUEUE: &str = "LB_REAP_QUEUE";
+    /// Per frontend (by svc_id) traffic, per CPU.
+    pub const FRONTEND_STATS: &str = "LB_FE_STATS";
+    /// Per backend (by backend id) traffic and new flows, per CPU.
+    pub const BACKEND_STATS: &str = "LB_BE_STATS";
+    /// Per backend: flows open now (started and not yet closed), shared by all CPUs.
+    pub const BACKEND_LIVE: &str = "LB_BE_LIVE";
     /// Every map the agent pins; all survive an agent restart.
-    pub const ALL: [&str; 12] = [
-        SERVICES, SLOTS, BACKENDS, CONNTRACK, CT_STATE, SRC_RANGES, CONFIG, COUNTERS, FRONT_BITS, FRAGMENTS,
-        RATE_LIMIT, REAP_QUEUE,
+    pub const ALL: [&str; 15] = [
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        CONNTRACK,
+        CT_STATE,
+        SRC_RANGES,
+        CONFIG,
+        COUNTERS,
+        FRONT_BITS,
+        FRAGMENTS,
+        RATE_LIMIT,
+        REAP_QUEUE,
+        FRONTEND_STATS,
+        BACKEND_STATS,
+        BACKEND_LIVE,
     ];
 }
 
@@ -84,7 +103,11 @@ pub const XDP_META_PARTIAL: u32 = 0x4c42_5043;
 /// Capacities of the maps the agent does not size at load time.
 pub const MAX_SERVICES: u32 = 131_072;
 pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
-pub const MAX_BACKENDS: u32 = 1_048_576;
+/// Default capacities of what the agent sizes at load time (`datapath::Capacity`): frontend
+/// ids (and their per-CPU counters), backend ids (the backend table, per-CPU counters and
+/// live-flow counts).
+pub const DEFAULT_FRONTENDS: u32 = 32_768;
+pub const DEFAULT_BACKENDS: u32 = 32_768;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub const MAX_FRAGMENTS: u32 = 8_192;
 pub const MAX_RATE_LIMITED: u32 = 16_384;
@@ -288,6 +311,16 @@ pub struct CtValue {
     pub hop_smac: [u8; 6],
 }
 
+/// Traffic of one backend on one CPU (LB_BE_STATS).
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
 /// Conntrack accounting, the single entry of LB_CT_STATE, changed with atomic adds.
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -476,6 +509,7 @@ mod tests {
         assert_eq!(size_of::<FragValue>(), 24);
         assert_eq!(size_of::<BenchFrame>(), 64);
         assert_eq!(size_of::<XdpMeta>(), 8);
+        assert_eq!(size_of::<BackendStats>(), 24);
     }
 
     #[test]

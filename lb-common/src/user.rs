@@ -25,6 +25,7 @@ pod!(
     FragValue,
     Bucket,
     XdpMeta,
+    BackendStats,
     counters::Counter
 );
 

@@ -9,13 +9,13 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    conntrack::{nonce, stamp, units, DEAD},
-    Config, CtKey, CtValue, IPPROTO_TCP,
+    conntrack::{bits, nonce, phase, stamp, units, Phase, DEAD},
+    ct_flags, Config, CtKey, CtValue, IPPROTO_TCP,
 };
 
 use crate::{
     atomic,
-    maps::{ct_state, LB_CONNTRACK},
+    maps::{ct_state, LB_BE_LIVE, LB_CONNTRACK},
 };
 
 /// Coarse time in conntrack units.
@@ -90,6 +90,27 @@ fn count_entries(delta: i64) {
     }
 }
 
+/// Adds `delta` to a backend's open flows.
+#[inline(always)]
+pub fn count_live(backend_id: u32, delta: i64) {
+    if let Some(n) = LB_BE_LIVE.get_ptr_mut(backend_id) {
+        // SAFETY: an array value, changed only atomically.
+        unsafe { atomic::fetch_add(n, delta as u64) };
+    }
+}
+
+/// Takes a flow off its backend's open flows if no one did yet: clears the forward
+/// half's LIVE bit, and whoever finds it set counts down.
+#[inline(always)]
+fn end_live(v: *mut CtValue) {
+    // SAFETY: reading plain integers of a live map value; the state changes atomically.
+    unsafe {
+        if (*v).flags & ct_flags::REPLY == 0 && atomic::fetch_and(state_ptr(v), !bits::LIVE) & bits::LIVE != 0 {
+            count_live((*v).backend_id, -1);
+        }
+    }
+}
+
 /// Inserts a half that no entry holds yet.
 #[inline(always)]
 pub fn insert(key: &CtKey, value: &CtValue) -> bool {
@@ -109,13 +130,17 @@ pub fn reap(key: &CtKey, v: *mut CtValue, seen: u64) -> bool {
         return false;
     }
     let peer = peer_key(v, key.proto);
+    end_live(v);
     if LB_CONNTRACK.remove(key).is_ok() {
         count_entries(-1);
     }
     if let Some(p) = LB_CONNTRACK.get_ptr_mut(&peer) {
         let ps = load_stamp(p);
-        if nonce(ps) == nonce(seen) && swap_stamp(p, ps, DEAD).is_ok() && LB_CONNTRACK.remove(&peer).is_ok() {
-            count_entries(-1);
+        if nonce(ps) == nonce(seen) && swap_stamp(p, ps, DEAD).is_ok() {
+            end_live(p);
+            if LB_CONNTRACK.remove(&peer).is_ok() {
+                count_entries(-1);
+            }
         }
     }
     true
@@ -161,6 +186,11 @@ pub fn refresh(key: &CtKey, v: *mut CtValue, seen: u64, states: u64, now: u32) -
         let _ = swap_stamp(p, ps, fresh);
     }
     apply_state(p, old, new);
+    // A flow that closes leaves its backend's open flows now, not when it is removed.
+    if phase(new) == Phase::Closed && phase(old) != Phase::Closed {
+        end_live(v);
+        end_live(p);
+    }
     true
 }
 

@@ -69,7 +69,10 @@ pub struct Verdict {
     pub hop_mtu: u16,
     pub hop_dmac: [u8; 6],
     pub hop_smac: [u8; 6],
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Translate: the flow's frontend and backend, for their counters.
+    pub svc_id: u32,
+    pub backend_id: u32,
 }
 
 /// `Verdict::action`
@@ -101,7 +104,9 @@ impl Verdict {
             hop_mtu: 0,
             hop_dmac: [0; 6],
             hop_smac: [0; 6],
-            _pad: [0; 6],
+            _pad: [0; 2],
+            svc_id: 0,
+            backend_id: 0,
         }
     }
     pub const fn pass(counter: u32) -> Verdict {
@@ -120,8 +125,8 @@ impl Verdict {
         Verdict::of(action::UNTRACKED, 0)
     }
     #[inline(always)]
-    fn translate(rw: Rewrite, counter: u32, egress: u16) -> Verdict {
-        Verdict { rw, counter, egress, ..Verdict::of(action::TRANSLATE, counter) }
+    fn translate(rw: Rewrite, counter: u32, egress: u16, svc_id: u32, backend_id: u32) -> Verdict {
+        Verdict { rw, counter, egress, svc_id, backend_id, ..Verdict::of(action::TRANSLATE, counter) }
     }
 
     /// With the next hop `half` caches, if it has one and `fresh`.
@@ -227,7 +232,8 @@ fn follow(p: &Parsed, v: *mut CtValue) -> Verdict {
     let seen = ct::load_stamp(v);
     let state = ct::load_state(v);
     // SAFETY: reading plain integers of a live map value.
-    let (flags, backend_id, backend_gen) = unsafe { ((*v).flags, (*v).backend_id, (*v).backend_gen) };
+    let (flags, backend_id, backend_gen, svc_id) =
+        unsafe { ((*v).flags, (*v).backend_id, (*v).backend_gen, (*v).svc_id) };
     let reply = flags & ct_flags::REPLY != 0;
     if !alive(k.proto, state, seen, now) || (!reply && restarts(k.proto, state, p.tcp_flags)) {
         ct::reap(k, v, seen);
@@ -260,7 +266,7 @@ fn follow(p: &Parsed, v: *mut CtValue) -> Verdict {
         return Verdict::untracked();
     }
     let counter = if reply { counters::REPLY } else { counters::ESTABLISHED };
-    Verdict::translate(rw, counter, egress).with_hop(v, !refresh)
+    Verdict::translate(rw, counter, egress, svc_id, backend_id).with_hop(v, !refresh)
 }
 
 // New flows are the slow path: a call of its own keeps their locals (two conntrack values,
@@ -381,6 +387,7 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
     forward.nat_src_port_be = reply_key.dst_port_be;
     forward.nat_dst_port_be = b.port_be;
     forward.flags &= !ct_flags::REPLY;
+    forward.state |= lb_common::conntrack::bits::LIVE;
     if !insert_or_reclaim(k, forward) {
         // Another CPU started this very flow a moment ago: it keeps it.
         if let Some(v) = LB_CONNTRACK.get_ptr_mut(&reply_key) {
@@ -388,7 +395,8 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
         }
         return Verdict::drop(counters::DROP_CT_RACE);
     }
-    Verdict::translate(Rewrite::of(forward), counters::NEW_FLOW, egress_payload(k, forward))
+    ct::count_live(backend_id, 1);
+    Verdict::translate(Rewrite::of(forward), counters::NEW_FLOW, egress_payload(k, forward), svc.svc_id, backend_id)
 }
 
 /// Inserts a half at `key`; a dead entry there (expired, or being removed) is removed

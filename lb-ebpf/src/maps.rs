@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     counters::{self, Counter},
-    front_filter_bit, Backend, Bucket, Config, CtKey, CtState, CtValue, FragKey, FragValue, ServiceKey, ServiceValue,
-    SlotKey, SourceRange, DEFAULT_CONNTRACK_ENTRIES, FRONT_FILTER_BITS, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_FRAGMENTS,
-    MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
+    front_filter_bit, Backend, BackendStats, Bucket, Config, CtKey, CtState, CtValue, FragKey, FragValue, ServiceKey,
+    ServiceValue, SlotKey, SourceRange, DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FRONTENDS,
+    FRONT_FILTER_BITS, MAX_BACKEND_SLOTS, MAX_FRAGMENTS, MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
 };
 
 #[btf_map]
@@ -18,9 +18,22 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usiz
 #[btf_map]
 pub static LB_SLOTS: HashMap<SlotKey, u32, { MAX_BACKEND_SLOTS as usize }> = HashMap::new();
 
+/// Indexed by backend id. The agent sizes it (and the backend counters) at load.
+#[btf_map]
+pub static LB_BACKENDS: Array<Backend, { DEFAULT_BACKENDS as usize }> = Array::new();
+
+/// Indexed by frontend id (svc_id); sized by the agent at load.
+#[btf_map]
+pub static LB_FE_STATS: PerCpuArray<Counter, { DEFAULT_FRONTENDS as usize }> = PerCpuArray::new();
+
 /// Indexed by backend id.
 #[btf_map]
-pub static LB_BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+pub static LB_BE_STATS: PerCpuArray<BackendStats, { DEFAULT_BACKENDS as usize }> = PerCpuArray::new();
+
+/// Indexed by backend id: open flows, changed atomically at flow start, close and removal
+/// (never per packet).
+#[btf_map]
+pub static LB_BE_LIVE: Array<u64, { DEFAULT_BACKENDS as usize }> = Array::new();
 
 /// Not an LRU: nothing is evicted behind the flows' backs (see lb_common::conntrack). Not
 /// preallocated: memory follows the flows, and an entry is freed only after an RCU grace
@@ -75,6 +88,27 @@ pub fn count(index: u32, bytes: u64) {
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
+        }
+    }
+}
+
+/// A translated packet of frontend `svc_id` and backend `backend_id`, `new_flow` if it
+/// started the flow: per-CPU counters, one array lookup each.
+#[inline(always)]
+pub fn count_traffic(svc_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = LB_FE_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+    if let Some(c) = LB_BE_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: as above.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += new_flow as u64;
         }
     }
 }

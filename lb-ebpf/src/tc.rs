@@ -31,7 +31,7 @@ use lb_common::{
 use crate::{
     flow::{action, decide, screen, tracked_rewrite, Replies, Rewrite, Verdict, EGRESS_OWN_TUPLE},
     frag,
-    maps::{config, count, fib_scratch, LB_CONNTRACK},
+    maps::{config, count, count_traffic, fib_scratch, LB_CONNTRACK},
     packet::{
         parse, Fragment, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF, UDP_CHECK_OFF,
     },
@@ -141,6 +141,7 @@ fn datapath(ctx: &TcContext, replies: Replies) -> Result<i32, ()> {
 #[inline(never)]
 fn translate(ctx: &TcContext, p: &Parsed, t: &Verdict, cfg: &Config) -> i32 {
     count(t.counter, p.frame_len);
+    count_traffic(t.svc_id, t.backend_id, p.frame_len, t.counter == counters::NEW_FLOW);
     let fast = cfg.fast();
     let src = if fast { (t.rw.src_addr_be, t.rw.src_port_be) } else { (p.key.src_addr_be, p.key.src_port_be) };
     if rewrite(ctx, &p.key, src, (t.rw.dst_addr_be, t.rw.dst_port_be)).is_err() {

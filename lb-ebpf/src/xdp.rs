@@ -20,7 +20,7 @@ use lb_common::{
 use crate::{
     flow::{action, decide, screen, tracked_rewrite, Replies, Rewrite, Verdict},
     frag,
-    maps::{config, count, fib_scratch, LB_CONNTRACK},
+    maps::{config, count, count_traffic, fib_scratch, LB_CONNTRACK},
     packet::{
         parse, ptr_at, read, Fragment, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF,
         UDP_CHECK_OFF,
@@ -114,6 +114,7 @@ fn translate(ctx: &XdpContext, p: &Parsed, t: &Verdict, cfg: &Config) -> u32 {
         return answer_unreachable(ctx, p, Unreachable::frag_needed(hop.frag_needed));
     }
     count(t.counter, p.frame_len);
+    count_traffic(t.svc_id, t.backend_id, p.frame_len, t.counter == counters::NEW_FLOW);
     let fast = cfg.fast();
     if rewrite(ctx, p, &t.rw, fast).is_err() {
         return xdp_action::XDP_ABORTED;

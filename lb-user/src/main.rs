@@ -82,11 +82,23 @@ struct CapacityArgs {
     /// memory per entry in use. A pinned table keeps the size it was created with.
     #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_ENTRIES / 2, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     conntrack_flows: u32,
+    /// Frontends (address:port:protocol) the datapath can serve; each has per-CPU counters
+    /// (16 bytes per CPU).
+    #[arg(long, default_value_t = lb_common::DEFAULT_FRONTENDS, value_parser = clap::value_parser!(u32).range(16..=lb_common::MAX_SERVICES as i64))]
+    max_frontends: u32,
+    /// Backends (endpoint address:port of a Service port) the datapath can hold; each has
+    /// per-CPU counters (24 bytes per CPU) and an open-flow count.
+    #[arg(long, default_value_t = lb_common::DEFAULT_BACKENDS, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+    max_backends: u32,
 }
 
 impl CapacityArgs {
     fn capacity(self) -> datapath::Capacity {
-        datapath::Capacity { conntrack_entries: self.conntrack_flows * 2 }
+        datapath::Capacity {
+            conntrack_entries: self.conntrack_flows * 2,
+            frontends: self.max_frontends,
+            backends: self.max_backends,
+        }
     }
 }
 

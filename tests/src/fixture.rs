@@ -167,7 +167,8 @@ pub struct Fixture {
 impl Fixture {
     /// Loads and scripts the datapath.
     fn load(pin_dir: &Path, setup: Setup) -> Fixture {
-        let capacity = datapath::Capacity { conntrack_entries: setup.conntrack_entries };
+        let capacity =
+            datapath::Capacity { conntrack_entries: setup.conntrack_entries, ..datapath::Capacity::default() };
         let dp = Datapath::load(pin_dir, capacity).unwrap();
         let store = PinnedMaps::open(pin_dir).unwrap();
         let cluster = addr_be(Ipv4Addr::new(10, 244, 0, 0));
@@ -202,6 +203,31 @@ impl Fixture {
         assert!(desired.errors.is_empty(), "{:?}", desired.errors);
         let changes = self.reconciler.apply(&desired, self.config, &mut self.store).unwrap();
         assert!(changes.failures.is_empty(), "{:?}", changes.failures);
+    }
+
+    /// Open flows of a backend (LB_BE_LIVE).
+    pub fn backend_live(&self, id: u32) -> u64 {
+        let map = datapath::open_map(&self.pin_dir, map_names::BACKEND_LIVE).unwrap();
+        let live: aya::maps::Array<_, u64> = map.try_into().unwrap();
+        live.get(&id, 0).unwrap()
+    }
+
+    /// A backend's traffic, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> lb_common::BackendStats {
+        let map = datapath::open_map(&self.pin_dir, map_names::BACKEND_STATS).unwrap();
+        let stats: aya::maps::PerCpuArray<_, lb_common::BackendStats> = map.try_into().unwrap();
+        stats.get(&id, 0).unwrap().iter().fold(lb_common::BackendStats::default(), |t, c| lb_common::BackendStats {
+            packets: t.packets + c.packets,
+            bytes: t.bytes + c.bytes,
+            new_flows: t.new_flows + c.new_flows,
+        })
+    }
+
+    /// A frontend's traffic (by its id), summed over CPUs: (packets, bytes).
+    pub fn frontend_stats(&self, svc_id: u32) -> (u64, u64) {
+        let map = datapath::open_map(&self.pin_dir, map_names::FRONTEND_STATS).unwrap();
+        let stats: aya::maps::PerCpuArray<_, lb_common::counters::Counter> = map.try_into().unwrap();
+        stats.get(&svc_id, 0).unwrap().iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
     }
 
     /// Every conntrack entry.

@@ -471,3 +471,38 @@ fn netfilter_mode_splits_the_rewrite_between_ingress_and_egress() {
         assert_eq!(fx.tc_egress(&other, 0xab00_0000), (TC_ACT_OK, other, 0xab00_0000));
     });
 }
+
+/// Per-frontend and per-backend counters count every translated packet, and a backend's
+/// open flows rise when a flow starts and fall exactly once: when it closes, or when it is
+/// removed without having closed.
+#[test]
+fn traffic_is_counted_per_frontend_and_backend_and_open_flows_fall_once() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let client = sa(CLIENT, 5555);
+        let front = np(30080);
+        let nat = snat_of(fx, &Frame::tcp(client, front, SYN));
+        let entry = fx.conntrack(client, front, IPPROTO_TCP).unwrap();
+        let (backend, svc) = (entry.backend_id, entry.svc_id);
+        assert_eq!(fx.backend_live(backend), 1, "a flow started");
+        fx.xdp(&Frame::tcp(sa(REMOTE_POD, 8080), nat, SYN | ACK).bytes());
+        fx.xdp(&Frame::tcp(client, front, ACK).bytes());
+        let stats = fx.backend_stats(backend);
+        assert_eq!((stats.packets, stats.new_flows), (3, 1), "both directions counted, one new flow");
+        assert_eq!(stats.bytes, 3 * 54);
+        assert_eq!(fx.frontend_stats(svc), (3, 3 * 54));
+        fx.xdp(&Frame::tcp(client, front, FIN | ACK).bytes());
+        assert_eq!(fx.backend_live(backend), 1, "half-closed is still open");
+        fx.xdp(&Frame::tcp(sa(REMOTE_POD, 8080), nat, FIN | ACK).bytes());
+        assert_eq!(fx.backend_live(backend), 0, "closed");
+        fx.age(client, front, IPPROTO_TCP, 11);
+        assert_eq!(fx.sweep().0, 1);
+        assert_eq!(fx.backend_live(backend), 0, "removing a closed flow does not count it down again");
+        // A flow removed without closing (expired) is counted down by its removal.
+        snat_of(fx, &Frame::udp(sa(CLIENT, 6000), front));
+        let udp_backend = fx.conntrack(sa(CLIENT, 6000), front, IPPROTO_UDP).unwrap().backend_id;
+        assert_eq!(fx.backend_live(udp_backend), 1);
+        fx.age(sa(CLIENT, 6000), front, IPPROTO_UDP, 31);
+        assert_eq!(fx.sweep().0, 1);
+        assert_eq!(fx.backend_live(udp_backend), 0);
+    });
+}

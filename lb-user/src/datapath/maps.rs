@@ -17,6 +17,8 @@ pub type Range = (u32, u8);
 /// a fake that records the order of writes.
 pub trait MapStore {
     type Error: std::error::Error + Send + Sync + 'static;
+    /// How many frontend ids and backend ids the maps have room for.
+    fn id_limits(&self) -> (u32, u32);
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Self::Error>;
     fn slots(&self) -> Result<Vec<(SlotKey, u32)>, Self::Error>;
     /// Backend entries in use (non-zero address), by id.
@@ -45,6 +47,8 @@ pub struct PinnedMaps {
     ranges: LpmTrie<MapData, SourceRange, u32>,
     filter: Array<MapData, u64>,
     config: Array<MapData, Config>,
+    /// The frontend counters' size: frontend ids index them.
+    frontend_limit: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +82,14 @@ impl PinnedMaps {
             ranges: typed(pin_dir, map_names::SRC_RANGES)?,
             filter: typed(pin_dir, map_names::FRONT_BITS)?,
             config: typed(pin_dir, map_names::CONFIG)?,
+            frontend_limit: {
+                let name = map_names::FRONTEND_STATS;
+                let path = pin_dir.join("maps").join(name);
+                MapData::from_pin(path)
+                    .and_then(|m| m.info())
+                    .map_err(|source| Error::Map { name, source })?
+                    .max_entries()
+            },
         })
     }
 
@@ -106,6 +118,9 @@ fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
 impl MapStore for PinnedMaps {
     type Error = Error;
 
+    fn id_limits(&self) -> (u32, u32) {
+        (self.frontend_limit, self.backends.len())
+    }
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error> {
         batch::read_all(IterableMap::map(&self.services))
             .map_err(|source| Error::Batch { name: map_names::SERVICES, source })

@@ -131,11 +131,19 @@ pub fn ensure_bpffs() -> Result<()> {
 pub struct Capacity {
     /// LB_CONNTRACK entries: two per flow.
     pub conntrack_entries: u32,
+    /// Frontend ids: their per-CPU counters.
+    pub frontends: u32,
+    /// Backend ids: the backend table, per-CPU counters and open-flow counts.
+    pub backends: u32,
 }
 
 impl Default for Capacity {
     fn default() -> Self {
-        Capacity { conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES }
+        Capacity {
+            conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
+            frontends: lb_common::DEFAULT_FRONTENDS,
+            backends: lb_common::DEFAULT_BACKENDS,
+        }
     }
 }
 
@@ -165,6 +173,10 @@ impl Datapath {
             loader.map_pin_path(name, pin_dir.join("maps").join(name));
         }
         loader.map_max_entries(map_names::CONNTRACK, capacity.conntrack_entries);
+        loader.map_max_entries(map_names::FRONTEND_STATS, capacity.frontends);
+        for name in [map_names::BACKENDS, map_names::BACKEND_STATS, map_names::BACKEND_LIVE] {
+            loader.map_max_entries(name, capacity.backends);
+        }
         let ebpf = loader.load(EBPF_OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
         let mut datapath = Datapath { ebpf, pin_dir: pin_dir.to_path_buf() };
         for name in [program_names::XDP_UPLINK, program_names::CT_REAP] {
@@ -378,13 +390,13 @@ pub fn read_counters(pin_dir: &Path) -> Result<Vec<(&'static str, Counter)>> {
 }
 
 /// (name, key size, value size, max entries) of every pinned map, as this build defines them.
-fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 12] {
+fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 15] {
     use lb_common::*;
     use std::mem::size_of;
     [
         (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), MAX_SERVICES),
         (map_names::SLOTS, size_of::<SlotKey>(), size_of::<u32>(), MAX_BACKEND_SLOTS),
-        (map_names::BACKENDS, size_of::<u32>(), size_of::<Backend>(), MAX_BACKENDS),
+        (map_names::BACKENDS, size_of::<u32>(), size_of::<Backend>(), capacity.backends),
         (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), capacity.conntrack_entries),
         (map_names::CT_STATE, size_of::<u32>(), size_of::<CtState>(), 1),
         // LPM trie keys carry a u32 prefix length in front.
@@ -395,6 +407,9 @@ fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 12
         (map_names::FRAGMENTS, size_of::<FragKey>(), size_of::<FragValue>(), MAX_FRAGMENTS),
         (map_names::RATE_LIMIT, size_of::<u32>(), size_of::<Bucket>(), MAX_RATE_LIMITED),
         (map_names::REAP_QUEUE, size_of::<u32>(), size_of::<CtKey>(), REAP_BATCH),
+        (map_names::FRONTEND_STATS, size_of::<u32>(), size_of::<Counter>(), capacity.frontends),
+        (map_names::BACKEND_STATS, size_of::<u32>(), size_of::<BackendStats>(), capacity.backends),
+        (map_names::BACKEND_LIVE, size_of::<u32>(), size_of::<u64>(), capacity.backends),
     ]
 }
 

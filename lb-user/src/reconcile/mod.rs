@@ -17,9 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
 
-use lb_common::{
-    front_filter_bit, service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey, MAX_BACKENDS, MAX_SERVICES,
-};
+use lb_common::{front_filter_bit, service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey};
 
 use crate::{
     datapath::maps::{MapStore, Range},
@@ -115,8 +113,8 @@ impl Reconciler {
             frontends: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             backend_gens: BTreeMap::new(),
-            backend_pool: Ids::new(MAX_BACKENDS),
-            svc_pool: Ids::new(MAX_SERVICES),
+            backend_pool: Ids::new(store.id_limits().1),
+            svc_pool: Ids::new(store.id_limits().0),
             filter: store.filter_words()?.into_iter().collect(),
             stale_slots: Vec::new(),
             stale_ranges: Vec::new(),
@@ -279,7 +277,7 @@ impl Reconciler {
         if let Some(id) = self.backend_ids.get(&key) {
             return Ok(*id);
         }
-        let id = self.backend_pool.take().ok_or(WriteError::Exhausted("backend", MAX_BACKENDS - 1))?;
+        let id = self.backend_pool.take().ok_or(WriteError::Exhausted("backend", self.backend_pool.limit - 1))?;
         // A reused id gets a new generation: flows of its last endpoint must not follow it.
         let gen = self.backend_gens.get(&id).copied().unwrap_or(0).wrapping_add(1).max(1);
         if let Err(e) = store.put_backend(id, Backend { gen, ..key }) {
@@ -331,7 +329,7 @@ impl Reconciler {
             retained.push(self.backend_id(owner, b, store, changes)?);
         }
         if !self.frontends.contains_key(&key) {
-            let svc_id = self.svc_pool.take().ok_or(WriteError::Exhausted("frontend", MAX_SERVICES - 1))?;
+            let svc_id = self.svc_pool.take().ok_or(WriteError::Exhausted("frontend", self.svc_pool.limit - 1))?;
             self.frontends.insert(key, FrontendState { svc_id, ..Default::default() });
         }
         let state = self.frontends.get_mut(&key).expect("inserted above");

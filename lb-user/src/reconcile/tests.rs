@@ -26,6 +26,9 @@ fn slot(k: &SlotKey) -> String {
 
 impl MapStore for Fake {
     type Error = FakeError;
+    fn id_limits(&self) -> (u32, u32) {
+        (1000, 1000)
+    }
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, FakeError> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
     }
