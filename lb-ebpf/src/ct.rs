@@ -114,14 +114,28 @@ fn end_live(v: *mut CtValue) {
     }
 }
 
+/// What inserting a half came to.
+pub mod inserted {
+    pub const OK: u8 = 0;
+    /// An entry holds the key.
+    pub const TAKEN: u8 = 1;
+    /// The table is at its capacity, or has no memory for the entry right now.
+    pub const FULL: u8 = 2;
+}
+
+const EEXIST: i32 = 17;
+
 /// Inserts a half that no entry holds yet.
 #[inline(always)]
-pub fn insert(key: &CtKey, value: &CtValue) -> bool {
-    let ok = LB_CONNTRACK.insert(key, value, BPF_NOEXIST as u64).is_ok();
-    if ok {
-        count_entries(1);
+pub fn insert(key: &CtKey, value: &CtValue) -> u8 {
+    match LB_CONNTRACK.insert(key, value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            count_entries(1);
+            inserted::OK
+        }
+        Err(e) if e == -EEXIST => inserted::TAKEN,
+        Err(_) => inserted::FULL,
     }
-    ok
 }
 
 /// Removes the half at `key`, last seen with `seen` as its stamp, and its peer, if this
@@ -213,7 +227,8 @@ fn apply_state(v: *mut CtValue, old: u32, new: u32) {
 }
 
 /// Inserts `reply` (the reply half, whose key holds the NAT port) at the first free SNAT
-/// port toward its backend, returning the port (network order), or 0 when none is free.
+/// port toward its backend, returning the port (network order), [`NO_PORT`] when none is
+/// free, or [`TABLE_FULL`] when the table has no room.
 /// The search starts where a cursor shared by all CPUs points, so ports rotate through the
 /// whole range (a port comes back only after the range has gone by, long after the
 /// backend's TIME_WAIT for its last flow) and no two new flows walk the same ports; runs of
@@ -221,8 +236,8 @@ fn apply_state(v: *mut CtValue, old: u32, new: u32) {
 /// of 8 miss a free port about once in 25 000 flows). Ports the node's own sockets use
 /// toward the backend are skipped.
 #[inline(never)]
-pub fn claim_snat_port<C: EbpfContext>(ctx: &C, key: &mut CtKey, reply: &CtValue, cfg: &Config) -> u16 {
-    let Some(s) = ct_state() else { return 0 };
+pub fn claim_snat_port<C: EbpfContext>(ctx: &C, key: &mut CtKey, reply: &CtValue, cfg: &Config) -> i32 {
+    let Some(s) = ct_state() else { return NO_PORT };
     let mut search = PortSearch {
         ctx: ctx.as_ptr(),
         key: key as *mut CtKey,
@@ -231,7 +246,7 @@ pub fn claim_snat_port<C: EbpfContext>(ctx: &C, key: &mut CtKey, reply: &CtValue
         span: (cfg.snat_port_max as u32).saturating_sub(cfg.snat_port_min as u32) + 1,
         // SAFETY: the single entry of an array map, changed only atomically.
         base: unsafe { atomic::fetch_add(addr_of_mut!((*s).snat_cursor), 1) } as u32,
-        found: 0,
+        found: NO_PORT,
     };
     // bpf_loop, not a Rust loop: the verifier checks the body once instead of 96 unrolled
     // copies (loading stays fast and the program small).
@@ -244,6 +259,8 @@ pub fn claim_snat_port<C: EbpfContext>(ctx: &C, key: &mut CtKey, reply: &CtValue
 
 const PORT_RUN: u32 = 8;
 const PORT_JUMPS: u32 = 12;
+pub const NO_PORT: i32 = -1;
+pub const TABLE_FULL: i32 = -2;
 
 struct PortSearch {
     ctx: *mut c_void,
@@ -252,8 +269,8 @@ struct PortSearch {
     min: u32,
     span: u32,
     base: u32,
-    /// The port claimed (network order), 0 while none is.
-    found: u16,
+    /// The port claimed (network order), or NO_PORT / TABLE_FULL.
+    found: i32,
 }
 
 extern "C" fn try_port(i: u32, search: *mut c_void) -> i64 {
@@ -270,14 +287,19 @@ extern "C" fn try_port(i: u32, search: *mut c_void) -> i64 {
     // max(1): no division by zero, whose panic path the verifier would refuse.
     let port = (s.min + s.base.wrapping_add(i % PORT_RUN) % s.span.max(1)) as u16;
     key.dst_port_be = port.to_be();
-    if !insert(key, reply) {
-        return 0;
+    match insert(key, reply) {
+        inserted::TAKEN => return 0,
+        inserted::FULL => {
+            s.found = TABLE_FULL;
+            return 1;
+        }
+        _ => {}
     }
     if node_has_socket(s.ctx, key) {
         unclaim(key, reply.stamp);
         return 0;
     }
-    s.found = key.dst_port_be;
+    s.found = key.dst_port_be as i32;
     1
 }
 

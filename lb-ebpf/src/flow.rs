@@ -354,11 +354,17 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
         proto: k.proto,
         _pad: [0; 3],
     };
-    if !snat && !insert_or_reclaim(&reply_key, reply) {
-        // The reply tuple belongs to another live flow (the same client port reaching two
-        // frontends that share a backend): never overwrite it; take a NAT port instead.
-        count(counters::SNAT_ON_COLLISION, 0);
-        snat = true;
+    if !snat {
+        match insert_or_reclaim(&reply_key, reply) {
+            ct::inserted::FULL => return Verdict::drop(counters::DROP_CT_FULL),
+            ct::inserted::TAKEN => {
+                // The reply tuple belongs to another live flow (the same client port reaching
+                // two frontends that share a backend): never overwrite it; take a NAT port.
+                count(counters::SNAT_ON_COLLISION, 0);
+                snat = true;
+            }
+            _ => {}
+        }
     }
     if snat {
         if cfg.node_addr_be == 0 {
@@ -366,7 +372,11 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
         }
         reply.flags |= ct_flags::SNAT;
         reply_key.dst_addr_be = cfg.node_addr_be;
-        if ct::claim_snat_port(ctx, &mut reply_key, reply, cfg) == 0 {
+        let claimed = ct::claim_snat_port(ctx, &mut reply_key, reply, cfg);
+        if claimed == ct::TABLE_FULL {
+            return Verdict::drop(counters::DROP_CT_FULL);
+        }
+        if claimed == ct::NO_PORT {
             if ratelimit::log_allowed() {
                 warn!(
                     ctx,
@@ -388,23 +398,26 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
     forward.nat_dst_port_be = b.port_be;
     forward.flags &= !ct_flags::REPLY;
     forward.state |= lb_common::conntrack::bits::LIVE;
-    if !insert_or_reclaim(k, forward) {
-        // Another CPU started this very flow a moment ago: it keeps it.
+    let done = insert_or_reclaim(k, forward);
+    if done != ct::inserted::OK {
+        // No room, or another CPU started this very flow a moment ago (it keeps it): the
+        // reply half just inserted goes again.
         if let Some(v) = LB_CONNTRACK.get_ptr_mut(&reply_key) {
             ct::reap(&reply_key, v, fresh);
         }
-        return Verdict::drop(counters::DROP_CT_RACE);
+        return Verdict::drop(if done == ct::inserted::FULL { counters::DROP_CT_FULL } else { counters::DROP_CT_RACE });
     }
     ct::count_live(backend_id, 1);
     Verdict::translate(Rewrite::of(forward), counters::NEW_FLOW, egress_payload(k, forward), svc.svc_id, backend_id)
 }
 
 /// Inserts a half at `key`; a dead entry there (expired, or being removed) is removed
-/// first, a live one never touched. False when a live flow holds the key.
+/// first, a live one never touched (`inserted::TAKEN`).
 #[inline(always)]
-fn insert_or_reclaim(key: &CtKey, value: &CtValue) -> bool {
-    if ct::insert(key, value) {
-        return true;
+fn insert_or_reclaim(key: &CtKey, value: &CtValue) -> u8 {
+    let first = ct::insert(key, value);
+    if first != ct::inserted::TAKEN {
+        return first;
     }
     let Some(held) = LB_CONNTRACK.get_ptr_mut(key) else {
         // Removed in the meantime.
@@ -412,7 +425,7 @@ fn insert_or_reclaim(key: &CtKey, value: &CtValue) -> bool {
     };
     let seen = ct::load_stamp(held);
     if alive(key.proto, ct::load_state(held), seen, ct::now()) {
-        return false;
+        return ct::inserted::TAKEN;
     }
     ct::reap(key, held, seen);
     ct::insert(key, value)

@@ -242,6 +242,22 @@ fn admission_refuses_new_flows_and_keeps_established_ones() {
     });
 }
 
+/// Without an admission mark below it, the table's own capacity refuses new flows (the
+/// insert fails), counted the same way, and nothing is overwritten.
+#[test]
+fn a_full_table_refuses_new_flows_as_admission_does() {
+    let setup = Setup { conntrack_entries: 1024, admit_limit: u32::MAX, ..Setup::fast((20000, 60000)) };
+    with_fixture(setup, |fx| {
+        let before = fx.counters();
+        for port in 1000..1600 {
+            fx.xdp(&Frame::tcp(sa(CLIENT2, port), np(30081), SYN).bytes());
+        }
+        assert_eq!(delta(fx, &before, "new_flow"), 512, "1024 entries, 2 a flow");
+        assert_eq!(delta(fx, &before, "drop_ct_full"), 88);
+        assert_eq!((fx.ct_entries().len(), fx.ct_counted()), (1024, 1024), "nothing half-inserted is left");
+    });
+}
+
 /// Defect 7: a free NAT port is found whenever there is one, without walking the range
 /// from the bottom, and ports rotate through the range rather than the lowest free coming
 /// back at once.
