@@ -38,8 +38,12 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     /// Per backend: flows open now (started and not yet closed), shared by all CPUs.
     pub const BACKEND_LIVE: &str = "LB_BE_LIVE";
+    /// Round-robin cursors, by frontend id.
+    pub const RR_CURSORS: &str = "LB_RR_CURSORS";
+    /// Session affinity: the backend each client of a Service port keeps.
+    pub const AFFINITY: &str = "LB_AFFINITY";
     /// Every map the agent pins; all survive an agent restart.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -55,6 +59,8 @@ pub mod map_names {
         FRONTEND_STATS,
         BACKEND_STATS,
         BACKEND_LIVE,
+        RR_CURSORS,
+        AFFINITY,
     ];
 }
 
@@ -111,6 +117,8 @@ pub const DEFAULT_BACKENDS: u32 = 32_768;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub const MAX_FRAGMENTS: u32 = 8_192;
 pub const MAX_RATE_LIMITED: u32 = 16_384;
+/// Clients with session affinity remembered (an LRU: the least recently used go first).
+pub const MAX_AFFINITY: u32 = 262_144;
 /// What the reaper program removes of the flows whose keys are queued.
 pub mod reap_mode {
     /// Dead ones: expired, or a half without its peer.
@@ -157,9 +165,19 @@ pub mod service_flags {
     pub const DROP_WHEN_EMPTY: u32 = 1 << 3;
 }
 
-/// `ServiceValue::algorithm`
+/// `ServiceValue::algorithm`: how a new flow chooses among a set's slots.
 pub mod algorithm {
+    /// A slot at random, as kube-proxy's iptables and nftables modes.
     pub const RANDOM: u8 = 0;
+    /// The next slot of a cursor shared by all CPUs (IPVS `rr`).
+    pub const ROUND_ROBIN: u8 = 1;
+    /// The slots are a Maglev table of prime size; the slot is `flow_hash % size`, the same
+    /// on every node (consistent hashing).
+    pub const MAGLEV: u8 = 2;
+    /// Maglev over the client address only (IPVS `sh`).
+    pub const SOURCE_HASH: u8 = 3;
+    /// The backend with the fewest open flows on this node, ties broken at random (IPVS `lc`).
+    pub const LEAST_CONN: u8 = 4;
 }
 
 /// What a frontend translates to. Its backends are the slots
@@ -183,6 +201,9 @@ pub struct ServiceValue {
     pub gen: u8,
     pub algorithm: u8,
     pub _pad: [u8; 2],
+    /// sessionAffinity's scope: the same for every frontend of one Service port (ClusterIP,
+    /// NodePorts, ...), so a client keeps its backend whichever it uses.
+    pub scope: u32,
 }
 
 /// A slot of LB_SLOTS: `index` packs the generation (bit 31), the set (bit 30) and the
@@ -215,6 +236,9 @@ impl SlotKey {
 pub mod backend_flags {
     /// The endpoint runs on this node.
     pub const LOCAL: u8 = 1 << 0;
+    /// Some set of its Service port chooses it for new flows (not merely kept for the flows
+    /// it has, as a terminating endpoint is): session affinity may send new flows to it.
+    pub const CHOSEN: u8 = 1 << 1;
 }
 
 /// One endpoint address:port of one Service port, at its id's index in the LB_BACKENDS
@@ -309,6 +333,54 @@ pub struct CtValue {
     pub hop_ifindex: u32,
     pub hop_dmac: [u8; 6],
     pub hop_smac: [u8; 6],
+}
+
+/// A client of a Service port with session affinity (LB_AFFINITY key).
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub scope: u32,
+    pub client_addr_be: u32,
+}
+
+/// The backend a client keeps, while it lasts and the entry is fresh.
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// bpf_ktime_get_coarse_ns() of the client's last new flow.
+    pub last_ns: u64,
+    pub backend_id: u32,
+    pub backend_gen: u32,
+}
+
+/// The hash new flows are placed by (Maglev, source hash), the same in the kernel and in
+/// userspace (`lb-user which` predicts the kernel's choice with it). Over the client's
+/// address and port and the frontend's port and protocol, not the frontend's address: a
+/// client reaching the NodePort of any node (or a LoadBalancer IP any node receives) lands
+/// on the same backend. murmur3's 64-bit finaliser mixes the bits.
+#[inline(always)]
+pub fn flow_hash(client_addr_be: u32, client_port_be: u16, frontend_port_be: u16, proto: u8) -> u32 {
+    let key = (u32::from_be(client_addr_be) as u64) << 32
+        | (u16::from_be(client_port_be) as u64) << 16
+        | u16::from_be(frontend_port_be) as u64;
+    (fmix64(key ^ (proto as u64) << 56) >> 32) as u32
+}
+
+/// The source-hash placement: the client's address alone.
+#[inline(always)]
+pub fn client_hash(client_addr_be: u32) -> u32 {
+    (fmix64(u32::from_be(client_addr_be) as u64) >> 32) as u32
+}
+
+#[inline(always)]
+const fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
 }
 
 /// Traffic of one backend on one CPU (LB_BE_STATS).
@@ -497,7 +569,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 24);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<CtKey>(), 16);
@@ -510,6 +582,8 @@ mod tests {
         assert_eq!(size_of::<BenchFrame>(), 64);
         assert_eq!(size_of::<XdpMeta>(), 8);
         assert_eq!(size_of::<BackendStats>(), 24);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
     }
 
     #[test]
@@ -561,6 +635,18 @@ mod tests {
             seen[(bit % 64) as usize] = true;
         }
         assert!(seen.iter().filter(|s| **s).count() > 30, "consecutive addresses spread over words");
+    }
+
+    #[test]
+    fn flow_hashes_spread_and_ignore_the_frontend_address() {
+        let h = |port: u16| flow_hash(0x0a00_0001u32.to_be(), port.to_be(), 80u16.to_be(), IPPROTO_TCP);
+        let mut buckets = [0u32; 16];
+        for port in 1024..(1024 + 16 * 1000) {
+            buckets[(h(port) % 16) as usize] += 1;
+        }
+        assert!(buckets.iter().all(|b| (900..1100).contains(b)), "{buckets:?}");
+        assert_ne!(h(1024), flow_hash(0x0a00_0001u32.to_be(), 1024u16.to_be(), 80u16.to_be(), IPPROTO_UDP));
+        assert_ne!(client_hash(1u32.to_be()), client_hash(2u32.to_be()));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pod!(
     Bucket,
     XdpMeta,
     BackendStats,
+    AffinityKey,
+    AffinityValue,
     counters::Counter
 );
 

@@ -1,22 +1,19 @@
 //! The decision about one packet, the same for XDP and tc: follow a tracked flow, or start
 //! one (frontend lookup, source ranges, backend choice, SNAT port), or let it pass.
-use aya_ebpf::{helpers::bpf_get_prandom_u32, EbpfContext};
+use aya_ebpf::EbpfContext;
 // Rare events only (a stale service entry, NAT exhaustion): never per packet.
 use aya_log_ebpf::{error, warn};
 use lb_common::{
     conntrack::{age, alive, next_state, refreshes, restarts, stamp, starts_flow, REFRESH, TCP_RST},
     counters, ct_flags, in_prefix, needs_snat, service_flags, Backend, Config, CtKey, CtValue, ServiceKey,
-    ServiceValue, SlotKey, IPPROTO_TCP,
+    ServiceValue, IPPROTO_TCP,
 };
 
 use crate::{
     ct,
-    maps::{
-        backend, config, count, ct_state, maybe_frontend, source_allowed, LB_CONNTRACK, LB_SCRATCH, LB_SERVICES,
-        LB_SLOTS,
-    },
+    maps::{backend, config, count, ct_state, maybe_frontend, source_allowed, LB_CONNTRACK, LB_SCRATCH, LB_SERVICES},
     packet::Parsed,
-    ratelimit,
+    ratelimit, select,
 };
 
 /// The new addresses and ports of a translated packet.
@@ -307,15 +304,17 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
     if ct_state().is_some_and(|s| unsafe { (*s).entries } >= cfg.ct_admit_limit as u64) {
         return Verdict::drop(counters::DROP_CT_FULL);
     }
-    // SAFETY: plain helper call.
-    let slot = unsafe { bpf_get_prandom_u32() } % slots;
-    let Some(backend_id) = (unsafe { LB_SLOTS.get(SlotKey::new(svc.svc_id, svc.gen, set as u8, slot)) }).copied()
-    else {
-        error!(ctx, "frontend {} has {} backends but no slot {}", svc.svc_id, slots, slot);
+    let backend_id = select::choose(p, svc, set as u32);
+    if backend_id == 0 {
+        if ratelimit::log_allowed() {
+            error!(ctx, "frontend {} has {} backends but a slot is missing", svc.svc_id, slots);
+        }
         return Verdict::drop(counters::DROP_STALE_SERVICE);
-    };
+    }
     let Some(b) = backend(backend_id).copied().filter(|b| b.addr_be != 0) else {
-        error!(ctx, "frontend {} slot {} names a missing backend {}", svc.svc_id, slot, backend_id);
+        if ratelimit::log_allowed() {
+            error!(ctx, "frontend {} names a missing backend {}", svc.svc_id, backend_id);
+        }
         return Verdict::drop(counters::DROP_STALE_SERVICE);
     };
     // The effective policy: short-circuited traffic is served like ETP=Cluster's, but keeps

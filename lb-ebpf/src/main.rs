@@ -17,6 +17,7 @@ mod maps;
 mod packet;
 mod ratelimit;
 mod reap;
+mod select;
 mod tc;
 mod xdp;
 

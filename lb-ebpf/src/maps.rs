@@ -7,9 +7,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     counters::{self, Counter},
-    front_filter_bit, Backend, BackendStats, Bucket, Config, CtKey, CtState, CtValue, FragKey, FragValue, ServiceKey,
-    ServiceValue, SlotKey, SourceRange, DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FRONTENDS,
-    FRONT_FILTER_BITS, MAX_BACKEND_SLOTS, MAX_FRAGMENTS, MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
+    front_filter_bit, AffinityKey, AffinityValue, Backend, BackendStats, Bucket, Config, CtKey, CtState, CtValue,
+    FragKey, FragValue, ServiceKey, ServiceValue, SlotKey, SourceRange, DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES,
+    DEFAULT_FRONTENDS, FRONT_FILTER_BITS, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_FRAGMENTS, MAX_RATE_LIMITED,
+    MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
 };
 
 #[btf_map]
@@ -67,6 +68,13 @@ pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue, { MAX_FRAGMENTS as usize
 
 #[btf_map]
 pub static LB_RATE_LIMIT: LruHashMap<u32, Bucket, { MAX_RATE_LIMITED as usize }> = LruHashMap::new();
+
+/// Round-robin cursors, by frontend id (sized with the frontend counters).
+#[btf_map]
+pub static LB_RR_CURSORS: Array<u64, { DEFAULT_FRONTENDS as usize }> = Array::new();
+
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> = LruHashMap::new();
 
 /// Where a new flow's conntrack value is built (not pinned: nothing survives a packet).
 #[btf_map]

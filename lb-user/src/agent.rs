@@ -101,6 +101,7 @@ pub struct DatapathOptions {
     pub mode: u32,
     /// Where in skb->mark the netfilter mode's 16-bit hand-over to tc egress lives.
     pub mark_shift: u32,
+    pub maglev: crate::reconcile::MaglevSize,
 }
 
 // Datapath and map errors carry aya's sizeable errors: boxed, so Result stays small.
@@ -162,6 +163,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut kernel_log = unsafe { AsyncFd::register(logger) }.map_err(|e| Error::Poll(e.into()))?;
     let mut store = PinnedMaps::open(&cfg.pin_dir)?;
     let mut reconciler = Reconciler::adopt(&store)?;
+    reconciler.set_maglev_size(cfg.datapath.maglev);
     let mut sync = ManifestSync::default();
     let mut watch = ManifestWatch::new(&cfg.manifests);
     let mut health = HealthServers::default();

@@ -128,6 +128,13 @@ struct DatapathArgs {
     /// egress; pick bits no other component of the node uses.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
     mark_shift: u32,
+    /// Maglev tables (maglev and source-hash Services) have at least this many positions per
+    /// backend (a prime number of positions in all); every node must use the same figure.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    maglev_positions_per_backend: u32,
+    /// Maglev tables have at most this many positions.
+    #[arg(long, default_value_t = 65_521, value_parser = clap::value_parser!(u32).range(7..=1_000_003))]
+    maglev_max_positions: u32,
 }
 
 impl DatapathArgs {
@@ -140,6 +147,10 @@ impl DatapathArgs {
                 Forwarding::Fast => lb_common::mode::FAST,
             },
             mark_shift: self.mark_shift,
+            maglev: lb_user::reconcile::MaglevSize {
+                per_backend: self.maglev_positions_per_backend,
+                max: self.maglev_max_positions,
+            },
         }
     }
 }
@@ -164,6 +175,10 @@ struct NodeArgs {
     /// Open NodePorts only on node addresses in these CIDRs (default: all).
     #[arg(long)]
     nodeport_addresses: Vec<Ipv4Net>,
+    /// How new flows choose their backend where a Service does not say (annotation
+    /// lb.kube-xdp.io/algorithm): random, round-robin, maglev, source-hash or least-conn.
+    #[arg(long, default_value = "random", value_parser = model::Algorithm::parse)]
+    algorithm: model::Algorithm,
 }
 
 /// Which sources are pods (kube-proxy's detect-local): their ClusterIP traffic keeps its
@@ -195,7 +210,10 @@ impl NodeArgs {
         }
     }
     fn options(&self) -> model::Options {
-        model::Options { nodeport_addresses: self.nodeport_addresses.iter().map(Ipv4Net::trunc).collect() }
+        model::Options {
+            nodeport_addresses: self.nodeport_addresses.iter().map(Ipv4Net::trunc).collect(),
+            default_algorithm: self.algorithm,
+        }
     }
 }
 

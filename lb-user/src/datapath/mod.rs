@@ -174,6 +174,7 @@ impl Datapath {
         }
         loader.map_max_entries(map_names::CONNTRACK, capacity.conntrack_entries);
         loader.map_max_entries(map_names::FRONTEND_STATS, capacity.frontends);
+        loader.map_max_entries(map_names::RR_CURSORS, capacity.frontends);
         for name in [map_names::BACKENDS, map_names::BACKEND_STATS, map_names::BACKEND_LIVE] {
             loader.map_max_entries(name, capacity.backends);
         }
@@ -390,7 +391,7 @@ pub fn read_counters(pin_dir: &Path) -> Result<Vec<(&'static str, Counter)>> {
 }
 
 /// (name, key size, value size, max entries) of every pinned map, as this build defines them.
-fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 15] {
+fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 17] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -410,6 +411,8 @@ fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 15
         (map_names::FRONTEND_STATS, size_of::<u32>(), size_of::<Counter>(), capacity.frontends),
         (map_names::BACKEND_STATS, size_of::<u32>(), size_of::<BackendStats>(), capacity.backends),
         (map_names::BACKEND_LIVE, size_of::<u32>(), size_of::<u64>(), capacity.backends),
+        (map_names::RR_CURSORS, size_of::<u32>(), size_of::<u64>(), capacity.frontends),
+        (map_names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), MAX_AFFINITY),
     ]
 }
 

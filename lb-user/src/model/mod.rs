@@ -34,11 +34,72 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
+/// The annotation that chooses a Service's backend selection algorithm.
+pub const ALGORITHM_ANNOTATION: &str = "lb.kube-xdp.io/algorithm";
+
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     /// Like kube-proxy's --nodeport-addresses: NodePorts open only on node addresses in
     /// these prefixes; empty means every node address.
     pub nodeport_addresses: Vec<Ipv4Net>,
+    /// For Services without the algorithm annotation.
+    pub default_algorithm: Algorithm,
+}
+
+/// How a new flow chooses its backend (established flows follow conntrack).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Algorithm {
+    /// At random, as kube-proxy's iptables and nftables modes.
+    #[default]
+    Random,
+    /// IPVS `rr`: in turn, from a cursor all CPUs share.
+    RoundRobin,
+    /// Consistent hashing over the client's address and port (the same backend from every
+    /// node; removing one of N backends moves about 1/N of the clients).
+    Maglev,
+    /// IPVS `sh`: Maglev over the client's address only.
+    SourceHash,
+    /// IPVS `lc`: the fewest open flows on this node, ties at random. With equal weights
+    /// IPVS's `sed` and `nq` choose the same way and are accepted as its names.
+    LeastConn,
+}
+
+impl Algorithm {
+    /// The annotation's and the option's value (or an IPVS scheduler's name).
+    pub fn parse(s: &str) -> Result<Algorithm, String> {
+        Ok(match s {
+            "random" => Algorithm::Random,
+            "round-robin" | "rr" => Algorithm::RoundRobin,
+            "maglev" => Algorithm::Maglev,
+            "source-hash" | "sh" => Algorithm::SourceHash,
+            "least-conn" | "lc" | "sed" | "nq" => Algorithm::LeastConn,
+            "dh" => {
+                return Err("\"dh\" (destination hashing) would send every client of a Service to one backend; \
+                            use maglev or source-hash"
+                    .into())
+            }
+            other => {
+                return Err(format!(
+                    "{other:?} is not random, round-robin (rr), maglev, source-hash (sh) or least-conn (lc, sed, nq)"
+                ))
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Random => "random",
+            Algorithm::RoundRobin => "round-robin",
+            Algorithm::Maglev => "maglev",
+            Algorithm::SourceHash => "source-hash",
+            Algorithm::LeastConn => "least-conn",
+        }
+    }
+
+    /// Its slots are a Maglev table rather than a list of the backends.
+    pub fn uses_maglev_table(self) -> bool {
+        matches!(self, Algorithm::Maglev | Algorithm::SourceHash)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -188,6 +249,7 @@ pub struct Frontend {
     /// Every serving endpoint of this Service port, whatever the policies and topology
     /// chose, sorted: what UDP conntrack cleanup compares ([`flow_cleanups`]).
     pub serving: Vec<SocketAddrV4>,
+    pub algorithm: Algorithm,
     /// Endpoints still in the slices that no set chose (terminating, not ready), sorted:
     /// their established flows carry on, only new flows avoid them. An endpoint gone from
     /// the slices is gone for its flows too.
@@ -307,6 +369,7 @@ struct ServiceFacts {
     lb_ips: Vec<(usize, Ipv4Addr)>,
     source_ranges: SourceRanges,
     affinity_timeout_s: Option<u32>,
+    algorithm: Algorithm,
 }
 
 fn add_service(
@@ -355,6 +418,7 @@ fn add_service(
         external_ips,
         lb_ips,
         affinity_timeout_s: affinity(ctx, &object, spec),
+        algorithm: algorithm(ctx, &object, svc),
         object,
     };
     let created = svc.metadata.creation_timestamp.clone();
@@ -438,6 +502,7 @@ fn add_port(
             },
             affinity_timeout_s: facts.affinity_timeout_s,
             serving: serving.clone(),
+            algorithm: facts.algorithm,
             retained: retained.clone(),
         };
         claims.push(Claim { key: FrontendKey { addr, port, protocol }, frontend, field, created: created.clone() });
@@ -500,6 +565,22 @@ fn policy(ctx: &mut Ctx, object: &str, field: &str, value: Option<&str>) -> bool
             false
         }
     }
+}
+
+/// The annotation's algorithm; a bad value is reported and the node's default used.
+fn algorithm(ctx: &mut Ctx, object: &str, svc: &Service) -> Algorithm {
+    let Some(value) = svc.metadata.annotations.as_ref().and_then(|a| a.get(ALGORITHM_ANNOTATION)) else {
+        return ctx.opts.default_algorithm;
+    };
+    Algorithm::parse(value).unwrap_or_else(|problem| {
+        let default = ctx.opts.default_algorithm.name();
+        ctx.error(
+            object,
+            format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
+            format!("{problem}; using {default}"),
+        );
+        ctx.opts.default_algorithm
+    })
 }
 
 fn affinity(ctx: &mut Ctx, object: &str, spec: &ServiceSpec) -> Option<u32> {

@@ -361,7 +361,7 @@ fn load_balancer_frontends_source_ranges_and_health_check() {
 
 #[test]
 fn nodeport_addresses_limit_where_node_ports_open() {
-    let o = Options { nodeport_addresses: vec![net("192.168.50.0/24")] };
+    let o = Options { nodeport_addresses: vec![net("192.168.50.0/24")], ..Options::default() };
     let d = desired_state(&objects(LB), &node(), &o);
     assert!(d.frontends.contains_key(&tcp("192.168.50.10", 30443)));
     assert!(!d.frontends.contains_key(&tcp("172.16.0.10", 30443)));

@@ -17,11 +17,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
 
-use lb_common::{front_filter_bit, service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey};
+use lb_common::{
+    algorithm, backend_flags, front_filter_bit, service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey,
+};
 
 use crate::{
     datapath::maps::{MapStore, Range},
-    model::{BackendAddr, Desired, Frontend, FrontendKey, WhenEmpty},
+    model::{Algorithm, BackendAddr, Desired, Frontend, FrontendKey, WhenEmpty},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -81,10 +83,30 @@ impl Ids {
     }
 }
 
+/// How big Maglev tables are: the smallest prime at least `per_backend` times the
+/// backends, at most `max` (every node must use the same figures, or the nodes' tables, and
+/// so their choices, differ).
+#[derive(Clone, Copy, Debug)]
+pub struct MaglevSize {
+    pub per_backend: u32,
+    pub max: u32,
+}
+
+impl Default for MaglevSize {
+    fn default() -> Self {
+        MaglevSize { per_backend: 100, max: 65_521 }
+    }
+}
+
 #[derive(Debug)]
 pub struct Reconciler {
     frontends: BTreeMap<ServiceKey, FrontendState>,
+    /// Backend ids by identity (address, port, locality, owner; without `CHOSEN`, which
+    /// changes with the sets while the id stays).
     backend_ids: BTreeMap<Backend, u32>,
+    /// Ids whose entry carries `backend_flags::CHOSEN`.
+    chosen: BTreeSet<u32>,
+    maglev: MaglevSize,
     /// The generation each backend id carries now (used and freed ids alike).
     backend_gens: BTreeMap<u32, u32>,
     backend_pool: Ids,
@@ -112,6 +134,8 @@ impl Reconciler {
         let mut r = Reconciler {
             frontends: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
+            chosen: BTreeSet::new(),
+            maglev: MaglevSize::default(),
             backend_gens: BTreeMap::new(),
             backend_pool: Ids::new(store.id_limits().1),
             svc_pool: Ids::new(store.id_limits().0),
@@ -125,7 +149,10 @@ impl Reconciler {
         }
         for (id, backend) in store.backends()? {
             r.backend_gens.insert(id, backend.gen);
-            r.backend_ids.insert(Backend { gen: 0, ..backend }, id);
+            if backend.flags & backend_flags::CHOSEN != 0 {
+                r.chosen.insert(id);
+            }
+            r.backend_ids.insert(Backend { gen: 0, flags: backend.flags & !backend_flags::CHOSEN, ..backend }, id);
         }
         let mut slots: BTreeMap<SlotKey, u32> = store.slots()?.into_iter().collect();
         let mut ranges: BTreeMap<u32, BTreeSet<Range>> = BTreeMap::new();
@@ -154,6 +181,11 @@ impl Reconciler {
         r.svc_pool.adopt(&live.union(&r.stale_ids).copied().collect());
         r.backend_pool.adopt(&r.backend_ids.values().copied().collect());
         Ok(r)
+    }
+
+    /// Sizes Maglev tables from now on.
+    pub fn set_maglev_size(&mut self, size: MaglevSize) {
+        self.maglev = size;
     }
 
     /// Makes the maps hold `desired`. A frontend whose writes fail is reported in
@@ -205,6 +237,7 @@ impl Reconciler {
                 }
             }
         }
+        self.mark_chosen(store)?;
         self.free_unused_backends(store, &mut changes)?;
         // Bits of frontends still held (a failed removal) stay set.
         let held = filter_of(self.frontends.keys().map(|k| (k.addr_be, k.port_be)));
@@ -250,6 +283,35 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Sets `CHOSEN` on the backends some set chooses and clears it on the others (kept
+    /// only for their flows), keeping ids and generations.
+    fn mark_chosen<S: MapStore>(&mut self, store: &mut S) -> Result<(), S::Error> {
+        let wanted: BTreeSet<u32> = self.frontends.values().flat_map(|f| f.slots.iter().flatten().copied()).collect();
+        let kept: BTreeSet<u32> = self.frontends.values().flat_map(|f| f.retained.iter().copied()).collect();
+        // Ids no frontend uses any more are freed next: no need to touch them.
+        let keys: BTreeMap<u32, Backend> = self
+            .backend_ids
+            .iter()
+            .filter(|(_, id)| wanted.contains(id) || kept.contains(id))
+            .map(|(b, id)| (*id, *b))
+            .collect();
+        for (id, key) in keys {
+            let chosen = wanted.contains(&id);
+            if chosen == self.chosen.contains(&id) {
+                continue;
+            }
+            let gen = self.backend_gens.get(&id).copied().unwrap_or(1);
+            let flags = key.flags | if chosen { backend_flags::CHOSEN } else { 0 };
+            store.put_backend(id, Backend { gen, flags, ..key })?;
+            if chosen {
+                self.chosen.insert(id);
+            } else {
+                self.chosen.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
     fn free_unused_backends<S: MapStore>(&mut self, store: &mut S, changes: &mut Changes) -> Result<(), S::Error> {
         let used: BTreeSet<u32> =
             self.frontends.values().flat_map(|f| f.slots.iter().flatten().chain(f.retained.iter()).copied()).collect();
@@ -260,6 +322,7 @@ impl Reconciler {
             store.put_backend(id, Backend { gen, ..Backend::default() })?;
             self.backend_gens.insert(id, gen);
             self.backend_ids.remove(&backend);
+            self.chosen.remove(&id);
             self.backend_pool.release(id);
             changes.backends_removed += 1;
         }
@@ -270,6 +333,7 @@ impl Reconciler {
         &mut self,
         owner: u64,
         b: &BackendAddr,
+        chosen: bool,
         store: &mut S,
         changes: &mut Changes,
     ) -> Result<u32, WriteError<S::Error>> {
@@ -278,14 +342,20 @@ impl Reconciler {
             return Ok(*id);
         }
         let id = self.backend_pool.take().ok_or(WriteError::Exhausted("backend", self.backend_pool.limit - 1))?;
+        // CHOSEN comes with the first write when the sets already choose it: affinity may
+        // send new flows to it from then on.
         // A reused id gets a new generation: flows of its last endpoint must not follow it.
         let gen = self.backend_gens.get(&id).copied().unwrap_or(0).wrapping_add(1).max(1);
-        if let Err(e) = store.put_backend(id, Backend { gen, ..key }) {
+        let flags = key.flags | if chosen { backend_flags::CHOSEN } else { 0 };
+        if let Err(e) = store.put_backend(id, Backend { gen, flags, ..key }) {
             self.backend_pool.release(id);
             return Err(WriteError::Map(e));
         }
         self.backend_gens.insert(id, gen);
         self.backend_ids.insert(key, id);
+        if chosen {
+            self.chosen.insert(id);
+        }
         changes.backends_added += 1;
         Ok(id)
     }
@@ -320,13 +390,21 @@ impl Reconciler {
         let owner = owner_of(frontend, key.proto);
         let mut sets: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
         for (set, backends) in [&frontend.backends, &frontend.short_circuit_backends].into_iter().enumerate() {
+            let mut ids = Vec::with_capacity(backends.len());
             for b in backends {
-                sets[set].push(self.backend_id(owner, b, store, changes)?);
+                ids.push(self.backend_id(owner, b, true, store, changes)?);
             }
+            sets[set] = if frontend.algorithm.uses_maglev_table() && !backends.is_empty() {
+                let names: Vec<String> = backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect();
+                let size = maglev::table_size(names.len(), self.maglev.per_backend, self.maglev.max);
+                maglev::table(&names, size).into_iter().map(|i| ids[i]).collect()
+            } else {
+                ids
+            };
         }
         let mut retained = Vec::new();
         for b in &frontend.retained {
-            retained.push(self.backend_id(owner, b, store, changes)?);
+            retained.push(self.backend_id(owner, b, false, store, changes)?);
         }
         if !self.frontends.contains_key(&key) {
             let svc_id = self.svc_pool.take().ok_or(WriteError::Exhausted("frontend", self.svc_pool.limit - 1))?;
@@ -355,7 +433,7 @@ impl Reconciler {
             store.put_source_range(svc_id, *r).map_err(WriteError::Map)?;
             state.ranges.insert(*r);
         }
-        let value = service_value(svc_id, new_gen, &sets, frontend);
+        let value = service_value(svc_id, new_gen, &sets, frontend, owner);
         if state.entry != Some(value) {
             store.put_service(key, value).map_err(WriteError::Map)?;
             changes.services_written += 1;
@@ -407,7 +485,7 @@ fn range_of(c: &Ipv4Net) -> Range {
     (lb_common::user::addr_be(c.network()), c.prefix_len())
 }
 
-fn service_value(svc_id: u32, gen: u8, sets: &[Vec<u32>; 2], f: &Frontend) -> ServiceValue {
+fn service_value(svc_id: u32, gen: u8, sets: &[Vec<u32>; 2], f: &Frontend, owner: u64) -> ServiceValue {
     let mut flags = 0;
     if f.kind.is_external() {
         flags |= service_flags::EXTERNAL;
@@ -427,10 +505,19 @@ fn service_value(svc_id: u32, gen: u8, sets: &[Vec<u32>; 2], f: &Frontend) -> Se
         affinity_timeout_s: f.affinity_timeout_s.unwrap_or(0),
         count: [sets[0].len() as u16, sets[1].len() as u16],
         gen,
-        algorithm: lb_common::algorithm::RANDOM,
+        algorithm: match f.algorithm {
+            Algorithm::Random => algorithm::RANDOM,
+            Algorithm::RoundRobin => algorithm::ROUND_ROBIN,
+            Algorithm::Maglev => algorithm::MAGLEV,
+            Algorithm::SourceHash => algorithm::SOURCE_HASH,
+            Algorithm::LeastConn => algorithm::LEAST_CONN,
+        },
         _pad: [0; 2],
+        scope: (owner ^ owner >> 32) as u32,
     }
 }
+
+mod maglev;
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::*;
-use crate::model::{BackendAddr, FrontendKind, Protocol, ServiceRef, SourceRanges, WhenEmpty};
+use crate::model::{Algorithm, BackendAddr, FrontendKind, Protocol, ServiceRef, SourceRanges, WhenEmpty};
 
 #[derive(Debug, thiserror::Error)]
 #[error("map full")]
@@ -123,6 +123,7 @@ fn frontend(backends: &[(u8, u16)]) -> Frontend {
         source_ranges: SourceRanges::Any,
         affinity_timeout_s: None,
         serving: vec![],
+        algorithm: Algorithm::Random,
         retained: vec![],
     }
 }

@@ -1,0 +1,129 @@
+//! Choosing a backend for a new flow (established flows follow conntrack): session affinity
+//! first, then the frontend's algorithm over the slots of the set the flow uses.
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
+};
+use lb_common::{algorithm, backend_flags, client_hash, flow_hash, AffinityKey, AffinityValue, ServiceValue, SlotKey};
+
+use crate::{
+    atomic,
+    maps::{backend, LB_AFFINITY, LB_BE_LIVE, LB_RR_CURSORS, LB_SLOTS},
+    packet::Parsed,
+};
+
+/// The backend id for a new flow of `svc` in slot set `set`, or 0 when its slots are not
+/// there (the agent broke its write order). `svc.count[set]` is not 0.
+#[inline(never)]
+pub fn choose(p: &Parsed, svc: &ServiceValue, set: u32) -> u32 {
+    let k = &p.key;
+    let affinity = AffinityKey { scope: svc.scope, client_addr_be: k.src_addr_be };
+    if svc.affinity_timeout_s != 0 {
+        let kept = kept_backend(&affinity, svc.affinity_timeout_s);
+        if kept != 0 {
+            return kept;
+        }
+    }
+    // max(1): no division by zero, whose panic path the verifier would refuse (callers
+    // never choose from an empty set).
+    let slots = (svc.count[(set & 1) as usize] as u32).max(1);
+    let slot = match svc.algorithm {
+        algorithm::ROUND_ROBIN => match LB_RR_CURSORS.get_ptr_mut(svc.svc_id) {
+            // SAFETY: an array value, changed only atomically.
+            Some(cursor) => (unsafe { atomic::fetch_add(cursor, 1) } % slots as u64) as u32,
+            None => 0,
+        },
+        algorithm::MAGLEV => flow_hash(k.src_addr_be, k.src_port_be, k.dst_port_be, k.proto) % slots,
+        algorithm::SOURCE_HASH => client_hash(k.src_addr_be) % slots,
+        algorithm::LEAST_CONN => return remember(&affinity, svc, least_conn(svc, set)),
+        // SAFETY: plain helper call.
+        _ => (unsafe { bpf_get_prandom_u32() }) % slots,
+    };
+    // SAFETY: a copy of a plain integer.
+    let id = unsafe { LB_SLOTS.get(SlotKey::new(svc.svc_id, svc.gen, set as u8, slot)) }.copied().unwrap_or(0);
+    remember(&affinity, svc, id)
+}
+
+/// The backend this client keeps, if it has one that is fresh and still chosen by its
+/// Service port (a backend gone, or only kept for its old flows, invalidates it lazily).
+#[inline(always)]
+fn kept_backend(key: &AffinityKey, timeout_s: u32) -> u32 {
+    // SAFETY: a copy of plain integers.
+    let Some(v) = (unsafe { LB_AFFINITY.get(key) }).copied() else { return 0 };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let fresh = now.saturating_sub(v.last_ns) <= timeout_s as u64 * 1_000_000_000;
+    let chosen = backend(v.backend_id)
+        .is_some_and(|b| b.gen == v.backend_gen && b.addr_be != 0 && b.flags & backend_flags::CHOSEN != 0);
+    if fresh && chosen {
+        v.backend_id
+    } else {
+        0
+    }
+}
+
+/// Records the choice for session affinity (a new flow refreshes it, as kube-proxy's
+/// `recent` match does); returns `id`.
+#[inline(always)]
+fn remember(key: &AffinityKey, svc: &ServiceValue, id: u32) -> u32 {
+    if svc.affinity_timeout_s != 0 && id != 0 {
+        if let Some(b) = backend(id) {
+            // SAFETY: plain helper call.
+            let last_ns = unsafe { bpf_ktime_get_coarse_ns() };
+            let _ =
+                LB_AFFINITY.insert(key, AffinityValue { last_ns, backend_id: id, backend_gen: b.gen }, BPF_ANY as u64);
+        }
+    }
+    id
+}
+
+struct LeastConn {
+    svc_id: u32,
+    gen: u8,
+    set: u8,
+    best: u32,
+    fewest: u64,
+    ties: u32,
+}
+
+/// The backend of the set with the fewest open flows on this node, ties broken at random
+/// (reservoir sampling). One pass over the set, in a bpf_loop so the verifier checks the
+/// body once.
+#[inline(always)]
+fn least_conn(svc: &ServiceValue, set: u32) -> u32 {
+    let mut run = LeastConn { svc_id: svc.svc_id, gen: svc.gen, set: set as u8, best: 0, fewest: u64::MAX, ties: 0 };
+    // SAFETY: the callback has the signature bpf_loop calls; `run` outlives the call.
+    unsafe {
+        bpf_loop(
+            svc.count[(set & 1) as usize] as u32,
+            visit as *mut c_void,
+            &mut run as *mut LeastConn as *mut c_void,
+            0,
+        )
+    };
+    run.best
+}
+
+extern "C" fn visit(slot: u32, run: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the pointer least_conn passed.
+    let run = unsafe { &mut *(run as *mut LeastConn) };
+    // SAFETY: a copy of a plain integer.
+    let Some(id) = (unsafe { LB_SLOTS.get(SlotKey::new(run.svc_id, run.gen, run.set, slot)) }).copied() else {
+        return 1;
+    };
+    // SAFETY: an array value read whole (a racing count only makes the choice a hair stale).
+    let open = LB_BE_LIVE.get(id).copied().unwrap_or(0);
+    if open < run.fewest {
+        run.fewest = open;
+        run.best = id;
+        run.ties = 1;
+    } else if open == run.fewest {
+        run.ties += 1;
+        // SAFETY: plain helper call.
+        if unsafe { bpf_get_prandom_u32() } % run.ties.max(1) == 0 {
+            run.best = id;
+        }
+    }
+    0
+}
