@@ -92,11 +92,19 @@ struct LeastConn {
 /// body once.
 #[inline(always)]
 fn least_conn(svc: &ServiceValue, set: u32) -> u32 {
-    let mut run = LeastConn { svc_id: svc.svc_id, gen: svc.gen, set: set as u8, best: 0, fewest: u64::MAX, ties: 0 };
+    let (svc_id, gen, set) = (svc.svc_id, svc.gen, set as u8);
+    // Seeded with the first slot rather than with constants (fewest = u64::MAX): the
+    // verifier checks the callback's first pass with the seed's values, and a branch that
+    // pass finds impossible (open > fewest when fewest is the maximum) it may never explore
+    // again, pruning later passes as equivalent, and then rewrites as dead code. With
+    // constants, kernel 6.18 made every non-tie look like a tie.
+    // SAFETY: a copy of a plain integer.
+    let Some(first) = (unsafe { LB_SLOTS.get(SlotKey::new(svc_id, gen, set, 0)) }).copied() else { return 0 };
+    let mut run = LeastConn { svc_id, gen, set, best: first, fewest: open_flows(first), ties: 1 };
     // SAFETY: the callback has the signature bpf_loop calls; `run` outlives the call.
     unsafe {
         bpf_loop(
-            svc.count[(set & 1) as usize] as u32,
+            (svc.count[(set & 1) as usize] as u32).saturating_sub(1),
             visit as *mut c_void,
             &mut run as *mut LeastConn as *mut c_void,
             0,
@@ -105,15 +113,22 @@ fn least_conn(svc: &ServiceValue, set: u32) -> u32 {
     run.best
 }
 
-extern "C" fn visit(slot: u32, run: *mut c_void) -> i64 {
+#[inline(always)]
+fn open_flows(backend_id: u32) -> u64 {
+    // An array value read whole (a racing count only makes the choice a hair stale).
+    LB_BE_LIVE.get(backend_id).copied().unwrap_or(0)
+}
+
+/// Visits slot `after_first + 1` (the first seeded the run).
+extern "C" fn visit(after_first: u32, run: *mut c_void) -> i64 {
     // SAFETY: bpf_loop hands back the pointer least_conn passed.
     let run = unsafe { &mut *(run as *mut LeastConn) };
+    let slot = after_first + 1;
     // SAFETY: a copy of a plain integer.
     let Some(id) = (unsafe { LB_SLOTS.get(SlotKey::new(run.svc_id, run.gen, run.set, slot)) }).copied() else {
         return 1;
     };
-    // SAFETY: an array value read whole (a racing count only makes the choice a hair stale).
-    let open = LB_BE_LIVE.get(id).copied().unwrap_or(0);
+    let open = open_flows(id);
     if open < run.fewest {
         run.fewest = open;
         run.best = id;

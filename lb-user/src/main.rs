@@ -69,6 +69,19 @@ enum Command {
         #[command(flatten)]
         datapath: DatapathArgs,
     },
+    /// Which backend the datapath gives a flow (from the pinned maps: works while the agent
+    /// is down): a tracked flow's, or a new flow's by affinity and the frontend's algorithm.
+    Which {
+        #[command(flatten)]
+        pin: PinDir,
+        /// tcp or udp.
+        #[arg(value_parser = datapath::predict::parse_proto)]
+        proto: u8,
+        /// The client, ADDRESS:PORT.
+        src: std::net::SocketAddrV4,
+        /// The frontend, ADDRESS:PORT.
+        dst: std::net::SocketAddrV4,
+    },
     /// Print this node's desired state for manifests (Service, EndpointSlice, Endpoints, Node).
     Model {
         #[command(flatten)]
@@ -261,6 +274,11 @@ fn main() -> anyhow::Result<()> {
             println!("unloaded {}", pin.pin_dir.display());
         }
         Command::Counters { pin } => print_counters(&pin.pin_dir)?,
+        Command::Which { pin, proto, src, dst } => {
+            let prediction =
+                datapath::predict::Predictor::open(&pin.pin_dir)?.predict(datapath::predict::Flow { proto, src, dst });
+            println!("{prediction}");
+        }
         Command::Model { node } => {
             let (objects, report) = source::read_manifests(&node.manifests);
             let info = node.flags(None).node_info(&objects.nodes)?;

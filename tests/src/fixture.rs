@@ -264,6 +264,17 @@ impl Fixture {
         }
     }
 
+    /// Makes every session-affinity entry `secs` seconds older.
+    pub fn age_affinity(&self, secs: u64) {
+        let map = datapath::open_map(&self.pin_dir, map_names::AFFINITY).unwrap();
+        let mut affinity: HashMap<_, lb_common::AffinityKey, lb_common::AffinityValue> = map.try_into().unwrap();
+        let entries: Vec<_> = affinity.iter().map(Result::unwrap).collect();
+        for (k, mut v) in entries {
+            v.last_ns -= secs * 1_000_000_000;
+            affinity.insert(k, v, 0).unwrap();
+        }
+    }
+
     /// Removes one half of a flow behind the datapath's back (as a bug or a lost entry
     /// would), keeping the entry count honest.
     pub fn lose_half(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) {

@@ -12,6 +12,7 @@ use std::{
 pub mod batch;
 pub mod conntrack;
 pub mod maps;
+pub mod predict;
 
 use aya::{
     maps::{Map, MapData, PerCpuArray},

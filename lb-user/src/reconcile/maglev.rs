@@ -13,7 +13,7 @@ pub fn table_size(backends: usize, per_backend: u32, max: u32) -> u32 {
 }
 
 fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d: &u32| (*d as u64) * (*d as u64) <= n as u64).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d: &u32| (*d as u64) * (*d as u64) <= n as u64).all(|d| !n.is_multiple_of(d))
 }
 
 /// The table of size `m` (a prime) for backends with these names: for each position, the

@@ -1,0 +1,151 @@
+//! Needs root and BPF. Backend selection (issue 11) with BPF_PROG_TEST_RUN: for every
+//! algorithm, the kernel's choice for many new flows agrees with the userspace predictor
+//! (`lb-user which`), and each algorithm spreads flows as it should; session affinity keeps
+//! a client on its backend until the entry goes stale or the backend stops being chosen.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use lb_common::IPPROTO_TCP;
+use lb_tests::{
+    fixture::*,
+    packet::{Frame, SYN},
+};
+use lb_user::datapath::predict::{Choice, Flow, Predictor};
+
+const BACKENDS: [Ipv4Addr; 5] = [
+    Ipv4Addr::new(10, 244, 1, 30),
+    Ipv4Addr::new(10, 244, 1, 31),
+    Ipv4Addr::new(10, 244, 1, 32),
+    Ipv4Addr::new(10, 244, 1, 33),
+    Ipv4Addr::new(10, 244, 1, 34),
+];
+
+/// A NodePort Service (`node_port`) with the five local backends, its algorithm and extra
+/// spec given.
+fn service(name: &str, algorithm: &str, node_port: u16, extra_spec: &str) -> String {
+    let eps: Vec<String> = BACKENDS.iter().map(|ip| format!("{{addresses: [\"{ip}\"], nodeName: node1}}")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, annotations: {{lb.kube-xdp.io/algorithm: {algorithm}}}}}\nspec: {{type: NodePort, clusterIP: 10.96.5.{}{extra_spec}, ports: [{{port: 80, nodePort: {node_port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
+        node_port - 31000,
+        eps.join(", ")
+    )
+}
+
+fn manifests() -> String {
+    MANIFESTS.to_string()
+        + &local_slices()
+        + &service("alg-random", "random", 31001, "")
+        + &service("alg-rr", "round-robin", 31002, "")
+        + &service("alg-maglev", "maglev", 31003, "")
+        + &service("alg-sh", "source-hash", 31004, "")
+        + &service("alg-lc", "least-conn", 31005, "")
+        + &service(
+            "alg-affinity",
+            "random",
+            31006,
+            ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}",
+        )
+}
+
+/// The backend the kernel chose for the flow the SYN from `client` to node:`port` started.
+fn kernel_choice(fx: &mut Fixture, client: SocketAddrV4, port: u16) -> SocketAddrV4 {
+    let front = SocketAddrV4::new(NODE, port);
+    fx.xdp(&Frame::tcp(client, front, SYN).bytes());
+    let entry = fx.conntrack(client, front, IPPROTO_TCP).expect("a flow started");
+    let b = fx.backend(entry.backend_id).expect("its backend");
+    SocketAddrV4::new(b.ip(), b.port())
+}
+
+/// Runs `flows` new flows to node:`port` from distinct clients (addresses and ports), each
+/// predicted first; returns how many each backend got.
+fn run(
+    fx: &mut Fixture,
+    port: u16,
+    flows: u16,
+    agree: impl Fn(&Choice, SocketAddrV4) -> bool,
+) -> BTreeMap<SocketAddrV4, u32> {
+    let predictor = Predictor::open(&fx.pin_dir).unwrap();
+    let mut got = BTreeMap::new();
+    for i in 0..flows {
+        let client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 51, (i % 200) as u8 + 1), 10000 + i);
+        let predicted = predictor.predict(Flow { proto: IPPROTO_TCP, src: client, dst: SocketAddrV4::new(NODE, port) });
+        let chosen = kernel_choice(fx, client, port);
+        assert!(
+            agree(&predicted.choice, chosen),
+            "flow {i} from {client}: kernel chose {chosen}, predicted {predicted}"
+        );
+        *got.entry(chosen).or_default() += 1;
+    }
+    got
+}
+
+fn exactly(choice: &Choice, chosen: SocketAddrV4) -> bool {
+    *choice == Choice::Backend(chosen)
+}
+
+fn one_of(choice: &Choice, chosen: SocketAddrV4) -> bool {
+    matches!(choice, Choice::AnyOf(set) if set.contains(&chosen))
+}
+
+#[test]
+fn the_kernel_chooses_as_the_predictor_says_for_every_algorithm() {
+    with_fixture(Setup::fast((40000, 60000)), |fx| {
+        fx.apply(&manifests());
+        let random = run(fx, 31001, 300, one_of);
+        assert_eq!(random.len(), 5, "random reaches every backend: {random:?}");
+        let rr = run(fx, 31002, 300, exactly);
+        assert!(rr.values().all(|n| *n == 60), "round-robin: 300 flows, 60 each: {rr:?}");
+        let maglev = run(fx, 31003, 300, exactly);
+        assert_eq!(maglev.len(), 5, "{maglev:?}");
+        let sh = run(fx, 31004, 300, exactly);
+        assert_eq!(sh.len(), 5, "{sh:?}");
+        // Source hash: the same client address, whatever its port, gets the same backend.
+        let a = kernel_choice(fx, SocketAddrV4::new(Ipv4Addr::new(192, 168, 52, 7), 1111), 31004);
+        let b = kernel_choice(fx, SocketAddrV4::new(Ipv4Addr::new(192, 168, 52, 7), 2222), 31004);
+        assert_eq!(a, b);
+        // Least-conn: each new flow (none closes) goes to a backend with the fewest, so
+        // counts never differ by more than one.
+        let lc = run(fx, 31005, 300, one_of);
+        assert!(lc.values().all(|n| *n == 60), "least-conn levels the open flows: {lc:?}");
+    });
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend_until_it_goes_stale() {
+    with_fixture(Setup::fast((40000, 60000)), |fx| {
+        fx.apply(&manifests());
+        let client = |port| SocketAddrV4::new(Ipv4Addr::new(192, 168, 53, 9), port);
+        let first = kernel_choice(fx, client(20000), 31006);
+        for port in 20001..20030 {
+            assert_eq!(kernel_choice(fx, client(port), 31006), first, "the same client keeps its backend");
+        }
+        let predictor = Predictor::open(&fx.pin_dir).unwrap();
+        let p = predictor.predict(Flow { proto: IPPROTO_TCP, src: client(20100), dst: SocketAddrV4::new(NODE, 31006) });
+        assert_eq!((p.choice, p.by), (Choice::Backend(first), "affinity"));
+        // Other clients spread.
+        let others: std::collections::BTreeSet<SocketAddrV4> = (1..60)
+            .map(|i| kernel_choice(fx, SocketAddrV4::new(Ipv4Addr::new(192, 168, 54, i), 20000), 31006))
+            .collect();
+        assert!(others.len() > 1, "other clients get other backends: {others:?}");
+        // Stale (older than the 5 s timeout): a new choice, which may be any backend.
+        fx.age_affinity(6);
+        let p = Predictor::open(&fx.pin_dir).unwrap().predict(Flow {
+            proto: IPPROTO_TCP,
+            src: client(20200),
+            dst: SocketAddrV4::new(NODE, 31006),
+        });
+        assert_eq!(p.by, "random", "the stale entry no longer decides");
+        // A backend no longer chosen (terminating) invalidates the affinity at once.
+        let chosen = kernel_choice(fx, client(20300), 31006);
+        let terminating = manifests().replace(
+            &format!("{{addresses: [\"{}\"], nodeName: node1}}", chosen.ip()),
+            &format!("{{addresses: [\"{}\"], nodeName: node1, conditions: {{ready: false, serving: true, terminating: true}}}}", chosen.ip()),
+        );
+        fx.apply(&terminating);
+        for port in 20301..20320 {
+            assert_ne!(kernel_choice(fx, client(port), 31006), chosen, "new flows avoid the terminating backend");
+        }
+    });
+}
