@@ -159,27 +159,32 @@ pub struct Fixture {
     pub dp: Datapath,
     pub pin_dir: std::path::PathBuf,
     pub eth0: u32,
+    setup: Setup,
 }
 
 impl Fixture {
-    /// Loads and scripts the datapath.
+    /// Loads the datapath and scripts it with [`MANIFESTS`] and [`local_slices`].
     fn load(pin_dir: &Path, setup: Setup) -> Fixture {
         let capacity = datapath::Capacity { conntrack_entries: setup.conntrack_entries };
         let dp = Datapath::load(pin_dir, capacity).unwrap();
+        let eth0 = ifindex("eth0");
+        let mut fixture = Fixture { dp, pin_dir: pin_dir.to_path_buf(), eth0, setup };
+        fixture.apply(&(MANIFESTS.to_string() + &local_slices()));
+        fixture
+    }
+
+    /// Makes the maps say what `manifests` say, as the agent does (model, then reconciler
+    /// adopting the pinned maps): Services and backends that go are removed, flows stay.
+    pub fn apply(&mut self, manifests: &str) {
         let mut objects = source::Objects::default();
         let mut report = manifests::Report::default();
-        manifests::parse_into(
-            Path::new("fixtures.yaml"),
-            &(MANIFESTS.to_string() + &local_slices()),
-            &mut objects,
-            &mut report,
-        );
+        manifests::parse_into(Path::new("fixtures.yaml"), manifests, &mut objects, &mut report);
         assert!(report.errors.is_empty(), "{report}");
         let node = model::NodeInfo { name: "node1".into(), addresses: vec![NODE], zone: None };
         let options = model::Options::default();
         let desired = model::desired_state(&objects, &node, &options);
         assert!(desired.errors.is_empty(), "{:?}", desired.errors);
-        let mut store = PinnedMaps::open(pin_dir).unwrap();
+        let mut store = PinnedMaps::open(&self.pin_dir).unwrap();
         let cluster = addr_be(Ipv4Addr::new(10, 244, 0, 0));
         let config = lb_common::Config {
             node_addr_be: addr_be(NODE),
@@ -187,17 +192,15 @@ impl Fixture {
             local_prefix_len: 16,
             pods_addr_be: cluster,
             pods_prefix_len: 16,
-            mode: setup.mode,
-            ct_admit_limit: setup.admit_limit,
+            mode: self.setup.mode,
+            ct_admit_limit: self.setup.admit_limit,
             mark_shift: 0,
-            snat_port_min: setup.snat_ports.0,
-            snat_port_max: setup.snat_ports.1,
+            snat_port_min: self.setup.snat_ports.0,
+            snat_port_max: self.setup.snat_ports.1,
             _pad: 0,
         };
         let changes = Reconciler::adopt(&store).unwrap().apply(&desired, config, &mut store).unwrap();
         assert!(changes.failures.is_empty(), "{:?}", changes.failures);
-        let eth0 = ifindex("eth0");
-        Fixture { dp, pin_dir: pin_dir.to_path_buf(), eth0 }
     }
 
     /// Runs the XDP program as if the frame came in on eth0: (action, frame out, what it left
