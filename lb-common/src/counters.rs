@@ -59,15 +59,17 @@ counters! {
     RESET_BACKEND_GONE = 17, "reset_backend_gone";
     /// UDP to a backend that was removed: flow removed, a new backend chosen.
     BACKEND_GONE_RECHOSEN = 18, "backend_gone_rechosen";
-    /// A reply from a backend that was removed: dropped, flow removed.
+    /// A reply from a backend that was removed, or a client's reset to it: dropped, flow
+    /// removed.
     DROP_BACKEND_GONE = 19, "drop_backend_gone";
     /// A later fragment of a translated datagram, translated like its first.
     FRAGMENT_TRANSLATED = 20, "fragment_translated";
     /// A later fragment whose first fragment was not seen (or not translated): passed
     /// untranslated.
     PASS_FRAGMENT_UNMATCHED = 21, "pass_fragment_unmatched";
-    /// A refusal or reset not sent: over the rate limit.
-    ANSWER_RATE_LIMITED = 22, "answer_rate_limited";
+    /// A packet that would have been refused or reset, dropped without an answer: over
+    /// the answer rate limit.
+    DROP_ANSWER_RATE_LIMITED = 22, "drop_answer_rate_limited";
     /// A new flow whose reply tuple belonged to another flow took a NAT port instead.
     SNAT_ON_COLLISION = 23, "snat_on_collision";
     /// Two CPUs started the same flow at once; this packet was dropped (its retransmission
@@ -82,6 +84,9 @@ counters! {
     /// A packet of a translated flow too big for its path (DF set): answered with ICMP
     /// fragmentation needed, quoting it as its sender sent it.
     FRAG_NEEDED_ANSWERED = 28, "frag_needed_answered";
+    /// TCP or UDP whose L4 header is cut short, for no frontend and no flow: left to the
+    /// stack (one for a frontend or a flow is dropped as malformed).
+    PASS_L4_TRUNCATED = 29, "pass_l4_truncated";
 }
 
 #[cfg(test)]

@@ -89,7 +89,10 @@ fn wr16(w: &mut [u8; ERROR_WINDOW], o: usize, v: u16) {
 pub fn error_flow(w: &[u8; ERROR_WINDOW]) -> Option<crate::CtKey> {
     let is_error = matches!(w[ICMP_OFF], 3 | 11 | 12);
     let inner_proto = w[INNER_OFF + 9];
-    if w[0] != 0x45 || w[9] != crate::IPPROTO_ICMP || !is_error || w[INNER_OFF] != 0x45 {
+    // The window must lie inside the datagram: past its total length come padding or
+    // garbage, neither quoted nor covered by the ICMP checksum.
+    let whole = u16::from_be_bytes([w[2], w[3]]) as usize >= ERROR_WINDOW;
+    if w[0] != 0x45 || w[9] != crate::IPPROTO_ICMP || !is_error || w[INNER_OFF] != 0x45 || !whole {
         return None;
     }
     if inner_proto != crate::IPPROTO_TCP && inner_proto != crate::IPPROTO_UDP {
@@ -255,5 +258,14 @@ mod tests {
         echo[ICMP_OFF] = 3;
         echo[INNER_OFF + 9] = crate::IPPROTO_ICMP;
         assert!(error_flow(&echo).is_none(), "error about ICMP");
+    }
+
+    #[test]
+    fn an_error_shorter_than_the_window_is_not_read_past_its_end() {
+        let mut w = error((3, 3), POD, NODE, (NODE, 1), (POD, 2));
+        assert!(error_flow(&w).is_some());
+        // Ends after the quoted IPv4 header: the ports would be read from what follows.
+        w[2..4].copy_from_slice(&((ERROR_WINDOW - 4) as u16).to_be_bytes());
+        assert!(error_flow(&w).is_none());
     }
 }

@@ -163,6 +163,15 @@ pub fn reap(key: &CtKey, v: *mut CtValue, seen: u64) -> bool {
     true
 }
 
+/// Removes the flow whose first packet goes no further (answered instead of sent on), as
+/// Linux discards a conntrack entry never confirmed: the sender's next try starts afresh.
+#[inline(always)]
+pub fn withdraw(key: &CtKey) {
+    if let Some(v) = LB_CONNTRACK.get_ptr_mut(key) {
+        reap(key, v, load_stamp(v));
+    }
+}
+
 /// Removes a half this program inserted a moment ago and that its flow will not use.
 #[inline(always)]
 fn unclaim(key: &CtKey, fresh: u64) {

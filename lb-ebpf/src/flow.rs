@@ -183,6 +183,14 @@ pub fn screen(k: &CtKey, cfg: &Config, replies: Replies) -> Option<bool> {
 #[inline(always)]
 pub fn decide<C: EbpfContext>(ctx: &C, p: &Parsed, maybe_front: bool) -> Verdict {
     let k = &p.key;
+    let frontend = ServiceKey { addr_be: k.dst_addr_be, port_be: k.dst_port_be, proto: k.proto, _pad: 0 };
+    if p.truncated {
+        // Not translatable: dropped if it is ours, else the stack's (it may be routed on).
+        let ours = LB_CONNTRACK.get_ptr_mut(k).is_some()
+            // SAFETY: only whether the entry exists is read.
+            || (maybe_front && unsafe { LB_SERVICES.get(&frontend) }.is_some());
+        return if ours { Verdict::drop(counters::DROP_MALFORMED) } else { Verdict::pass(counters::PASS_L4_TRUNCATED) };
+    }
     if let Some(v) = LB_CONNTRACK.get_ptr_mut(k) {
         let verdict = follow(p, v);
         if verdict.action != action::UNTRACKED {
@@ -192,7 +200,6 @@ pub fn decide<C: EbpfContext>(ctx: &C, p: &Parsed, maybe_front: bool) -> Verdict
     if !maybe_front {
         return Verdict::pass(counters::PASS_NOT_SERVICE);
     }
-    let frontend = ServiceKey { addr_be: k.dst_addr_be, port_be: k.dst_port_be, proto: k.proto, _pad: 0 };
     // SAFETY: entries are replaced whole by the agent and stay readable for the whole run
     // (RCU); a reference rather than a copy keeps the entry out of this frame.
     match unsafe { LB_SERVICES.get(&frontend) } {
@@ -239,9 +246,10 @@ fn follow(p: &Parsed, v: *mut CtValue) -> Verdict {
     if !backend(backend_id).is_some_and(|b: &Backend| b.gen == backend_gen) {
         // Removed, not merely terminating: the flow goes. UDP chooses again at once
         // (kube-proxy deletes such flows); TCP gets a reset rather than silence; a late
-        // reply from the removed backend is dropped.
+        // reply from the removed backend is dropped, and so is a client's reset (a reset is
+        // never answered).
         ct::reap(k, v, seen);
-        return if reply {
+        return if reply || p.tcp_flags & TCP_RST != 0 {
             Verdict::drop(counters::DROP_BACKEND_GONE)
         } else if k.proto == IPPROTO_TCP {
             Verdict::reset(counters::RESET_BACKEND_GONE)

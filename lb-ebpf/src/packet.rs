@@ -51,6 +51,8 @@ pub struct Parsed {
     pub ip_id_be: u16,
     /// IPv4 total length minus the header: the L4 length of an unfragmented packet.
     pub l4_len: u16,
+    /// The ports are there but the rest of the L4 header is cut short: not translatable.
+    pub truncated: bool,
     pub frame_len: u64,
 }
 
@@ -104,16 +106,27 @@ pub fn parse(start: usize, end: usize, frame_len: u64) -> Result<Parsed, NotAFlo
     let ip_id_be = u16::from_ne_bytes([ip[4], ip[5]]);
     let l4_len = tot_len - 20;
     if offset != 0 {
-        return Ok(Parsed { key, tcp_flags: 0, fragment: Fragment::Later, df, ip_id_be, l4_len, frame_len });
+        return Ok(Parsed {
+            key,
+            tcp_flags: 0,
+            fragment: Fragment::Later,
+            df,
+            ip_id_be,
+            l4_len,
+            frame_len,
+            truncated: false,
+        });
     }
+    // Without its ports a packet cannot be told to be ours; the stack has the final say.
+    if l4_len < 4 {
+        return Err(pass(counters::PASS_L4_TRUNCATED));
+    }
+    let ports: [u16; 2] = read(start, end, L4_OFF).ok_or(pass(counters::PASS_L4_TRUNCATED))?;
     let l4_min: u16 = if proto == IPPROTO_TCP { 20 } else { 8 };
-    if l4_len < l4_min || start + L4_OFF + l4_min as usize > end {
-        return Err(MALFORMED);
-    }
-    let ports: [u16; 2] = read(start, end, L4_OFF).ok_or(MALFORMED)?;
+    let truncated = l4_len < l4_min || start + L4_OFF + l4_min as usize > end;
     key.src_port_be = ports[0];
     key.dst_port_be = ports[1];
     let tcp_flags = if proto == IPPROTO_TCP { read::<u8>(start, end, L4_OFF + 13).unwrap_or(0) } else { 0 };
     let fragment = if more { Fragment::First } else { Fragment::No };
-    Ok(Parsed { key, tcp_flags, fragment, df, ip_id_be, l4_len, frame_len })
+    Ok(Parsed { key, tcp_flags, fragment, df, ip_id_be, l4_len, frame_len, truncated })
 }

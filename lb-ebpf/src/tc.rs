@@ -29,6 +29,7 @@ use lb_common::{
 };
 
 use crate::{
+    ct,
     flow::{action, decide, screen, tracked_rewrite, Replies, Rewrite, Verdict, EGRESS_OWN_TUPLE},
     frag,
     maps::{config, count, count_traffic, fib_scratch, LB_CONNTRACK},
@@ -121,7 +122,12 @@ fn datapath(ctx: &TcContext, replies: Replies) -> Result<i32, ()> {
         // Checked before the rewrite, so the answer quotes the packet as its sender sent it.
         action::TRANSLATE => match if p.df { frag_needed(ctx, &p, &v) } else { 0 } {
             0 => Ok(translate(ctx, &p, &v, cfg)),
-            mtu => Ok(answer_unreachable(ctx, &p, Unreachable::frag_needed(mtu))),
+            mtu => {
+                if v.counter == counters::NEW_FLOW {
+                    ct::withdraw(&p.key);
+                }
+                Ok(answer_unreachable(ctx, &p, Unreachable::frag_needed(mtu)))
+            }
         },
         action::REFUSE => Ok(answer_unreachable(ctx, &p, Unreachable::port())),
         action::RESET => Ok(answer_reset(ctx, &p, v.counter)),
@@ -464,7 +470,7 @@ impl Unreachable {
 #[inline(never)]
 fn answer_unreachable(ctx: &TcContext, p: &Parsed, u: Unreachable) -> i32 {
     if !ratelimit::answer_allowed(p.key.src_addr_be) {
-        count(counters::ANSWER_RATE_LIMITED, p.frame_len);
+        count(counters::DROP_ANSWER_RATE_LIMITED, p.frame_len);
         return TC_ACT_SHOT;
     }
     let mut macs = [0u8; 12];
@@ -488,7 +494,7 @@ fn answer_unreachable(ctx: &TcContext, p: &Parsed, u: Unreachable) -> i32 {
 #[inline(never)]
 fn answer_reset(ctx: &TcContext, p: &Parsed, counter: u32) -> i32 {
     if !ratelimit::answer_allowed(p.key.src_addr_be) {
-        count(counters::ANSWER_RATE_LIMITED, p.frame_len);
+        count(counters::DROP_ANSWER_RATE_LIMITED, p.frame_len);
         return TC_ACT_SHOT;
     }
     let Ok(doff) = ctx.load::<u8>(L4_OFF + 12) else { return TC_ACT_SHOT };

@@ -18,6 +18,7 @@ use lb_common::{
 };
 
 use crate::{
+    ct,
     flow::{action, decide, screen, tracked_rewrite, Replies, Rewrite, Verdict},
     frag,
     maps::{config, count, count_traffic, fib_scratch, LB_CONNTRACK},
@@ -72,7 +73,7 @@ fn try_lb_xdp_uplink(ctx: &XdpContext) -> Result<u32, ()> {
         count(counters::PASS_NOT_SERVICE, p.frame_len);
         return Ok(xdp_action::XDP_PASS);
     };
-    if p.fragment == Fragment::No && looks_partial(ctx, &p) {
+    if p.fragment == Fragment::No && !p.truncated && looks_partial(ctx, &p) {
         count(counters::XDP_TO_TC, p.frame_len);
         return Ok(hand_over(ctx, XDP_META_PARTIAL, 0));
     }
@@ -110,6 +111,9 @@ fn translate(ctx: &XdpContext, p: &Parsed, t: &Verdict, cfg: &Config) -> u32 {
     // Without DF the packet goes on whole: the stack fragments it in netfilter mode; fast
     // mode does not fragment (README: known limits).
     if hop.frag_needed != 0 && p.df {
+        if t.counter == counters::NEW_FLOW {
+            ct::withdraw(&p.key);
+        }
         // Answered before the rewrite, so the quote is the packet as the client sent it.
         return answer_unreachable(ctx, p, Unreachable::frag_needed(hop.frag_needed));
     }
@@ -350,7 +354,7 @@ fn translate_icmp_error(ctx: &XdpContext) -> Option<u32> {
 #[inline(never)]
 fn answer_unreachable(ctx: &XdpContext, p: &Parsed, u: Unreachable) -> u32 {
     if !ratelimit::answer_allowed(p.key.src_addr_be) {
-        count(counters::ANSWER_RATE_LIMITED, p.frame_len);
+        count(counters::DROP_ANSWER_RATE_LIMITED, p.frame_len);
         return xdp_action::XDP_DROP;
     }
     count(u.counter(), p.frame_len);
@@ -381,7 +385,7 @@ fn answer_unreachable(ctx: &XdpContext, p: &Parsed, u: Unreachable) -> u32 {
 #[inline(never)]
 fn answer_reset(ctx: &XdpContext, p: &Parsed, counter: u32) -> u32 {
     if !ratelimit::answer_allowed(p.key.src_addr_be) {
-        count(counters::ANSWER_RATE_LIMITED, p.frame_len);
+        count(counters::DROP_ANSWER_RATE_LIMITED, p.frame_len);
         return xdp_action::XDP_DROP;
     }
     count(counter, p.frame_len);

@@ -8,7 +8,7 @@
 //! clients route via node 0 (as a cloud LB or BGP would).
 use std::{
     net::Ipv4Addr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -50,6 +50,11 @@ pub struct Netns {
 impl Netns {
     /// A new namespace named `<prefix>-<pid>-<n>-<role>`.
     pub fn new(prefix: &str, role: &str) -> Result<Self> {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        // Only the tests' own: a lab kept by `lab up` outlives its process on purpose.
+        if prefix == "lbt" {
+            SWEPT.call_once(|| remove_stale(prefix));
+        }
         let name = format!("{prefix}-{}-{}-{role}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         run("ip", &["netns", "add", &name])?;
         let ns = Netns { name, keep: false };
@@ -343,6 +348,24 @@ fn attach_wire_xdp(segment: &str, ports: Vec<String>) -> Result<WireXdp> {
         }
         Ok(WireXdp { ebpf, links })
     })
+}
+
+/// Removes what test processes killed before their cleanup (a timeout, a signal) left
+/// behind: namespaces `<prefix>-<pid>-...` of a process gone, and the datapaths pinned
+/// under the same names.
+fn remove_stale(prefix: &str) {
+    let Ok(list) = run("ip", &["netns", "list"]) else { return };
+    let gone = |name: &str| {
+        let pid = name.strip_prefix(&format!("{prefix}-")).and_then(|rest| rest.split('-').next());
+        pid.and_then(|p| p.parse::<u32>().ok()).is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists())
+    };
+    let pinned = std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten();
+    for name in pinned.filter_map(|e| e.file_name().into_string().ok()).filter(|n| gone(n)) {
+        let _ = lb_user::datapath::unload(Path::new(&format!("/sys/fs/bpf/{name}")));
+    }
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| gone(n)) {
+        let _ = run("ip", &["netns", "del", name]);
+    }
 }
 
 /// Deletes every namespace whose name starts with `prefix-`, and the kept segment XDP

@@ -436,7 +436,7 @@ fn path_mtu_discovery_works_through_the_translation_and_refusals_are_rate_limite
             fx.xdp(&Frame::tcp(sa(CLIENT2, 7000 + port), np(30099), SYN).bytes());
         }
         assert_eq!(delta(fx, &before, "refused_no_backend"), 6);
-        assert_eq!(delta(fx, &before, "answer_rate_limited"), 14);
+        assert_eq!(delta(fx, &before, "drop_answer_rate_limited"), 14);
     });
 }
 
@@ -520,5 +520,124 @@ fn traffic_is_counted_per_frontend_and_backend_and_open_flows_fall_once() {
         fx.age(sa(CLIENT, 6000), front, IPPROTO_UDP, 31);
         assert_eq!(fx.sweep().0, 1);
         assert_eq!(fx.backend_live(udp_backend), 0);
+    });
+}
+
+// Defects the property harness (tests/properties.rs) found, one fixture each.
+
+/// `frame` with its L4 header cut to `l4_bytes`, the IPv4 total length and checksum to match.
+fn cut_l4(frame: &[u8], l4_bytes: usize) -> Vec<u8> {
+    let mut f = frame[..34 + l4_bytes].to_vec();
+    f[16..18].copy_from_slice(&((20 + l4_bytes) as u16).to_be_bytes());
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&f[14..34], 0);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// A TCP or UDP header cut short cannot be translated: dropped when it is for a frontend or
+/// a flow, otherwise left to the stack untouched (it may be routed on), not dropped.
+#[test]
+fn a_cut_short_l4_header_is_dropped_only_when_it_is_ours() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let before = fx.counters();
+        let to_frontend = cut_l4(&Frame::tcp(sa(CLIENT, 5555), np(30080), SYN).bytes(), 8);
+        assert_eq!(fx.xdp(&to_frontend).0, XDP_DROP);
+        assert_eq!(delta(fx, &before, "drop_malformed"), 1);
+        assert!(fx.conntrack(sa(CLIENT, 5555), np(30080), IPPROTO_TCP).is_none());
+        // A ClusterIP's address, but no frontend's port; a pod; the ports themselves cut.
+        let elsewhere = [
+            cut_l4(&Frame::tcp(sa(CLIENT, 5555), sa(Ipv4Addr::new(10, 96, 0, 1), 81), SYN).bytes(), 8),
+            cut_l4(&Frame::udp(sa(CLIENT, 5555), sa(REMOTE_POD, 8080)).bytes(), 6),
+            cut_l4(&Frame::udp(sa(CLIENT, 5555), np(30080)).bytes(), 3),
+        ];
+        for frame in elsewhere {
+            let (action, out, meta) = fx.xdp(&frame);
+            assert_eq!((action, &out, meta), (XDP_PASS, &frame, None), "untouched: {frame:02x?}");
+        }
+        // Counted as truncated, or as not for a Service when the frontend filter already
+        // ruled it out by its ports.
+        assert_eq!(delta(fx, &before, "pass_l4_truncated") + delta(fx, &before, "pass_not_service"), 3);
+        assert_eq!(delta(fx, &before, "drop_malformed"), 1);
+        assert_eq!(fx.ct_entries().len(), 0);
+    });
+}
+
+/// A client's reset to a backend that was removed is dropped with its flow: a reset is
+/// never answered with one.
+#[test]
+fn a_reset_to_a_removed_backend_is_not_answered() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let client = sa(CLIENT, 6001);
+        snat_of(fx, &Frame::tcp(client, np(30080), SYN));
+        let replaced = MANIFESTS.replace(
+            "endpoints: [{addresses: [10.244.2.10], nodeName: node2}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: np-local}",
+            "endpoints: [{addresses: [10.244.2.11], nodeName: node2}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: np-local}",
+        );
+        fx.apply(&(replaced + &local_slices()));
+        let before = fx.counters();
+        assert_eq!(fx.xdp(&Frame::tcp(client, np(30080), RST).bytes()).0, XDP_DROP);
+        assert_eq!(delta(fx, &before, "drop_backend_gone"), 1);
+        assert_eq!(delta(fx, &before, "reset_backend_gone"), 0);
+        assert!(fx.conntrack(client, np(30080), IPPROTO_TCP).is_none(), "the flow went");
+    });
+}
+
+/// An ICMP error is read only up to its IPv4 total length: one that ends inside the quoted
+/// header, whatever bytes follow it in the frame, is not translated.
+#[test]
+fn an_icmp_error_is_not_read_past_its_total_length() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let client = sa(CLIENT, 5555);
+        let nat = snat_of(fx, &Frame::tcp(client, np(30080), SYN));
+        // The backend says "port unreachable", quoting the SYN it got: IPv4 header only
+        // within the datagram, its ports after the end as trailing bytes.
+        let quoted = Frame::tcp(nat, sa(REMOTE_POD, 8080), SYN).bytes();
+        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&quoted[14..34]);
+        let c = checksum(&icmp, 0);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut frame = Frame::udp(sa(REMOTE_POD, 0), sa(*nat.ip(), 0)).bytes()[..34].to_vec();
+        frame[23] = lb_common::IPPROTO_ICMP;
+        frame.extend_from_slice(&icmp);
+        let frame = cut_l4(&frame, icmp.len());
+        let mut with_trailer = frame.clone();
+        with_trailer.extend_from_slice(&quoted[34..42]);
+        let before = fx.counters();
+        let (action, out, meta) = fx.xdp(&with_trailer);
+        assert_eq!((action, out, meta), (XDP_PASS, with_trailer, None));
+        assert_eq!(delta(fx, &before, "icmp_error_translated"), 0);
+        // Whole, the same error is translated.
+        let mut whole = frame[..34].to_vec();
+        let mut icmp = icmp.clone();
+        icmp.extend_from_slice(&quoted[34..42]);
+        icmp[2..4].copy_from_slice(&[0, 0]);
+        let c = checksum(&icmp, 0);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        whole.extend_from_slice(&icmp);
+        let whole = cut_l4(&whole, icmp.len());
+        let (action, out, _) = fx.xdp(&whole);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(&out[30..34], &CLIENT.octets(), "to the client");
+        assert_eq!(delta(fx, &before, "icmp_error_translated"), 1);
+    });
+}
+
+/// A flow's first packet answered with "fragmentation needed" leaves no flow (as Linux
+/// drops an unconfirmed conntrack entry): no entries, no NAT port, no open flow counted.
+#[test]
+fn a_first_packet_too_big_for_the_path_leaves_no_flow() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let route = ["route", "replace", "10.244.2.0/24", "via", "192.168.50.11", "mtu", "lock", "1400"];
+        lb_tests::lab::run("ip", &route).unwrap();
+        let client = sa(CLIENT, 6000);
+        let big = Frame { payload: vec![1; 1460], ..Frame::udp(client, np(30080)) }.bytes();
+        let before = fx.counters();
+        let (action, out, _) = fx.xdp(&big);
+        assert_eq!((action, out[34], out[35]), (XDP_TX, 3, 4), "fragmentation needed");
+        assert_eq!(delta(fx, &before, "frag_needed_answered"), 1);
+        assert_eq!(fx.ct_entries().len(), 0);
+        assert_eq!(fx.ct_counted(), 0);
+        assert!((0..16).all(|id| fx.backend_live(id) == 0), "no open flow counted");
     });
 }

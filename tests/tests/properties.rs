@@ -24,9 +24,6 @@
 //! shares, e.g. `LB_PROPERTY_CASES=1000000 cargo test -p lb-tests --test properties`.
 //! `PROPTEST_RNG_SEED` fixes the seed. A failure prints the minimal sequence and, for each
 //! of its packets, the frames in and out in hex with the counters they moved.
-//!
-//! Known datapath defects are excluded where they show, each by a function of
-//! `known_defects` that names it; remove the exclusion once the defect is fixed.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt::Write as _,
@@ -35,9 +32,9 @@ use std::{
 
 use lb_common::{
     checksum::checksum,
-    conntrack::nonce,
+    conntrack::{bits, nonce},
     counters::{self, Counter},
-    ct_flags, icmp, map_names,
+    ct_flags, map_names,
     user::{addr_be, ip_from_be},
     CtKey, CtValue, FragKey, FragValue, ServiceKey, ServiceValue, XdpMeta, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
     XDP_META_MARK, XDP_META_PARTIAL, XDP_META_REDIRECT,
@@ -79,7 +76,8 @@ const EXTRA: [&str; 4] = ["xdp_tx", "snat_on_collision", "backend_gone_rechosen"
 /// What a translated packet is counted as.
 const TRANSLATED: [&str; 5] = ["new_flow", "established", "reply", "icmp_error_translated", "fragment_translated"];
 /// What an answer the datapath sends (ICMP destination unreachable, TCP reset) is counted as.
-const ANSWERED: [&str; 4] = ["refused_no_backend", "reset_no_flow", "reset_backend_gone", "icmp_error_translated"];
+const ANSWERED: [&str; 5] =
+    ["refused_no_backend", "reset_no_flow", "reset_backend_gone", "icmp_error_translated", "frag_needed_answered"];
 
 // ---------------------------------------------------------------------------------------
 // Frames
@@ -527,52 +525,6 @@ fn describe(f: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------
 // Known datapath defects: each excludes the exact case it shows in, until fixed.
 
-mod known_defects {
-    use super::*;
-
-    /// D1: an IPv4 TCP/UDP packet (or first fragment) whose L4 header is shorter than its
-    /// minimum (TCP 20 bytes, UDP 8) is dropped as drop_malformed even when it is not for a frontend nor
-    /// part of a flow: `packet::parse` rejects it before `flow::screen` has looked at its
-    /// destination. Traffic the node forwards (to pods, or through it) is lost; the stack
-    /// itself would forward it.
-    pub fn short_l4_dropped(v: &View) -> bool {
-        let min = if v.proto() == IPPROTO_TCP { 20 } else { 8 };
-        matches!(v.proto(), IPPROTO_TCP | IPPROTO_UDP) && v.hlen == 20 && v.offset8() == 0 && v.l4().len() < min
-    }
-
-    /// D3: a packet too big for the next hop is answered with ICMP "fragmentation needed"
-    /// whether or not it has DF set; without DF the node should fragment it (let the stack
-    /// have it). xdp.rs `translate` / `fib_hop` and tc.rs `frag_needed` act on the FIB's
-    /// BPF_FIB_LKUP_RET_FRAG_NEEDED without the DF bit (`packet::parse` does not keep it).
-    pub fn frag_needed_without_df() -> bool {
-        true
-    }
-
-    /// D4: an ICMP error is read, and translated, past its IPv4 total length: the quoted
-    /// ports are taken from whatever follows the datagram in the frame (Ethernet padding,
-    /// garbage), and the ICMP checksum then updated for bytes it does not cover. xdp.rs and
-    /// tc.rs `translate_icmp_error` take the fixed `icmp::ERROR_WINDOW` from the frame, and
-    /// `icmp::error_flow` never sees the total length.
-    pub fn icmp_read_past_total_length(v: &View) -> bool {
-        v.proto() == IPPROTO_ICMP && v.tot < icmp::ERROR_WINDOW && v.f.len() >= 14 + icmp::ERROR_WINDOW
-    }
-
-    /// D5: a TCP reset from the client of a flow whose backend was removed is answered
-    /// with a reset (reset_backend_gone); a reset must never be answered (RFC 793), and
-    /// without a flow the datapath drops it (drop_no_flow). flow.rs `follow` returns
-    /// `Verdict::reset(RESET_BACKEND_GONE)` for any TCP packet of the original direction.
-    pub fn reset_for_reset_to_gone_backend(moved: &BTreeMap<&str, i128>) -> bool {
-        moved.contains_key("reset_backend_gone")
-    }
-
-    /// D2: a refusal or reset over the answer rate limit drops the offending packet, counted
-    /// as answer_rate_limited, which is not a drop reason (xdp.rs / tc.rs
-    /// `answer_unreachable`, `answer_reset`).
-    pub fn rate_limited_drop(primary: &str) -> bool {
-        primary == "answer_rate_limited"
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // The run: the fixture, what a case has seen, the checks after every packet
 
@@ -863,14 +815,9 @@ impl<'a> Run<'a> {
         }
         // 1. Neither for a frontend nor tracked: untouched.
         if ours == Some(false) {
-            let v = View::of(&frame);
-            let excused = v.as_ref().is_some_and(|v| {
-                (known_defects::short_l4_dropped(v) && fate == Fate::Dropped)
-                    || (known_defects::icmp_read_past_total_length(v) && fate == Fate::Translated)
-            });
             ensure!(
                 self,
-                excused || (fate == Fate::Passed && !changed && meta.is_none()),
+                fate == Fate::Passed && !changed && meta.is_none(),
                 "[1] neither for a frontend nor part of a tracked flow, yet {fate:?} (action {action}, metadata {meta:?})"
             );
         }
@@ -882,24 +829,13 @@ impl<'a> Run<'a> {
                 // Never a reset for a reset (RFC 793), or resets could go back and forth.
                 let reset_for_reset = View::of(&frame).is_some_and(|v| v.tcp_flags() & RST != 0)
                     && View::of(&out).is_some_and(|v| v.proto() == IPPROTO_TCP);
-                ensure!(
-                    self,
-                    !reset_for_reset || known_defects::reset_for_reset_to_gone_backend(&moved),
-                    "[answers] a reset answered with a reset"
-                );
+                ensure!(self, !reset_for_reset, "[answers] a reset answered with a reset");
                 // A router answers "fragmentation needed" only when it may not fragment.
                 let frag_needed = out.get(34..36) == Some(&[3, 4]);
                 let df = frame[20] & 0x40 != 0;
-                ensure!(
-                    self,
-                    !frag_needed || df || known_defects::frag_needed_without_df(),
-                    "[answers] fragmentation needed, for a packet without DF"
-                );
+                ensure!(self, !frag_needed || df, "[answers] fragmentation needed, for a packet without DF");
             }
-            Fate::Translated
-                if checksums(&frame, true).is_ok()
-                    && !View::of(&frame).is_some_and(|v| known_defects::icmp_read_past_total_length(&v)) =>
-            {
+            Fate::Translated if checksums(&frame, true).is_ok() => {
                 let r = checksums(&out, true);
                 ensure!(self, r.is_ok(), "[2] translated from valid checksums, out with a bad {}", r.unwrap_err());
                 let udp_check = |f: &[u8]| {
@@ -941,7 +877,7 @@ impl<'a> Run<'a> {
             Fate::HandedOver => counter == "xdp_to_tc",
             Fate::Translated => TRANSLATED.contains(&counter),
             Fate::Answered => ANSWERED.contains(&counter),
-            Fate::Dropped => counter.starts_with("drop_") || known_defects::rate_limited_drop(counter),
+            Fate::Dropped => counter.starts_with("drop_"),
         };
         ensure!(self, fits, "[3] {fate:?}, counted as {counter}");
         // xdp_tx: with the translation counter, whenever XDP sends a translated packet back
@@ -962,13 +898,13 @@ impl<'a> Run<'a> {
         // snat_on_collision: a new flow that took a NAT port (or found none, or answered
         // "fragmentation needed" once set up).
         if extra("snat_on_collision") == 1 {
-            let after = ["new_flow", "drop_nat_exhausted", "drop_ct_race", "icmp_error_translated"];
+            let after = ["new_flow", "drop_nat_exhausted", "drop_ct_race", "frag_needed_answered"];
             ensure!(self, after.contains(&counter), "[3] snat_on_collision with {counter}");
         }
         // backend_gone_rechosen: a UDP flow whose backend went, then treated as a new one.
         if extra("backend_gone_rechosen") == 1 {
             let udp = View::of(frame).is_some_and(|v| v.proto() == IPPROTO_UDP);
-            let then = ["new_flow", "refused_no_backend", "icmp_error_translated"].contains(&counter)
+            let then = ["new_flow", "refused_no_backend", "frag_needed_answered"].contains(&counter)
                 || counter.starts_with("drop_");
             ensure!(self, udp && then, "[3] backend_gone_rechosen with {counter}");
         }
@@ -1083,7 +1019,9 @@ fn check_pairs(entries: &HashMap<CtKey, CtValue>, counted: u64) -> Result<(), St
         let fine = nonce(v.stamp) != 0
             && nonce(p.stamp) == nonce(v.stamp)
             && p.stamp == v.stamp
-            && p.state == v.state
+            && p.state & !bits::LIVE == v.state & !bits::LIVE
+            // Only the forward half carries the flow's place in its backend's live count.
+            && (v.state & bits::LIVE == 0 || v.flags & ct_flags::REPLY == 0)
             && datapath::conntrack::peer_of(&peer_key, p) == *k
             && (p.flags ^ v.flags) & ct_flags::REPLY != 0;
         if !fine {
