@@ -3,7 +3,7 @@
 //! Drops in order: agents (stopped, pins removed), backends, manifests, namespaces.
 use std::{
     fs,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -98,4 +98,47 @@ impl Cluster {
     pub fn node_port(&self, node: usize, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(self.lab.nodes[node].addr, port)
     }
+}
+
+/// An endpoint of a slice: ready, or terminating (still serving its connections).
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint<'a> {
+    pub addr: Ipv4Addr,
+    pub node: &'a str,
+    pub terminating: bool,
+}
+
+impl<'a> Endpoint<'a> {
+    pub fn ready(addr: Ipv4Addr, node: &'a str) -> Self {
+        Endpoint { addr, node, terminating: false }
+    }
+    pub fn terminating(addr: Ipv4Addr, node: &'a str) -> Self {
+        Endpoint { addr, node, terminating: true }
+    }
+}
+
+/// A Service with TCP and UDP on `port` (-> the backends' port, nodePort `node_port`) and
+/// a slice of `endpoints`. `spec` and `meta` add to the Service's spec and metadata; a
+/// `lb_ip` goes in its status, as a cloud controller writes it.
+pub fn service(
+    name: &str,
+    meta: &str,
+    spec: &str,
+    port: u16,
+    node_port: u16,
+    endpoints: &[Endpoint],
+    lb_ip: Option<&str>,
+) -> String {
+    let status = lb_ip.map(|ip| format!("status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n")).unwrap_or_default();
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|e| {
+            let conditions = if e.terminating { ", conditions: {ready: false, serving: true, terminating: true}" } else { "" };
+            format!("{{addresses: [\"{}\"], nodeName: {}{conditions}}}", e.addr, e.node)
+        })
+        .collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}{meta}}}\nspec: {{{spec}, ports: [{{name: tcp, protocol: TCP, port: {port}, targetPort: {BACKEND_PORT}, nodePort: {node_port}}}, {{name: udp, protocol: UDP, port: {port}, targetPort: {BACKEND_PORT}, nodePort: {node_port}}}]}}\n{status}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: tcp, protocol: TCP, port: {BACKEND_PORT}}}, {{name: udp, protocol: UDP, port: {BACKEND_PORT}}}]\nendpoints: [{}]\n",
+        eps.join(", ")
+    )
 }

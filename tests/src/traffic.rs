@@ -24,6 +24,9 @@ pub struct Echo {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// The longest a held connection ([`tcp_hold`]) stays open at the backend.
+const HOLD_MAX: Duration = Duration::from_secs(60);
+
 /// What a backend answers: `<name> saw <peer ip>:<peer port>`.
 pub fn answer(name: &str, peer: std::net::SocketAddr) -> String {
     format!("{name} saw {peer}")
@@ -89,8 +92,20 @@ fn serve_tcp(
                     let _ = conn.set_nonblocking(false);
                     let _ = conn.set_read_timeout(Some(TIMEOUT));
                     let mut buf = [0u8; 64];
-                    let _ = conn.read(&mut buf);
-                    let _ = conn.write_all(reply.as_bytes());
+                    let n = conn.read(&mut buf).unwrap_or(0);
+                    if &buf[..n] != b"hold\n" {
+                        let _ = conn.write_all(reply.as_bytes());
+                        return;
+                    }
+                    // A long-lived connection: answered at once, then echoing until the
+                    // client closes it.
+                    let _ = conn.write_all(format!("{reply}\n").as_bytes());
+                    let _ = conn.set_read_timeout(Some(HOLD_MAX));
+                    while let Ok(n @ 1..) = conn.read(&mut buf) {
+                        if conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
@@ -132,6 +147,40 @@ pub fn tcp_ask_here(dst: SocketAddrV4) -> io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+/// One TCP request from inside `ns` from the source `src` (a port in use toward another
+/// destination may be used again).
+pub fn tcp_ask_from(ns: &str, src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<String> {
+    in_netns(ns, move || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&std::net::SocketAddr::from(src).into())?;
+        socket.connect_timeout(&std::net::SocketAddr::from(dst).into(), TIMEOUT)?;
+        let mut s: TcpStream = socket.into();
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.write_all(b"hello\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+}
+
+/// A long-lived connection to an [`Echo`] backend from inside `ns`: the backend's answer
+/// (who it is), and the connection, which echoes ([`echo_round_trip`]) until dropped.
+pub fn tcp_hold(ns: &str, dst: SocketAddrV4) -> io::Result<(String, TcpStream)> {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.write_all(b"hold\n")?;
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while answer.last() != Some(&b'\n') && answer.len() < 128 {
+            s.read_exact(&mut byte)?;
+            answer.push(byte[0]);
+        }
+        Ok((String::from_utf8_lossy(&answer).trim().to_string(), s))
+    })
 }
 
 /// One UDP request from inside `ns`, from `bind` (port 0 for any). The socket is
@@ -303,7 +352,7 @@ pub fn echo_connection(ns: &str, dst: SocketAddrV4) -> io::Result<TcpStream> {
     })
 }
 
-/// One round trip on an echo connection.
+/// One round trip on an echo connection ([`echo_connection`], [`tcp_hold`]).
 pub fn echo_round_trip(s: &mut TcpStream, message: &[u8]) -> io::Result<()> {
     s.write_all(message)?;
     let mut back = vec![0u8; message.len()];

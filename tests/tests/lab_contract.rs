@@ -10,34 +10,13 @@ use std::{
 
 use lb_common::counters;
 use lb_tests::{
-    cluster::{Cluster, Manifests, BACKEND_PORT},
+    cluster::{service, Cluster, Endpoint, Manifests},
     lab::Spec,
     traffic::{parse_answer, tcp_ask, udp_ask},
 };
 
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
-
-/// A Service with TCP and UDP on `port` (-> 8080, nodePort `node_port`) and a slice of
-/// `endpoints` (address, node). `spec` and `meta` add to the Service's spec and metadata; a
-/// `lb_ip` goes in its status, as a cloud controller writes it.
-fn service(
-    name: &str,
-    meta: &str,
-    spec: &str,
-    port: u16,
-    node_port: u16,
-    endpoints: &[(Ipv4Addr, &str)],
-    lb_ip: Option<&str>,
-) -> String {
-    let status = lb_ip.map(|ip| format!("status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n")).unwrap_or_default();
-    let eps: Vec<String> =
-        endpoints.iter().map(|(ip, node)| format!("{{addresses: [\"{ip}\"], nodeName: {node}}}")).collect();
-    format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}{meta}}}\nspec: {{{spec}, ports: [{{name: tcp, protocol: TCP, port: {port}, targetPort: {BACKEND_PORT}, nodePort: {node_port}}}, {{name: udp, protocol: UDP, port: {port}, targetPort: {BACKEND_PORT}, nodePort: {node_port}}}]}}\n{status}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: tcp, protocol: TCP, port: {BACKEND_PORT}}}, {{name: udp, protocol: UDP, port: {BACKEND_PORT}}}]\nendpoints: [{}]\n",
-        eps.join(", ")
-    )
-}
 
 fn start(yaml: &str) -> Cluster {
     lb_tests::require_root();
@@ -80,7 +59,7 @@ fn refuse_when_nothing_serves_anywhere_and_drop_when_only_the_local_policy_finds
             "clusterIP: 10.96.4.2, internalTrafficPolicy: Local",
             80,
             30102,
-            &[(POD_B, "node2")],
+            &[Endpoint::ready(POD_B, "node2")],
             None,
         ),
         service(
@@ -89,7 +68,7 @@ fn refuse_when_nothing_serves_anywhere_and_drop_when_only_the_local_policy_finds
             "type: LoadBalancer, clusterIP: 10.96.4.3, externalTrafficPolicy: Local, healthCheckNodePort: 32103",
             80,
             30103,
-            &[(POD_B, "node2")],
+            &[Endpoint::ready(POD_B, "node2")],
             Some("192.168.60.13"),
         ),
     ]
@@ -121,7 +100,7 @@ fn local_pods_reaching_an_external_local_frontend_are_short_circuited_to_the_clu
         "type: NodePort, clusterIP: 10.96.4.3, externalTrafficPolicy: Local",
         80,
         30103,
-        &[(POD_B, "node2")],
+        &[Endpoint::ready(POD_B, "node2")],
         None,
     );
     let c = start(&yaml);
@@ -146,7 +125,7 @@ fn a_service_whose_every_source_range_is_invalid_is_closed() {
         "type: LoadBalancer, clusterIP: 10.96.4.4, loadBalancerSourceRanges: [not-a-cidr]",
         80,
         30104,
-        &[(POD_A, "node1")],
+        &[Endpoint::ready(POD_A, "node1")],
         Some("192.168.60.14"),
     )]
     .concat();
@@ -172,7 +151,7 @@ fn a_nodeport_claimed_twice_stays_with_the_service_created_first() {
                 "type: NodePort, clusterIP: 10.96.4.5",
                 80,
                 30105,
-                &[(if older == "alpha" { POD_A } else { POD_B }, if older == "alpha" { "node1" } else { "node2" })],
+                &[Endpoint::ready(if older == "alpha" { POD_A } else { POD_B }, if older == "alpha" { "node1" } else { "node2" })],
                 None,
             ),
             service(
@@ -181,7 +160,7 @@ fn a_nodeport_claimed_twice_stays_with_the_service_created_first() {
                 "type: NodePort, clusterIP: 10.96.4.6",
                 80,
                 30105,
-                &[(if newer == "alpha" { POD_A } else { POD_B }, if newer == "alpha" { "node1" } else { "node2" })],
+                &[Endpoint::ready(if newer == "alpha" { POD_A } else { POD_B }, if newer == "alpha" { "node1" } else { "node2" })],
                 None,
             ),
         ]
