@@ -641,3 +641,42 @@ fn a_first_packet_too_big_for_the_path_leaves_no_flow() {
         assert!((0..16).all(|id| fx.backend_live(id) == 0), "no open flow counted");
     });
 }
+
+/// An endpoint that stops serving but stays in the slices keeps its UDP flows in the
+/// datapath (as a terminating one keeps its TCP connections); the agent's cleanup removes
+/// them, as kube-proxy's does, and the client's next datagram chooses again.
+#[test]
+fn udp_flows_to_an_endpoint_that_stopped_serving_are_forgotten_on_request() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let two = MANIFESTS.replace(
+            "endpoints: [{addresses: [10.244.2.10], nodeName: node2}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: np-local}",
+            "endpoints: [{addresses: [10.244.2.10], nodeName: node2}, {addresses: [10.244.2.11], nodeName: node2, conditions: {ready: false}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: np-local}",
+        );
+        assert_ne!(two, MANIFESTS);
+        fx.apply(&(two.clone() + &local_slices()));
+        let client = sa(CLIENT, 6000);
+        let (_, out, _) = fx.xdp(&Frame::udp(client, np(30080)).bytes());
+        assert_eq!(endpoints(&out).1, sa(REMOTE_POD, 8080));
+        // 10.244.2.10 stops serving, 10.244.2.11 is ready: the flow stays where it is.
+        let swapped = two
+            .replace("{addresses: [10.244.2.10], nodeName: node2}", "{addresses: [10.244.2.10], nodeName: node2, conditions: {ready: false, serving: false, terminating: true}}")
+            .replace("{addresses: [10.244.2.11], nodeName: node2, conditions: {ready: false}}", "{addresses: [10.244.2.11], nodeName: node2}");
+        fx.apply(&(swapped + &local_slices()));
+        let (_, out, _) = fx.xdp(&Frame::udp(client, np(30080)).bytes());
+        assert_eq!(endpoints(&out).1, sa(REMOTE_POD, 8080), "kept until the cleanup");
+        let mut ct = lb_user::datapath::conntrack::Conntrack::open(&fx.pin_dir).unwrap();
+        let frontend = lb_common::ServiceKey {
+            addr_be: lb_common::user::addr_be(NODE),
+            port_be: 30080u16.to_be(),
+            proto: IPPROTO_UDP,
+            _pad: 0,
+        };
+        // Another backend's, another frontend's: untouched.
+        let elsewhere = [(frontend, sa(Ipv4Addr::new(10, 244, 2, 11), 8080))];
+        assert_eq!(ct.forget_udp_flows(&elsewhere).unwrap(), 0);
+        assert_eq!(ct.forget_udp_flows(&[(frontend, sa(REMOTE_POD, 8080))]).unwrap(), 1);
+        assert!(fx.conntrack(client, np(30080), IPPROTO_UDP).is_none());
+        let (_, out, _) = fx.xdp(&Frame::udp(client, np(30080)).bytes());
+        assert_eq!(endpoints(&out).1, sa(Ipv4Addr::new(10, 244, 2, 11), 8080), "the next datagram chose again");
+    });
+}

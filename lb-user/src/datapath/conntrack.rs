@@ -10,7 +10,9 @@ use aya::{
 };
 use lb_common::{
     conntrack::{alive, nonce, units},
-    map_names, program_names, reap_mode, CtKey, CtState, CtValue, REAP_BATCH,
+    ct_flags, map_names, program_names, reap_mode,
+    user::addr_be,
+    Backend, CtKey, CtState, CtValue, ServiceKey, ServiceValue, IPPROTO_UDP, REAP_BATCH,
 };
 
 use super::{batch, open_map, Error, Result};
@@ -26,6 +28,8 @@ pub fn coarse_now_ns() -> u64 {
 /// The conntrack table and its reaper, opened from the pins (works while the agent is down).
 pub struct Conntrack {
     table: aya::maps::HashMap<MapData, CtKey, CtValue>,
+    services: aya::maps::HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, Backend>,
     state: Array<MapData, CtState>,
     queue: Array<MapData, CtKey>,
     reaper: Xdp,
@@ -56,6 +60,8 @@ impl Conntrack {
             .map_err(|source| Error::Program { name, source })?;
         Ok(Conntrack {
             table: typed(pin_dir, map_names::CONNTRACK)?,
+            services: typed(pin_dir, map_names::SERVICES)?,
+            backends: typed(pin_dir, map_names::BACKENDS)?,
             state: typed(pin_dir, map_names::CT_STATE)?,
             queue: typed(pin_dir, map_names::REAP_QUEUE)?,
             reaper,
@@ -97,6 +103,35 @@ impl Conntrack {
             read_ms,
             reap_ms: started.elapsed().as_millis(),
         })
+    }
+
+    /// Removes the UDP flows through each frontend to its backend (address and port) that
+    /// the maps still hold: an endpoint that stopped serving but stays in the slices keeps
+    /// its id, and so its flows, which kube-proxy's conntrack cleanup would delete so the
+    /// client's next datagram chooses again. Read from the maps as they are now: call it
+    /// after the change is written. Returns the flows removed.
+    pub fn forget_udp_flows(&mut self, to: &[(ServiceKey, std::net::SocketAddrV4)]) -> Result<usize> {
+        let mut wanted = std::collections::HashSet::new();
+        for (frontend, backend) in to {
+            if let Ok(svc) = self.services.get(frontend, 0) {
+                wanted.insert((svc.svc_id, addr_be(*backend.ip()), backend.port().to_be()));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        let backend_of = |v: &CtValue| {
+            let b = self.backends.get(&v.backend_id, 0).ok().filter(|b| b.gen == v.backend_gen)?;
+            Some((v.svc_id, b.addr_be, b.port_be))
+        };
+        let doomed: Vec<CtKey> = self
+            .entries()?
+            .into_iter()
+            .filter(|(k, v)| k.proto == IPPROTO_UDP && v.flags & ct_flags::REPLY == 0)
+            .filter(|(_, v)| backend_of(v).is_some_and(|flow| wanted.contains(&flow)))
+            .map(|(k, _)| k)
+            .collect();
+        self.remove(&doomed)
     }
 
     /// Removes these flows whatever their state (both halves of each).
