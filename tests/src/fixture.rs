@@ -131,13 +131,23 @@ pub struct Setup {
     pub conntrack_entries: u32,
     /// New flows are refused at this many entries.
     pub admit_limit: u32,
+    /// Frontend and backend ids the maps have room for.
+    pub frontends: u32,
+    pub backends: u32,
 }
 
 impl Setup {
     /// Fast mode (every rewrite in one hook, XDP_TX where it can), SNAT ports from `snat_ports`.
     pub fn fast(snat_ports: (u16, u16)) -> Setup {
         let entries = lb_common::DEFAULT_CONNTRACK_ENTRIES;
-        Setup { snat_ports, mode: lb_common::mode::FAST, conntrack_entries: entries, admit_limit: entries }
+        Setup {
+            snat_ports,
+            mode: lb_common::mode::FAST,
+            conntrack_entries: entries,
+            admit_limit: entries,
+            frontends: lb_common::DEFAULT_FRONTENDS,
+            backends: lb_common::DEFAULT_BACKENDS,
+        }
     }
     /// Netfilter mode: the destination side on the way in, the source side at tc egress.
     pub fn netfilter(snat_ports: (u16, u16)) -> Setup {
@@ -148,17 +158,29 @@ impl Setup {
 /// Runs `f` on a fixture loaded as `setup` says, in a fixture namespace made for it;
 /// namespace and pins are removed afterwards, also when `f` panics.
 pub fn with_fixture<R: Send + 'static>(setup: Setup, f: impl FnOnce(&mut Fixture) -> R + Send + 'static) -> R {
+    with_fixtures(vec![setup], move |fixtures| f(&mut fixtures[0]))
+}
+
+/// Runs `f` on one fixture per setup, side by side in one fixture namespace, each with
+/// its own programs, maps and pins (so a benchmark can interleave cases that need
+/// differently filled maps); namespace and pins are removed afterwards, also when `f` panics.
+pub fn with_fixtures<R: Send + 'static>(setups: Vec<Setup>, f: impl FnOnce(&mut [Fixture]) -> R + Send + 'static) -> R {
     crate::require_root();
     let ns = fixture_netns();
-    let pins = crate::Pins::new(&ns.name);
-    let pin_dir = pins.0.clone();
-    crate::lab::in_netns(&ns.name, move || f(&mut Fixture::load(&pin_dir, setup)))
+    let pins: Vec<crate::Pins> = (0..setups.len()).map(|i| crate::Pins::new(&format!("{}-{i}", ns.name))).collect();
+    let pin_dirs: Vec<std::path::PathBuf> = pins.iter().map(|p| p.0.clone()).collect();
+    crate::lab::in_netns(&ns.name, move || {
+        let mut fixtures: Vec<Fixture> =
+            pin_dirs.iter().zip(setups).map(|(pin_dir, setup)| Fixture::load(pin_dir, setup)).collect();
+        f(&mut fixtures)
+    })
 }
 
 pub struct Fixture {
     pub dp: Datapath,
     pub pin_dir: std::path::PathBuf,
     pub eth0: u32,
+    pub setup: Setup,
     reconciler: Reconciler,
     store: PinnedMaps,
     config: lb_common::Config,
@@ -167,8 +189,11 @@ pub struct Fixture {
 impl Fixture {
     /// Loads and scripts the datapath.
     fn load(pin_dir: &Path, setup: Setup) -> Fixture {
-        let capacity =
-            datapath::Capacity { conntrack_entries: setup.conntrack_entries, ..datapath::Capacity::default() };
+        let capacity = datapath::Capacity {
+            conntrack_entries: setup.conntrack_entries,
+            frontends: setup.frontends,
+            backends: setup.backends,
+        };
         let dp = Datapath::load(pin_dir, capacity).unwrap();
         let store = PinnedMaps::open(pin_dir).unwrap();
         let cluster = addr_be(Ipv4Addr::new(10, 244, 0, 0));
@@ -187,7 +212,7 @@ impl Fixture {
         };
         let reconciler = Reconciler::adopt(&store).unwrap();
         let eth0 = ifindex("eth0");
-        let mut fx = Fixture { dp, pin_dir: pin_dir.to_path_buf(), eth0, reconciler, store, config };
+        let mut fx = Fixture { dp, pin_dir: pin_dir.to_path_buf(), eth0, setup, reconciler, store, config };
         fx.apply(&(MANIFESTS.to_string() + &local_slices()));
         fx
     }
@@ -345,16 +370,7 @@ impl Fixture {
             })
             .unwrap_or_else(|e| panic!("test run of {frame:02x?}: {e}"));
         out.truncate(r.data_size_out as usize);
-        // Metadata, if any, comes out in front of the frame.
-        let meta_len = std::mem::size_of::<XdpMeta>();
-        let meta = (out.len() >= frame.len() + meta_len && r.return_value == XDP_PASS)
-            .then(|| bytemuck_meta(&out[..meta_len]))
-            .filter(|m| {
-                [lb_common::XDP_META_REDIRECT, lb_common::XDP_META_MARK, lb_common::XDP_META_PARTIAL].contains(&m.tag)
-            });
-        if meta.is_some() {
-            out.drain(..meta_len);
-        }
+        let meta = split_meta(&mut out, frame.len(), r.return_value);
         (r.return_value, out, meta)
     }
 
@@ -382,9 +398,14 @@ impl Fixture {
 
     /// The conntrack entry of a flow as seen on the wire.
     pub fn conntrack(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<CtValue> {
+        self.half(&ct_key(src, dst, proto))
+    }
+
+    /// The conntrack entry (half of a flow) under `key`.
+    pub fn half(&self, key: &CtKey) -> Option<CtValue> {
         let map = datapath::open_map(&self.pin_dir, map_names::CONNTRACK).unwrap();
         let ct: HashMap<_, CtKey, CtValue> = map.try_into().unwrap();
-        ct.get(&ct_key(src, dst, proto), 0).ok()
+        ct.get(key, 0).ok()
     }
 }
 
@@ -400,11 +421,22 @@ pub fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> CtKey {
     }
 }
 
-fn bytemuck_meta(bytes: &[u8]) -> XdpMeta {
-    XdpMeta {
-        mark: u32::from_ne_bytes(bytes[0..4].try_into().unwrap()),
-        tag: u32::from_ne_bytes(bytes[4..8].try_into().unwrap()),
+/// Takes the hand-over metadata off the front of a test run's output, if the XDP program
+/// left one for tc (an XDP_PASS whose output is longer than the `frame_len` bytes it got).
+pub fn split_meta(out: &mut Vec<u8>, frame_len: usize, action: u32) -> Option<XdpMeta> {
+    let meta_len = std::mem::size_of::<XdpMeta>();
+    let meta = (out.len() >= frame_len + meta_len && action == XDP_PASS)
+        .then(|| XdpMeta {
+            mark: u32::from_ne_bytes(out[0..4].try_into().unwrap()),
+            tag: u32::from_ne_bytes(out[4..8].try_into().unwrap()),
+        })
+        .filter(|m| {
+            [lb_common::XDP_META_REDIRECT, lb_common::XDP_META_MARK, lb_common::XDP_META_PARTIAL].contains(&m.tag)
+        });
+    if meta.is_some() {
+        out.drain(..meta_len);
     }
+    meta
 }
 
 pub fn ifindex(name: &str) -> u32 {
