@@ -30,7 +30,7 @@ use lb_common::{
 
 use crate::{
     ct,
-    flow::{action, decide, screen, tracked_rewrite, Replies, Rewrite, Verdict, EGRESS_OWN_TUPLE},
+    flow::{action, decide, screen, tracked, tracked_rewrite, Replies, Rewrite, Verdict, EGRESS_OWN_TUPLE},
     frag,
     maps::{config, count, count_traffic, fib_scratch, LB_CONNTRACK},
     packet::{
@@ -117,7 +117,7 @@ fn datapath(ctx: &TcContext, replies: Replies) -> Result<i32, ()> {
         count(counters::PASS_NOT_SERVICE, p.frame_len);
         return Ok(TC_ACT_OK);
     };
-    let v = decide(ctx, &p, maybe_front);
+    let v = decide(ctx, &p, maybe_front, tracked(&p));
     match v.action {
         // Checked before the rewrite, so the answer quotes the packet as its sender sent it.
         action::TRANSLATE => match if p.df { frag_needed(ctx, &p, &v) } else { 0 } {

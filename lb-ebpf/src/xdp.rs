@@ -19,7 +19,7 @@ use lb_common::{
 
 use crate::{
     ct,
-    flow::{action, decide, screen, tracked_rewrite, Replies, Rewrite, Verdict},
+    flow::{action, decide, is_ours, screen, tracked, tracked_rewrite, Macs, Replies, Rewrite, Verdict},
     frag,
     maps::{config, count, count_traffic, fib_scratch, LB_CONNTRACK},
     packet::{
@@ -73,11 +73,13 @@ fn try_lb_xdp_uplink(ctx: &XdpContext) -> Result<u32, ()> {
         count(counters::PASS_NOT_SERVICE, p.frame_len);
         return Ok(xdp_action::XDP_PASS);
     };
-    if p.fragment == Fragment::No && !p.truncated && looks_partial(ctx, &p) {
+    let half = tracked(&p);
+    // Only ours: anything else passes as it is, partial checksum or not.
+    if p.fragment == Fragment::No && !p.truncated && looks_partial(ctx, &p) && is_ours(&p, maybe_front, half) {
         count(counters::XDP_TO_TC, p.frame_len);
         return Ok(hand_over(ctx, XDP_META_PARTIAL, 0));
     }
-    let v = decide(ctx, &p, maybe_front);
+    let v = decide(ctx, &p, maybe_front, half);
     match v.action {
         action::TRANSLATE => Ok(translate(ctx, &p, &v, cfg)),
         action::REFUSE => Ok(answer_unreachable(ctx, &p, Unreachable::port())),
@@ -133,8 +135,7 @@ fn translate(ctx: &XdpContext, p: &Parsed, t: &Verdict, cfg: &Config) -> u32 {
 struct Hop {
     /// Resolved and back out of the receiving interface: XDP_TX can send it.
     transmit: bool,
-    dmac: [u8; 6],
-    smac: [u8; 6],
+    macs: Macs,
     /// The packet needs fragmenting (DF set): answer with this MTU instead (0: it fits).
     frag_needed: u16,
 }
@@ -146,7 +147,7 @@ struct Hop {
 fn next_hop(ctx: &XdpContext, p: &Parsed, t: &Verdict) -> Hop {
     if t.hop_flags & ct_flags::HOP != 0 && p.l4_len + 20 <= t.hop_mtu {
         let transmit = t.hop_ifindex == ctx.ingress_ifindex() as u32;
-        return Hop { transmit, dmac: t.hop_dmac, smac: t.hop_smac, frag_needed: 0 };
+        return Hop { transmit, macs: t.hop_macs, frag_needed: 0 };
     }
     lookup_hop(ctx, p, t)
 }
@@ -162,8 +163,8 @@ fn lookup_hop(ctx: &XdpContext, p: &Parsed, t: &Verdict) -> Hop {
             // worst one packet with a mix while the next hop changes.
             unsafe {
                 (*half).hop_ifindex = ifindex;
-                (*half).hop_dmac = hop.dmac;
-                (*half).hop_smac = hop.smac;
+                (*half).hop_dmac = hop.macs.dst;
+                (*half).hop_smac = hop.macs.src;
                 // The cache says "packets up to this size fit": bigger ones look again.
                 if tot_len > (*half).hop_mtu || (*half).flags & ct_flags::HOP == 0 {
                     (*half).hop_mtu = tot_len;
@@ -181,7 +182,7 @@ fn lookup_hop(ctx: &XdpContext, p: &Parsed, t: &Verdict) -> Hop {
 #[inline(never)]
 fn fib_hop(ctx: &XdpContext, proto: u8, rw: &Rewrite, tot_len: u16) -> (Hop, u32) {
     let Some(fib) = fib_scratch() else {
-        return (Hop { transmit: false, dmac: [0; 6], smac: [0; 6], frag_needed: 0 }, 0);
+        return (Hop { transmit: false, macs: Macs::NONE, frag_needed: 0 }, 0);
     };
     fib.family = AF_INET;
     fib.l4_protocol = proto;
@@ -193,7 +194,7 @@ fn fib_hop(ctx: &XdpContext, proto: u8, rw: &Rewrite, tot_len: u16) -> (Hop, u32
     fib.__bindgen_anon_4.ipv4_dst = rw.dst_addr_be;
     // SAFETY: fib is a valid, sized bpf_fib_lookup (in a map value).
     let rc = unsafe { fib_lookup(ctx.as_ptr(), fib, size_of::<bpf_fib_lookup>() as i32, 0) };
-    let mut hop = Hop { transmit: false, dmac: fib.dmac, smac: fib.smac, frag_needed: 0 };
+    let mut hop = Hop { transmit: false, macs: Macs { dst: fib.dmac, src: fib.smac }, frag_needed: 0 };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         // SAFETY: the kernel filled the union's mtu_result.
         hop.frag_needed = unsafe { fib.__bindgen_anon_1.mtu_result };
@@ -289,7 +290,7 @@ fn transmit(ctx: &XdpContext, hop: &Hop) -> Option<()> {
     let check: u16 = read(start, end, IP_CHECK_OFF)?;
     write(ctx, IP_OFF + 8, new_word).ok()?;
     write(ctx, IP_CHECK_OFF, checksum::replace_u16(check, ttl_word, new_word)).ok()?;
-    write(ctx, 0, [hop.dmac, hop.smac]).ok()
+    write(ctx, 0, [hop.macs.dst, hop.macs.src]).ok()
 }
 
 /// A later fragment: the addresses its first fragment got, or untouched when that one was
