@@ -142,7 +142,9 @@ struct DatapathArgs {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
     mark_shift: u32,
     /// Maglev tables (maglev and source-hash Services) have at least this many positions per
-    /// backend (a prime number of positions in all); every node must use the same figure.
+    /// backend; their size is the first of 7, 13, 31, ..., 509, 1021, ... (the largest prime
+    /// below each power of two) that fits, so one backend more or less keeps it (and the
+    /// other flows where they are). Every node must use the same figure.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     maglev_positions_per_backend: u32,
     /// Maglev tables have at most this many positions.

@@ -28,7 +28,7 @@ use lb_user::datapath::{
 };
 
 use crate::{
-    fixture::{ct_key, split_meta, Fixture, XDP_PASS, XDP_TX},
+    fixture::{ct_key, is_local_pod, split_meta, Fixture, XDP_PASS, XDP_TX},
     packet::{Frame, ACK, SYN},
 };
 
@@ -319,7 +319,12 @@ pub fn handshake(fx: &mut Fixture, client: SocketAddrV4, frontend: SocketAddrV4)
     let (rk, _) = Flow::read(fx, key)?.reply;
     let backend = SocketAddrV4::new(ip_from_be(rk.src_addr_be), u16::from_be(rk.src_port_be));
     let answered = SocketAddrV4::new(ip_from_be(rk.dst_addr_be), u16::from_be(rk.dst_port_be));
-    fx.xdp(&Frame::tcp(backend, answered, SYN | ACK).bytes());
+    let answer = Frame::tcp(backend, answered, SYN | ACK).bytes();
+    if is_local_pod(*backend.ip()) {
+        fx.tc_pod(&answer);
+    } else {
+        fx.xdp(&answer);
+    }
     fx.xdp(&Frame::tcp(client, frontend, ACK).bytes());
     let flow = Flow::read(fx, key)?;
     ensure!(

@@ -29,6 +29,11 @@ pub const CLIENT2: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 101);
 pub const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 pub const OTHER_LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 20);
 pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+
+/// This node's pods (routed to veth0): their packets come in at tc on their device.
+pub fn is_local_pod(addr: Ipv4Addr) -> bool {
+    addr.octets()[..3] == [10, 244, 1]
+}
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;

@@ -4,12 +4,19 @@
 //! positions (the ones it held, and few others). Built from the backends' names (address and
 //! port), so every node builds the same table for the same set.
 
-/// The table size for `backends`: the smallest prime at least `per_backend` times their
-/// number (at least 7), but not above `max` (then the largest prime not above `max`).
+/// The table size for `backends`: the first size of a fixed ladder (the largest prime below
+/// each power of two: 7, 13, 31, ..., 509, 1021, ...) that gives each at least
+/// `per_backend` positions, but not above `max` (then the largest prime not above `max`).
+/// A ladder rather than the smallest fitting prime: the size must not change when one
+/// backend comes or goes (a new size reshuffles every flow), and it must be a function of
+/// the set alone, so that every node builds the same table.
 pub fn table_size(backends: usize, per_backend: u32, max: u32) -> u32 {
-    let want = (backends as u64 * per_backend as u64).clamp(7, max as u64) as u32;
-    let up = (want..=max).find(|n| is_prime(*n));
-    up.unwrap_or_else(|| (2..=max).rev().find(|n| is_prime(*n)).unwrap_or(2))
+    let want = backends as u64 * per_backend as u64;
+    let cap = (2..=max).rev().find(|n| is_prime(*n)).unwrap_or(2);
+    (3..32)
+        .map(|k| (2..1u32 << k).rev().find(|n| is_prime(*n)).unwrap_or(2))
+        .find(|p| *p as u64 >= want || *p >= cap)
+        .map_or(cap, |p| p.min(cap))
 }
 
 fn is_prime(n: u32) -> bool {
@@ -75,11 +82,20 @@ mod tests {
 
     #[test]
     fn sizes_are_primes_of_at_least_a_hundred_per_backend_within_the_bound() {
-        assert_eq!(table_size(1, 100, 65521), 101);
-        assert_eq!(table_size(10, 100, 65521), 1009);
-        assert_eq!(table_size(3, 100, 65521), 307);
+        assert_eq!(table_size(1, 100, 65521), 127);
+        assert_eq!(table_size(10, 100, 65521), 1021);
+        assert_eq!(table_size(3, 100, 65521), 509);
         assert_eq!(table_size(1000, 100, 65521), 65521, "bounded, still prime");
+        assert_eq!(table_size(1000, 100, 60000), 59999, "bounded below the ladder's step");
         assert_eq!(table_size(0, 100, 65521), 7);
+    }
+
+    #[test]
+    fn one_backend_more_or_less_keeps_the_size_but_at_the_ladders_steps() {
+        let steps: Vec<usize> =
+            (1..700).filter(|n| table_size(*n, 100, 65521) != table_size(n - 1, 100, 65521)).collect();
+        // 2^k / 100 backends: the sizes double, so a step comes ever more rarely.
+        assert_eq!(steps, [1, 2, 3, 6, 11, 21, 41, 82, 164, 328]);
     }
 
     #[test]
@@ -101,10 +117,11 @@ mod tests {
     fn removing_one_of_n_backends_moves_about_one_in_n_positions() {
         let n = 10;
         let m = table_size(n, 100, 65521);
+        assert_eq!(table_size(n - 1, 100, 65521), m, "the table keeps its size");
         let all = names(n);
         let before = table(&all, m);
         let fewer: Vec<String> = all.iter().filter(|s| **s != all[3]).cloned().collect();
-        let after = table(&fewer, m);
+        let after = table(&fewer, table_size(n - 1, 100, 65521));
         let moved = before.iter().zip(&after).filter(|(b, a)| all[**b] != fewer[**a]).count();
         // The removed backend's tenth must move; Maglev moves a little more, never much.
         let share = moved as f64 / m as f64;

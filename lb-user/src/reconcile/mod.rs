@@ -83,9 +83,9 @@ impl Ids {
     }
 }
 
-/// How big Maglev tables are: the smallest prime at least `per_backend` times the
-/// backends, at most `max` (every node must use the same figures, or the nodes' tables, and
-/// so their choices, differ).
+/// How big Maglev tables are: the first size of a fixed ladder of primes at least
+/// `per_backend` times the backends, at most `max` (every node must use the same figures,
+/// or the nodes' tables, and so their choices, differ).
 #[derive(Clone, Copy, Debug)]
 pub struct MaglevSize {
     pub per_backend: u32,

@@ -12,6 +12,7 @@
 //! A row that disagrees in any round is not printed: why is, and the exit status is
 //! non-zero. Targets are printed beside the results, not enforced: this is a measurement.
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     process::ExitCode,
     time::{Duration, Instant},
@@ -32,7 +33,8 @@ use lb_tests::{
         Program, ServiceWriter, SplitMix64,
     },
     fixture::{
-        ct_key, with_fixture, with_fixtures, Fixture, Setup, CLIENT, LOCAL_POD, NODE, REMOTE_POD, XDP_PASS, XDP_TX,
+        ct_key, local_slices, with_fixture, with_fixtures, Fixture, Setup, CLIENT, LOCAL_POD, MANIFESTS, NODE,
+        REMOTE_POD, XDP_PASS, XDP_TX,
     },
     packet::{checksums_ok, endpoints, Frame, ACK, SYN},
 };
@@ -82,7 +84,124 @@ const NAT_BATCH: u32 = 250;
 const NAT_TARGET: f64 = 99.9;
 /// Seeds the random choices (nonces, which ports are taken), so a run can be repeated.
 const SEED: u64 = 0x6b75_6265_2d78_6470;
+
+/// A NodePort of the selection rows: its algorithm (annotation), session affinity, and the
+/// rows' names.
+struct Algorithm {
+    annotation: &'static str,
+    affinity: bool,
+    node_port: u16,
+    new_flow: &'static str,
+    established: &'static str,
+}
+
+const ALGORITHMS: [Algorithm; 6] = [
+    Algorithm {
+        annotation: "random",
+        affinity: false,
+        node_port: 31101,
+        new_flow: "new flow, 5 backends: random",
+        established: "established, 5 backends: random",
+    },
+    Algorithm {
+        annotation: "round-robin",
+        affinity: false,
+        node_port: 31102,
+        new_flow: "new flow, 5 backends: round-robin",
+        established: "established, 5 backends: round-robin",
+    },
+    Algorithm {
+        annotation: "maglev",
+        affinity: false,
+        node_port: 31103,
+        new_flow: "new flow, 5 backends: maglev",
+        established: "established, 5 backends: maglev",
+    },
+    Algorithm {
+        annotation: "source-hash",
+        affinity: false,
+        node_port: 31104,
+        new_flow: "new flow, 5 backends: source-hash",
+        established: "established, 5 backends: source-hash",
+    },
+    Algorithm {
+        annotation: "least-conn",
+        affinity: false,
+        node_port: 31105,
+        new_flow: "new flow, 5 backends: least-conn",
+        established: "established, 5 backends: least-conn",
+    },
+    Algorithm {
+        annotation: "random",
+        affinity: true,
+        node_port: 31106,
+        new_flow: "new flow, 5 backends: random + affinity",
+        established: "established, 5 backends: random + affinity",
+    },
+];
+/// New flows per call of each selection row.
+const NEW_SELECTION_FLOWS: u32 = 2_000;
+/// New flows whose spread over the backends the selection figures count.
+const SPREAD_FLOWS: u32 = 10_000;
+/// The Maglev figures' second table: this many backends (on the other node).
+const MAGLEV_WIDE: usize = 10;
+const MAGLEV_WIDE_PORT: u16 = 31110;
+
+/// Algorithm `a`'s five backends: local pods, each Service its own.
+fn selection_backends(a: usize) -> Vec<SocketAddrV4> {
+    (0..5).map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 100 + 10 * a as u8 + i), 8080)).collect()
+}
+
+/// The client of algorithm `a`'s established row.
+fn selection_client(a: usize) -> SocketAddrV4 {
+    SocketAddrV4::new(CLIENT, 41000 + a as u16)
+}
+
+/// A NodePort Service (ClusterIP 10.96.8.`n`) with these endpoints, on node1 or node2 as
+/// their address says.
+fn node_port_service(
+    name: &str,
+    n: u8,
+    annotation: &str,
+    affinity: bool,
+    node_port: u16,
+    backends: &[SocketAddrV4],
+) -> String {
+    let affinity = if affinity { ", sessionAffinity: ClientIP" } else { "" };
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{addresses: [\"{}\"], nodeName: node{}}}", b.ip(), b.ip().octets()[2]))
+        .collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, annotations: {{lb.kube-xdp.io/algorithm: {annotation}}}}}\nspec: {{type: NodePort, clusterIP: 10.96.8.{n}{affinity}, ports: [{{port: 80, nodePort: {node_port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
+        endpoints.join(", ")
+    )
+}
+
+/// The fixture's manifests with the selection rows' Services, and the wide Maglev one with
+/// these backends.
+fn selection_manifests(wide: &[SocketAddrV4]) -> String {
+    let mut yaml = MANIFESTS.to_string() + &local_slices();
+    for (a, algorithm) in ALGORITHMS.iter().enumerate() {
+        let name = format!("selection-{a}");
+        let backends = selection_backends(a);
+        yaml += &node_port_service(
+            &name,
+            a as u8 + 1,
+            algorithm.annotation,
+            algorithm.affinity,
+            algorithm.node_port,
+            &backends,
+        );
+    }
+    yaml + &node_port_service("maglev-wide", 20, "maglev", false, MAGLEV_WIDE_PORT, wide)
+}
+
+fn maglev_wide_backends() -> Vec<SocketAddrV4> {
+    (0..MAGLEV_WIDE as u8).map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 100 + i), 8080)).collect()
+}
 const NAT_TEST: &str = "NAT port allocation";
+const SELECTION_FIGURES: &str = "selection figures";
 
 const ESTABLISHED: &str = "established NodePort: DNAT+SNAT, XDP_TX";
 
@@ -102,9 +221,9 @@ struct Expect {
 enum Out {
     /// Passed untouched.
     Unchanged,
-    /// Sent to `dst`, from the node's address and a port of the SNAT range (`snat`) or from
-    /// the run's own source.
-    Translated { dst: SocketAddrV4, snat: bool },
+    /// Sent to one of `dst`, from the node's address and a port of the SNAT range (`snat`)
+    /// or from the run's own source.
+    Translated { dst: Vec<SocketAddrV4>, snat: bool },
 }
 
 /// Where a passing packet stops in the datapath: checked against the fixture's
@@ -132,9 +251,10 @@ enum Goal {
         of: &'static str,
         ratio: f64,
     },
-    /// No target; own cost shown as a multiple of case `of`'s.
+    /// No target; own cost shown as a multiple of case `of`'s, which `label` names.
     Compare {
         of: &'static str,
+        label: &'static str,
     },
 }
 
@@ -191,7 +311,7 @@ fn cases(live_clients: Ipv4Addr) -> Vec<Case> {
             action: XDP_TX,
             counters: &["established", "xdp_tx"],
             tag: None,
-            out: Out::Translated { dst: remote, snat: true },
+            out: Out::Translated { dst: vec![remote], snat: true },
             entries_per_run: 0,
         },
         goal: Goal::RatioAtMost { of: ESTABLISHED, ratio: 1.2 },
@@ -213,8 +333,11 @@ fn cases(live_clients: Ipv4Addr) -> Vec<Case> {
         frame: Frame::tcp(SocketAddrV4::new(live_clients, 1024), node(LIVE_FRONTEND_PORT), ACK),
         sources: Sources::Cycle { warm },
         repeat: CYCLE,
-        expect: Expect { out: Out::Translated { dst: last_backend, snat: true }, ..established(MANY_FLOWS, "").expect },
-        goal: Goal::Compare { of: ESTABLISHED },
+        expect: Expect {
+            out: Out::Translated { dst: vec![last_backend], snat: true },
+            ..established(MANY_FLOWS, "").expect
+        },
+        goal: Goal::Compare { of: ESTABLISHED, label: "established" },
         ..established(MANY_FLOWS, name)
     };
     vec![
@@ -241,7 +364,7 @@ fn cases(live_clients: Ipv4Addr) -> Vec<Case> {
                 action: XDP_PASS,
                 counters: &["established"],
                 tag: Some(XDP_META_MARK),
-                out: Out::Translated { dst: remote, snat: false },
+                out: Out::Translated { dst: vec![remote], snat: false },
                 entries_per_run: 0,
             },
             goal: Goal::None,
@@ -259,7 +382,7 @@ fn cases(live_clients: Ipv4Addr) -> Vec<Case> {
                 action: XDP_PASS,
                 counters: &["new_flow"],
                 tag: Some(XDP_META_REDIRECT),
-                out: Out::Translated { dst: SocketAddrV4::new(LOCAL_POD, 8080), snat: false },
+                out: Out::Translated { dst: vec![SocketAddrV4::new(LOCAL_POD, 8080)], snat: false },
                 entries_per_run: 2,
             },
             goal: Goal::None,
@@ -276,7 +399,7 @@ fn cases(live_clients: Ipv4Addr) -> Vec<Case> {
                 action: XDP_TX,
                 counters: &["new_flow", "xdp_tx"],
                 tag: None,
-                out: Out::Translated { dst: remote, snat: true },
+                out: Out::Translated { dst: vec![remote], snat: true },
                 entries_per_run: 2,
             },
             goal: Goal::OwnAtMost { ns: 380, katran: 399 },
@@ -286,6 +409,51 @@ fn cases(live_clients: Ipv4Addr) -> Vec<Case> {
         cycle(true, "established, 1M live, cycling 250k, idle < 1 s"),
         established(MANY_SERVICES, "established, with 100k Services"),
     ]
+    .into_iter()
+    .chain(selection_cases())
+    .collect()
+}
+
+/// Backend selection: a new flow and an established one through a NodePort of each
+/// algorithm (five local backends, DNAT only, so what differs is the choice), next to
+/// random.
+fn selection_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (a, algorithm) in ALGORITHMS.iter().enumerate() {
+        let front = SocketAddrV4::new(NODE, algorithm.node_port);
+        let dst = selection_backends(a);
+        let translated = |counters| Expect {
+            action: XDP_PASS,
+            counters,
+            tag: Some(XDP_META_REDIRECT),
+            out: Out::Translated { dst: dst.clone(), snat: false },
+            entries_per_run: 0,
+        };
+        let against = |of| if a == 0 { Goal::None } else { Goal::Compare { of, label: "random" } };
+        cases.push(Case {
+            name: algorithm.new_flow,
+            fixture: FAST,
+            program: Program::Wrapped(program_names::XDP_UPLINK),
+            frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 20 + a as u8, 0, 1), 1024), front, SYN),
+            sources: Sources::New,
+            repeat: NEW_SELECTION_FLOWS,
+            screen: Screen::Any,
+            expect: Expect { entries_per_run: 2, ..translated(&["new_flow"]) },
+            goal: against(ALGORITHMS[0].new_flow),
+        });
+        cases.push(Case {
+            name: algorithm.established,
+            fixture: FAST,
+            program: Program::Wrapped(program_names::XDP_UPLINK),
+            frame: Frame::tcp(selection_client(a), front, ACK),
+            sources: Sources::Fixed,
+            repeat: REPEAT,
+            screen: Screen::Any,
+            expect: translated(&["established"]),
+            goal: against(ALGORITHMS[0].established),
+        });
+    }
+    cases
 }
 
 /// A case's samples, or why it has none to show.
@@ -365,11 +533,12 @@ fn run() -> Result<bool> {
     let setups = vec![Setup::fast(SNAT_PORTS), Setup::netfilter(SNAT_PORTS), many_flows, many_services];
     let o = options.clone();
     let timed = with_fixtures(setups, move |fixtures| timed(fixtures, &o))?;
+    let figures = !options.selects(SELECTION_FIGURES) || with_fixture(Setup::fast(SNAT_PORTS), selection_figures)?;
     // Last: its counters failing to agree ends the run (with why, and a non-zero exit).
     if options.selects(NAT_TEST) {
         with_fixture(Setup::fast(NAT_PORTS), nat_port_allocation)?;
     }
-    Ok(timed)
+    Ok(timed && figures)
 }
 
 fn machine() -> String {
@@ -502,6 +671,18 @@ fn prepare(fixtures: &mut [Fixture], benches: &mut [Bench], cases: &[Case], live
     let frontend = SocketAddrV4::new(NODE, 30080);
     for fx in fixtures.iter_mut() {
         handshake(fx, SocketAddrV4::new(CLIENT, 40000), frontend)?;
+    }
+    if cases.iter().any(|c| ALGORITHMS.iter().any(|a| c.name == a.new_flow || c.name == a.established)) {
+        let fx = &mut fixtures[FAST];
+        fx.apply(&selection_manifests(&maglev_wide_backends()));
+        // Resolved, as a node's own pods are once they have talked: the next hop is cached.
+        for (i, b) in (0..ALGORITHMS.len()).flat_map(selection_backends).enumerate() {
+            let mac = format!("02:00:00:00:01:{i:02x}");
+            lb_tests::lab::run("ip", &["neigh", "replace", &b.ip().to_string(), "lladdr", &mac, "dev", "veth0"])?;
+        }
+        for (a, algorithm) in ALGORITHMS.iter().enumerate() {
+            handshake(fx, selection_client(a), SocketAddrV4::new(NODE, algorithm.node_port))?;
+        }
     }
     if cases.iter().any(|c| c.fixture == MANY_FLOWS) {
         add_live_flows(&mut fixtures[MANY_FLOWS], &mut benches[MANY_FLOWS], live_clients)?;
@@ -657,18 +838,18 @@ fn verify(case: &Case, o: &Outcome, first_run: u32, fx: &Fixture) -> Result<Stri
     let frame = match e.out {
         Out::Unchanged if o.out == case.frame.bytes() => "frame unchanged".to_string(),
         Out::Unchanged => return Err("the frame came out changed".into()),
-        Out::Translated { dst, snat } => {
+        Out::Translated { ref dst, snat } => {
             let (src, out_dst) = endpoints(&o.out);
             let (lo, hi) = fx.setup.snat_ports;
             // The last run's own source: the wrapper's, when it gives each run its own.
             let own =
                 if case.sources.varied() { wrapper_source(*case.frame.src.ip(), o.runs - 1) } else { case.frame.src };
             let src_ok = if snat { *src.ip() == NODE && (lo..=hi).contains(&src.port()) } else { src == own };
-            if out_dst != dst || !src_ok || !checksums_ok(&o.out) {
+            if !dst.contains(&out_dst) || !src_ok || !checksums_ok(&o.out) {
                 let from = if snat { format!("{NODE}:{lo}-{hi}") } else { own.to_string() };
-                return Err(format!("out {src} -> {out_dst}, expected {from} -> {dst} with valid checksums"));
+                return Err(format!("out {src} -> {out_dst}, expected {from} -> one of {dst:?} with valid checksums"));
             }
-            format!("out {src} -> {dst} (last run), checksums valid")
+            format!("out {src} -> {out_dst} (last run), checksums valid")
         }
     };
     let grew = if e.counters.is_empty() {
@@ -737,9 +918,9 @@ fn print_table(cases: &[Case], rows: &[Row], rounds: usize) {
                 let (b, m) = own(row);
                 (format!("<= {ns} ns (Katran {katran})"), verdict(m as f64 <= ns as f64, b as f64 <= ns as f64))
             }
-            Goal::Compare { of } => match cases.iter().position(|c| c.name == of) {
+            Goal::Compare { of, label } => match cases.iter().position(|c| c.name == of) {
                 Some(base) if rows[base].refused.is_none() => {
-                    (format!("{:.2}x established", own(row).1 as f64 / own(&rows[base]).1 as f64), String::new())
+                    (format!("{:.2}x {label}", own(row).1 as f64 / own(&rows[base]).1 as f64), String::new())
                 }
                 _ => (String::new(), String::new()),
             },
@@ -873,4 +1054,115 @@ fn nat_port_allocation(fx: &mut Fixture) -> Result<()> {
     );
     println!("  a new SNAT flow at this occupancy: median {} ns per run, wrapper included", ns[ns.len() / 2]);
     Ok(())
+}
+
+/// Backend selection's figures: Maglev shares and disruption, read from the tables the
+/// kernel reads; and how new flows from as many clients spread over the backends under each
+/// algorithm, counted by the datapath's per-backend counters. False when a count disagrees
+/// with what the algorithm guarantees.
+fn selection_figures(fx: &mut Fixture) -> Result<bool> {
+    let wide = maglev_wide_backends();
+    fx.apply(&selection_manifests(&wide));
+    println!("\nBackend selection (fixture maps and counters; no timing)");
+    let mut ok = true;
+    for (port, n) in [(ALGORITHMS[2].node_port, 5), (MAGLEV_WIDE_PORT, MAGLEV_WIDE)] {
+        let table = maglev_table(fx, port)?;
+        let even = table.len() as f64 / n as f64;
+        let mut shares: BTreeMap<SocketAddrV4, usize> = BTreeMap::new();
+        table.iter().for_each(|b| *shares.entry(*b).or_default() += 1);
+        let worst = shares.values().map(|s| (*s as f64 - even).abs() / even * 100.0).fold(0.0, f64::max);
+        let met = shares.len() == n && worst <= 1.0;
+        ok &= met;
+        let (lo, hi) = (shares.values().min().unwrap_or(&0), shares.values().max().unwrap_or(&0));
+        println!(
+            "  maglev, {n} backends: {} positions, {lo}..{hi} each (even {even:.1}), at most {worst:.2}% off even; target <= 1%: {}",
+            table.len(),
+            if met { "met" } else { "MISSED" }
+        );
+    }
+    let before = maglev_table(fx, MAGLEV_WIDE_PORT)?;
+    let removed = wide[3];
+    let fewer: Vec<SocketAddrV4> = wide.iter().copied().filter(|b| *b != removed).collect();
+    fx.apply(&selection_manifests(&fewer));
+    let after = maglev_table(fx, MAGLEV_WIDE_PORT)?;
+    ensure!(before.len() == after.len(), "the Maglev table changed size with one backend less");
+    let m = before.len() as f64;
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64;
+    let theirs = before.iter().filter(|b| **b == removed).count() as f64;
+    let share = moved / m;
+    let met = share <= 1.5 / MAGLEV_WIDE as f64;
+    ok &= met;
+    println!(
+        "  maglev, 1 of {MAGLEV_WIDE} backends removed: {:.1}% of flows moved (1/N = {:.1}%): the removed backend's {:.1}%, others {:.1}%; about 1/N: {}",
+        share * 100.0,
+        100.0 / MAGLEV_WIDE as f64,
+        theirs / m * 100.0,
+        (moved - theirs) / m * 100.0,
+        if met { "met" } else { "MISSED" }
+    );
+    for (a, algorithm) in ALGORITHMS.iter().enumerate() {
+        let backends = selection_backends(a);
+        let ids = backend_ids(fx, &backends)?;
+        let before: Vec<u64> = ids.iter().map(|id| fx.backend_stats(*id).new_flows).collect();
+        let front = SocketAddrV4::new(NODE, algorithm.node_port);
+        // Each flow from a client of its own (source-hash and affinity decide by address).
+        for n in 0..SPREAD_FLOWS {
+            let client = SocketAddrV4::new(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 40 + a as u8, 0, 1)) + n), 1024);
+            fx.xdp(&Frame::tcp(client, front, SYN).bytes());
+        }
+        let counts: Vec<u64> = ids.iter().zip(&before).map(|(id, b)| fx.backend_stats(*id).new_flows - b).collect();
+        let even = SPREAD_FLOWS as f64 / backends.len() as f64;
+        let worst = counts.iter().map(|c| (*c as f64 - even).abs() / even * 100.0).fold(0.0, f64::max);
+        // Round-robin and least-conn (no flow closes) spread exactly; the hashes and random
+        // reach every backend.
+        let exact = ["round-robin", "least-conn"].contains(&algorithm.annotation) && !algorithm.affinity;
+        let all_counted = counts.iter().sum::<u64>() == SPREAD_FLOWS as u64;
+        let fair = if exact { counts.iter().all(|c| *c as f64 == even) } else { counts.iter().all(|c| *c > 0) };
+        ok &= all_counted && fair;
+        let name = algorithm.new_flow.trim_start_matches("new flow, 5 backends: ");
+        println!(
+            "  {name}: {SPREAD_FLOWS} new flows from as many clients: {counts:?} per backend, at most {worst:.1}% off even{}",
+            match (all_counted, exact, fair) {
+                (false, _, _) => " -- COUNTERS DISAGREE: not every new flow was counted on a backend",
+                (true, true, true) => " (exactly even, as it must be)",
+                (true, true, false) => " -- NOT EVEN",
+                (true, false, false) => " -- a backend got nothing",
+                (true, false, true) => "",
+            }
+        );
+    }
+    println!("  least-conn with connections held open: tests/tests/lab_selection.rs (a new connection goes to the emptiest backend)");
+    Ok(ok)
+}
+
+/// The Maglev table of the NodePort `port` (TCP) as the kernel reads it: each position's
+/// backend.
+fn maglev_table(fx: &Fixture, port: u16) -> Result<Vec<SocketAddrV4>> {
+    let services: aya::maps::HashMap<_, ServiceKey, lb_common::ServiceValue> =
+        datapath::open_map(&fx.pin_dir, map_names::SERVICES)?.try_into()?;
+    let slots: aya::maps::HashMap<_, lb_common::SlotKey, u32> =
+        datapath::open_map(&fx.pin_dir, map_names::SLOTS)?.try_into()?;
+    let svc = services.get(&ServiceKey::new(NODE, port, IPPROTO_TCP), 0)?;
+    (0..svc.count[0] as u32)
+        .map(|pos| {
+            let id = slots.get(&lb_common::SlotKey::new(svc.svc_id, svc.gen, 0, pos), 0)?;
+            let b = fx.backend(id).context("a slot names a missing backend")?;
+            Ok(SocketAddrV4::new(lb_common::user::ip_from_be(b.addr_be), u16::from_be(b.port_be)))
+        })
+        .collect()
+}
+
+/// The backend ids of these addresses (each in one Service only).
+fn backend_ids(fx: &Fixture, addrs: &[SocketAddrV4]) -> Result<Vec<u32>> {
+    let backends: Array<_, lb_common::Backend> = datapath::open_map(&fx.pin_dir, map_names::BACKENDS)?.try_into()?;
+    addrs
+        .iter()
+        .map(|a| {
+            (1..fx.setup.backends)
+                .find(|id| {
+                    backends.get(id, 0).is_ok_and(|b| b.addr_be == addr_be(*a.ip()) && b.port_be == a.port().to_be())
+                })
+                .with_context(|| format!("no backend id for {a}"))
+        })
+        .collect()
 }
