@@ -392,7 +392,7 @@ pub fn read_counters(pin_dir: &Path) -> Result<Vec<(&'static str, Counter)>> {
 }
 
 /// (name, key size, value size, max entries) of every pinned map, as this build defines them.
-fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 17] {
+fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 19] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -409,11 +409,13 @@ fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 17
         (map_names::FRAGMENTS, size_of::<FragKey>(), size_of::<FragValue>(), MAX_FRAGMENTS),
         (map_names::RATE_LIMIT, size_of::<u32>(), size_of::<Bucket>(), MAX_RATE_LIMITED),
         (map_names::REAP_QUEUE, size_of::<u32>(), size_of::<CtKey>(), REAP_BATCH),
-        (map_names::FRONTEND_STATS, size_of::<u32>(), size_of::<Counter>(), capacity.frontends),
+        (map_names::FRONTEND_STATS, size_of::<u32>(), size_of::<FrontendStats>(), capacity.frontends),
         (map_names::BACKEND_STATS, size_of::<u32>(), size_of::<BackendStats>(), capacity.backends),
         (map_names::BACKEND_LIVE, size_of::<u32>(), size_of::<u64>(), capacity.backends),
         (map_names::RR_CURSORS, size_of::<u32>(), size_of::<u64>(), capacity.frontends),
         (map_names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), MAX_AFFINITY),
+        (map_names::FRONTEND_META, size_of::<ServiceKey>(), size_of::<FrontendMeta>(), MAX_SERVICES),
+        (map_names::AGENT, size_of::<u32>(), size_of::<AgentStatus>(), 1),
     ]
 }
 
