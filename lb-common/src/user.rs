@@ -148,7 +148,10 @@ mod tests {
     #[test]
     fn text_fields_are_cut_at_a_character_boundary() {
         let m = FrontendMeta::new("default", "web", "http", frontend_kind::NODE_PORT);
-        assert_eq!((text_of(&m.namespace), text_of(&m.name), text_of(&m.port_name)), ("default".into(), "web".into(), "http".into()));
+        assert_eq!(
+            (text_of(&m.namespace), text_of(&m.name), text_of(&m.port_name)),
+            ("default".into(), "web".into(), "http".into())
+        );
         // 15 ASCII bytes then a 2-byte character: it does not fit in 16 bytes, so it goes whole.
         let cut: [u8; 16] = fixed_text("abcdefghijklmnoé");
         assert_eq!(text_of(&cut), "abcdefghijklmno");

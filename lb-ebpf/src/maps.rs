@@ -9,9 +9,8 @@ use lb_common::{
     counters::{self, Counter},
     front_filter_bit, AffinityKey, AffinityValue, AgentStatus, Backend, BackendStats, Bucket, Config, CtKey, CtState,
     CtValue, FragKey, FragValue, FrontendMeta, FrontendStats, ServiceKey, ServiceValue, SlotKey, SourceRange,
-    DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES,
-    DEFAULT_FRONTENDS, FRONT_FILTER_BITS, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_FRAGMENTS, MAX_RATE_LIMITED,
-    MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
+    DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FRONTENDS, FRONT_FILTER_BITS, MAX_AFFINITY, MAX_BACKEND_SLOTS,
+    MAX_FRAGMENTS, MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
 };
 
 #[btf_map]

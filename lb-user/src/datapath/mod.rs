@@ -90,6 +90,19 @@ pub enum Error {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error(
+        "--pin-dir {}: no such directory: no datapath is loaded there (`lb-user load` or the agent \
+         creates it; the default is {})",
+        .0.display(),
+        lb_common::PIN_DIR
+    )]
+    NoPinDir(PathBuf),
+    #[error(
+        "--pin-dir {}: not a pin directory of lb-user (no maps/{}): no datapath is loaded there",
+        .0.display(),
+        map_names::SERVICES
+    )]
+    NotAPinDir(PathBuf),
     #[error("map {name}: {source} (is the datapath loaded with this pin directory?)")]
     Map {
         name: &'static str,
@@ -367,6 +380,21 @@ fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Checks that `pin_dir` holds a loaded datapath, for commands that read its maps: the error
+/// names the directory and what is wrong with it.
+pub fn check_pin_dir(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.is_dir() {
+        return Err(Error::NoPinDir(pin_dir.to_path_buf()));
+    }
+    if !on_bpffs(pin_dir) {
+        return Err(Error::NotBpffs(pin_dir.to_path_buf()));
+    }
+    if !pin_dir.join("maps").join(map_names::SERVICES).exists() {
+        return Err(Error::NotAPinDir(pin_dir.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// Is a link pinned for this interface (XDP uplink or tc pod device)?

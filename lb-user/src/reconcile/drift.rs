@@ -172,10 +172,8 @@ fn describe_slot(maps: &Contents, id: Option<u32>, owner: u64) -> String {
 }
 
 fn describe_set(set: &[BackendAddr]) -> String {
-    let distinct: BTreeSet<String> = set
-        .iter()
-        .map(|b| format!("{}:{}{}", b.addr, b.port, if b.local { " (local)" } else { "" }))
-        .collect();
+    let distinct: BTreeSet<String> =
+        set.iter().map(|b| format!("{}:{}{}", b.addr, b.port, if b.local { " (local)" } else { "" })).collect();
     let list: Vec<String> = distinct.into_iter().collect();
     if list.len() == set.len() {
         list.join(", ")
@@ -190,7 +188,10 @@ fn describe_ranges(ranges: &BTreeSet<Range>) -> String {
     }
     let cidrs: Vec<String> = ranges
         .iter()
-        .map(|(addr, len)| Ipv4Net::new(ip_from_be(*addr), *len).map_or_else(|_| format!("{}/{len}", ip_from_be(*addr)), |n| n.to_string()))
+        .map(|(addr, len)| {
+            Ipv4Net::new(ip_from_be(*addr), *len)
+                .map_or_else(|_| format!("{}/{len}", ip_from_be(*addr)), |n| n.to_string())
+        })
         .collect();
     cidrs.join(", ")
 }

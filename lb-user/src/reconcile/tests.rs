@@ -410,13 +410,18 @@ fn ids_given_to_a_new_frontend_or_endpoint_count_from_zero() {
     let mut store = Fake::default();
     let mut r = Reconciler::adopt(&store).unwrap();
     r.apply(&desired(&[(1, frontend(&[(10, 8080)]))]), Config::default(), &mut store).unwrap();
-    let at = |log: &[String], line: &str| log.iter().position(|l| l == line).unwrap_or_else(|| panic!("{line}: {log:?}"));
+    let at =
+        |log: &[String], line: &str| log.iter().position(|l| l == line).unwrap_or_else(|| panic!("{line}: {log:?}"));
     assert!(at(&store.log, "clear backend stats 1") < at(&store.log, "put backend 1 10.244.1.10:8080 gen 1"));
     assert!(at(&store.log, "clear frontend stats 1") < at(&store.log, "put service 1 gen 0 count [1, 0]"));
     // The same frontend and endpoint again: their counters go on.
     store.log.clear();
     r.apply(&desired(&[(1, frontend(&[(10, 8080), (11, 8080)]))]), Config::default(), &mut store).unwrap();
-    assert!(!store.log.iter().any(|l| l == "clear backend stats 1" || l.starts_with("clear frontend")), "{:?}", store.log);
+    assert!(
+        !store.log.iter().any(|l| l == "clear backend stats 1" || l.starts_with("clear frontend")),
+        "{:?}",
+        store.log
+    );
     assert!(store.log.iter().any(|l| l == "clear backend stats 2"));
 }
 
@@ -461,7 +466,10 @@ fn a_slot_pointed_at_another_backend_is_drift() {
     let found = check(&store);
     assert_eq!(fields(&found), [("10.96.0.1:80/TCP", "slots[0]")]);
     assert_eq!(found[0].want, "10.244.1.10:8080, 10.244.1.11:8080");
-    assert_eq!(found[0].have, "1 of 2 positions differ; position 1 holds 10.244.1.12:8080 (id 3, of another Service port)");
+    assert_eq!(
+        found[0].have,
+        "1 of 2 positions differ; position 1 holds 10.244.1.12:8080 (id 3, of another Service port)"
+    );
     // A hole in the set is drift too.
     store.slots.remove(&slot);
     assert_eq!(check(&store)[0].have, "1 of 2 positions differ; position 1 holds no slot");
@@ -513,7 +521,10 @@ fn backend_flags_retained_endpoints_ranges_filter_and_names_are_checked() {
         ["backend", "retained", "source_ranges", "filter", "name"]
     );
     assert_eq!(found[2].want, "192.168.0.0/16");
-    assert_eq!((found[4].want.as_str(), found[4].have.as_str()), ("default/web (LoadBalancer)", "default/other (ClusterIP)"));
+    assert_eq!(
+        (found[4].want.as_str(), found[4].have.as_str()),
+        ("default/web (LoadBalancer)", "default/other (ClusterIP)")
+    );
     // A retained endpoint whose entry is gone has its flows cut.
     store.backends.remove(&2);
     assert!(check(&store).iter().any(|d| d.field == "retained" && d.have == "no entry: its flows are cut"));
@@ -530,12 +541,21 @@ fn a_maglev_table_built_for_other_backends_is_drift() {
     let wants_more = desired(&[(1, mg)]);
     let found = drift::drift(&wants_more, &Contents::read(&store).unwrap(), MaglevSize::default());
     assert_eq!(fields(&found).into_iter().map(|(_, f)| f).collect::<Vec<_>>(), ["count[0]", "slots[0]"]);
-    assert!(found[1].want.starts_with("307 positions over 10.244.1.10:8080, 10.244.1.11:8080, 10.244.1.12:8080"), "{}", found[1].want);
+    assert!(
+        found[1].want.starts_with("307 positions over 10.244.1.10:8080, 10.244.1.11:8080, 10.244.1.12:8080"),
+        "{}",
+        found[1].want
+    );
 }
 
 #[test]
 fn drift_serializes_with_its_documented_field_names() {
-    let d = drift::Drift { frontend: "10.96.0.1:80/TCP".into(), field: "filter".into(), want: "a".into(), have: "b".into() };
+    let d = drift::Drift {
+        frontend: "10.96.0.1:80/TCP".into(),
+        field: "filter".into(),
+        want: "a".into(),
+        have: "b".into(),
+    };
     assert_eq!(
         serde_json::to_value(&d).unwrap(),
         serde_json::json!({"frontend": "10.96.0.1:80/TCP", "field": "filter", "want": "a", "have": "b"})
