@@ -2,7 +2,7 @@
 //! only when stdout is a terminal), with human units.
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use comfy_table::{presets, Cell, Color, ContentArrangement, Table};
+use comfy_table::{Cell, Color, ContentArrangement, Table};
 
 use crate::telemetry::{
     status::StatusView,
@@ -49,9 +49,12 @@ fn ago(unix_ms: u64) -> String {
     format!("{} ago", duration(Duration::from_millis(now.saturating_sub(unix_ms))))
 }
 
+/// Columns as kubectl prints them, the header underlined.
+const HEADER_LINE_ONLY: &str = "    ────           ";
+
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(presets::UTF8_HORIZONTAL_ONLY)
+    t.load_preset(HEADER_LINE_ONLY)
         .set_content_arrangement(ContentArrangement::Dynamic)
         .set_header(header.iter().map(|h| Cell::new(h).fg(Color::Cyan)));
     t
@@ -82,7 +85,8 @@ pub fn services(v: &ServicesView) -> String {
         if let Some(s) = f.affinity_timeout_s {
             policy.push(format!("affinity {s}s"));
         }
-        policy.extend(f.flags.iter().filter(|fl| *fl != "external").cloned());
+        // `external` is the kind's, `drop-when-empty` shows as the BACKEND of an empty set.
+        policy.extend(f.flags.iter().filter(|fl| *fl != "external" && *fl != "drop-when-empty").cloned());
         if !f.source_ranges.is_empty() {
             policy.push(format!("sources {}", f.source_ranges.join(",")));
         }
