@@ -52,11 +52,7 @@ fn json(command: &str, pin_dir: &Path, extra: &[&str]) -> Value {
 
 /// The entry of `list` whose `key` is `value`.
 fn find<'a>(list: &'a Value, key: &str, value: &str) -> &'a Value {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e[key] == value)
-        .unwrap_or_else(|| panic!("no {key} {value} in {list:#}"))
+    list.as_array().unwrap().iter().find(|e| e[key] == value).unwrap_or_else(|| panic!("no {key} {value} in {list:#}"))
 }
 
 /// (packets, bytes, new_flows) of a stats entry.
@@ -222,7 +218,15 @@ fn each_drop_is_counted_under_its_reason_and_bpftool_prints_every_map_by_field()
             &[Endpoint::ready(POD_A, "node1")],
             Some("192.168.60.33"),
         ),
-        service("remote", "", "type: NodePort, clusterIP: 10.96.8.4", 80, 30404, &[Endpoint::ready(POD_B, "node2")], None),
+        service(
+            "remote",
+            "",
+            "type: NodePort, clusterIP: 10.96.8.4",
+            80,
+            30404,
+            &[Endpoint::ready(POD_B, "node2")],
+            None,
+        ),
     ]
     .concat();
     // One SNAT port: a second flow toward the same backend finds none.
@@ -292,9 +296,16 @@ fn each_drop_is_counted_under_its_reason_and_bpftool_prints_every_map_by_field()
     assert_eq!(status["nat"]["busiest"], format!("{POD_B}:8080/UDP"), "{:#}", status["nat"]);
     assert_eq!((status["nat"]["busiest_ports"].as_u64(), status["nat"]["ports"].as_u64()), (Some(1), Some(1)));
     let agent = &status["agent"];
-    assert_eq!((agent["running"].as_bool(), agent["syncs"].as_u64(), agent["sync_errors"].as_u64()), (Some(true), Some(1), Some(0)), "{agent:#}");
+    assert_eq!(
+        (agent["running"].as_bool(), agent["syncs"].as_u64(), agent["sync_errors"].as_u64()),
+        (Some(true), Some(1), Some(0)),
+        "{agent:#}"
+    );
     let xdp = find(&status["attachments"], "hook", "xdp");
-    assert_eq!((xdp["interface"].as_str(), xdp["current"].as_bool(), xdp["device_present"].as_bool()), (Some("eth0"), Some(true), Some(true)));
+    assert_eq!(
+        (xdp["interface"].as_str(), xdp["current"].as_bool(), xdp["device_present"].as_bool()),
+        (Some("eth0"), Some(true), Some(true))
+    );
 
     // Every pinned map prints with named fields (BTF): the maps this traffic filled show their
     // fields, the others at least decoded values rather than raw bytes.
@@ -315,11 +326,8 @@ fn each_drop_is_counted_under_its_reason_and_bpftool_prints_every_map_by_field()
         (map_names::AGENT, "\"last_sync_duration_ns\""),
     ];
     for name in map_names::ALL {
-        let out = Command::new("bpftool")
-            .args(["map", "dump", "pinned"])
-            .arg(pins.join("maps").join(name))
-            .output()
-            .unwrap();
+        let out =
+            Command::new("bpftool").args(["map", "dump", "pinned"]).arg(pins.join("maps").join(name)).output().unwrap();
         assert!(out.status.success(), "bpftool {name}: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout);
         match fields.iter().find(|(n, _)| *n == name) {
@@ -361,7 +369,12 @@ fn services_flags_a_slot_changed_behind_the_agents_back() {
     // Behind the agent's back: the ClusterIP's TCP slot 0 now names the UDP port's backend.
     let services: HashMap<MapData, ServiceKey, ServiceValue> =
         lb_user::datapath::open_map(pins, map_names::SERVICES).unwrap().try_into().unwrap();
-    let key = ServiceKey { addr_be: addr_be(Ipv4Addr::new(10, 96, 9, 1)), port_be: 80u16.to_be(), proto: IPPROTO_TCP, _pad: 0 };
+    let key = ServiceKey {
+        addr_be: addr_be(Ipv4Addr::new(10, 96, 9, 1)),
+        port_be: 80u16.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
     let v = services.get(&key, 0).unwrap();
     let mut slots: HashMap<MapData, SlotKey, u32> =
         lb_user::datapath::open_map(pins, map_names::SLOTS).unwrap().try_into().unwrap();
@@ -372,7 +385,10 @@ fn services_flags_a_slot_changed_behind_the_agents_back() {
     let view = json("services", pins, &model);
     let drift = view["drift"].as_array().unwrap();
     assert_eq!(drift.len(), 1, "{drift:#?}");
-    assert_eq!((drift[0]["frontend"].as_str(), drift[0]["field"].as_str()), (Some("10.96.9.1:80/TCP"), Some("slots[0]")));
+    assert_eq!(
+        (drift[0]["frontend"].as_str(), drift[0]["field"].as_str()),
+        (Some("10.96.9.1:80/TCP"), Some("slots[0]"))
+    );
     assert!(drift[0]["have"].as_str().unwrap().contains("of another Service port"), "{drift:#?}");
     assert_eq!(find(&view["frontends"], "frontend", "10.96.9.1:80/TCP")["drift"].as_array().unwrap().len(), 1);
     // The table says so too; without the manifests nothing is compared.

@@ -381,3 +381,45 @@ fn attachments(pin_dir: &Path, programs: &[ProgramView]) -> Result<Vec<Attachmen
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_a_kind_and_drops_are_drops() {
+        for (index, label) in counters::ALL {
+            let kind = counter_kind(index);
+            assert_eq!(label.starts_with("drop_"), kind == "drop", "{label} is {kind}");
+            assert_eq!(label.starts_with("pass_"), kind == "pass", "{label} is {kind}");
+        }
+        assert_eq!(counter_kind(counters::REFUSED_NO_BACKEND), "answer");
+        assert_eq!(counter_kind(counters::XDP_TO_TC), "event", "counted again where tc handles the packet");
+    }
+
+    #[test]
+    fn nat_use_is_counted_per_destination() {
+        let cfg = Config { snat_port_min: 40000, snat_port_max: 40009, ..Default::default() };
+        let reply = |backend: u8, port: u16| {
+            let k = CtKey {
+                src_addr_be: lb_common::user::addr_be(std::net::Ipv4Addr::new(10, 244, 2, backend)),
+                dst_addr_be: 1,
+                src_port_be: 8080u16.to_be(),
+                dst_port_be: port.to_be(),
+                proto: lb_common::IPPROTO_TCP,
+                _pad: [0; 3],
+            };
+            (k, CtValue { flags: ct_flags::REPLY | ct_flags::SNAT, ..Default::default() })
+        };
+        let forward = (CtKey { proto: 6, ..reply(1, 1).0 }, CtValue { flags: ct_flags::SNAT, ..Default::default() });
+        let flows = [reply(1, 40000), reply(1, 40001), reply(2, 40000), forward];
+        let nat = nat_use(&flows, &cfg);
+        assert_eq!(
+            serde_json::to_value(&nat).unwrap(),
+            serde_json::json!({
+                "range": "40000-40009", "ports": 10, "snat_flows": 3,
+                "busiest": "10.244.2.1:8080/TCP", "busiest_ports": 2
+            })
+        );
+    }
+}

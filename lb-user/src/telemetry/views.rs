@@ -501,3 +501,127 @@ pub fn flows(pin_dir: &Path, filter: &FlowFilter) -> Result<Vec<FlowView>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{backend_flags, frontend_kind, SlotKey, IPPROTO_UDP};
+    use serde_json::json;
+
+    use super::*;
+
+    /// One NodePort frontend (id 3) of shop/web:dns over UDP: backend 1 active and local,
+    /// backend 2 retained (not chosen), as the reconciler writes them.
+    fn snapshot(packets: u64, at: Instant) -> Snapshot {
+        let key = ServiceKey::new(Ipv4Addr::new(192, 168, 50, 10), 30053, IPPROTO_UDP);
+        let owner = 0x1234_5678_9abc_def0;
+        let mut maps = Contents::default();
+        maps.services.insert(
+            key,
+            ServiceValue {
+                svc_id: 3,
+                flags: service_flags::EXTERNAL,
+                count: [1, 0],
+                scope: affinity_scope(owner),
+                ..Default::default()
+            },
+        );
+        maps.slots.insert(SlotKey::new(3, 0, 0, 0), 1);
+        let mut active = Backend::new(Ipv4Addr::new(10, 244, 1, 10), 53, true, owner);
+        active.flags |= backend_flags::CHOSEN;
+        maps.backends.insert(1, Backend { gen: 1, ..active });
+        maps.backends.insert(2, Backend { gen: 1, ..Backend::new(Ipv4Addr::new(10, 244, 2, 10), 53, false, owner) });
+        maps.metas.insert(key, FrontendMeta::new("shop", "web", "dns", frontend_kind::NODE_PORT));
+        let traffic = Traffic { packets, bytes: packets * 100, new_flows: packets / 2 };
+        Snapshot {
+            maps,
+            frontend_traffic: BTreeMap::from([(3, traffic)]),
+            backend_traffic: BTreeMap::from([(1, traffic), (2, Traffic::default())]),
+            live_flows: BTreeMap::from([(1, 2), (2, 1)]),
+            taken: at,
+            taken_unix_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn services_json_has_the_documented_shape() {
+        let view = services(&snapshot(10, Instant::now()), None);
+        let web = json!({"namespace": "shop", "name": "web", "port": "dns"});
+        assert_eq!(
+            serde_json::to_value(&view).unwrap(),
+            json!({
+                "frontends": [{
+                    "frontend": "192.168.50.10:30053/UDP",
+                    "address": "192.168.50.10",
+                    "port": 30053,
+                    "protocol": "UDP",
+                    "kind": "NodePort",
+                    "service": web,
+                    "id": 3,
+                    "algorithm": "random",
+                    "affinity_timeout_s": null,
+                    "flags": ["external"],
+                    "source_ranges": [],
+                    "when_empty": "refuse",
+                    "traffic": {"packets": 10, "bytes": 1000, "new_flows": 5},
+                    "backends": [
+                        {
+                            "backend": "10.244.1.10:53", "address": "10.244.1.10", "port": 53, "id": 1,
+                            "local": true, "state": "active", "slots": [1, 0], "live_flows": 2,
+                            "traffic": {"packets": 10, "bytes": 1000, "new_flows": 5}
+                        },
+                        {
+                            "backend": "10.244.2.10:53", "address": "10.244.2.10", "port": 53, "id": 2,
+                            "local": false, "state": "retained", "slots": [0, 0], "live_flows": 1,
+                            "traffic": {"packets": 0, "bytes": 0, "new_flows": 0}
+                        }
+                    ],
+                    "drift": null
+                }],
+                "drift": null
+            })
+        );
+        let checked = services(&snapshot(10, Instant::now()), Some(Vec::new()));
+        assert_eq!(serde_json::to_value(&checked).unwrap()["frontends"][0]["drift"], json!([]));
+    }
+
+    #[test]
+    fn stats_json_has_the_documented_shape_and_rates_over_the_interval() {
+        let earlier = Instant::now();
+        let before = snapshot(10, earlier);
+        let now = snapshot(30, earlier + std::time::Duration::from_secs(2));
+        let view = serde_json::to_value(stats(&now, Some(&before))).unwrap();
+        let rates = json!({"packets_per_s": 10.0, "bytes_per_s": 1000.0, "new_flows_per_s": 5.0});
+        assert_eq!(view["interval_s"], json!(2.0));
+        assert_eq!(view["time_unix_ms"], json!(1_700_000_000_000u64));
+        assert_eq!(
+            view["frontends"],
+            json!([{
+                "frontend": "192.168.50.10:30053/UDP", "kind": "NodePort",
+                "service": {"namespace": "shop", "name": "web", "port": "dns"}, "id": 3,
+                "packets": 30, "bytes": 3000, "new_flows": 15, "rates": rates
+            }])
+        );
+        assert_eq!(
+            view["backends"][0],
+            json!({
+                "backend": "10.244.1.10:53", "id": 1, "local": true,
+                "service": {"namespace": "shop", "name": "web", "port": "dns"}, "protocol": "UDP",
+                "live_flows": 2, "packets": 30, "bytes": 3000, "new_flows": 15, "rates": rates
+            })
+        );
+        // One reading: no rates.
+        let once = serde_json::to_value(stats(&now, None)).unwrap();
+        assert_eq!((once["interval_s"].clone(), once["frontends"][0]["rates"].clone()), (json!(null), json!(null)));
+    }
+
+    #[test]
+    fn an_id_given_to_another_backend_between_readings_gets_no_rate() {
+        let earlier = Instant::now();
+        let mut before = snapshot(10, earlier);
+        before.maps.backends.get_mut(&1).unwrap().gen = 7;
+        let now = snapshot(30, earlier + std::time::Duration::from_secs(2));
+        let view = stats(&now, Some(&before));
+        assert!(view.frontends[0].rates.is_some());
+        assert_eq!(view.backends.iter().find(|b| b.id == 1).unwrap().rates, None);
+    }
+}
