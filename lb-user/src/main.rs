@@ -502,6 +502,8 @@ fn stats(
     let period = std::time::Duration::from_secs_f64(seconds);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
+        // One stream for the whole run: a Ctrl-C while a reading is taken is not lost.
+        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut before = first;
         let mut readings = 1;
         if watch {
@@ -509,7 +511,7 @@ fn stats(
         }
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = interrupt.recv() => return Ok(()),
                 () = tokio::time::sleep(period) => {}
             }
             let now = Snapshot::read(pin_dir)?;

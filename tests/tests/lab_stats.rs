@@ -7,7 +7,8 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, MapData};
@@ -158,6 +159,30 @@ fn stats_count_exactly_what_each_kind_of_frontend_carried() {
     let table = lb_user(&["stats", "--pin-dir", &dir, "--watch", "--interval", "0.2", "--count", "2"]).unwrap();
     assert_eq!(table.matches("Frontends (rates over the last").count(), 1, "{table}");
     assert!(table.contains("default/cip:udp") && table.contains("10.96.7.1:80/UDP"), "{table}");
+    // Without --count, --watch reads until Ctrl-C, then exits cleanly.
+    let mut watch = Command::new(lb_user_bin().unwrap())
+        .args(["stats", "--pin-dir", &dir, "--watch", "--interval", "0.2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = watch.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("stats --watch still runs 5 s after Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut watch.stdout.take().unwrap(), &mut text).unwrap();
+    assert!(status.success(), "{status}: {text}");
+    assert!(text.matches("Frontends (rates over the last").count() >= 1, "{text}");
 }
 
 /// Sends one IPv4 packet as given (source, checksums and all) from inside `ns`.
@@ -276,10 +301,10 @@ fn each_drop_is_counted_under_its_reason_and_bpftool_prints_every_map_by_field()
         let before = json("status", pins, &[]);
         provoke();
         // The malformed packet is on its way when sendto returns: wait (bounded) for it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let deadline = Instant::now() + Duration::from_secs(2);
         let mut after = json("status", pins, &[]);
-        while counter(&after, name).0 == counter(&before, name).0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        while counter(&after, name).0 == counter(&before, name).0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
             after = json("status", pins, &[]);
         }
         assert_eq!(counter(&after, name), (counter(&before, name).0 + 1, kind.to_string()), "{name}");
