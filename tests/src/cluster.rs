@@ -133,8 +133,7 @@ pub fn service(
     let eps: Vec<String> = endpoints
         .iter()
         .map(|e| {
-            let conditions =
-                if e.terminating { ", conditions: {ready: false, serving: true, terminating: true}" } else { "" };
+            let conditions = if e.terminating { ", conditions: {ready: false, serving: true, terminating: true}" } else { "" };
             format!("{{addresses: [\"{}\"], nodeName: {}{conditions}}}", e.addr, e.node)
         })
         .collect();

@@ -151,10 +151,7 @@ fn a_nodeport_claimed_twice_stays_with_the_service_created_first() {
                 "type: NodePort, clusterIP: 10.96.4.5",
                 80,
                 30105,
-                &[Endpoint::ready(
-                    if older == "alpha" { POD_A } else { POD_B },
-                    if older == "alpha" { "node1" } else { "node2" },
-                )],
+                &[Endpoint::ready(if older == "alpha" { POD_A } else { POD_B }, if older == "alpha" { "node1" } else { "node2" })],
                 None,
             ),
             service(
@@ -163,10 +160,7 @@ fn a_nodeport_claimed_twice_stays_with_the_service_created_first() {
                 "type: NodePort, clusterIP: 10.96.4.6",
                 80,
                 30105,
-                &[Endpoint::ready(
-                    if newer == "alpha" { POD_A } else { POD_B },
-                    if newer == "alpha" { "node1" } else { "node2" },
-                )],
+                &[Endpoint::ready(if newer == "alpha" { POD_A } else { POD_B }, if newer == "alpha" { "node1" } else { "node2" })],
                 None,
             ),
         ]

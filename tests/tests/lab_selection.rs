@@ -70,15 +70,7 @@ fn names() -> BTreeMap<SocketAddrV4, String> {
 
 #[test]
 fn two_nodes_choose_the_same_backend_for_the_same_flow_under_maglev() {
-    let c = start(&service(
-        "mg",
-        &algorithm("maglev"),
-        "type: NodePort, clusterIP: 10.96.6.1",
-        80,
-        30201,
-        &all_pods(),
-        None,
-    ));
+    let c = start(&service("mg", &algorithm("maglev"), "type: NodePort, clusterIP: 10.96.6.1", 80, 30201, &all_pods(), None));
     let client = &c.lab.clients[0];
     let mut seen = BTreeSet::new();
     for port in 41000..41016 {
@@ -128,24 +120,12 @@ fn session_affinity_keeps_a_client_on_its_backend_until_it_goes_stale() {
     assert!(stale.ends_with("(random)"), "stale affinity: {stale}");
     let chosen = who(&tcp_ask(&client.ns.name, front).unwrap());
     let kept = which(&c, 0, probe, front);
-    assert!(
-        kept.ends_with("(affinity)")
-            && kept.starts_with(&names().iter().find(|(_, n)| **n == chosen).unwrap().0.to_string()),
-        "{kept}"
-    );
+    assert!(kept.ends_with("(affinity)") && kept.starts_with(&names().iter().find(|(_, n)| **n == chosen).unwrap().0.to_string()), "{kept}");
 }
 
 #[test]
 fn least_conn_sends_new_connections_to_the_backend_with_the_fewest_open() {
-    let c = start(&service(
-        "lc",
-        &algorithm("least-conn"),
-        "type: NodePort, clusterIP: 10.96.6.3",
-        80,
-        30203,
-        &all_pods(),
-        None,
-    ));
+    let c = start(&service("lc", &algorithm("least-conn"), "type: NodePort, clusterIP: 10.96.6.3", 80, 30203, &all_pods(), None));
     let client = &c.lab.clients[0];
     let front = c.node_port(0, 30203);
     let hold = || {
@@ -219,8 +199,7 @@ fn udp_request(port: u16, dst: SocketAddrV4) -> std::io::Result<String> {
 
 #[test]
 fn a_rolling_update_under_load_fails_no_request_and_resets_no_connection() {
-    let yaml =
-        |endpoints: &[Endpoint]| service("ru", "", "type: NodePort, clusterIP: 10.96.6.4", 80, 30204, endpoints, None);
+    let yaml = |endpoints: &[Endpoint]| service("ru", "", "type: NodePort, clusterIP: 10.96.6.4", 80, 30204, endpoints, None);
     let c = start(&yaml(&[Endpoint::ready(POD_A, "node1"), Endpoint::ready(POD_C, "node2")]));
     let client = &c.lab.clients[0];
     let front = c.node_port(0, 30204);
