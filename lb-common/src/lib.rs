@@ -6,6 +6,9 @@
 //! timestamps) is host order.
 #![no_std]
 
+#[cfg(feature = "user")]
+extern crate alloc;
+
 pub mod checksum;
 pub mod conntrack;
 pub mod counters;
@@ -42,8 +45,13 @@ pub mod map_names {
     pub const RR_CURSORS: &str = "LB_RR_CURSORS";
     /// Session affinity: the backend each client of a Service port keeps.
     pub const AFFINITY: &str = "LB_AFFINITY";
+    /// What each frontend is (its Service, port name and kind), for people and tools; the
+    /// datapath does not read it (bpffs holds no plain files, so this is a map).
+    pub const FRONTEND_META: &str = "LB_FE_META";
+    /// The agent's own report: its syncs, their latency and errors (read by `lb-user status`).
+    pub const AGENT: &str = "LB_AGENT";
     /// Every map the agent pins; all survive an agent restart.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -61,6 +69,8 @@ pub mod map_names {
         BACKEND_LIVE,
         RR_CURSORS,
         AFFINITY,
+        FRONTEND_META,
+        AGENT,
     ];
 }
 
@@ -383,6 +393,17 @@ const fn fmix64(mut k: u64) -> u64 {
     k ^ (k >> 33)
 }
 
+/// Traffic of one frontend on one CPU (LB_FE_STATS): packets and bytes both ways (requests
+/// and replies), and the flows it started.
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
 /// Traffic of one backend on one CPU (LB_BE_STATS).
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -391,6 +412,71 @@ pub struct BackendStats {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+}
+
+/// `FrontendMeta::kind`: what made the frontend (0: not recorded).
+pub mod frontend_kind {
+    pub const CLUSTER_IP: u8 = 1;
+    pub const NODE_PORT: u8 = 2;
+    pub const LOAD_BALANCER: u8 = 3;
+    pub const EXTERNAL_IP: u8 = 4;
+}
+
+/// Bytes of `FrontendMeta`'s text fields: Kubernetes namespaces and Service names have at
+/// most 63 characters and port names 15, so each fits with a NUL to spare.
+pub const META_NAME_LEN: usize = 64;
+pub const META_PORT_LEN: usize = 16;
+
+/// What a frontend is, keyed like LB_SERVICES (LB_FE_META): the agent writes it with the
+/// service entry. Text is UTF-8, NUL-padded; longer text is cut at a character boundary.
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontendMeta {
+    pub namespace: [u8; META_NAME_LEN],
+    pub name: [u8; META_NAME_LEN],
+    /// The Service port's name (empty for an unnamed port).
+    pub port_name: [u8; META_PORT_LEN],
+    /// `frontend_kind::*`
+    pub kind: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Bytes of `AgentStatus::last_problem`.
+pub const AGENT_PROBLEM_LEN: usize = 192;
+
+/// The agent's report of its syncs, the single entry of LB_AGENT. Written by the agent at
+/// start (counts from zero) and after every sync; the datapath does not read it.
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// The agent's process id (0: no agent has run on these pins).
+    pub pid: u32,
+    /// Problems the last sync reported (objects not usable in full, writes that failed).
+    pub problems: u32,
+    /// Wall-clock time the agent started, nanoseconds since the Unix epoch.
+    pub started_unix_ns: u64,
+    /// Syncs that wrote the maps since the agent started.
+    pub syncs: u64,
+    /// Syncs that failed in part or in whole since the agent started (each is retried).
+    pub sync_errors: u64,
+    /// Wall-clock end of the last sync, nanoseconds since the Unix epoch (0: none yet).
+    pub last_sync_unix_ns: u64,
+    /// How long the last sync took (reading the source, the model, the map writes).
+    pub last_sync_duration_ns: u64,
+    /// Frontends the maps held after the last sync.
+    pub frontends: u32,
+    pub _pad: u32,
+    /// The first problem of the last sync (UTF-8, NUL-padded, cut short if longer).
+    pub last_problem: [u8; AGENT_PROBLEM_LEN],
+}
+
+/// Session affinity's scope for a Service port's stable owner hash (`Backend::owner`): the
+/// same 32 bits on each of its frontends, so a client keeps its backend whichever it uses.
+#[inline(always)]
+pub const fn affinity_scope(owner: u64) -> u32 {
+    (owner ^ owner >> 32) as u32
 }
 
 /// Conntrack accounting, the single entry of LB_CT_STATE, changed with atomic adds.
@@ -582,6 +668,9 @@ mod tests {
         assert_eq!(size_of::<BenchFrame>(), 64);
         assert_eq!(size_of::<XdpMeta>(), 8);
         assert_eq!(size_of::<BackendStats>(), 24);
+        assert_eq!(size_of::<FrontendStats>(), 24);
+        assert_eq!(size_of::<FrontendMeta>(), 152);
+        assert_eq!(size_of::<AgentStatus>(), 248);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
     }

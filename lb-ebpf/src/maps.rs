@@ -7,10 +7,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     counters::{self, Counter},
-    front_filter_bit, AffinityKey, AffinityValue, Backend, BackendStats, Bucket, Config, CtKey, CtState, CtValue,
-    FragKey, FragValue, ServiceKey, ServiceValue, SlotKey, SourceRange, DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES,
-    DEFAULT_FRONTENDS, FRONT_FILTER_BITS, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_FRAGMENTS, MAX_RATE_LIMITED,
-    MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
+    front_filter_bit, AffinityKey, AffinityValue, AgentStatus, Backend, BackendStats, Bucket, Config, CtKey, CtState,
+    CtValue, FragKey, FragValue, FrontendMeta, FrontendStats, ServiceKey, ServiceValue, SlotKey, SourceRange,
+    DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FRONTENDS, FRONT_FILTER_BITS, MAX_AFFINITY, MAX_BACKEND_SLOTS,
+    MAX_FRAGMENTS, MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
 };
 
 #[btf_map]
@@ -25,7 +25,7 @@ pub static LB_BACKENDS: Array<Backend, { DEFAULT_BACKENDS as usize }> = Array::n
 
 /// Indexed by frontend id (svc_id); sized by the agent at load.
 #[btf_map]
-pub static LB_FE_STATS: PerCpuArray<Counter, { DEFAULT_FRONTENDS as usize }> = PerCpuArray::new();
+pub static LB_FE_STATS: PerCpuArray<FrontendStats, { DEFAULT_FRONTENDS as usize }> = PerCpuArray::new();
 
 /// Indexed by backend id.
 #[btf_map]
@@ -76,6 +76,17 @@ pub static LB_RR_CURSORS: Array<u64, { DEFAULT_FRONTENDS as usize }> = Array::ne
 #[btf_map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> = LruHashMap::new();
 
+/// What each frontend is (Service, port name, kind): written by the agent for people and
+/// tools (`lb-user services`, bpftool), never read here. Not preallocated: it follows the
+/// frontends in use.
+#[btf_map]
+pub static LB_FE_META: HashMap<ServiceKey, FrontendMeta, { MAX_SERVICES as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// The agent's report of its syncs (`lb-user status`), never read here.
+#[btf_map]
+pub static LB_AGENT: Array<AgentStatus, 1> = Array::new();
+
 /// Where a new flow's conntrack value is built (not pinned: nothing survives a packet).
 #[btf_map]
 pub static LB_SCRATCH: PerCpuArray<CtValue, 1> = PerCpuArray::new();
@@ -109,6 +120,7 @@ pub fn count_traffic(svc_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
+            (*c).new_flows += new_flow as u64;
         }
     }
     if let Some(c) = LB_BE_STATS.get_ptr_mut(backend_id) {

@@ -22,7 +22,10 @@ use crate::{
     model::{self, Desired, HealthCheck, LocalDetect, NodeFlags, NodeInfo, Options},
     reconcile::Reconciler,
     source::{manifests::ManifestCache, watch::ManifestWatch, Objects},
-    telemetry::health::HealthServers,
+    telemetry::{
+        health::HealthServers,
+        status::{StatusWriter, SyncReport},
+    },
 };
 
 /// How often conntrack is swept: often enough that flows a flood left (unanswered SYNs
@@ -173,6 +176,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let links = unsafe { AsyncFd::register(socket) }.map_err(|e| Error::Poll(e.into()))?;
     info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, "agent started");
     let _sweeper = Sweeper::start(Conntrack::open(&cfg.pin_dir)?);
+    let mut status = StatusWriter::start(&cfg.pin_dir)?;
     tokio::pin!(shutdown);
     attach_pod_devices(&mut dp, &cfg, &mut attached);
     loop {
@@ -194,7 +198,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                 attach_pod_devices(&mut dp, &cfg, &mut attached);
             }
             () = watch.changed() => {
+                let started = std::time::Instant::now();
                 let step = sync.step(&cfg, &mut reconciler, &mut store);
+                status.synced(&SyncReport {
+                    took: started.elapsed(),
+                    wrote: step.health_checks.is_some(),
+                    failed: sync.retry,
+                    frontends: sync.applied.as_ref().map_or(0, |(_, d)| d.frontends.len()),
+                    problems: &sync.problems,
+                });
                 if step.unreadable {
                     watch.rewatch();
                 }

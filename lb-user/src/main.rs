@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use globset::{Glob, GlobSetBuilder};
 use ipnet::Ipv4Net;
-use lb_user::{agent, datapath, model, netns, source::manifests as source};
+use lb_user::{agent, cli::render, datapath, model, netns, source::manifests as source, telemetry};
 
 #[derive(Parser)]
 #[command(name = "lb-user", about = "eBPF/XDP Kubernetes Service load balancer: agent and CLI")]
@@ -44,10 +44,64 @@ enum Command {
         #[command(flatten)]
         pin: PinDir,
     },
-    /// Print what the datapath counted.
+    /// Print what the datapath counted, by reason (`status` groups them; `stats` has the
+    /// traffic per frontend and backend).
     Counters {
         #[command(flatten)]
         pin: PinDir,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Every frontend with its backends and their state (active, short-circuit, retained,
+    /// local), live flows and traffic, read from the pinned maps (works while the agent is
+    /// down). With the agent's --manifests and --node-name (and node options), also what
+    /// differs from the model.
+    Services {
+        #[command(flatten)]
+        pin: PinDir,
+        #[command(flatten)]
+        output: Output,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Packets, bytes and new flows per frontend (Service port) and per backend, with rates
+    /// when sampled over an interval.
+    Stats {
+        #[command(flatten)]
+        pin: PinDir,
+        #[command(flatten)]
+        output: Output,
+        /// Refresh in place every --interval until Ctrl-C (or --count readings); with
+        /// --json, one JSON object per line.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between readings; without --watch, read twice this far apart to show rates.
+        #[arg(long, value_parser = parse_interval)]
+        interval: Option<f64>,
+        /// With --watch, stop after this many readings.
+        #[arg(long, requires = "watch", value_parser = clap::value_parser!(u32).range(1..))]
+        count: Option<u32>,
+    },
+    /// Tracked flows (conntrack): both tuples, state, age, NAT mapping and backend.
+    Ct {
+        #[command(flatten)]
+        pin: PinDir,
+        #[command(flatten)]
+        output: Output,
+        /// Only flows of this Service, NAMESPACE/NAME.
+        #[arg(long, value_parser = parse_service_name)]
+        service: Option<(String, String)>,
+        /// Only flows to this backend address.
+        #[arg(long)]
+        backend: Option<Ipv4Addr>,
+    },
+    /// One screen of health: the agent's last sync, programs and where they are attached,
+    /// map occupancy against capacity, NAT port use, counters by reason.
+    Status {
+        #[command(flatten)]
+        pin: PinDir,
+        #[command(flatten)]
+        output: Output,
     },
     /// Run the agent in standalone mode: serve the Services of manifest files.
     Agent {
@@ -87,6 +141,76 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+}
+
+#[derive(Args, Clone, Copy)]
+struct Output {
+    /// Print JSON (field names are stable: docs/CLI.md) instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The model to compare the maps with: the agent's node options (NodeArgs's, optional here:
+/// clap cannot leave out a flattened group whose arguments have defaults).
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Compare the maps with the model of these manifests (file or directory), as the agent
+    /// reads them.
+    #[arg(long, requires = "node_name")]
+    manifests: Option<PathBuf>,
+    /// This node's name, as the agent has it.
+    #[arg(long, requires = "manifests")]
+    node_name: Option<String>,
+    /// This node's addresses, as the agent has them.
+    #[arg(long = "node-address")]
+    node_addresses: Vec<Ipv4Addr>,
+    /// This node's zone, as the agent has it.
+    #[arg(long)]
+    zone: Option<String>,
+    /// As the agent has them.
+    #[arg(long)]
+    nodeport_addresses: Vec<Ipv4Net>,
+    /// The node's default algorithm, as the agent has it.
+    #[arg(long, default_value = "random", value_parser = model::Algorithm::parse)]
+    algorithm: model::Algorithm,
+    #[command(flatten)]
+    maglev: MaglevArgs,
+}
+
+impl ModelArgs {
+    /// The node options, when the manifests are given.
+    fn node(&self) -> Option<NodeArgs> {
+        Some(NodeArgs {
+            manifests: self.manifests.clone()?,
+            node_name: self.node_name.clone()?,
+            node_addresses: self.node_addresses.clone(),
+            zone: self.zone.clone(),
+            nodeport_addresses: self.nodeport_addresses.clone(),
+            algorithm: self.algorithm,
+        })
+    }
+}
+
+#[derive(Args, Clone, Copy)]
+struct MaglevArgs {
+    /// Maglev tables (maglev and source-hash Services) have at least this many positions per
+    /// backend; their size is the first of 7, 13, 31, ..., 509, 1021, ... (the largest prime
+    /// below each power of two) that fits, so one backend more or less keeps it (and the
+    /// other flows where they are). Every node must use the same figure.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    maglev_positions_per_backend: u32,
+    /// Maglev tables have at most this many positions.
+    #[arg(long, default_value_t = 65_521, value_parser = clap::value_parser!(u32).range(7..=1_000_003))]
+    maglev_max_positions: u32,
+}
+
+impl MaglevArgs {
+    fn size(self) -> lb_user::reconcile::MaglevSize {
+        lb_user::reconcile::MaglevSize {
+            per_backend: self.maglev_positions_per_backend,
+            max: self.maglev_max_positions,
+        }
+    }
 }
 
 #[derive(Args, Clone, Copy)]
@@ -141,15 +265,8 @@ struct DatapathArgs {
     /// egress; pick bits no other component of the node uses.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
     mark_shift: u32,
-    /// Maglev tables (maglev and source-hash Services) have at least this many positions per
-    /// backend; their size is the first of 7, 13, 31, ..., 509, 1021, ... (the largest prime
-    /// below each power of two) that fits, so one backend more or less keeps it (and the
-    /// other flows where they are). Every node must use the same figure.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    maglev_positions_per_backend: u32,
-    /// Maglev tables have at most this many positions.
-    #[arg(long, default_value_t = 65_521, value_parser = clap::value_parser!(u32).range(7..=1_000_003))]
-    maglev_max_positions: u32,
+    #[command(flatten)]
+    maglev: MaglevArgs,
 }
 
 impl DatapathArgs {
@@ -162,10 +279,7 @@ impl DatapathArgs {
                 Forwarding::Fast => lb_common::mode::FAST,
             },
             mark_shift: self.mark_shift,
-            maglev: lb_user::reconcile::MaglevSize {
-                per_backend: self.maglev_positions_per_backend,
-                max: self.maglev_max_positions,
-            },
+            maglev: self.maglev.size(),
         }
     }
 }
@@ -275,8 +389,30 @@ fn main() -> anyhow::Result<()> {
             datapath::unload(&pin.pin_dir)?;
             println!("unloaded {}", pin.pin_dir.display());
         }
-        Command::Counters { pin } => print_counters(&pin.pin_dir)?,
+        Command::Counters { pin, output } => print_counters(&pin.pin_dir, output.json)?,
+        Command::Services { pin, output, model } => services(&pin.pin_dir, output.json, model)?,
+        Command::Stats { pin, output, watch, interval, count } => {
+            stats(&pin.pin_dir, output.json, watch, interval, count)?
+        }
+        Command::Ct { pin, output, service, backend } => {
+            let filter = telemetry::views::FlowFilter { service, backend };
+            let flows = telemetry::views::flows(&pin.pin_dir, &filter)?;
+            if output.json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+            } else {
+                print!("{}", render::flows(&flows));
+            }
+        }
+        Command::Status { pin, output } => {
+            let status = telemetry::status::StatusView::read(&pin.pin_dir)?;
+            if output.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render::status(&status));
+            }
+        }
         Command::Which { pin, proto, src, dst } => {
+            datapath::check_pin_dir(&pin.pin_dir)?;
             let prediction =
                 datapath::predict::Predictor::open(&pin.pin_dir)?.predict(datapath::predict::Flow { proto, src, dst });
             println!("{prediction}");
@@ -297,11 +433,114 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_counters(pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    for (label, c) in datapath::read_counters(pin_dir)? {
+fn print_counters(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    datapath::check_pin_dir(pin_dir)?;
+    let counters = datapath::read_counters(pin_dir)?;
+    if json {
+        let all: serde_json::Map<String, serde_json::Value> = counters
+            .iter()
+            .map(|(label, c)| (label.to_string(), serde_json::json!({"packets": c.packets, "bytes": c.bytes})))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    for (label, c) in counters {
         println!("{label:<28} {:>12} packets {:>14} bytes", c.packets, c.bytes);
     }
     Ok(())
+}
+
+fn services(pin_dir: &std::path::Path, json: bool, m: ModelArgs) -> anyhow::Result<()> {
+    let snap = telemetry::views::Snapshot::read(pin_dir)?;
+    let drift = match m.node() {
+        None => None,
+        Some(node) => {
+            let (objects, report) = source::read_manifests(&node.manifests);
+            let info = node.flags(None).node_info(&objects.nodes)?;
+            let desired = model::desired_state(&objects, &info, &node.options());
+            for e in report.errors.iter().map(|e| e.to_string()).chain(desired.errors.iter().map(|e| e.to_string())) {
+                eprintln!("warning: {e}");
+            }
+            Some(lb_user::reconcile::drift::drift(&desired, &snap.maps, m.maglev.size()))
+        }
+    };
+    let view = telemetry::views::services(&snap, drift);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", render::services(&view));
+    }
+    Ok(())
+}
+
+/// One reading, or two an interval apart (rates), or readings every interval until Ctrl-C.
+fn stats(
+    pin_dir: &std::path::Path,
+    json: bool,
+    watch: bool,
+    interval: Option<f64>,
+    count: Option<u32>,
+) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    use telemetry::views::{stats as view, Snapshot};
+    let print = |v: &telemetry::views::StatsView, watching: bool| -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        if json {
+            writeln!(out, "{}", if watching { serde_json::to_string(v)? } else { serde_json::to_string_pretty(v)? })?;
+        } else {
+            if watching && std::io::stdout().is_terminal() {
+                // Home and clear: the next reading replaces this one in place.
+                write!(out, "\x1b[H\x1b[2J")?;
+            }
+            write!(out, "{}", render::stats(v))?;
+        }
+        out.flush()?;
+        Ok(())
+    };
+    let first = Snapshot::read(pin_dir)?;
+    let Some(seconds) = interval.or(watch.then_some(2.0)) else {
+        return print(&view(&first, None), false);
+    };
+    let period = std::time::Duration::from_secs_f64(seconds);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        // One stream for the whole run: a Ctrl-C while a reading is taken is not lost.
+        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut before = first;
+        let mut readings = 1;
+        if watch {
+            print(&view(&before, None), true)?;
+        }
+        loop {
+            tokio::select! {
+                _ = interrupt.recv() => return Ok(()),
+                () = tokio::time::sleep(period) => {}
+            }
+            let now = Snapshot::read(pin_dir)?;
+            print(&view(&now, Some(&before)), watch)?;
+            readings += 1;
+            if !watch || count.is_some_and(|c| readings >= c) {
+                return Ok(());
+            }
+            before = now;
+        }
+    })
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 3600")),
+    }
+}
+
+fn parse_service_name(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+    }
 }
 
 fn parse_glob(s: &str) -> Result<Glob, String> {

@@ -256,7 +256,7 @@ impl Fixture {
     /// A frontend's traffic (by its id), summed over CPUs: (packets, bytes).
     pub fn frontend_stats(&self, svc_id: u32) -> (u64, u64) {
         let map = datapath::open_map(&self.pin_dir, map_names::FRONTEND_STATS).unwrap();
-        let stats: aya::maps::PerCpuArray<_, lb_common::counters::Counter> = map.try_into().unwrap();
+        let stats: aya::maps::PerCpuArray<_, lb_common::FrontendStats> = map.try_into().unwrap();
         stats.get(&svc_id, 0).unwrap().iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
     }
 

@@ -1,12 +1,18 @@
 //! The service maps as pinned by the datapath, behind the [`MapStore`] the reconciler writes
 //! through.
-use std::path::Path;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, IterableMap, MapData, MapError,
+    Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues,
 };
-use lb_common::{map_names, Backend, Config, ServiceKey, ServiceValue, SlotKey, SourceRange};
+use lb_common::{
+    map_names, Backend, BackendStats, Config, FrontendMeta, FrontendStats, ServiceKey, ServiceValue, SlotKey,
+    SourceRange,
+};
 
 use crate::datapath::{self, batch, open_map};
 
@@ -38,6 +44,15 @@ pub trait MapStore {
     fn del_service(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
     fn put_filter_word(&mut self, index: u32, word: u64) -> Result<(), Self::Error>;
     fn put_config(&mut self, config: Config) -> Result<(), Self::Error>;
+    /// What each frontend is (its Service, port name and kind), for people and tools.
+    fn frontend_metas(&self) -> Result<Vec<(ServiceKey, FrontendMeta)>, Self::Error>;
+    fn put_frontend_meta(&mut self, key: ServiceKey, meta: FrontendMeta) -> Result<(), Self::Error>;
+    fn del_frontend_meta(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
+    /// Zeroes the traffic counters of a frontend id given to a new frontend, so they count
+    /// its traffic only.
+    fn clear_frontend_stats(&mut self, svc_id: u32) -> Result<(), Self::Error>;
+    /// Zeroes the traffic counters of a backend id given to a new endpoint.
+    fn clear_backend_stats(&mut self, id: u32) -> Result<(), Self::Error>;
 }
 
 pub struct PinnedMaps {
@@ -47,8 +62,13 @@ pub struct PinnedMaps {
     ranges: LpmTrie<MapData, SourceRange, u32>,
     filter: Array<MapData, u64>,
     config: Array<MapData, Config>,
+    metas: HashMap<MapData, ServiceKey, FrontendMeta>,
+    frontend_stats: PerCpuArray<MapData, FrontendStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
     /// The frontend counters' size: frontend ids index them.
     frontend_limit: u32,
+    /// Possible CPUs: the number of values of a per-CPU entry.
+    cpus: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +87,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("counting the possible CPUs ({0}): {1}")]
+    Cpus(&'static str, #[source] std::io::Error),
 }
 
 fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(pin_dir: &Path, name: &'static str) -> Result<T, Error> {
@@ -82,6 +104,10 @@ impl PinnedMaps {
             ranges: typed(pin_dir, map_names::SRC_RANGES)?,
             filter: typed(pin_dir, map_names::FRONT_BITS)?,
             config: typed(pin_dir, map_names::CONFIG)?,
+            metas: typed(pin_dir, map_names::FRONTEND_META)?,
+            frontend_stats: typed(pin_dir, map_names::FRONTEND_STATS)?,
+            backend_stats: typed(pin_dir, map_names::BACKEND_STATS)?,
+            cpus: aya::util::nr_cpus().map_err(|(what, e)| Error::Cpus(what, e))?,
             frontend_limit: {
                 let name = map_names::FRONTEND_STATS;
                 let path = pin_dir.join("maps").join(name);
@@ -181,5 +207,72 @@ impl MapStore for PinnedMaps {
     }
     fn put_config(&mut self, config: Config) -> Result<(), Error> {
         self.config.set(0, config, 0).map_err(at(map_names::CONFIG))
+    }
+    fn frontend_metas(&self) -> Result<Vec<(ServiceKey, FrontendMeta)>, Error> {
+        batch::read_all(IterableMap::map(&self.metas))
+            .map_err(|source| Error::Batch { name: map_names::FRONTEND_META, source })
+    }
+    fn put_frontend_meta(&mut self, key: ServiceKey, meta: FrontendMeta) -> Result<(), Error> {
+        self.metas.insert(key, meta, 0).map_err(at(map_names::FRONTEND_META))
+    }
+    fn del_frontend_meta(&mut self, key: ServiceKey) -> Result<(), Error> {
+        absent_ok(self.metas.remove(&key)).map_err(at(map_names::FRONTEND_META))
+    }
+    fn clear_frontend_stats(&mut self, svc_id: u32) -> Result<(), Error> {
+        let zero = zeroes(self.cpus).map_err(|source| Error::Batch { name: map_names::FRONTEND_STATS, source })?;
+        self.frontend_stats.set(svc_id, zero, 0).map_err(at(map_names::FRONTEND_STATS))
+    }
+    fn clear_backend_stats(&mut self, id: u32) -> Result<(), Error> {
+        let zero = zeroes(self.cpus).map_err(|source| Error::Batch { name: map_names::BACKEND_STATS, source })?;
+        self.backend_stats.set(id, zero, 0).map_err(at(map_names::BACKEND_STATS))
+    }
+}
+
+/// A per-CPU entry of zeroes.
+fn zeroes<T: aya::Pod + Default>(cpus: usize) -> std::io::Result<PerCpuValues<T>> {
+    PerCpuValues::try_from(vec![T::default(); cpus])
+}
+
+/// Everything the service maps hold, read at once: what views show and drift checks compare.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contents {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub slots: BTreeMap<SlotKey, u32>,
+    /// Backend entries in use (non-zero address), by id.
+    pub backends: BTreeMap<u32, Backend>,
+    /// Source ranges by frontend id.
+    pub ranges: BTreeMap<u32, BTreeSet<Range>>,
+    /// Non-zero words of the frontend filter.
+    pub filter: BTreeMap<u32, u64>,
+    pub metas: BTreeMap<ServiceKey, FrontendMeta>,
+}
+
+impl Contents {
+    pub fn read<S: MapStore>(store: &S) -> Result<Self, S::Error> {
+        let mut ranges: BTreeMap<u32, BTreeSet<Range>> = BTreeMap::new();
+        for (svc_id, range) in store.source_ranges()? {
+            ranges.entry(svc_id).or_default().insert(range);
+        }
+        Ok(Contents {
+            services: store.services()?.into_iter().collect(),
+            slots: store.slots()?.into_iter().collect(),
+            backends: store.backends()?.into_iter().collect(),
+            ranges,
+            filter: store.filter_words()?.into_iter().collect(),
+            metas: store.frontend_metas()?.into_iter().collect(),
+        })
+    }
+
+    /// The backend id in each position of a frontend's live set (`None`: no slot there).
+    pub fn set_ids(&self, v: &ServiceValue, set: u8) -> Vec<Option<u32>> {
+        (0..v.count[set as usize] as u32)
+            .map(|position| self.slots.get(&SlotKey::new(v.svc_id, v.gen, set, position)).copied())
+            .collect()
+    }
+
+    /// Is the frontend's bit set in the filter (else the datapath passes its packets by)?
+    pub fn filter_has(&self, key: &ServiceKey) -> bool {
+        let bit = lb_common::front_filter_bit(key.addr_be, key.port_be);
+        self.filter.get(&(bit / 64)).is_some_and(|w| w >> (bit % 64) & 1 == 1)
     }
 }

@@ -90,6 +90,19 @@ pub enum Error {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error(
+        "--pin-dir {}: no such directory: no datapath is loaded there (`lb-user load` or the agent \
+         creates it; the default is {})",
+        .0.display(),
+        lb_common::PIN_DIR
+    )]
+    NoPinDir(PathBuf),
+    #[error(
+        "--pin-dir {}: not a pin directory of lb-user (no maps/{}): no datapath is loaded there",
+        .0.display(),
+        map_names::SERVICES
+    )]
+    NotAPinDir(PathBuf),
     #[error("map {name}: {source} (is the datapath loaded with this pin directory?)")]
     Map {
         name: &'static str,
@@ -369,6 +382,21 @@ fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
+/// Checks that `pin_dir` holds a loaded datapath, for commands that read its maps: the error
+/// names the directory and what is wrong with it.
+pub fn check_pin_dir(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.is_dir() {
+        return Err(Error::NoPinDir(pin_dir.to_path_buf()));
+    }
+    if !on_bpffs(pin_dir) {
+        return Err(Error::NotBpffs(pin_dir.to_path_buf()));
+    }
+    if !pin_dir.join("maps").join(map_names::SERVICES).exists() {
+        return Err(Error::NotAPinDir(pin_dir.to_path_buf()));
+    }
+    Ok(())
+}
+
 /// Is a link pinned for this interface (XDP uplink or tc pod device)?
 pub fn is_attached(pin_dir: &Path, kind: &str, iface: &str) -> bool {
     pin_dir.join("links").join(format!("{kind}-{iface}")).exists()
@@ -392,7 +420,7 @@ pub fn read_counters(pin_dir: &Path) -> Result<Vec<(&'static str, Counter)>> {
 }
 
 /// (name, key size, value size, max entries) of every pinned map, as this build defines them.
-fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 17] {
+fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 19] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -409,11 +437,13 @@ fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 17
         (map_names::FRAGMENTS, size_of::<FragKey>(), size_of::<FragValue>(), MAX_FRAGMENTS),
         (map_names::RATE_LIMIT, size_of::<u32>(), size_of::<Bucket>(), MAX_RATE_LIMITED),
         (map_names::REAP_QUEUE, size_of::<u32>(), size_of::<CtKey>(), REAP_BATCH),
-        (map_names::FRONTEND_STATS, size_of::<u32>(), size_of::<Counter>(), capacity.frontends),
+        (map_names::FRONTEND_STATS, size_of::<u32>(), size_of::<FrontendStats>(), capacity.frontends),
         (map_names::BACKEND_STATS, size_of::<u32>(), size_of::<BackendStats>(), capacity.backends),
         (map_names::BACKEND_LIVE, size_of::<u32>(), size_of::<u64>(), capacity.backends),
         (map_names::RR_CURSORS, size_of::<u32>(), size_of::<u64>(), capacity.frontends),
         (map_names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), MAX_AFFINITY),
+        (map_names::FRONTEND_META, size_of::<ServiceKey>(), size_of::<FrontendMeta>(), MAX_SERVICES),
+        (map_names::AGENT, size_of::<u32>(), size_of::<AgentStatus>(), 1),
     ]
 }
 

@@ -18,13 +18,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnet::Ipv4Net;
 
 use lb_common::{
-    algorithm, backend_flags, front_filter_bit, service_flags, Backend, Config, ServiceKey, ServiceValue, SlotKey,
+    affinity_scope, algorithm, backend_flags, front_filter_bit, frontend_kind, service_flags, Backend, Config,
+    FrontendMeta, ServiceKey, ServiceValue, SlotKey,
 };
 
 use crate::{
     datapath::maps::{MapStore, Range},
-    model::{Algorithm, BackendAddr, Desired, Frontend, FrontendKey, WhenEmpty},
+    model::{Algorithm, BackendAddr, Desired, Frontend, FrontendKey, FrontendKind, WhenEmpty},
 };
+
+pub mod drift;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct FrontendState {
@@ -36,6 +39,8 @@ struct FrontendState {
     ranges: BTreeSet<Range>,
     /// Backend ids the frontend keeps alive without choosing them (draining endpoints).
     retained: Vec<u32>,
+    /// What LB_FE_META holds for it.
+    meta: Option<FrontendMeta>,
 }
 
 /// What one `apply` changed.
@@ -118,6 +123,8 @@ pub struct Reconciler {
     stale_slots: Vec<SlotKey>,
     stale_ranges: Vec<(u32, Range)>,
     stale_ids: BTreeSet<u32>,
+    /// Names of frontends that have no entry (left by an interrupted removal).
+    stale_metas: Vec<ServiceKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +150,7 @@ impl Reconciler {
             stale_slots: Vec::new(),
             stale_ranges: Vec::new(),
             stale_ids: BTreeSet::new(),
+            stale_metas: Vec::new(),
         };
         for (id, gen) in store.backend_gens()? {
             r.backend_gens.insert(id, gen);
@@ -159,8 +167,10 @@ impl Reconciler {
         for (svc_id, range) in store.source_ranges()? {
             ranges.entry(svc_id).or_default().insert(range);
         }
+        let mut metas: BTreeMap<ServiceKey, FrontendMeta> = store.frontend_metas()?.into_iter().collect();
         for (key, value) in store.services()? {
-            let mut state = FrontendState { svc_id: value.svc_id, entry: Some(value), ..Default::default() };
+            let meta = metas.remove(&key);
+            let mut state = FrontendState { svc_id: value.svc_id, entry: Some(value), meta, ..Default::default() };
             for set in 0..2u8 {
                 for position in 0..value.count[set as usize] as u32 {
                     match slots.remove(&SlotKey::new(value.svc_id, value.gen, set, position)) {
@@ -174,6 +184,7 @@ impl Reconciler {
             r.frontends.insert(key, state);
         }
         r.stale_slots = slots.into_keys().collect();
+        r.stale_metas = metas.into_keys().collect();
         r.stale_ranges = ranges.into_iter().flat_map(|(svc, rs)| rs.into_iter().map(move |r| (svc, r))).collect();
         let live: BTreeSet<u32> = r.frontends.values().map(|f| f.svc_id).collect();
         r.stale_ids = r.stale_slots.iter().map(|k| k.svc_id).chain(r.stale_ranges.iter().map(|(id, _)| *id)).collect();
@@ -210,6 +221,12 @@ impl Reconciler {
             if let Err(e) = store.del_source_range(svc_id, range) {
                 self.stale_ranges.push((svc_id, range));
                 changes.failures.push(format!("removing a leftover source range of frontend id {svc_id}: {e}"));
+            }
+        }
+        for key in std::mem::take(&mut self.stale_metas) {
+            if let Err(e) = store.del_frontend_meta(key) {
+                self.stale_metas.push(key);
+                changes.failures.push(format!("removing the leftover name of frontend {key}: {e}"));
             }
         }
         self.release_cleaned_ids();
@@ -342,6 +359,11 @@ impl Reconciler {
             return Ok(*id);
         }
         let id = self.backend_pool.take().ok_or(WriteError::Exhausted("backend", self.backend_pool.limit - 1))?;
+        // Its counters count this endpoint's traffic from zero, not a former holder's.
+        if let Err(e) = store.clear_backend_stats(id) {
+            self.backend_pool.release(id);
+            return Err(WriteError::Map(e));
+        }
         // CHOSEN comes with the first write when the sets already choose it: affinity may
         // send new flows to it from then on.
         // A reused id gets a new generation: flows of its last endpoint must not follow it.
@@ -373,6 +395,9 @@ impl Reconciler {
         for range in &state.ranges {
             store.del_source_range(state.svc_id, *range)?;
         }
+        if state.meta.is_some() {
+            store.del_frontend_meta(key)?;
+        }
         self.frontends.remove(&key);
         self.svc_pool.release(state.svc_id);
         Ok(())
@@ -394,13 +419,7 @@ impl Reconciler {
             for b in backends {
                 ids.push(self.backend_id(owner, b, true, store, changes)?);
             }
-            sets[set] = if frontend.algorithm.uses_maglev_table() && !backends.is_empty() {
-                let names: Vec<String> = backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect();
-                let size = maglev::table_size(names.len(), self.maglev.per_backend, self.maglev.max);
-                maglev::table(&names, size).into_iter().map(|i| ids[i]).collect()
-            } else {
-                ids
-            };
+            sets[set] = positions(backends, frontend.algorithm, self.maglev).into_iter().map(|i| ids[i]).collect();
         }
         let mut retained = Vec::new();
         for b in &frontend.retained {
@@ -408,6 +427,11 @@ impl Reconciler {
         }
         if !self.frontends.contains_key(&key) {
             let svc_id = self.svc_pool.take().ok_or(WriteError::Exhausted("frontend", self.svc_pool.limit - 1))?;
+            // Its counters count this frontend's traffic from zero, not a former holder's.
+            if let Err(e) = store.clear_frontend_stats(svc_id) {
+                self.svc_pool.release(svc_id);
+                return Err(WriteError::Map(e));
+            }
             self.frontends.insert(key, FrontendState { svc_id, ..Default::default() });
         }
         let state = self.frontends.get_mut(&key).expect("inserted above");
@@ -433,7 +457,13 @@ impl Reconciler {
             store.put_source_range(svc_id, *r).map_err(WriteError::Map)?;
             state.ranges.insert(*r);
         }
-        let value = service_value(svc_id, new_gen, &sets, frontend, owner);
+        // The name goes first: no entry is served without it.
+        let meta = frontend_meta(frontend);
+        if state.meta != Some(meta) {
+            store.put_frontend_meta(key, meta).map_err(WriteError::Map)?;
+            state.meta = Some(meta);
+        }
+        let value = service_value(svc_id, new_gen, [sets[0].len() as u16, sets[1].len() as u16], frontend, owner);
         if state.entry != Some(value) {
             store.put_service(key, value).map_err(WriteError::Map)?;
             changes.services_written += 1;
@@ -485,7 +515,19 @@ fn range_of(c: &Ipv4Net) -> Range {
     (lb_common::user::addr_be(c.network()), c.prefix_len())
 }
 
-fn service_value(svc_id: u32, gen: u8, sets: &[Vec<u32>; 2], f: &Frontend, owner: u64) -> ServiceValue {
+/// A set's slots: for each position, the index of its backend in `backends` (a Maglev table
+/// for the algorithms that use one, else each backend once, in order).
+fn positions(backends: &[BackendAddr], algorithm: Algorithm, maglev: MaglevSize) -> Vec<usize> {
+    if algorithm.uses_maglev_table() && !backends.is_empty() {
+        let names: Vec<String> = backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect();
+        let size = maglev::table_size(names.len(), maglev.per_backend, maglev.max);
+        maglev::table(&names, size)
+    } else {
+        (0..backends.len()).collect()
+    }
+}
+
+fn service_value(svc_id: u32, gen: u8, count: [u16; 2], f: &Frontend, owner: u64) -> ServiceValue {
     let mut flags = 0;
     if f.kind.is_external() {
         flags |= service_flags::EXTERNAL;
@@ -503,7 +545,7 @@ fn service_value(svc_id: u32, gen: u8, sets: &[Vec<u32>; 2], f: &Frontend, owner
         svc_id,
         flags,
         affinity_timeout_s: f.affinity_timeout_s.unwrap_or(0),
-        count: [sets[0].len() as u16, sets[1].len() as u16],
+        count,
         gen,
         algorithm: match f.algorithm {
             Algorithm::Random => algorithm::RANDOM,
@@ -513,8 +555,19 @@ fn service_value(svc_id: u32, gen: u8, sets: &[Vec<u32>; 2], f: &Frontend, owner
             Algorithm::LeastConn => algorithm::LEAST_CONN,
         },
         _pad: [0; 2],
-        scope: (owner ^ owner >> 32) as u32,
+        scope: affinity_scope(owner),
     }
+}
+
+/// What LB_FE_META holds for a frontend.
+pub fn frontend_meta(f: &Frontend) -> FrontendMeta {
+    let kind = match f.kind {
+        FrontendKind::ClusterIp => frontend_kind::CLUSTER_IP,
+        FrontendKind::NodePort => frontend_kind::NODE_PORT,
+        FrontendKind::LoadBalancer => frontend_kind::LOAD_BALANCER,
+        FrontendKind::ExternalIp => frontend_kind::EXTERNAL_IP,
+    };
+    FrontendMeta::new(&f.service.namespace, &f.service.name, &f.port_name, kind)
 }
 
 mod maglev;

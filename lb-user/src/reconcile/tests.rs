@@ -1,7 +1,12 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
+use lb_common::FrontendMeta;
+
 use super::*;
-use crate::model::{Algorithm, BackendAddr, FrontendKind, Protocol, ServiceRef, SourceRanges, WhenEmpty};
+use crate::{
+    datapath::maps::Contents,
+    model::{Algorithm, BackendAddr, FrontendKind, Protocol, ServiceRef, SourceRanges, WhenEmpty},
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("map full")]
@@ -15,6 +20,7 @@ struct Fake {
     backends: BTreeMap<u32, Backend>,
     ranges: BTreeSet<(u32, Range)>,
     filter: BTreeMap<u32, u64>,
+    metas: BTreeMap<ServiceKey, FrontendMeta>,
     log: Vec<String>,
     /// put_service fails for this frontend, as with a full map.
     full_for: Option<ServiceKey>,
@@ -101,11 +107,33 @@ impl MapStore for Fake {
     fn put_config(&mut self, _: Config) -> Result<(), FakeError> {
         Ok(())
     }
+    fn frontend_metas(&self) -> Result<Vec<(ServiceKey, FrontendMeta)>, FakeError> {
+        Ok(self.metas.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_frontend_meta(&mut self, k: ServiceKey, m: FrontendMeta) -> Result<(), FakeError> {
+        self.log.push(format!("meta {k} = {}", drift::describe_meta(&m)));
+        self.metas.insert(k, m);
+        Ok(())
+    }
+    fn del_frontend_meta(&mut self, k: ServiceKey) -> Result<(), FakeError> {
+        self.log.push(format!("meta {k} removed"));
+        self.metas.remove(&k);
+        Ok(())
+    }
+    fn clear_frontend_stats(&mut self, svc_id: u32) -> Result<(), FakeError> {
+        self.log.push(format!("clear frontend stats {svc_id}"));
+        Ok(())
+    }
+    fn clear_backend_stats(&mut self, id: u32) -> Result<(), FakeError> {
+        self.log.push(format!("clear backend stats {id}"));
+        Ok(())
+    }
 }
 
-/// The log without the filter's writes (tests of the filter look at it on its own).
+/// The log without the filter's, names' and counters' writes (their tests look at them on
+/// their own).
 fn writes(log: Vec<String>) -> Vec<String> {
-    log.into_iter().filter(|l| !l.starts_with("filter")).collect()
+    log.into_iter().filter(|l| !l.starts_with("filter") && !l.starts_with("meta") && !l.starts_with("clear")).collect()
 }
 
 fn frontend(backends: &[(u8, u16)]) -> Frontend {
@@ -355,4 +383,181 @@ fn a_frontend_without_backends_gets_its_entry_so_clients_are_refused() {
     let mut r = Reconciler::adopt(&store).unwrap();
     let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[]))]));
     assert_eq!(log, ["put service 1 gen 0 count [0, 0]"]);
+}
+
+#[test]
+fn names_go_in_before_the_entry_and_out_after_it() {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    let mut np = frontend(&[(10, 8080)]);
+    np.kind = FrontendKind::NodePort;
+    np.port_name = "http".into();
+    r.apply(&desired(&[(1, np.clone())]), Config::default(), &mut store).unwrap();
+    let at = |log: &[String], prefix: &str| log.iter().position(|l| l.starts_with(prefix)).unwrap();
+    assert!(at(&store.log, "meta 10.96.0.1:80/TCP = default/web port http (NodePort)") < at(&store.log, "put service"));
+    // A restarted agent finds the names and writes none again.
+    let mut restarted = Reconciler::adopt(&store).unwrap();
+    store.log.clear();
+    restarted.apply(&desired(&[(1, np)]), Config::default(), &mut store).unwrap();
+    assert!(store.log.is_empty(), "{:?}", store.log);
+    restarted.apply(&Desired::default(), Config::default(), &mut store).unwrap();
+    assert!(at(&store.log, "del service") < at(&store.log, "meta 10.96.0.1:80/TCP removed"));
+    assert!(store.metas.is_empty());
+}
+
+#[test]
+fn ids_given_to_a_new_frontend_or_endpoint_count_from_zero() {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    r.apply(&desired(&[(1, frontend(&[(10, 8080)]))]), Config::default(), &mut store).unwrap();
+    let at =
+        |log: &[String], line: &str| log.iter().position(|l| l == line).unwrap_or_else(|| panic!("{line}: {log:?}"));
+    assert!(at(&store.log, "clear backend stats 1") < at(&store.log, "put backend 1 10.244.1.10:8080 gen 1"));
+    assert!(at(&store.log, "clear frontend stats 1") < at(&store.log, "put service 1 gen 0 count [1, 0]"));
+    // The same frontend and endpoint again: their counters go on.
+    store.log.clear();
+    r.apply(&desired(&[(1, frontend(&[(10, 8080), (11, 8080)]))]), Config::default(), &mut store).unwrap();
+    assert!(
+        !store.log.iter().any(|l| l == "clear backend stats 1" || l.starts_with("clear frontend")),
+        "{:?}",
+        store.log
+    );
+    assert!(store.log.iter().any(|l| l == "clear backend stats 2"));
+}
+
+/// A store holding what the reconciler wrote for `d`, and the drift check over it.
+fn programmed(d: &Desired) -> (Fake, impl Fn(&Fake) -> Vec<drift::Drift> + '_) {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    r.apply(d, Config::default(), &mut store).unwrap();
+    (store, move |s: &Fake| drift::drift(d, &Contents::read(s).unwrap(), MaglevSize::default()))
+}
+
+fn fields(drifts: &[drift::Drift]) -> Vec<(&str, &str)> {
+    drifts.iter().map(|d| (d.frontend.as_str(), d.field.as_str())).collect()
+}
+
+#[test]
+fn maps_as_the_reconciler_wrote_them_have_no_drift() {
+    let mut maglev = frontend(&[(10, 8080), (11, 8080), (12, 8080)]);
+    maglev.algorithm = Algorithm::Maglev;
+    let mut etp = frontend(&[(10, 8080)]);
+    etp.kind = FrontendKind::LoadBalancer;
+    etp.external_local = true;
+    etp.short_circuit_backends = frontend(&[(10, 8080), (11, 8080)]).backends;
+    etp.source_ranges = SourceRanges::Only(vec!["192.168.0.0/16".parse().unwrap()]);
+    etp.affinity_timeout_s = Some(60);
+    let mut draining = frontend(&[(11, 8080)]);
+    draining.retained = frontend(&[(13, 8080)]).backends;
+    let d = desired(&[(1, maglev), (2, etp), (3, draining), (4, frontend(&[]))]);
+    let (store, check) = programmed(&d);
+    assert_eq!(check(&store), []);
+}
+
+#[test]
+fn a_slot_pointed_at_another_backend_is_drift() {
+    let mut other = frontend(&[(12, 8080)]);
+    other.service.name = "other".into();
+    let d = desired(&[(1, frontend(&[(10, 8080), (11, 8080)])), (2, other)]);
+    let (mut store, check) = programmed(&d);
+    // Frontend 1's second slot now names frontend 2's backend (id 3).
+    let slot = SlotKey::new(1, 0, 0, 1);
+    assert_eq!(store.slots.insert(slot, 3), Some(2));
+    let found = check(&store);
+    assert_eq!(fields(&found), [("10.96.0.1:80/TCP", "slots[0]")]);
+    assert_eq!(found[0].want, "10.244.1.10:8080, 10.244.1.11:8080");
+    assert_eq!(
+        found[0].have,
+        "1 of 2 positions differ; position 1 holds 10.244.1.12:8080 (id 3, of another Service port)"
+    );
+    // A hole in the set is drift too.
+    store.slots.remove(&slot);
+    assert_eq!(check(&store)[0].have, "1 of 2 positions differ; position 1 holds no slot");
+}
+
+#[test]
+fn entries_missing_extra_or_changed_are_drift() {
+    let d = desired(&[(1, frontend(&[(10, 8080)])), (2, frontend(&[(11, 8080)]))]);
+    let (mut store, check) = programmed(&d);
+    let keys: Vec<ServiceKey> = store.services.keys().copied().collect();
+    store.services.remove(&keys[1]);
+    let extra = ServiceKey::new(Ipv4Addr::new(10, 96, 9, 9), 53, lb_common::IPPROTO_UDP);
+    store.services.insert(extra, ServiceValue { svc_id: 9, ..Default::default() });
+    let v = store.services.get_mut(&keys[0]).unwrap();
+    v.flags |= service_flags::DROP_WHEN_EMPTY;
+    v.algorithm = lb_common::algorithm::MAGLEV;
+    let found = check(&store);
+    assert_eq!(
+        fields(&found),
+        [
+            ("10.96.0.1:80/TCP", "flags"),
+            ("10.96.0.1:80/TCP", "algorithm"),
+            ("10.96.0.2:80/TCP", "entry"),
+            ("10.96.9.9:53/UDP", "entry")
+        ]
+    );
+    assert_eq!((found[0].want.as_str(), found[0].have.as_str()), ("none", "drop-when-empty"));
+    assert_eq!((found[1].want.as_str(), found[1].have.as_str()), ("random", "maglev"));
+    assert_eq!(found[3].have, "present (frontend id 9)");
+}
+
+#[test]
+fn backend_flags_retained_endpoints_ranges_filter_and_names_are_checked() {
+    let mut lb = frontend(&[(10, 8080)]);
+    lb.kind = FrontendKind::LoadBalancer;
+    lb.source_ranges = SourceRanges::Only(vec!["192.168.0.0/16".parse().unwrap()]);
+    lb.retained = frontend(&[(11, 8080)]).backends;
+    let d = desired(&[(1, lb)]);
+    let (mut store, check) = programmed(&d);
+    let key = *store.services.keys().next().unwrap();
+    store.backends.get_mut(&1).unwrap().flags &= !backend_flags::CHOSEN;
+    store.backends.get_mut(&2).unwrap().flags |= backend_flags::CHOSEN;
+    store.ranges.clear();
+    store.filter.clear();
+    store.metas.insert(key, FrontendMeta::new("default", "other", "", lb_common::frontend_kind::CLUSTER_IP));
+    let found = check(&store);
+    assert_eq!(
+        fields(&found).into_iter().map(|(_, f)| f).collect::<Vec<_>>(),
+        ["backend", "retained", "source_ranges", "filter", "name"]
+    );
+    assert_eq!(found[2].want, "192.168.0.0/16");
+    assert_eq!(
+        (found[4].want.as_str(), found[4].have.as_str()),
+        ("default/web (LoadBalancer)", "default/other (ClusterIP)")
+    );
+    // A retained endpoint whose entry is gone has its flows cut.
+    store.backends.remove(&2);
+    assert!(check(&store).iter().any(|d| d.field == "retained" && d.have == "no entry: its flows are cut"));
+}
+
+#[test]
+fn a_maglev_table_built_for_other_backends_is_drift() {
+    let mut mg = frontend(&[(10, 8080), (11, 8080)]);
+    mg.algorithm = Algorithm::Maglev;
+    let d = desired(&[(1, mg.clone())]);
+    let (store, _) = programmed(&d);
+    // The model now wants a third backend: the table (and its size) must change.
+    mg.backends = frontend(&[(10, 8080), (11, 8080), (12, 8080)]).backends;
+    let wants_more = desired(&[(1, mg)]);
+    let found = drift::drift(&wants_more, &Contents::read(&store).unwrap(), MaglevSize::default());
+    assert_eq!(fields(&found).into_iter().map(|(_, f)| f).collect::<Vec<_>>(), ["count[0]", "slots[0]"]);
+    assert!(
+        found[1].want.starts_with("509 positions over 10.244.1.10:8080, 10.244.1.11:8080, 10.244.1.12:8080"),
+        "{}",
+        found[1].want
+    );
+}
+
+#[test]
+fn drift_serializes_with_its_documented_field_names() {
+    let d = drift::Drift {
+        frontend: "10.96.0.1:80/TCP".into(),
+        field: "filter".into(),
+        want: "a".into(),
+        have: "b".into(),
+    };
+    assert_eq!(
+        serde_json::to_value(&d).unwrap(),
+        serde_json::json!({"frontend": "10.96.0.1:80/TCP", "field": "filter", "want": "a", "have": "b"})
+    );
 }

@@ -1,2 +1,5 @@
-//! What the agent reports: health endpoints and healthCheckNodePort servers.
+//! What the agent reports: health endpoints and healthCheckNodePort servers, its own status,
+//! and the views of the datapath's maps the CLI shows (and /metrics will serve).
 pub mod health;
+pub mod status;
+pub mod views;
