@@ -28,6 +28,10 @@ pod!(
     BackendStats,
     AffinityKey,
     AffinityValue,
+    SockConfig,
+    SockConn,
+    SockUdpKey,
+    SockUdpValue,
     counters::Counter
 );
 

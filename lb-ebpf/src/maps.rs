@@ -8,9 +8,9 @@ use aya_ebpf::{
 use lb_common::{
     counters::{self, Counter},
     front_filter_bit, AffinityKey, AffinityValue, Backend, BackendStats, Bucket, Config, CtKey, CtState, CtValue,
-    FragKey, FragValue, ServiceKey, ServiceValue, SlotKey, SourceRange, DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES,
-    DEFAULT_FRONTENDS, FRONT_FILTER_BITS, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_FRAGMENTS, MAX_RATE_LIMITED,
-    MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
+    FragKey, FragValue, ServiceKey, ServiceValue, SlotKey, SockConfig, SockConn, SockUdpKey, SockUdpValue, SourceRange,
+    DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FRONTENDS, FRONT_FILTER_BITS, MAX_AFFINITY, MAX_BACKEND_SLOTS,
+    MAX_FRAGMENTS, MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOCK_CONNS, MAX_SOCK_UDP, MAX_SOURCE_RANGES, REAP_BATCH,
 };
 
 #[btf_map]
@@ -75,6 +75,18 @@ pub static LB_RR_CURSORS: Array<u64, { DEFAULT_FRONTENDS as usize }> = Array::ne
 
 #[btf_map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static LB_SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
+
+/// Connected sockets, by cookie. Not an LRU: an entry holds an open-flow count that only
+/// the socket's release gives back. Not preallocated: memory follows the sockets.
+#[btf_map]
+pub static LB_SOCK_CONN: HashMap<u64, SockConn, { MAX_SOCK_CONNS as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static LB_SOCK_UDP: LruHashMap<SockUdpKey, SockUdpValue, { MAX_SOCK_UDP as usize }> = LruHashMap::new();
 
 /// Where a new flow's conntrack value is built (not pinned: nothing survives a packet).
 #[btf_map]

@@ -433,7 +433,7 @@ impl Reconciler {
             store.put_source_range(svc_id, *r).map_err(WriteError::Map)?;
             state.ranges.insert(*r);
         }
-        let value = service_value(svc_id, new_gen, &sets, frontend, owner);
+        let value = service_value(svc_id, new_gen, &sets, frontend, owner, key);
         if state.entry != Some(value) {
             store.put_service(key, value).map_err(WriteError::Map)?;
             changes.services_written += 1;
@@ -485,8 +485,18 @@ fn range_of(c: &Ipv4Net) -> Range {
     (lb_common::user::addr_be(c.network()), c.prefix_len())
 }
 
-fn service_value(svc_id: u32, gen: u8, sets: &[Vec<u32>; 2], f: &Frontend, owner: u64) -> ServiceValue {
+fn service_value(
+    svc_id: u32,
+    gen: u8,
+    sets: &[Vec<u32>; 2],
+    f: &Frontend,
+    owner: u64,
+    key: ServiceKey,
+) -> ServiceValue {
     let mut flags = 0;
+    if lb_common::user::ip_from_be(key.addr_be).is_loopback() {
+        flags |= service_flags::LOOPBACK;
+    }
     if f.kind.is_external() {
         flags |= service_flags::EXTERNAL;
     }
