@@ -49,6 +49,11 @@ impl Agent {
                 .map(String::from),
         );
         args.extend(["--pod-devices", "veth*", "--cluster-cidr", CLUSTER_CIDR].map(String::from));
+        // The socket hooks only where a test gives them a cgroup of its own: their default
+        // is the machine's cgroup root, which no test may touch.
+        if !extra_args.contains(&"--socket-lb") {
+            args.extend(["--socket-lb", "off"].map(String::from));
+        }
         args.extend(extra_args.iter().map(|a| a.to_string()));
         let child = spawn(&args, &log)?;
         let agent = Agent { child, args, pin_dir, log };
