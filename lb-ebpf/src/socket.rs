@@ -285,7 +285,12 @@ fn send_to(sa: *mut bpf_sock_addr, client: &Client, svc: &ServiceValue, frontend
         _pad: 0,
     };
     // SAFETY: a copy of plain integers.
-    let kept = LB_SOCK_UDP.get_ptr(forward).map(|v| unsafe { *v }).filter(|v| still(v.backend_id, v.backend_gen));
+    let held = LB_SOCK_UDP.get_ptr(forward).map(|v| unsafe { *v });
+    let kept = held.filter(|v| still(v.backend_id, v.backend_gen));
+    if held.is_some() && kept.is_none() {
+        // Its backend was removed: the socket chooses again, as the packet path's UDP flows.
+        count(counters::BACKEND_GONE_RECHOSEN, 0);
+    }
     let (to, new_flow) = match kept {
         Some(v) => (v, false),
         None => {

@@ -49,6 +49,12 @@ enum Command {
         #[command(flatten)]
         pin: PinDir,
     },
+    /// Connected sockets the socket hooks translated and still track: the Service address
+    /// the application connected to, and the backend it is connected to.
+    Sockets {
+        #[command(flatten)]
+        pin: PinDir,
+    },
     /// Run the agent in standalone mode: serve the Services of manifest files.
     Agent {
         #[command(flatten)]
@@ -324,6 +330,9 @@ fn main() -> anyhow::Result<()> {
             println!("unloaded {}", pin.pin_dir.display());
         }
         Command::Counters { pin } => print_counters(&pin.pin_dir)?,
+        Command::Sockets { pin } => {
+            print!("{}", lb_user::cli::show::sockets(&datapath::sockets::connections(&pin.pin_dir)?));
+        }
         Command::Which { pin, proto, src, dst } => {
             let prediction =
                 datapath::predict::Predictor::open(&pin.pin_dir)?.predict(datapath::predict::Flow { proto, src, dst });

@@ -126,8 +126,9 @@ pub fn output(ns: &str, cgroup: Option<&Path>, args: &[&str], limit: Duration) -
     Ok(out)
 }
 
-/// One kept TCP connection in a lab-client process (`hold` mode): each [`Held::again`] is
-/// a request on it. The process is killed on drop.
+/// One kept socket in a lab-client process: a TCP connection (`hold`) or an unconnected
+/// UDP socket (`hold-udp`); each [`Held::again`] is a request on it. The process is killed
+/// on drop.
 pub struct Held {
     child: Child,
     stdin: ChildStdin,
@@ -135,10 +136,10 @@ pub struct Held {
 }
 
 impl Held {
-    /// Connects from `ns` inside `cgroup`; the first request's outcome comes with it.
-    pub fn open(ns: &str, cgroup: &Path, dst: SocketAddrV4) -> Result<(Held, Outcome)> {
-        let mut child =
-            command(ns, Some(cgroup), &["hold", &dst.to_string()])?.spawn().context("starting lab-client")?;
+    /// Opens the socket from `ns` inside `cgroup` (`mode` `hold` or `hold-udp`); the first
+    /// request's outcome comes with it.
+    pub fn open(ns: &str, cgroup: &Path, mode: &str, dst: SocketAddrV4) -> Result<(Held, Outcome)> {
+        let mut child = command(ns, Some(cgroup), &[mode, &dst.to_string()])?.spawn().context("starting lab-client")?;
         let stdin = child.stdin.take().expect("piped");
         let stdout: ChildStdout = child.stdout.take().expect("piped");
         let (tx, lines) = mpsc::channel();
@@ -210,15 +211,29 @@ pub fn client_main(args: &[String]) -> Result<()> {
                 emit(started, udp_unconnected_once(&socket, dst))?;
             }
         }
-        // One kept connection; a request at start and one per line on stdin.
-        "hold" => {
-            let mut s = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
-            s.set_read_timeout(Some(TIMEOUT))?;
+        // One kept socket; a request at start and one per line on stdin.
+        "hold" | "hold-udp" => {
+            let mut tcp = None;
+            let mut udp = None;
+            if mode == "hold" {
+                let s = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                tcp = Some(s);
+            } else {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                udp = Some(s);
+            }
             let mut stdin = io::stdin().lock();
             let mut line = String::new();
             loop {
                 let started = Instant::now();
-                emit(started, keep_once(&mut s))?;
+                let seen = match (&mut tcp, &udp) {
+                    (Some(s), _) => keep_once(s),
+                    (_, Some(s)) => udp_unconnected_once(s, dst),
+                    _ => unreachable!("one socket is open"),
+                };
+                emit(started, seen)?;
                 line.clear();
                 if stdin.read_line(&mut line)? == 0 {
                     return Ok(());
@@ -228,7 +243,7 @@ pub fn client_main(args: &[String]) -> Result<()> {
         // Benchmarks: request/response for COUNT seconds, keep-alive or a connection each.
         "rr-keepalive" => writeln!(out, "{}", rr_keepalive_here(dst, Duration::from_secs(count))?)?,
         "rr-connect" => writeln!(out, "{}", rr_connect_here(dst, Duration::from_secs(count)))?,
-        other => bail!("mode {other:?} is not tcp, udp, udp-unconnected, hold, rr-keepalive or rr-connect"),
+        other => bail!("mode {other:?} is not tcp, udp, udp-unconnected, hold, hold-udp, rr-keepalive or rr-connect"),
     }
     Ok(())
 }

@@ -36,6 +36,8 @@ const ITP_LOCAL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 5, 3), 8
 const FEWEST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 5, 4), 80);
 /// Its endpoints are what a test says (`moving`).
 const MOVING: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 5, 5), 80);
+/// sessionAffinity ClientIP over all three pods.
+const STICKY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 5, 6), 80);
 /// What a client process may take before it is killed.
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -68,6 +70,7 @@ fn manifests(moving: &[Ipv4Addr]) -> String {
         service("itp-local", ITP_LOCAL, ", internalTrafficPolicy: Local", "", &[POD_B]),
         service("fewest", FEWEST, "", "lb.kube-xdp.io/algorithm: least-conn", &[POD_B, POD_C]),
         service("moving", MOVING, "", "", moving),
+        service("sticky", STICKY, ", sessionAffinity: ClientIP", "", &[POD_A, POD_B, POD_C]),
     ]
     .concat()
 }
@@ -298,17 +301,46 @@ fn pod_sockets_are_translated_once_at_connect_and_tc_rewrites_none_of_their_pack
 }
 
 #[test]
+fn session_affinity_keeps_each_network_namespace_on_one_backend() {
+    let lab = SocketLab::start("all");
+    for (who, ns) in [("node1", lab.node(0)), ("pod-a", lab.pod_a())] {
+        let out = lab.run(ns, 0, &["tcp", &STICKY.to_string(), "6"]);
+        let backends: BTreeSet<String> = out.iter().map(|o| answered(o).0).collect();
+        assert_eq!(backends.len(), 1, "{who} keeps one backend: {backends:?}");
+    }
+    // A socket has no source address when it connects: its namespace is the client, as
+    // 0.x.y.z, which no packet comes from, so these entries never mix with packet clients'.
+    let affinity: aya::maps::HashMap<_, lb_common::AffinityKey, lb_common::AffinityValue> =
+        lb_user::datapath::open_map(&lab.cluster.agents[0].pin_dir, lb_common::map_names::AFFINITY)
+            .unwrap()
+            .try_into()
+            .unwrap();
+    let clients: BTreeSet<Ipv4Addr> =
+        affinity.keys().map(|k| lb_common::user::ip_from_be(k.unwrap().client_addr_be)).collect();
+    assert_eq!(clients.len(), 2, "one client per namespace: {clients:?}");
+    assert!(clients.iter().all(|c| c.octets()[0] == 0), "{clients:?}");
+}
+
+#[test]
 fn a_backend_change_moves_only_new_connections() {
     let lab = SocketLab::start("all");
     let cgroup = &lab.cgroups[0].path;
-    let (mut held, first) = Held::open(lab.node(0), cgroup, MOVING).unwrap();
+    let (mut held, first) = Held::open(lab.node(0), cgroup, "hold", MOVING).unwrap();
     assert_eq!((answered(&first).0.as_str(), peer(&first)), ("pod-b", Some(MOVING)));
+    let (mut datagrams, first) = Held::open(lab.node(0), cgroup, "hold-udp", MOVING).unwrap();
+    assert_eq!((answered(&first).0.as_str(), from(&first)), ("pod-b", Some(MOVING)));
     lab.cluster.apply(&manifests(&[POD_C])).unwrap();
-    // The kept connection was made to pod-b itself: the change does not touch it.
+    // The kept connection was made to pod-b itself: the change does not touch it (as
+    // kube-proxy leaves TCP conntrack entries alone).
     let again = held.again().unwrap();
     assert_eq!((answered(&again).0.as_str(), peer(&again)), ("pod-b", Some(MOVING)), "the kept connection stays");
     let fresh = lab.run(lab.node(0), 0, &["tcp", &MOVING.to_string(), "3"]);
     assert!(fresh.iter().all(|o| answered(o).0 == "pod-c"), "new connections go to pod-c: {fresh:?}");
+    // An unconnected UDP socket's next datagram chooses again (as kube-proxy forgets the
+    // UDP flows of a removed endpoint), still answered from the Service.
+    let again = datagrams.again().unwrap();
+    assert_eq!((answered(&again).0.as_str(), from(&again)), ("pod-c", Some(MOVING)), "the datagram moved");
+    assert_eq!(lab.counter(0, counters::BACKEND_GONE_RECHOSEN), 1);
 }
 
 #[test]
@@ -316,10 +348,16 @@ fn open_sockets_count_for_least_conn_and_stop_counting_when_closed() {
     let lab = SocketLab::start("all");
     let pin = &lab.cluster.agents[0].pin_dir;
     let cgroup = &lab.cgroups[0].path;
-    let (held, first) = Held::open(lab.node(0), cgroup, FEWEST).unwrap();
+    let (held, first) = Held::open(lab.node(0), cgroup, "hold", FEWEST).unwrap();
     let kept = answered(&first).0;
     let (kept_ip, other, other_ip) = if kept == "pod-b" { (POD_B, "pod-c", POD_C) } else { (POD_C, "pod-b", POD_B) };
     assert_eq!(backend_live(pin, endpoint(kept_ip)), 1, "the open socket is an open flow of {kept}");
+    let sockets = || {
+        let bin = lb_tests::agent::lb_user_bin().unwrap();
+        lb_tests::lab::run(bin.to_str().unwrap(), &["sockets", "--pin-dir", pin.to_str().unwrap()]).unwrap()
+    };
+    let shown = sockets();
+    assert!(shown.contains(&format!("TCP {FEWEST} -> {}", endpoint(kept_ip))), "`lb-user sockets` lists it:\n{shown}");
     // Each new connection closes before the next: the other backend has fewer open flows
     // every time.
     let fresh = lab.run(lab.node(0), 0, &["tcp", &FEWEST.to_string(), "4"]);
@@ -331,6 +369,7 @@ fn open_sockets_count_for_least_conn_and_stop_counting_when_closed() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(backend_live(pin, endpoint(kept_ip)), 0, "the killed client's socket was counted down at release");
+    assert_eq!(sockets(), "", "released sockets are no longer tracked");
 }
 
 #[test]

@@ -7,7 +7,21 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use aya::maps::{HashMap, MapData};
+use lb_common::{map_names, SockConn};
+
+use super::{batch, open_map, Error};
+
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// The connected sockets the hooks translated and still track (LB_SOCK_CONN), by cookie.
+pub fn connections(pin_dir: &Path) -> Result<Vec<(u64, SockConn)>, Error> {
+    let name = map_names::SOCK_CONN;
+    let map: HashMap<MapData, u64, SockConn> =
+        open_map(pin_dir, name)?.try_into().map_err(|source| Error::Map { name, source })?;
+    batch::read_all(aya::maps::IterableMap::map(&map))
+        .map_err(|source| Error::Io { path: pin_dir.join("maps").join(name), source })
+}
 
 /// The cgroup directory given (or found) is unusable; the message names the option.
 #[derive(Debug, thiserror::Error)]
