@@ -177,7 +177,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             dp.attach_sockets(&sockets.cgroup_root, SockConfig { host_netns_cookie, mode: sockets.mode, _pad: 0 })?;
             info!(cgroup = %sockets.cgroup_root.display(), mode = sockets.mode, "socket hooks attached");
         }
-        None => dp.detach_sockets()?,
+        None => match dp.detach_sockets()? {
+            0 => {}
+            open => info!(open, "socket hooks detached but for sock_release, until the sockets they track close"),
+        },
     }
     let logger = dp.take_logger()?;
     // SAFETY: the logger owns its ring buffer fd, which stays open as long as it lives.

@@ -69,6 +69,13 @@ impl Agent {
         self.wait_for_syncs(before + 1)
     }
 
+    /// Restarts the agent (as `restart`) with `option`'s value changed to `value`.
+    pub fn restart_with(&mut self, option: &str, value: &str) -> Result<()> {
+        let at = self.args.iter().rposition(|a| a == option).with_context(|| format!("no {option} to change"))?;
+        self.args[at + 1] = value.to_string();
+        self.restart()
+    }
+
     /// Stops and starts the agent without waiting for anything.
     pub fn respawn(&mut self) -> Result<()> {
         self.stop();

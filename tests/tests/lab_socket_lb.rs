@@ -390,3 +390,27 @@ fn a_restart_keeps_the_hooks_attached_once_and_unload_detaches_them() {
     let out = lab.run(lab.node(0), 0, &["tcp", &WEB.to_string(), "1"]);
     failed_at_once(&out[0], libc::ENETUNREACH, "after unload");
 }
+
+#[test]
+fn turned_off_the_hooks_detach_but_release_stays_until_the_sockets_it_counts_close() {
+    let mut lab = SocketLab::start("all");
+    let pin = lab.cluster.agents[0].pin_dir.clone();
+    let (held, first) = Held::open(lab.node(0), &lab.cgroups[0].path, "hold", FEWEST).unwrap();
+    let kept = endpoint(if answered(&first).0 == "pod-b" { POD_B } else { POD_C });
+    lab.cluster.agents[0].restart_with("--socket-lb", "off").unwrap();
+    let attached = lb_tests::lab::run("bpftool", &["cgroup", "show", &lab.cgroups[0].path.display().to_string()]);
+    let attached: Vec<String> = attached.unwrap().lines().filter(|l| l.contains("lb_sock")).map(String::from).collect();
+    assert!(attached.len() == 1 && attached[0].contains("sock_release"), "{attached:?}");
+    let out = lab.run(lab.node(0), 0, &["tcp", &WEB.to_string(), "1"]);
+    failed_at_once(&out[0], libc::ENETUNREACH, "off: the ClusterIP is not translated");
+    assert_eq!(backend_live(&pin, kept), 1);
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend_live(&pin, kept) != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(backend_live(&pin, kept), 0, "the release hook counted the held socket down");
+    lab.cluster.agents[0].restart().unwrap();
+    let attached = lb_tests::lab::run("bpftool", &["cgroup", "show", &lab.cgroups[0].path.display().to_string()]);
+    assert!(!attached.unwrap().contains("lb_sock"), "with nothing tracked, the next start removes it");
+}

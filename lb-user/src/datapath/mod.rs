@@ -288,12 +288,17 @@ impl Datapath {
     }
 
     /// Detaches the socket hooks (`--socket-lb off`), if attached; the pods' and the node's
-    /// Service traffic is then the packet path's alone.
-    pub fn detach_sockets(&mut self) -> Result<()> {
-        for (_, link_name) in program_names::SOCKET_HOOKS {
-            remove_if_present(&self.pin_dir.join("links").join(link_name))?;
+    /// Service traffic is then the packet path's alone. The release hook stays while sockets
+    /// it counts as open flows are still tracked (their backends' counts would otherwise
+    /// never come down); the next start without any removes it. Returns how many are.
+    pub fn detach_sockets(&mut self) -> Result<usize> {
+        let tracked = sockets::connections(&self.pin_dir)?.len();
+        for (name, link_name) in program_names::SOCKET_HOOKS {
+            if name != program_names::SOCK_RELEASE || tracked == 0 {
+                remove_if_present(&self.pin_dir.join("links").join(link_name))?;
+            }
         }
-        Ok(())
+        Ok(tracked)
     }
 
     /// Removes the pinned links of pod devices not in `present` (deleted while we ran, or
