@@ -95,33 +95,45 @@ pub mod program_names {
     pub const BENCH_RESTORE: &str = "lb_bench_restore";
     /// cgroup connect4: a socket connecting to a frontend is connected to a backend instead.
     pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    /// cgroup connect6: the same for an IPv6 socket connecting to an IPv4-mapped frontend.
+    pub const SOCK_CONNECT6: &str = "lb_sock_connect6";
     /// cgroup sendmsg4: an unconnected UDP datagram to a frontend is sent to a backend.
     pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
     /// cgroup recvmsg4: a UDP datagram from a backend is shown as from its frontend.
     pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    /// cgroup recvmsg6: the same for IPv6 sockets (IPv4-mapped addresses).
+    pub const SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
     /// cgroup getpeername4: a connected socket's peer is shown as the frontend.
     pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+    /// cgroup getpeername6: the same for IPv6 sockets (IPv4-mapped addresses).
+    pub const SOCK_GETPEERNAME6: &str = "lb_sock_getpeername6";
     /// cgroup sock_release: a closing socket leaves its backend's open flows.
     pub const SOCK_RELEASE: &str = "lb_sock_release";
     /// The socket hooks, as (program, link name under `links/`).
-    pub const SOCKET_HOOKS: [(&str, &str); 5] = [
+    pub const SOCKET_HOOKS: [(&str, &str); 8] = [
         (SOCK_CONNECT4, "sock-connect4"),
+        (SOCK_CONNECT6, "sock-connect6"),
         (SOCK_SENDMSG4, "sock-sendmsg4"),
         (SOCK_RECVMSG4, "sock-recvmsg4"),
+        (SOCK_RECVMSG6, "sock-recvmsg6"),
         (SOCK_GETPEERNAME4, "sock-getpeername4"),
+        (SOCK_GETPEERNAME6, "sock-getpeername6"),
         (SOCK_RELEASE, "sock-release"),
     ];
     /// Every program the agent loads and pins.
-    pub const PINNED: [&str; 10] = [
+    pub const PINNED: [&str; 13] = [
         XDP_UPLINK,
         TC_UPLINK,
         TC_POD,
         TC_EGRESS,
         CT_REAP,
         SOCK_CONNECT4,
+        SOCK_CONNECT6,
         SOCK_SENDMSG4,
         SOCK_RECVMSG4,
+        SOCK_RECVMSG6,
         SOCK_GETPEERNAME4,
+        SOCK_GETPEERNAME6,
         SOCK_RELEASE,
     ];
 }

@@ -7,7 +7,9 @@
 //! application the backend (getpeername, the source of a datagram), it is shown the frontend.
 //!
 //! Sockets outside the cgroup, and pods' sockets with `sock_mode::HOST_ONLY`, are left to
-//! the packet path.
+//! the packet path. IPv6 sockets are served where they talk IPv4 (IPv4-mapped addresses,
+//! `::ffff:a.b.c.d`): connect6, recvmsg6 and getpeername6 see the mapped address; their
+//! unconnected sends reach sendmsg4, the kernel handing them to IPv4's UDP.
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
@@ -38,28 +40,46 @@ const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, true)
+    forward(&ctx, Family::V4, true)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, Family::V4_MAPPED, true)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, false)
+    forward(&ctx, Family::V4, false)
 }
 
 /// The source of a received UDP datagram (recvfrom, recvmsg).
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx, true);
+    reverse(&ctx, Family::V4, true);
     // The kernel accepts nothing else from this hook.
+    PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V4_MAPPED, true);
     PROCEED
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx, false);
+    reverse(&ctx, Family::V4, false);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V4_MAPPED, false);
     PROCEED
 }
 
@@ -70,7 +90,7 @@ pub fn lb_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: reading fields of the valid context.
     let (family, protocol) =
         unsafe { (read_volatile(addr_of!((*ctx.sock).family)), read_volatile(addr_of!((*ctx.sock).protocol))) };
-    if family != AF_INET || (protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32) {
+    if (family != AF_INET && family != AF_INET6) || (protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32) {
         return PROCEED;
     }
     // SAFETY: plain helper call on the valid context.
@@ -84,27 +104,61 @@ pub fn lb_sock_release(ctx: SockContext) -> i32 {
     PROCEED
 }
 
-/// The destination the application gave: (protocol, address, port), network order.
-#[inline(always)]
-fn destination(sa: *mut bpf_sock_addr) -> (u32, u32, u16) {
-    // SAFETY: reading fields of the valid context. Volatile: the verifier takes only
-    // 4-byte loads of `protocol`, which the compiler may otherwise narrow.
-    unsafe {
-        (
-            read_volatile(addr_of!((*sa).protocol)),
-            read_volatile(addr_of!((*sa).user_ip4)),
-            read_volatile(addr_of!((*sa).user_port)) as u16,
-        )
-    }
+/// Where a hook's IPv4 address is: `user_ip4`, or the last word of an IPv6 socket's
+/// IPv4-mapped `user_ip6`. Constant in each program, so the compiler keeps one branch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Family(bool);
+
+impl Family {
+    const V4: Family = Family(false);
+    const V4_MAPPED: Family = Family(true);
 }
 
-/// Replaces the socket's address for this syscall (4-byte stores, the only ones allowed).
-#[inline(always)]
-fn set_address(sa: *mut bpf_sock_addr, addr_be: u32, port_be: u16) {
-    // SAFETY: writing fields these hooks may write.
-    unsafe {
-        write_volatile(addr_of_mut!((*sa).user_ip4), addr_be);
-        write_volatile(addr_of_mut!((*sa).user_port), port_be as u32);
+/// The address a hook sees and may replace.
+#[derive(Clone, Copy)]
+struct Address {
+    sa: *mut bpf_sock_addr,
+    family: Family,
+}
+
+impl Address {
+    /// (protocol, address, port), network order; None for an IPv6 address that is not
+    /// IPv4-mapped (no frontend has one).
+    #[inline(always)]
+    fn read(&self) -> Option<(u32, u32, u16)> {
+        let sa = self.sa;
+        // SAFETY: reading fields of the valid context. Volatile: the verifier takes only
+        // 4-byte loads of `protocol`, which the compiler may otherwise narrow.
+        unsafe {
+            let addr_be = if self.family == Family::V4_MAPPED {
+                let ip6 = addr_of!((*sa).user_ip6) as *const u32;
+                let mapped = read_volatile(ip6) == 0
+                    && read_volatile(ip6.add(1)) == 0
+                    && u32::from_be(read_volatile(ip6.add(2))) == 0xffff;
+                if !mapped {
+                    return None;
+                }
+                read_volatile(ip6.add(3))
+            } else {
+                read_volatile(addr_of!((*sa).user_ip4))
+            };
+            Some((read_volatile(addr_of!((*sa).protocol)), addr_be, read_volatile(addr_of!((*sa).user_port)) as u16))
+        }
+    }
+
+    /// Replaces it for this syscall (4-byte stores, the only ones allowed).
+    #[inline(always)]
+    fn set(&self, addr_be: u32, port_be: u16) {
+        let sa = self.sa;
+        // SAFETY: writing fields these hooks may write.
+        unsafe {
+            if self.family == Family::V4_MAPPED {
+                write_volatile((addr_of_mut!((*sa).user_ip6) as *mut u32).add(3), addr_be);
+            } else {
+                write_volatile(addr_of_mut!((*sa).user_ip4), addr_be);
+            }
+            write_volatile(addr_of_mut!((*sa).user_port), port_be as u32);
+        }
     }
 }
 
@@ -117,11 +171,11 @@ fn reject(errno: i32, counter: u32) -> i32 {
     REJECT
 }
 
-/// connect4 (`connect`) or sendmsg4 (an unconnected UDP send).
+/// connect4 and connect6 (`connect`) or sendmsg4 (an unconnected UDP send).
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, connect: bool) -> i32 {
-    let sa = ctx.sock_addr;
-    let (proto, addr_be, port_be) = destination(sa);
+fn forward(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
+    let sa = Address { sa: ctx.sock_addr, family };
+    let Some((proto, addr_be, port_be)) = sa.read() else { return PROCEED };
     if proto != IPPROTO_TCP as u32 && proto != IPPROTO_UDP as u32 {
         return PROCEED;
     }
@@ -229,7 +283,7 @@ fn still(id: u32, gen: u32) -> bool {
 }
 
 #[inline(always)]
-fn connect_to(sa: *mut bpf_sock_addr, client: &Client, svc: &ServiceValue, frontend: &ServiceKey) -> i32 {
+fn connect_to(sa: Address, client: &Client, svc: &ServiceValue, frontend: &ServiceKey) -> i32 {
     // SAFETY: a copy of plain integers.
     let held = LB_SOCK_CONN.get_ptr(client.cookie).map(|c| unsafe { *c });
     if let Some(c) = held {
@@ -239,7 +293,7 @@ fn connect_to(sa: *mut bpf_sock_addr, client: &Client, svc: &ServiceValue, front
             && c.frontend_port_be == frontend.port_be
             && c.proto == frontend.proto;
         if same && still(c.backend_id, c.backend_gen) {
-            set_address(sa, c.backend_addr_be, c.backend_port_be);
+            sa.set(c.backend_addr_be, c.backend_port_be);
             return PROCEED;
         }
     }
@@ -247,7 +301,7 @@ fn connect_to(sa: *mut bpf_sock_addr, client: &Client, svc: &ServiceValue, front
     if b.id == 0 {
         return b.verdict;
     }
-    set_address(sa, b.addr_be, b.port_be);
+    sa.set(b.addr_be, b.port_be);
     let conn = SockConn {
         frontend_addr_be: frontend.addr_be,
         backend_addr_be: b.addr_be,
@@ -276,7 +330,7 @@ fn connect_to(sa: *mut bpf_sock_addr, client: &Client, svc: &ServiceValue, front
 /// request and its follow-ups reach the same backend, and the backend's answers are shown
 /// from the frontend.
 #[inline(always)]
-fn send_to(sa: *mut bpf_sock_addr, client: &Client, svc: &ServiceValue, frontend: &ServiceKey) -> i32 {
+fn send_to(sa: Address, client: &Client, svc: &ServiceValue, frontend: &ServiceKey) -> i32 {
     let forward = SockUdpKey {
         cookie: client.cookie,
         addr_be: frontend.addr_be,
@@ -306,7 +360,7 @@ fn send_to(sa: *mut bpf_sock_addr, client: &Client, svc: &ServiceValue, frontend
             (to, true)
         }
     };
-    set_address(sa, to.addr_be, to.port_be);
+    sa.set(to.addr_be, to.port_be);
     let reverse =
         SockUdpKey { cookie: client.cookie, addr_be: to.addr_be, port_be: to.port_be, dir: sock_dir::REVERSE, _pad: 0 };
     let shown = SockUdpValue { addr_be: frontend.addr_be, port_be: frontend.port_be, ..to };
@@ -322,11 +376,11 @@ fn send_to(sa: *mut bpf_sock_addr, client: &Client, svc: &ServiceValue, frontend
     PROCEED
 }
 
-/// recvmsg4 (`datagram`) or getpeername4: a backend's address becomes its frontend's.
+/// recvmsg (`datagram`) or getpeername: a backend's address becomes its frontend's.
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext, datagram: bool) {
-    let sa = ctx.sock_addr;
-    let (_, addr_be, port_be) = destination(sa);
+fn reverse(ctx: &SockAddrContext, family: Family, datagram: bool) {
+    let sa = Address { sa: ctx.sock_addr, family };
+    let Some((_, addr_be, port_be)) = sa.read() else { return };
     // SAFETY: plain helper call on the valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(c) = LB_SOCK_CONN.get_ptr(cookie) {
@@ -334,7 +388,7 @@ fn reverse(ctx: &SockAddrContext, datagram: bool) {
         let (backend, frontend) =
             unsafe { (((*c).backend_addr_be, (*c).backend_port_be), ((*c).frontend_addr_be, (*c).frontend_port_be)) };
         if backend == (addr_be, port_be) {
-            set_address(sa, frontend.0, frontend.1);
+            sa.set(frontend.0, frontend.1);
             count(counters::SOCK_REVERSED, 0);
             return;
         }
@@ -346,7 +400,7 @@ fn reverse(ctx: &SockAddrContext, datagram: bool) {
     if let Some(v) = LB_SOCK_UDP.get_ptr(key) {
         // SAFETY: reading plain integers of a live map value.
         let (front_addr, front_port) = unsafe { ((*v).addr_be, (*v).port_be) };
-        set_address(sa, front_addr, front_port);
+        sa.set(front_addr, front_port);
         count(counters::SOCK_REVERSED, 0);
     }
 }

@@ -5,10 +5,11 @@
 //! it and reads them back, [`Held`] keeps one connection open under the test's control.
 //!
 //! Line format: `ok peer=<getpeername> from=<recvfrom source> answer=<text>` (`-` where the
-//! request has none), or `err errno=<n> ms=<elapsed>`.
+//! request has none; an IPv4-mapped IPv6 address is shown as its IPv4 address), or
+//! `err errno=<n> ms=<elapsed>`.
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
-    net::{SocketAddrV4, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::mpsc,
@@ -183,7 +184,16 @@ impl Drop for Held {
 /// The binary's work, once it has joined its cgroup and namespace: `MODE DST [COUNT]`.
 pub fn client_main(args: &[String]) -> Result<()> {
     let [mode, dst, rest @ ..] = args else { bail!("usage: MODE DST [COUNT|SECONDS]") };
-    let dst: SocketAddrV4 = dst.parse().with_context(|| format!("DST {dst:?}"))?;
+    let dst4: SocketAddrV4 = dst.parse().with_context(|| format!("DST {dst:?}"))?;
+    // tcp6, udp6, udp6-unconnected: IPv6 sockets to DST's IPv4-mapped address.
+    let (mode, dst, any) = match mode.strip_prefix("tcp6").or(mode.strip_prefix("udp6")) {
+        Some(rest) => (
+            format!("{}{rest}", &mode[..3]),
+            SocketAddr::V6(SocketAddrV6::new(dst4.ip().to_ipv6_mapped(), dst4.port(), 0, 0)),
+            "[::]:0",
+        ),
+        None => (mode.clone(), SocketAddr::V4(dst4), "0.0.0.0:0"),
+    };
     let count: u64 = rest.first().map(|c| c.parse()).transpose().context("COUNT")?.unwrap_or(1);
     let mut out = io::stdout().lock();
     let mut emit = |started: Instant, r| writeln!(out, "{}", Outcome::line(r, started));
@@ -199,12 +209,12 @@ pub fn client_main(args: &[String]) -> Result<()> {
         "udp" => {
             for _ in 0..count {
                 let started = Instant::now();
-                emit(started, udp_connected_once(dst))?;
+                emit(started, udp_connected_once(any, dst))?;
             }
         }
         // One unconnected UDP socket: sendto and recvfrom, COUNT times.
         "udp-unconnected" => {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let socket = UdpSocket::bind(any)?;
             socket.set_read_timeout(Some(TIMEOUT))?;
             for _ in 0..count {
                 let started = Instant::now();
@@ -216,11 +226,11 @@ pub fn client_main(args: &[String]) -> Result<()> {
             let mut tcp = None;
             let mut udp = None;
             if mode == "hold" {
-                let s = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+                let s = TcpStream::connect_timeout(&dst, TIMEOUT)?;
                 s.set_read_timeout(Some(TIMEOUT))?;
                 tcp = Some(s);
             } else {
-                let s = UdpSocket::bind("0.0.0.0:0")?;
+                let s = UdpSocket::bind(any)?;
                 s.set_read_timeout(Some(TIMEOUT))?;
                 udp = Some(s);
             }
@@ -241,24 +251,27 @@ pub fn client_main(args: &[String]) -> Result<()> {
             }
         }
         // Benchmarks: request/response for COUNT seconds, keep-alive or a connection each.
-        "rr-keepalive" => writeln!(out, "{}", rr_keepalive_here(dst, Duration::from_secs(count))?)?,
-        "rr-connect" => writeln!(out, "{}", rr_connect_here(dst, Duration::from_secs(count)))?,
-        other => bail!("mode {other:?} is not tcp, udp, udp-unconnected, hold, hold-udp, rr-keepalive or rr-connect"),
+        "rr-keepalive" => writeln!(out, "{}", rr_keepalive_here(dst4, Duration::from_secs(count))?)?,
+        "rr-connect" => writeln!(out, "{}", rr_connect_here(dst4, Duration::from_secs(count)))?,
+        other => bail!(
+            "mode {other:?} is not tcp, udp, udp-unconnected (each also as tcp6, udp6, udp6-unconnected), hold, \
+             hold-udp, rr-keepalive or rr-connect"
+        ),
     }
     Ok(())
 }
 
 type Seen = (Option<SocketAddrV4>, Option<SocketAddrV4>, String);
 
-fn v4(a: std::net::SocketAddr) -> Option<SocketAddrV4> {
+fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
     match a {
-        std::net::SocketAddr::V4(a) => Some(a),
-        std::net::SocketAddr::V6(_) => None,
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().map(|ip| SocketAddrV4::new(ip, a.port())),
     }
 }
 
-fn tcp_once(dst: SocketAddrV4) -> io::Result<Seen> {
-    let mut s = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+fn tcp_once(dst: SocketAddr) -> io::Result<Seen> {
+    let mut s = TcpStream::connect_timeout(&dst, TIMEOUT)?;
     let peer = v4(s.peer_addr()?);
     s.set_read_timeout(Some(TIMEOUT))?;
     s.write_all(b"hello\n")?;
@@ -267,8 +280,8 @@ fn tcp_once(dst: SocketAddrV4) -> io::Result<Seen> {
     Ok((peer, None, answer))
 }
 
-fn udp_connected_once(dst: SocketAddrV4) -> io::Result<Seen> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+fn udp_connected_once(any: &str, dst: SocketAddr) -> io::Result<Seen> {
+    let s = UdpSocket::bind(any)?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.connect(dst)?;
     let peer = v4(s.peer_addr()?);
@@ -278,7 +291,7 @@ fn udp_connected_once(dst: SocketAddrV4) -> io::Result<Seen> {
     Ok((peer, v4(from), String::from_utf8_lossy(&buf[..n]).into_owned()))
 }
 
-fn udp_unconnected_once(s: &UdpSocket, dst: SocketAddrV4) -> io::Result<Seen> {
+fn udp_unconnected_once(s: &UdpSocket, dst: SocketAddr) -> io::Result<Seen> {
     s.send_to(b"hello", dst)?;
     let mut buf = [0u8; 256];
     let (n, from) = s.recv_from(&mut buf)?;

@@ -164,6 +164,21 @@ fn failed_at_once(o: &Outcome, errno: i32, what: &str) {
     }
 }
 
+/// Our programs attached to `cgroup` (bpftool's lines), once they number `expected`, or
+/// what there is after 5 s: a link whose last pin goes is released by the kernel a moment
+/// later, not at once.
+fn hooks_settling_at(cgroup: &Cgroup, expected: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let shown = lb_tests::lab::run("bpftool", &["cgroup", "show", &cgroup.path.display().to_string()]).unwrap();
+        let ours: Vec<String> = shown.lines().filter(|l| l.contains("lb_sock")).map(String::from).collect();
+        if ours.len() == expected || Instant::now() > deadline {
+            return ours;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn tcp_key(a: SocketAddrV4) -> ServiceKey {
     ServiceKey::new(*a.ip(), a.port(), IPPROTO_TCP)
 }
@@ -235,6 +250,25 @@ fn node_sockets_reach_a_cluster_ip_on_both_nodes_and_are_shown_the_service_addre
     }
     assert_eq!(lab.counter(0, counters::SOCK_PASSED), 3, "the hooks passed the pod's connects");
     assert_eq!(lab.counter(0, counters::NEW_FLOW) - packets_before[0], 3, "tc translated the pod's flows");
+}
+
+#[test]
+fn ipv6_sockets_to_ipv4_mapped_service_addresses_are_served_too() {
+    let lab = SocketLab::start("all");
+    let before = lab.packet_path();
+    for (who, ns) in [("node1", lab.node(0)), ("pod-a", lab.pod_a())] {
+        let tcp = lab.run(ns, 0, &["tcp6", &WEB.to_string(), "3"]);
+        let backends: BTreeSet<String> = tcp.iter().map(|o| answered(o).0).collect();
+        assert_eq!(backends.len(), 3, "{who}: round robin over both nodes: {backends:?}");
+        assert!(tcp.iter().all(|o| peer(o) == Some(WEB)), "{who}: getpeername shows ::ffff:{WEB}: {tcp:?}");
+        let udp = lab.run(ns, 0, &["udp6", &WEB.to_string(), "1"]);
+        assert_eq!((peer(&udp[0]), from(&udp[0])), (Some(WEB), Some(WEB)), "{who}: connected UDP");
+        let unconnected = lab.run(ns, 0, &["udp6-unconnected", &WEB.to_string(), "2"]);
+        assert!(unconnected.iter().all(|o| from(o) == Some(WEB)), "{who}: unconnected UDP: {unconnected:?}");
+    }
+    assert_eq!(lab.packet_path(), before, "all translated at the socket");
+    assert_eq!(lab.counter(0, counters::SOCK_CONNECT), 2 * (3 + 1));
+    assert_eq!(lab.counter(0, counters::SOCK_SENDMSG), 2 * 2, "IPv6 sockets' IPv4 sends meet sendmsg4");
 }
 
 #[test]
@@ -375,17 +409,15 @@ fn open_sockets_count_for_least_conn_and_stop_counting_when_closed() {
 #[test]
 fn a_restart_keeps_the_hooks_attached_once_and_unload_detaches_them() {
     let mut lab = SocketLab::start("host-only");
-    let attached = |lab: &SocketLab| {
-        let shown = lb_tests::lab::run("bpftool", &["cgroup", "show", &lab.cgroups[0].path.display().to_string()]);
-        shown.unwrap().lines().filter(|l| l.contains("lb_sock")).count()
-    };
-    assert_eq!(attached(&lab), 5, "connect4, sendmsg4, recvmsg4, getpeername4 and sock_release");
+    let hooks = lb_common::program_names::SOCKET_HOOKS.len();
+    let attached = |lab: &SocketLab, expected| hooks_settling_at(&lab.cgroups[0], expected).len();
+    assert_eq!(attached(&lab, hooks), hooks, "connect4/6, sendmsg4, recvmsg4/6, getpeername4/6 and sock_release");
     lab.cluster.agents[0].restart().unwrap();
-    assert_eq!(attached(&lab), 5, "the restarted agent replaced its hooks, not added to them");
+    assert_eq!(attached(&lab, hooks), hooks, "the restarted agent replaced its hooks, not added to them");
     let out = lab.run(lab.node(0), 0, &["tcp", &WEB.to_string(), "1"]);
     assert_eq!(peer(&out[0]), Some(WEB));
     lb_user::datapath::unload(&lab.cluster.agents[0].pin_dir).unwrap();
-    assert_eq!(attached(&lab), 0, "unload detached them");
+    assert_eq!(attached(&lab, 0), 0, "unload detached them");
     // The ClusterIP is no address the node routes: untranslated, connect fails at once.
     let out = lab.run(lab.node(0), 0, &["tcp", &WEB.to_string(), "1"]);
     failed_at_once(&out[0], libc::ENETUNREACH, "after unload");
@@ -398,8 +430,7 @@ fn turned_off_the_hooks_detach_but_release_stays_until_the_sockets_it_counts_clo
     let (held, first) = Held::open(lab.node(0), &lab.cgroups[0].path, "hold", FEWEST).unwrap();
     let kept = endpoint(if answered(&first).0 == "pod-b" { POD_B } else { POD_C });
     lab.cluster.agents[0].restart_with("--socket-lb", "off").unwrap();
-    let attached = lb_tests::lab::run("bpftool", &["cgroup", "show", &lab.cgroups[0].path.display().to_string()]);
-    let attached: Vec<String> = attached.unwrap().lines().filter(|l| l.contains("lb_sock")).map(String::from).collect();
+    let attached = hooks_settling_at(&lab.cgroups[0], 1);
     assert!(attached.len() == 1 && attached[0].contains("sock_release"), "{attached:?}");
     let out = lab.run(lab.node(0), 0, &["tcp", &WEB.to_string(), "1"]);
     failed_at_once(&out[0], libc::ENETUNREACH, "off: the ClusterIP is not translated");
@@ -411,6 +442,9 @@ fn turned_off_the_hooks_detach_but_release_stays_until_the_sockets_it_counts_clo
     }
     assert_eq!(backend_live(&pin, kept), 0, "the release hook counted the held socket down");
     lab.cluster.agents[0].restart().unwrap();
-    let attached = lb_tests::lab::run("bpftool", &["cgroup", "show", &lab.cgroups[0].path.display().to_string()]);
-    assert!(!attached.unwrap().contains("lb_sock"), "with nothing tracked, the next start removes it");
+    assert_eq!(
+        hooks_settling_at(&lab.cgroups[0], 0),
+        Vec::<String>::new(),
+        "with nothing tracked, the next start removes it"
+    );
 }
