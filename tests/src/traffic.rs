@@ -105,11 +105,23 @@ fn serve_tcp(
                     while conn.write_all(line.as_bytes()).is_ok() && conn.read(&mut buf).is_ok_and(|n| n > 0) {}
                 });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&listener, STOP_CHECK),
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// How often a server waiting for a connection looks at its stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
+/// Waits until `fd` is readable (a connection to accept) or `timeout` passes: a new
+/// connection is taken at once, not at the next tick of a sleep (which would add up to a
+/// tick to every connection a benchmark times).
+fn wait_readable(fd: &impl AsRawFd, timeout: Duration) {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one valid pollfd we own.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
 }
 
 fn serve_udp(
