@@ -175,7 +175,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         Some(sockets) => {
             let host_netns_cookie = datapath::sockets::netns_cookie().map_err(Error::NetnsCookie)?;
             dp.attach_sockets(&sockets.cgroup_root, SockConfig { host_netns_cookie, mode: sockets.mode, _pad: 0 })?;
-            info!(cgroup = %sockets.cgroup_root.display(), mode = sockets.mode, "socket hooks attached");
+            let mode = if sockets.mode == lb_common::sock_mode::HOST_ONLY { "host-only" } else { "all" };
+            info!(cgroup = %sockets.cgroup_root.display(), mode, "socket hooks attached");
         }
         None => match dp.detach_sockets()? {
             0 => {}

@@ -70,7 +70,7 @@ impl Agent {
     }
 
     /// Restarts the agent (as `restart`) with `option`'s value changed to `value`.
-    pub fn restart_with(&mut self, option: &str, value: &str) -> Result<()> {
+    pub fn restart_setting(&mut self, option: &str, value: &str) -> Result<()> {
         let at = self.args.iter().rposition(|a| a == option).with_context(|| format!("no {option} to change"))?;
         self.args[at + 1] = value.to_string();
         self.restart()

@@ -15,7 +15,8 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// Where cgroup v2 is mounted on this machine.
 pub fn cgroup2_root() -> Result<PathBuf> {
-    Ok(lb_user::datapath::sockets::cgroup_root(None)?)
+    lb_user::datapath::sockets::cgroup_root(None)
+        .context("tests of the socket hooks need a cgroup v2 filesystem to make their cgroups in")
 }
 
 #[derive(Debug)]

@@ -429,7 +429,7 @@ fn turned_off_the_hooks_detach_but_release_stays_until_the_sockets_it_counts_clo
     let pin = lab.cluster.agents[0].pin_dir.clone();
     let (held, first) = Held::open(lab.node(0), &lab.cgroups[0].path, "hold", FEWEST).unwrap();
     let kept = endpoint(if answered(&first).0 == "pod-b" { POD_B } else { POD_C });
-    lab.cluster.agents[0].restart_with("--socket-lb", "off").unwrap();
+    lab.cluster.agents[0].restart_setting("--socket-lb", "off").unwrap();
     let attached = hooks_settling_at(&lab.cgroups[0], 1);
     assert!(attached.len() == 1 && attached[0].contains("sock_release"), "{attached:?}");
     let out = lab.run(lab.node(0), 0, &["tcp", &WEB.to_string(), "1"]);
