@@ -87,6 +87,24 @@ counters! {
     /// TCP or UDP whose L4 header is cut short, for no frontend and no flow: left to the
     /// stack (one for a frontend or a flow is dropped as malformed).
     PASS_L4_TRUNCATED = 29, "pass_l4_truncated";
+    /// A socket connecting to a frontend was connected to a backend (a new flow, translated
+    /// once at connect: its packets meet no per-packet rewrite).
+    SOCK_CONNECT = 30, "sock_connect";
+    /// An unconnected UDP datagram to a frontend was sent to its socket's backend.
+    SOCK_SENDMSG = 31, "sock_sendmsg";
+    /// A connect or an unconnected send to a frontend without any endpoint failed at once
+    /// with ECONNREFUSED.
+    SOCK_REFUSED = 32, "sock_refused";
+    /// A node socket to a frontend whose traffic policy leaves it no backend here
+    /// (internalTrafficPolicy Local, source ranges): failed at once with EHOSTUNREACH.
+    SOCK_UNREACHABLE = 33, "sock_unreachable";
+    /// A socket to a frontend left untranslated for the packet path at tc (a pod's socket
+    /// with --socket-lb host-only, or one whose source ranges or local policy tc must judge
+    /// by the real source address).
+    SOCK_PASSED = 34, "sock_passed";
+    /// A backend's address shown to an application as its frontend's (getpeername, the
+    /// source of a received datagram).
+    SOCK_REVERSED = 35, "sock_reversed";
 }
 
 #[cfg(test)]

@@ -50,8 +50,16 @@ pub mod map_names {
     pub const FRONTEND_META: &str = "LB_FE_META";
     /// The agent's own report: its syncs, their latency and errors (read by `lb-user status`).
     pub const AGENT: &str = "LB_AGENT";
+    /// Socket-level load balancing: how the cgroup hooks run (host namespace cookie, mode).
+    pub const SOCK_CONFIG: &str = "LB_SOCK_CONFIG";
+    /// Connected sockets the hooks translated, by socket cookie: their Service address (for
+    /// getpeername and recvfrom) and their backend (an open flow until the socket closes).
+    pub const SOCK_CONN: &str = "LB_SOCK_CONN";
+    /// Unconnected UDP sockets: the backend each keeps per frontend, and the frontend each
+    /// backend's datagrams are shown from (an LRU).
+    pub const SOCK_UDP: &str = "LB_SOCK_UDP";
     /// Every map the agent pins; all survive an agent restart.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 22] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -71,6 +79,9 @@ pub mod map_names {
         AFFINITY,
         FRONTEND_META,
         AGENT,
+        SOCK_CONFIG,
+        SOCK_CONN,
+        SOCK_UDP,
     ];
 }
 
@@ -92,8 +103,49 @@ pub mod program_names {
     pub const XDP_PASS: &str = "lb_xdp_pass";
     /// Benchmark wrapper: restores a template frame, tail-calls the program under test.
     pub const BENCH_RESTORE: &str = "lb_bench_restore";
+    /// cgroup connect4: a socket connecting to a frontend is connected to a backend instead.
+    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    /// cgroup connect6: the same for an IPv6 socket connecting to an IPv4-mapped frontend.
+    pub const SOCK_CONNECT6: &str = "lb_sock_connect6";
+    /// cgroup sendmsg4: an unconnected UDP datagram to a frontend is sent to a backend.
+    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    /// cgroup recvmsg4: a UDP datagram from a backend is shown as from its frontend.
+    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    /// cgroup recvmsg6: the same for IPv6 sockets (IPv4-mapped addresses).
+    pub const SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
+    /// cgroup getpeername4: a connected socket's peer is shown as the frontend.
+    pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+    /// cgroup getpeername6: the same for IPv6 sockets (IPv4-mapped addresses).
+    pub const SOCK_GETPEERNAME6: &str = "lb_sock_getpeername6";
+    /// cgroup sock_release: a closing socket leaves its backend's open flows.
+    pub const SOCK_RELEASE: &str = "lb_sock_release";
+    /// The socket hooks, as (program, link name under `links/`).
+    pub const SOCKET_HOOKS: [(&str, &str); 8] = [
+        (SOCK_CONNECT4, "sock-connect4"),
+        (SOCK_CONNECT6, "sock-connect6"),
+        (SOCK_SENDMSG4, "sock-sendmsg4"),
+        (SOCK_RECVMSG4, "sock-recvmsg4"),
+        (SOCK_RECVMSG6, "sock-recvmsg6"),
+        (SOCK_GETPEERNAME4, "sock-getpeername4"),
+        (SOCK_GETPEERNAME6, "sock-getpeername6"),
+        (SOCK_RELEASE, "sock-release"),
+    ];
     /// Every program the agent loads and pins.
-    pub const PINNED: [&str; 5] = [XDP_UPLINK, TC_UPLINK, TC_POD, TC_EGRESS, CT_REAP];
+    pub const PINNED: [&str; 13] = [
+        XDP_UPLINK,
+        TC_UPLINK,
+        TC_POD,
+        TC_EGRESS,
+        CT_REAP,
+        SOCK_CONNECT4,
+        SOCK_CONNECT6,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_RECVMSG6,
+        SOCK_GETPEERNAME4,
+        SOCK_GETPEERNAME6,
+        SOCK_RELEASE,
+    ];
 }
 
 /// XDP metadata in front of a packet that XDP leaves to the uplink's tc program, which
@@ -129,6 +181,11 @@ pub const MAX_FRAGMENTS: u32 = 8_192;
 pub const MAX_RATE_LIMITED: u32 = 16_384;
 /// Clients with session affinity remembered (an LRU: the least recently used go first).
 pub const MAX_AFFINITY: u32 = 262_144;
+/// Connected sockets the socket hooks track at once (LB_SOCK_CONN); a socket connecting
+/// while it is full is translated but neither tracked nor counted as an open flow.
+pub const MAX_SOCK_CONNS: u32 = 262_144;
+/// Entries of LB_SOCK_UDP (an LRU): two per unconnected UDP socket and frontend it sends to.
+pub const MAX_SOCK_UDP: u32 = 131_072;
 /// What the reaper program removes of the flows whose keys are queued.
 pub mod reap_mode {
     /// Dead ones: expired, or a half without its peer.
@@ -173,6 +230,10 @@ pub mod service_flags {
     /// An empty backend set drops silently instead of refusing (ETP or ITP Local with
     /// endpoints elsewhere, so that load balancers' health checks decide).
     pub const DROP_WHEN_EMPTY: u32 = 1 << 3;
+    /// A NodePort on the loopback address: served to the node's own sockets by the socket
+    /// hooks only. The packet path ignores it (a packet addressed to loopback that arrives
+    /// on a device is a martian, and must not reach a backend).
+    pub const LOOPBACK: u32 = 1 << 4;
 }
 
 /// `ServiceValue::algorithm`: how a new flow chooses among a set's slots.
@@ -363,6 +424,91 @@ pub struct AffinityValue {
     pub last_ns: u64,
     pub backend_id: u32,
     pub backend_gen: u32,
+}
+
+/// `SockConfig::mode`: which sockets the socket hooks translate.
+pub mod sock_mode {
+    /// None (the hooks are detached; also what an unwritten entry says).
+    pub const OFF: u32 = 0;
+    /// Sockets of the node's own network namespace (host-network processes) only; pods'
+    /// traffic is translated per packet at tc, where a mesh sees the Service address.
+    pub const HOST_ONLY: u32 = 1;
+    /// Sockets of every network namespace of the processes in the cgroup.
+    pub const ALL: u32 = 2;
+}
+
+/// How the socket hooks run, the single entry of LB_SOCK_CONFIG (written by the agent
+/// before it attaches them).
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConfig {
+    /// The network namespace cookie of the node's own namespace (where the agent runs).
+    pub host_netns_cookie: u64,
+    /// `sock_mode::*`
+    pub mode: u32,
+    pub _pad: u32,
+}
+
+/// A connected socket the hooks translated (LB_SOCK_CONN value, keyed by socket cookie).
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConn {
+    pub frontend_addr_be: u32,
+    pub backend_addr_be: u32,
+    pub frontend_port_be: u16,
+    pub backend_port_be: u16,
+    /// Counted in LB_BE_LIVE until the socket closes.
+    pub backend_id: u32,
+    /// The backend's generation when the socket chose it: a socket connecting again to the
+    /// same frontend keeps its backend while the generation holds.
+    pub backend_gen: u32,
+    pub svc_id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `SockUdpKey::dir`
+pub mod sock_dir {
+    /// Keyed by the frontend: the backend an unconnected socket's datagrams go to.
+    pub const FORWARD: u8 = 0;
+    /// Keyed by the backend: the frontend its datagrams are shown from.
+    pub const REVERSE: u8 = 1;
+}
+
+/// An unconnected UDP socket and an address it exchanges datagrams with (LB_SOCK_UDP key).
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockUdpKey {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    /// `sock_dir::*`
+    pub dir: u8,
+    pub _pad: u8,
+}
+
+/// The other end of a [`SockUdpKey`]: the backend (FORWARD) or the frontend (REVERSE).
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockUdpValue {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub backend_gen: u32,
+}
+
+/// The client address backend selection uses for sockets of a network namespace (session
+/// affinity's key, the hashes' input): 0.x.y.z from the namespace's cookie. No packet comes
+/// from 0.0.0.0/8, so the affinity of sockets never mixes with a packet client's. A socket
+/// has no source address yet when it connects; its namespace is the client.
+#[inline(always)]
+pub fn netns_client(netns_cookie: u64) -> u32 {
+    ((fmix64(netns_cookie) >> 40) as u32).to_be()
 }
 
 /// The hash new flows are placed by (Maglev, source hash), the same in the kernel and in
@@ -673,6 +819,18 @@ mod tests {
         assert_eq!(size_of::<AgentStatus>(), 248);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<SockConfig>(), 16);
+        assert_eq!(size_of::<SockConn>(), 28);
+        assert_eq!(size_of::<SockUdpKey>(), 16);
+        assert_eq!(size_of::<SockUdpValue>(), 16);
+    }
+
+    #[test]
+    fn netns_clients_are_in_0_0_0_0_slash_8_and_differ() {
+        let a = netns_client(1);
+        assert_eq!(a.to_ne_bytes()[0], 0, "first octet 0");
+        assert_ne!(a, netns_client(2));
+        assert_ne!(a, 0);
     }
 
     #[test]

@@ -31,6 +31,10 @@ pod!(
     AgentStatus,
     AffinityKey,
     AffinityValue,
+    SockConfig,
+    SockConn,
+    SockUdpKey,
+    SockUdpValue,
     counters::Counter
 );
 

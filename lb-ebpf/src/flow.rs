@@ -215,8 +215,9 @@ pub fn decide<C: EbpfContext>(ctx: &C, p: &Parsed, maybe_front: bool, half: Opti
     // SAFETY: entries are replaced whole by the agent and stay readable for the whole run
     // (RCU); a reference rather than a copy keeps the entry out of this frame.
     match unsafe { LB_SERVICES.get(&frontend_of(k)) } {
-        Some(svc) => start_flow(ctx, p, svc),
-        None => Verdict::pass(counters::PASS_NOT_SERVICE),
+        // A loopback NodePort is the socket hooks' alone.
+        Some(svc) if svc.flags & service_flags::LOOPBACK == 0 => start_flow(ctx, p, svc),
+        _ => Verdict::pass(counters::PASS_NOT_SERVICE),
     }
 }
 
@@ -344,7 +345,7 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
     if ct_state().is_some_and(|s| unsafe { (*s).entries } >= cfg.ct_admit_limit as u64) {
         return Verdict::drop(counters::DROP_CT_FULL);
     }
-    let backend_id = select::choose(p, svc, set as u32);
+    let backend_id = select::choose(&p.key, svc, set as u32);
     if backend_id == 0 {
         if ratelimit::log_allowed() {
             error!(ctx, "frontend {} has {} backends but a slot is missing", svc.svc_id, slots);

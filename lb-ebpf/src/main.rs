@@ -1,7 +1,8 @@
 //! Kernel side: XDP on node uplinks (north-south), tc ingress on pod-facing and tunnel
-//! devices (east-west), tc egress for the netfilter mode's second half, and the conntrack
-//! reaper the agent runs. Entry points are thin; the decision about a packet is made once,
-//! in `flow::decide`, and each hook applies it with the means it has.
+//! devices (east-west), tc egress for the netfilter mode's second half, the conntrack
+//! reaper the agent runs, and cgroup socket hooks (socket-level load balancing). Entry
+//! points are thin; the decision about a packet is made once, in `flow::decide`, and each
+//! hook applies it with the means it has.
 #![no_std]
 #![no_main]
 // The atomic intrinsics (see atomic.rs); the build uses a compiler that allows them.
@@ -18,6 +19,7 @@ mod packet;
 mod ratelimit;
 mod reap;
 mod select;
+mod socket;
 mod tc;
 mod xdp;
 

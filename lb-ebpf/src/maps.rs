@@ -8,9 +8,10 @@ use aya_ebpf::{
 use lb_common::{
     counters::{self, Counter},
     front_filter_bit, AffinityKey, AffinityValue, AgentStatus, Backend, BackendStats, Bucket, Config, CtKey, CtState,
-    CtValue, FragKey, FragValue, FrontendMeta, FrontendStats, ServiceKey, ServiceValue, SlotKey, SourceRange,
-    DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FRONTENDS, FRONT_FILTER_BITS, MAX_AFFINITY, MAX_BACKEND_SLOTS,
-    MAX_FRAGMENTS, MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOURCE_RANGES, REAP_BATCH,
+    CtValue, FragKey, FragValue, FrontendMeta, FrontendStats, ServiceKey, ServiceValue, SlotKey, SockConfig, SockConn,
+    SockUdpKey, SockUdpValue, SourceRange, DEFAULT_BACKENDS, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FRONTENDS,
+    FRONT_FILTER_BITS, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_FRAGMENTS, MAX_RATE_LIMITED, MAX_SERVICES, MAX_SOCK_CONNS,
+    MAX_SOCK_UDP, MAX_SOURCE_RANGES, REAP_BATCH,
 };
 
 #[btf_map]
@@ -86,6 +87,17 @@ pub static LB_FE_META: HashMap<ServiceKey, FrontendMeta, { MAX_SERVICES as usize
 /// The agent's report of its syncs (`lb-user status`), never read here.
 #[btf_map]
 pub static LB_AGENT: Array<AgentStatus, 1> = Array::new();
+#[btf_map]
+pub static LB_SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
+
+/// Connected sockets, by cookie. Not an LRU: an entry holds an open-flow count that only
+/// the socket's release gives back. Not preallocated: memory follows the sockets.
+#[btf_map]
+pub static LB_SOCK_CONN: HashMap<u64, SockConn, { MAX_SOCK_CONNS as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static LB_SOCK_UDP: LruHashMap<SockUdpKey, SockUdpValue, { MAX_SOCK_UDP as usize }> = LruHashMap::new();
 
 /// Where a new flow's conntrack value is built (not pinned: nothing survives a packet).
 #[btf_map]

@@ -5,19 +5,21 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
 };
-use lb_common::{algorithm, backend_flags, client_hash, flow_hash, AffinityKey, AffinityValue, ServiceValue, SlotKey};
+use lb_common::{
+    algorithm, backend_flags, client_hash, flow_hash, AffinityKey, AffinityValue, CtKey, ServiceValue, SlotKey,
+};
 
 use crate::{
     atomic,
     maps::{backend, LB_AFFINITY, LB_BE_LIVE, LB_RR_CURSORS, LB_SLOTS},
-    packet::Parsed,
 };
 
-/// The backend id for a new flow of `svc` in slot set `set`, or 0 when its slots are not
-/// there (the agent broke its write order). `svc.count[set]` is not 0.
+/// The backend id for a new flow `k` of `svc` in slot set `set`, or 0 when its slots are
+/// not there (the agent broke its write order). `svc.count[set]` is not 0. The flow's
+/// source is its client (session affinity, the hashes): a packet's source address and port,
+/// or for a socket its namespace's `netns_client` and its cookie.
 #[inline(never)]
-pub fn choose(p: &Parsed, svc: &ServiceValue, set: u32) -> u32 {
-    let k = &p.key;
+pub fn choose(k: &CtKey, svc: &ServiceValue, set: u32) -> u32 {
     let affinity = AffinityKey { scope: svc.scope, client_addr_be: k.src_addr_be };
     if svc.affinity_timeout_s != 0 {
         let kept = kept_backend(&affinity, svc.affinity_timeout_s);

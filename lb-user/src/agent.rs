@@ -13,7 +13,7 @@ use std::{
 };
 
 use globset::GlobSet;
-use lb_common::{user::addr_be, Config};
+use lb_common::{user::addr_be, Config, SockConfig};
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
@@ -92,6 +92,17 @@ pub struct AgentConfig {
     pub pod_devices: GlobSet,
     pub snat_ports: (u16, u16),
     pub datapath: DatapathOptions,
+    /// Socket-level load balancing; None: off (the hooks are detached).
+    pub sockets: Option<SocketLb>,
+}
+
+/// Where and for whom the socket hooks translate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketLb {
+    /// `lb_common::sock_mode::HOST_ONLY` or `ALL`.
+    pub mode: u32,
+    /// The cgroup v2 directory they attach to.
+    pub cgroup_root: PathBuf,
 }
 
 /// How the datapath runs, as the operator chose.
@@ -122,6 +133,8 @@ pub enum Error {
     },
     #[error("waiting on netlink or the datapath log: {0}")]
     Poll(#[source] io::Error),
+    #[error("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14) for --socket-lb: {0}")]
+    NetnsCookie(#[source] io::Error),
 }
 
 impl From<datapath::Error> for Error {
@@ -160,6 +173,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut dp = Datapath::load(&cfg.pin_dir, cfg.datapath.capacity)?;
     for iface in &cfg.uplinks {
         dp.attach_uplink(iface).map_err(|source| Error::Uplink { iface: iface.clone(), source: Box::new(source) })?;
+    }
+    match &cfg.sockets {
+        Some(sockets) => {
+            let host_netns_cookie = datapath::sockets::netns_cookie().map_err(Error::NetnsCookie)?;
+            dp.attach_sockets(&sockets.cgroup_root, SockConfig { host_netns_cookie, mode: sockets.mode, _pad: 0 })?;
+            let mode = if sockets.mode == lb_common::sock_mode::HOST_ONLY { "host-only" } else { "all" };
+            info!(cgroup = %sockets.cgroup_root.display(), mode, "socket hooks attached");
+        }
+        None => match dp.detach_sockets()? {
+            0 => {}
+            open => info!(open, "socket hooks detached but for sock_release, until the sockets they track close"),
+        },
     }
     let logger = dp.take_logger()?;
     // SAFETY: the logger owns its ring buffer fd, which stays open as long as it lives.

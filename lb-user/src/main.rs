@@ -103,6 +103,12 @@ enum Command {
         #[command(flatten)]
         output: Output,
     },
+    /// Connected sockets the socket hooks translated and still track: the Service address
+    /// the application connected to, and the backend it is connected to.
+    Sockets {
+        #[command(flatten)]
+        pin: PinDir,
+    },
     /// Run the agent in standalone mode: serve the Services of manifest files.
     Agent {
         #[command(flatten)]
@@ -122,6 +128,8 @@ enum Command {
         snat_ports: (u16, u16),
         #[command(flatten)]
         datapath: DatapathArgs,
+        #[command(flatten)]
+        sockets: SocketArgs,
     },
     /// Which backend the datapath gives a flow (from the pinned maps: works while the agent
     /// is down): a tracked flow's, or a new flow's by affinity and the frontend's algorithm.
@@ -284,6 +292,50 @@ impl DatapathArgs {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SocketLb {
+    /// Sockets of every process under the cgroup: the node's own and its pods'.
+    All,
+    /// Only sockets in the node's own network namespace (host-network processes); pods'
+    /// traffic is translated per packet, so a service mesh in the pod sees the Service
+    /// address.
+    HostOnly,
+    /// None: the hooks are detached, the node's own processes cannot reach Services.
+    Off,
+}
+
+#[derive(Args, Clone)]
+struct SocketArgs {
+    /// Socket-level load balancing: cgroup hooks translate a Service address when a socket
+    /// connects (or an unconnected UDP socket sends), once, instead of every packet; they
+    /// serve the node's own processes (which no packet hook sees) and NodePorts on
+    /// 127.0.0.1.
+    #[arg(long, value_enum, default_value_t = SocketLb::All)]
+    socket_lb: SocketLb,
+    /// The cgroup v2 directory the socket hooks attach to: processes under it are served
+    /// (default: where cgroup v2 is mounted, the root of every process of the node).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+}
+
+impl SocketArgs {
+    /// The socket hooks' settings, None when off; the cgroup is checked even then, so a
+    /// mistyped path is reported.
+    fn resolve(&self) -> Result<Option<agent::SocketLb>, datapath::sockets::CgroupError> {
+        let off = self.socket_lb == SocketLb::Off;
+        if off && self.cgroup_root.is_none() {
+            return Ok(None);
+        }
+        let cgroup_root = datapath::sockets::cgroup_root(self.cgroup_root.as_deref())?;
+        let mode = match self.socket_lb {
+            SocketLb::All => lb_common::sock_mode::ALL,
+            SocketLb::HostOnly => lb_common::sock_mode::HOST_ONLY,
+            SocketLb::Off => return Ok(None),
+        };
+        Ok(Some(agent::SocketLb { mode, cgroup_root }))
+    }
+}
+
 /// This node. What is not given here comes from the `kind: Node` object of this name among
 /// the manifests (addresses from status.addresses, zone from its topology.kubernetes.io/zone
 /// label); there are no defaults.
@@ -338,10 +390,12 @@ impl NodeArgs {
             local_detect,
         }
     }
-    fn options(&self) -> model::Options {
+    /// `localhost_node_ports`: the socket hooks are on to serve them.
+    fn options(&self, localhost_node_ports: bool) -> model::Options {
         model::Options {
             nodeport_addresses: self.nodeport_addresses.iter().map(Ipv4Net::trunc).collect(),
             default_algorithm: self.algorithm,
+            localhost_node_ports,
         }
     }
 }
@@ -367,7 +421,8 @@ fn main() -> anyhow::Result<()> {
             }
             println!("loaded; pinned under {}", pin.pin_dir.display());
         }
-        Command::Agent { pin, node, local, iface, pod_devices, snat_ports, datapath } => {
+        Command::Agent { pin, node, local, iface, pod_devices, snat_ports, datapath, sockets } => {
+            let sockets = sockets.resolve()?;
             let mut patterns = GlobSetBuilder::new();
             for g in pod_devices {
                 patterns.add(g);
@@ -376,11 +431,12 @@ fn main() -> anyhow::Result<()> {
                 pin_dir: pin.pin_dir,
                 manifests: node.manifests.clone(),
                 node: node.flags(Some(local)),
-                options: node.options(),
+                options: node.options(sockets.is_some()),
                 uplinks: iface,
                 pod_devices: patterns.build().context("--pod-devices")?,
                 snat_ports,
                 datapath: datapath.options(),
+                sockets,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(agent::run(cfg, shutdown_signal()))?;
@@ -411,6 +467,9 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", render::status(&status));
             }
         }
+        Command::Sockets { pin } => {
+            print!("{}", lb_user::cli::show::sockets(&datapath::sockets::connections(&pin.pin_dir)?));
+        }
         Command::Which { pin, proto, src, dst } => {
             datapath::check_pin_dir(&pin.pin_dir)?;
             let prediction =
@@ -420,7 +479,7 @@ fn main() -> anyhow::Result<()> {
         Command::Model { node } => {
             let (objects, report) = source::read_manifests(&node.manifests);
             let info = node.flags(None).node_info(&objects.nodes)?;
-            let desired = model::desired_state(&objects, &info, &node.options());
+            let desired = model::desired_state(&objects, &info, &node.options(false));
             print!("{}", lb_user::cli::show::desired(&desired));
             for e in report.errors.iter().map(|e| e.to_string()).chain(desired.errors.iter().map(|e| e.to_string())) {
                 eprintln!("error: {e}");
@@ -457,7 +516,9 @@ fn services(pin_dir: &std::path::Path, json: bool, m: ModelArgs) -> anyhow::Resu
         Some(node) => {
             let (objects, report) = source::read_manifests(&node.manifests);
             let info = node.flags(None).node_info(&objects.nodes)?;
-            let desired = model::desired_state(&objects, &info, &node.options());
+            // 127.0.0.1 NodePorts are in the maps when the socket hooks serve them.
+            let sockets_on = datapath::sockets::mode(pin_dir)? != lb_common::sock_mode::OFF;
+            let desired = model::desired_state(&objects, &info, &node.options(sockets_on));
             for e in report.errors.iter().map(|e| e.to_string()).chain(desired.errors.iter().map(|e| e.to_string())) {
                 eprintln!("warning: {e}");
             }

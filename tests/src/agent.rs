@@ -49,6 +49,11 @@ impl Agent {
                 .map(String::from),
         );
         args.extend(["--pod-devices", "veth*", "--cluster-cidr", CLUSTER_CIDR].map(String::from));
+        // The socket hooks only where a test gives them a cgroup of its own: their default
+        // is the machine's cgroup root, which no test may touch.
+        if !extra_args.contains(&"--socket-lb") {
+            args.extend(["--socket-lb", "off"].map(String::from));
+        }
         args.extend(extra_args.iter().map(|a| a.to_string()));
         let child = spawn(&args, &log)?;
         let agent = Agent { child, args, pin_dir, log };
@@ -62,6 +67,13 @@ impl Agent {
         let before = self.syncs();
         self.respawn()?;
         self.wait_for_syncs(before + 1)
+    }
+
+    /// Restarts the agent (as `restart`) with `option`'s value changed to `value`.
+    pub fn restart_setting(&mut self, option: &str, value: &str) -> Result<()> {
+        let at = self.args.iter().rposition(|a| a == option).with_context(|| format!("no {option} to change"))?;
+        self.args[at + 1] = value.to_string();
+        self.restart()
     }
 
     /// Stops and starts the agent without waiting for anything.

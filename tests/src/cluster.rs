@@ -76,12 +76,26 @@ pub fn pod_name(index: usize) -> String {
 impl Cluster {
     /// Builds the lab and starts everything; `agent_args` are added to every agent's.
     pub fn start(prefix: &str, spec: &Spec, manifests: Manifests, agent_args: &[&str]) -> Result<Cluster> {
+        Cluster::start_each(prefix, spec, manifests, |_| agent_args.iter().map(|a| a.to_string()).collect())
+    }
+
+    /// The same, with each node's agent arguments from `agent_args(node index)`.
+    pub fn start_each(
+        prefix: &str,
+        spec: &Spec,
+        manifests: Manifests,
+        agent_args: impl Fn(usize) -> Vec<String>,
+    ) -> Result<Cluster> {
         let lab = Lab::build(prefix, spec)?;
         let mut backends = Vec::new();
         for (i, pod) in lab.nodes.iter().flat_map(|n| n.pods.iter()).enumerate() {
             backends.push(Echo::start(&pod.ns.name, &pod_name(i), pod.addr, BACKEND_PORT)?);
         }
-        let agents = lab.nodes.iter().map(|n| Agent::start(n, &manifests.path, agent_args)).collect::<Result<_>>()?;
+        let mut agents = Vec::new();
+        for (i, node) in lab.nodes.iter().enumerate() {
+            let args = agent_args(i);
+            agents.push(Agent::start(node, &manifests.path, &args.iter().map(String::as_str).collect::<Vec<_>>())?);
+        }
         Ok(Cluster { agents, backends, manifests, lab })
     }
 

@@ -18,6 +18,12 @@ use crate::lab::in_netns;
 
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A request that keeps its connection open: the echo answers it, and every later `KEEP`
+/// on the connection, with one answer line each (keep-alive request/response).
+pub const KEEP: &[u8] = b"keep\n";
+/// How long a kept connection may stay idle at the echo.
+const KEEP_IDLE: Duration = Duration::from_secs(30);
+
 /// TCP and UDP echo on one address:port in a namespace; stops on drop.
 pub struct Echo {
     stop: Arc<AtomicBool>,
@@ -93,26 +99,42 @@ fn serve_tcp(
                     let _ = conn.set_read_timeout(Some(TIMEOUT));
                     let mut buf = [0u8; 64];
                     let n = conn.read(&mut buf).unwrap_or(0);
-                    if &buf[..n] != b"hold\n" {
-                        let _ = conn.write_all(reply.as_bytes());
-                        return;
-                    }
-                    // A long-lived connection: answered at once, then echoing until the
-                    // client closes it.
-                    let _ = conn.write_all(format!("{reply}\n").as_bytes());
-                    let _ = conn.set_read_timeout(Some(HOLD_MAX));
-                    while let Ok(n @ 1..) = conn.read(&mut buf) {
-                        if conn.write_all(&buf[..n]).is_err() {
-                            break;
+                    if &buf[..n] == b"hold\n" {
+                        // A long-lived connection: answered at once, then echoing until the
+                        // client closes it.
+                        let _ = conn.write_all(format!("{reply}\n").as_bytes());
+                        let _ = conn.set_read_timeout(Some(HOLD_MAX));
+                        while let Ok(n @ 1..) = conn.read(&mut buf) {
+                            if conn.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
                         }
+                    } else if buf[..n].starts_with(KEEP) {
+                        let _ = conn.set_read_timeout(Some(KEEP_IDLE));
+                        let line = format!("{reply}\n");
+                        while conn.write_all(line.as_bytes()).is_ok() && conn.read(&mut buf).is_ok_and(|n| n > 0) {}
+                    } else {
+                        let _ = conn.write_all(reply.as_bytes());
                     }
                 });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&listener, STOP_CHECK),
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// How often a server waiting for a connection looks at its stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
+/// Waits until `fd` is readable (a connection to accept) or `timeout` passes: a new
+/// connection is taken at once, not at the next tick of a sleep (which would add up to a
+/// tick to every connection a benchmark times).
+fn wait_readable(fd: &impl AsRawFd, timeout: Duration) {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one valid pollfd we own.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
 }
 
 fn serve_udp(
@@ -181,6 +203,81 @@ pub fn tcp_hold(ns: &str, dst: SocketAddrV4) -> io::Result<(String, TcpStream)> 
         }
         Ok((String::from_utf8_lossy(&answer).trim().to_string(), s))
     })
+}
+
+/// Request/response rates and latencies of one client over a while.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RrStats {
+    pub requests: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+impl RrStats {
+    fn of(mut latencies_us: Vec<u64>, errors: u64, seconds: f64) -> RrStats {
+        latencies_us.sort_unstable();
+        let at = |q: f64| {
+            latencies_us
+                .get(((latencies_us.len() as f64 * q) as usize).min(latencies_us.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        RrStats { requests: latencies_us.len() as u64, errors, seconds, p50_us: at(0.5), p99_us: at(0.99) }
+    }
+
+    pub fn per_second(&self) -> f64 {
+        self.requests as f64 / self.seconds.max(f64::EPSILON)
+    }
+}
+
+impl std::fmt::Display for RrStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "requests={} errors={} seconds={:.3} p50_us={} p99_us={}",
+            self.requests, self.errors, self.seconds, self.p50_us, self.p99_us
+        )
+    }
+}
+
+/// Request/response over one kept connection to an [`Echo`] for `duration`, from the
+/// calling thread's namespace (pod to Service, keep-alive).
+pub fn rr_keepalive_here(dst: SocketAddrV4, duration: Duration) -> io::Result<RrStats> {
+    let mut s = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_nodelay(true)?;
+    let mut buf = [0u8; 256];
+    let mut latencies = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < duration {
+        let t = std::time::Instant::now();
+        s.write_all(KEEP)?;
+        // One answer line, which fits a read (it is written whole, and never batched: the
+        // next request waits for it).
+        if s.read(&mut buf)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the echo closed a kept connection"));
+        }
+        latencies.push(t.elapsed().as_micros() as u64);
+    }
+    Ok(RrStats::of(latencies, 0, started.elapsed().as_secs_f64()))
+}
+
+/// A new connection per request to an [`Echo`] for `duration` (what a client without
+/// connection reuse pays: the connect, and the Service translation of a new flow).
+pub fn rr_connect_here(dst: SocketAddrV4, duration: Duration) -> RrStats {
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < duration {
+        let t = std::time::Instant::now();
+        match tcp_ask_here(dst) {
+            Ok(_) => latencies.push(t.elapsed().as_micros() as u64),
+            Err(_) => errors += 1,
+        }
+    }
+    RrStats::of(latencies, errors, started.elapsed().as_secs_f64())
 }
 
 /// One UDP request from inside `ns`, from `bind` (port 0 for any). The socket is

@@ -1,9 +1,10 @@
 //! Loading, attaching and pinning the kernel programs, and opening their pinned maps.
 //!
 //! Layout under the pin directory: `maps/<MAP>`, `progs/<program>`, and one link per
-//! attachment, `links/xdp-<ifname>` / `links/tc-<ifname>`. Maps are opened (adopted) when
-//! already pinned, so an agent restart keeps conntrack and service state. Attaching again
-//! replaces the pinned link of that interface: programs never stack.
+//! attachment, `links/xdp-<ifname>` / `links/tc-<ifname>` / `links/sock-<hook>`. Maps are
+//! opened (adopted) when already pinned, so an agent restart keeps conntrack and service
+//! state. Attaching again replaces the pinned link of that interface or hook: programs
+//! never stack.
 use std::{
     fs, io,
     path::{Path, PathBuf},
@@ -13,21 +14,22 @@ pub mod batch;
 pub mod conntrack;
 pub mod maps;
 pub mod predict;
+pub mod sockets;
 
 use aya::{
-    maps::{Map, MapData, PerCpuArray},
+    maps::{Array, Map, MapData, PerCpuArray},
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{CgroupAttachMode, FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
         xdp::XdpLink,
-        SchedClassifier, Xdp, XdpMode,
+        CgroupSock, CgroupSockAddr, SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
 use lb_common::{
     counters::{self, Counter},
-    map_names, program_names,
+    map_names, program_names, SockConfig,
 };
 
 /// The kernel object, built by this crate's build script.
@@ -35,7 +37,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 const BPF_FS: &str = "/sys/fs/bpf";
 
-/// Prefixes of the links under `links/`: `<kind>-<ifname>`.
+/// Prefixes of the links under `links/`: `<kind>-<ifname>` (and the socket hooks'
+/// `program_names::SOCKET_HOOKS` names).
 const LINK_KINDS: [&str; 4] = ["xdp", "tc", "tcup", "tceg"];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -108,6 +111,12 @@ pub enum Error {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
+    },
+    #[error("attaching the socket hooks to cgroup {}: {source}", cgroup.display())]
+    Cgroup {
+        cgroup: PathBuf,
+        #[source]
+        source: io::Error,
     },
 }
 
@@ -202,6 +211,15 @@ impl Datapath {
             let tc: &mut SchedClassifier = datapath.program(name)?;
             tc.load().map_err(|source| Error::Program { name, source })?;
         }
+        for (name, _) in program_names::SOCKET_HOOKS {
+            if name == program_names::SOCK_RELEASE {
+                let hook: &mut CgroupSock = datapath.program(name)?;
+                hook.load().map_err(|source| Error::Program { name, source })?;
+            } else {
+                let hook: &mut CgroupSockAddr = datapath.program(name)?;
+                hook.load().map_err(|source| Error::Program { name, source })?;
+            }
+        }
         for name in program_names::PINNED {
             let program = datapath.ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
             let path = pin_dir.join("progs").join(name);
@@ -248,6 +266,52 @@ impl Datapath {
         };
         let link = program.take_link(id).map_err(program_err)?;
         pin_link(link.try_into(), link_path, name)
+    }
+
+    /// Socket-level load balancing: writes how the hooks run, then attaches them to the
+    /// cgroup at `cgroup` (every socket of its processes and their descendants' meets them).
+    /// A hook already attached (an agent restart, an upgrade, another cgroup) is replaced
+    /// after its successor is in place, never before: for a moment both run, which changes
+    /// nothing (the second finds a backend's address, which is no frontend, or a frontend's
+    /// where the first showed it). Attached as bpf_links, which the kernel always runs beside
+    /// other programs of the cgroup (multi mode) and which take no attach flags.
+    pub fn attach_sockets(&mut self, cgroup: &Path, config: SockConfig) -> Result<()> {
+        let name = map_names::SOCK_CONFIG;
+        let mut map: Array<_, SockConfig> =
+            open_map(&self.pin_dir, name)?.try_into().map_err(|source| Error::Map { name, source })?;
+        map.set(0, config, 0).map_err(|source| Error::Map { name, source })?;
+        let dir = fs::File::open(cgroup).map_err(|source| Error::Cgroup { cgroup: cgroup.to_path_buf(), source })?;
+        for (name, link_name) in program_names::SOCKET_HOOKS {
+            let link_path = self.pin_dir.join("links").join(link_name);
+            let old = take_pinned::<FdLink>(&link_path)?;
+            let program_err = |source| Error::Program { name, source };
+            let link: FdLink = if name == program_names::SOCK_RELEASE {
+                let hook: &mut CgroupSock = self.program(name)?;
+                let id = hook.attach(&dir, CgroupAttachMode::Single).map_err(program_err)?;
+                hook.take_link(id).map_err(program_err)?.try_into().map_err(|source| Error::Link { name, source })?
+            } else {
+                let hook: &mut CgroupSockAddr = self.program(name)?;
+                let id = hook.attach(&dir, CgroupAttachMode::Single).map_err(program_err)?;
+                hook.take_link(id).map_err(program_err)?.try_into().map_err(|source| Error::Link { name, source })?
+            };
+            pin_link(Ok(link), link_path, name)?;
+            drop(old);
+        }
+        Ok(())
+    }
+
+    /// Detaches the socket hooks (`--socket-lb off`), if attached; the pods' and the node's
+    /// Service traffic is then the packet path's alone. The release hook stays while sockets
+    /// it counts as open flows are still tracked (their backends' counts would otherwise
+    /// never come down); the next start without any removes it. Returns how many are.
+    pub fn detach_sockets(&mut self) -> Result<usize> {
+        let tracked = sockets::connections(&self.pin_dir)?.len();
+        for (name, link_name) in program_names::SOCKET_HOOKS {
+            if name != program_names::SOCK_RELEASE || tracked == 0 {
+                remove_if_present(&self.pin_dir.join("links").join(link_name))?;
+            }
+        }
+        Ok(tracked)
     }
 
     /// Removes the pinned links of pod devices not in `present` (deleted while we ran, or
@@ -363,11 +427,13 @@ pub fn unload(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `xdp-<ifname>`, `tc-<ifname>` or `tcup-<ifname>`, with a name the kernel could give a device.
+/// `<kind>-<ifname>` (`xdp`, `tc`, `tcup`, `tceg`) with a name the kernel could give a
+/// device, or `sock-<hook>`.
 fn is_link_name(name: &str) -> bool {
-    name.split_once('-').is_some_and(|(kind, ifname)| {
-        LINK_KINDS.contains(&kind) && !ifname.is_empty() && ifname.len() < libc::IFNAMSIZ && !ifname.contains('/')
-    })
+    program_names::SOCKET_HOOKS.iter().any(|(_, link)| *link == name)
+        || name.split_once('-').is_some_and(|(kind, ifname)| {
+            LINK_KINDS.contains(&kind) && !ifname.is_empty() && ifname.len() < libc::IFNAMSIZ && !ifname.contains('/')
+        })
 }
 
 /// (name, path) of each entry of a directory; a name that is not UTF-8 is no name of ours.
@@ -420,7 +486,7 @@ pub fn read_counters(pin_dir: &Path) -> Result<Vec<(&'static str, Counter)>> {
 }
 
 /// (name, key size, value size, max entries) of every pinned map, as this build defines them.
-fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 19] {
+fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 22] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -444,6 +510,9 @@ fn expected_shapes(capacity: Capacity) -> [(&'static str, usize, usize, u32); 19
         (map_names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), MAX_AFFINITY),
         (map_names::FRONTEND_META, size_of::<ServiceKey>(), size_of::<FrontendMeta>(), MAX_SERVICES),
         (map_names::AGENT, size_of::<u32>(), size_of::<AgentStatus>(), 1),
+        (map_names::SOCK_CONFIG, size_of::<u32>(), size_of::<SockConfig>(), 1),
+        (map_names::SOCK_CONN, size_of::<u64>(), size_of::<SockConn>(), MAX_SOCK_CONNS),
+        (map_names::SOCK_UDP, size_of::<SockUdpKey>(), size_of::<SockUdpValue>(), MAX_SOCK_UDP),
     ]
 }
 

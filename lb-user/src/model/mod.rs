@@ -44,6 +44,11 @@ pub struct Options {
     pub nodeport_addresses: Vec<Ipv4Net>,
     /// For Services without the algorithm annotation.
     pub default_algorithm: Algorithm,
+    /// NodePorts also on 127.0.0.1, for the node's own processes, as kube-proxy's
+    /// iptables mode opens them (route_localnet) when `nodeport_addresses` is empty or
+    /// covers 127.0.0.1. Only the socket hooks serve them, so only with socket-level load
+    /// balancing on.
+    pub localhost_node_ports: bool,
 }
 
 /// How a new flow chooses its backend (established flows follow conntrack).
@@ -526,6 +531,13 @@ fn add_port(
             .collect();
         for addr in addresses {
             claim(FrontendKind::NodePort, addr, node_port, format!("{field}.nodePort"));
+        }
+        let loopback = Ipv4Addr::LOCALHOST;
+        if ctx.opts.localhost_node_ports
+            && (ctx.opts.nodeport_addresses.is_empty()
+                || ctx.opts.nodeport_addresses.iter().any(|c| c.contains(&loopback)))
+        {
+            claim(FrontendKind::NodePort, loopback, node_port, format!("{field}.nodePort"));
         }
     }
 }

@@ -368,6 +368,23 @@ fn nodeport_addresses_limit_where_node_ports_open() {
 }
 
 #[test]
+fn node_ports_open_on_loopback_for_the_socket_hooks_where_kube_proxy_opens_them() {
+    let on = Options { localhost_node_ports: true, ..Options::default() };
+    let d = desired_state(&objects(LB), &node(), &on);
+    let f = d.frontends.get(&tcp("127.0.0.1", 30443)).expect("a loopback NodePort");
+    assert_eq!(
+        (f.kind, f.backends.clone()),
+        (FrontendKind::NodePort, d.frontends[&tcp("192.168.50.10", 30443)].backends.clone())
+    );
+    let covered = Options { nodeport_addresses: vec![net("127.0.0.0/8"), net("192.168.50.0/24")], ..on.clone() };
+    assert!(desired_state(&objects(LB), &node(), &covered).frontends.contains_key(&tcp("127.0.0.1", 30443)));
+    // Addresses listed without loopback, or the hooks off: none, as kube-proxy.
+    let elsewhere = Options { nodeport_addresses: vec![net("192.168.50.0/24")], ..on };
+    assert!(!desired_state(&objects(LB), &node(), &elsewhere).frontends.contains_key(&tcp("127.0.0.1", 30443)));
+    assert!(!run(LB).frontends.contains_key(&tcp("127.0.0.1", 30443)));
+}
+
+#[test]
 fn bad_fields_are_reported_and_other_services_still_served() {
     let yaml = format!(
         "{WEB}---\n{}",

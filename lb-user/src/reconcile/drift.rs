@@ -72,7 +72,7 @@ fn frontend_drift(key: ServiceKey, f: &Frontend, maps: &Contents, maglev: Maglev
     let owner = owner_of(f, key.proto);
     let sets: [Vec<BackendAddr>; 2] = [&f.backends, &f.short_circuit_backends]
         .map(|b| positions(b, f.algorithm, maglev).into_iter().map(|i| b[i]).collect());
-    let want = service_value(v.svc_id, v.gen, [sets[0].len() as u16, sets[1].len() as u16], f, owner);
+    let want = service_value(v.svc_id, v.gen, [sets[0].len() as u16, sets[1].len() as u16], f, owner, key);
     if want.flags != v.flags {
         push("flags".into(), flag_names(want.flags), flag_names(v.flags));
     }

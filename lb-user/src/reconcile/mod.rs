@@ -463,7 +463,7 @@ impl Reconciler {
             store.put_frontend_meta(key, meta).map_err(WriteError::Map)?;
             state.meta = Some(meta);
         }
-        let value = service_value(svc_id, new_gen, [sets[0].len() as u16, sets[1].len() as u16], frontend, owner);
+        let value = service_value(svc_id, new_gen, [sets[0].len() as u16, sets[1].len() as u16], frontend, owner, key);
         if state.entry != Some(value) {
             store.put_service(key, value).map_err(WriteError::Map)?;
             changes.services_written += 1;
@@ -527,8 +527,11 @@ fn positions(backends: &[BackendAddr], algorithm: Algorithm, maglev: MaglevSize)
     }
 }
 
-fn service_value(svc_id: u32, gen: u8, count: [u16; 2], f: &Frontend, owner: u64) -> ServiceValue {
+fn service_value(svc_id: u32, gen: u8, count: [u16; 2], f: &Frontend, owner: u64, key: ServiceKey) -> ServiceValue {
     let mut flags = 0;
+    if lb_common::user::ip_from_be(key.addr_be).is_loopback() {
+        flags |= service_flags::LOOPBACK;
+    }
     if f.kind.is_external() {
         flags |= service_flags::EXTERNAL;
     }

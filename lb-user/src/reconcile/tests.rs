@@ -561,3 +561,19 @@ fn drift_serializes_with_its_documented_field_names() {
         serde_json::json!({"frontend": "10.96.0.1:80/TCP", "field": "filter", "want": "a", "have": "b"})
     );
 }
+
+#[test]
+fn a_loopback_node_port_is_flagged_for_the_socket_hooks_alone() {
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    let mut np = frontend(&[(10, 8080)]);
+    np.kind = FrontendKind::NodePort;
+    let mut d = Desired::default();
+    for addr in [Ipv4Addr::LOCALHOST, Ipv4Addr::new(192, 168, 50, 10)] {
+        d.frontends.insert(FrontendKey { addr, port: 30080, protocol: Protocol::Tcp }, np.clone());
+    }
+    apply(&mut r, &mut store, &d);
+    let flags = |ip| store.services[&ServiceKey::new(ip, 30080, lb_common::IPPROTO_TCP)].flags;
+    assert_eq!(flags(Ipv4Addr::LOCALHOST), service_flags::EXTERNAL | service_flags::LOOPBACK);
+    assert_eq!(flags(Ipv4Addr::new(192, 168, 50, 10)), service_flags::EXTERNAL);
+}
