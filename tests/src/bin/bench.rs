@@ -462,6 +462,9 @@ fn selection_cases() -> Vec<Case> {
 struct Row {
     ns: Vec<u64>,
     refused: Option<String>,
+    /// Refused only because a call could not be made under its conditions (a busy machine),
+    /// not because the datapath did something else than the row claims.
+    unmeasured: bool,
     /// The wrapper's run counter: where the case's next new flows start.
     next_run: u32,
     /// What the first call showed, for the record.
@@ -575,6 +578,7 @@ fn timed(fixtures: &mut [Fixture], options: &Options) -> Result<bool> {
         .map(|case| Row {
             ns: Vec::new(),
             refused: check_screen(&fixtures[case.fixture], case).err(),
+            unmeasured: false,
             next_run: 0,
             proof: String::new(),
         })
@@ -597,8 +601,15 @@ fn timed(fixtures: &mut [Fixture], options: &Options) -> Result<bool> {
                         row.proof = proof;
                     }
                 }
-                Err(why) => {
-                    row.refused.get_or_insert(format!("round {}: {why}", round + 1));
+                Err(Refusal::Disagrees(why)) => {
+                    row.unmeasured = false;
+                    row.refused = Some(format!("round {}: {why}", round + 1));
+                }
+                Err(Refusal::Unmeasured(why)) => {
+                    if row.refused.is_none() {
+                        row.unmeasured = true;
+                        row.refused = Some(format!("round {}: {why}", round + 1));
+                    }
                 }
             }
         }
@@ -606,11 +617,21 @@ fn timed(fixtures: &mut [Fixture], options: &Options) -> Result<bool> {
     println!("timed {rounds} rounds in {:.1} s\n", started.elapsed().as_secs_f64());
     print_table(&cases, &rows, rounds);
     print_programs(&mut fixtures[FAST])?;
-    Ok(rows.iter().all(|r| r.refused.is_none()))
+    // A row the machine was too busy to measure is shown as such; only a disagreement
+    // between what a row claims and what the datapath did fails the run.
+    Ok(rows.iter().all(|r| r.refused.is_none() || r.unmeasured))
+}
+
+/// Why a row has no figure.
+enum Refusal {
+    /// The datapath did something else than the row claims.
+    Disagrees(String),
+    /// A call's conditions could not be met (say, a warm call took too long on a busy machine).
+    Unmeasured(String),
 }
 
 /// A call's time per run and what it showed, or why its row is refused.
-type Checked = Result<(u64, String), String>;
+type Checked = Result<(u64, String), Refusal>;
 
 /// A timed call of `case`, checked: the wrapper's run counter after it, and the time per
 /// run with what the call showed, or why the row is refused. A cycling case's call is
@@ -647,7 +668,7 @@ fn time_case(
         }
         if let Some((started, warm_up)) = &warm_up {
             if let Err(why) = verify(case, warm_up, first_run, fx) {
-                return Ok((o.runs, Err(format!("warm-up call: {why}"))));
+                return Ok((o.runs, Err(Refusal::Disagrees(format!("warm-up call: {why}")))));
             }
             // A flow's age at its measured visit is at most the time since the warm-up began.
             let took = live_seen.duration_since(*started);
@@ -656,10 +677,13 @@ fn time_case(
                     continue;
                 }
                 let why = format!("{attempt} times, warm-up and call took over {WARM:?} (last {took:?})");
-                return Ok((o.runs, Err(why)));
+                return Ok((o.runs, Err(Refusal::Unmeasured(why))));
             }
         }
-        return Ok((o.runs, verify(case, &o, first_run, fx).map(|proof| (o.ns_per_run, proof))));
+        return Ok((
+            o.runs,
+            verify(case, &o, first_run, fx).map(|proof| (o.ns_per_run, proof)).map_err(Refusal::Disagrees),
+        ));
     }
 }
 
@@ -906,7 +930,7 @@ fn print_table(cases: &[Case], rows: &[Row], rounds: usize) {
     let own = |row: &Row| (row.best() as i64 - floor.best() as i64, row.median() as i64 - floor.median() as i64);
     for (i, (case, row)) in cases.iter().zip(rows).enumerate() {
         if let Some(why) = &row.refused {
-            println!("{:<46} REFUSED, {why}", case.name);
+            println!("{:<46} {}, {why}", case.name, if row.unmeasured { "NOT MEASURED" } else { "REFUSED" });
             continue;
         }
         let (own_best, own_median, x_empty) = match i {
