@@ -103,6 +103,10 @@ pub static LB_SOCK_UDP: LruHashMap<SockUdpKey, SockUdpValue, { MAX_SOCK_UDP as u
 #[btf_map]
 pub static LB_SCRATCH: PerCpuArray<CtValue, 1> = PerCpuArray::new();
 
+/// Where a new flow's copy of its frontend's entry is checked and read (not pinned).
+#[btf_map]
+pub static LB_SVC_SCRATCH: PerCpuArray<ServiceValue, 1> = PerCpuArray::new();
+
 /// Where FIB lookups are built (`bpf_fib_lookup` is 64 bytes the call chain's stack
 /// budget cannot spare). Bytes, so the map's BTF stays a plain array.
 #[btf_map]

@@ -325,14 +325,16 @@ impl Fixture {
         let map = datapath::open_map(&self.pin_dir, map_names::CONNTRACK).unwrap();
         let mut ct: HashMap<_, CtKey, CtValue> = map.try_into().unwrap();
         let now = lb_common::conntrack::units(lb_user::datapath::conntrack::coarse_now_ns());
+        let key = ct_key(backend, SocketAddrV4::new(NODE, port), proto);
         let value = CtValue {
             stamp: lb_common::conntrack::stamp(0x5eed, now),
+            key,
             nat_src_addr_be: addr_be(Ipv4Addr::new(203, 0, 113, 1)),
             nat_dst_addr_be: addr_be(Ipv4Addr::new(203, 0, 113, 2)),
             flags: lb_common::ct_flags::REPLY | lb_common::ct_flags::SNAT,
             ..CtValue::default()
         };
-        ct.insert(ct_key(backend, SocketAddrV4::new(NODE, port), proto), value, 0).unwrap();
+        ct.insert(key, value, 0).unwrap();
     }
 
     /// Runs the tc egress program on a frame carrying `mark`: (action, frame out, mark after).
