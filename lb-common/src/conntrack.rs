@@ -13,6 +13,10 @@
 //!   removes the peer the same way. So each half, and the NAT port a reply half's key
 //!   holds, is freed exactly once, and never while the other half lives.
 //! - Both halves expire together: same state bits, same stamp time.
+//! - The kernel reuses a removed element for another entry at once, while a program on
+//!   another CPU may still read it. A half is inserted with nonce 0 and gets its nonce by a
+//!   swap once whole; it holds its own key (`CtValue::key`); a reader checks the key, reads,
+//!   and checks the nonce again, and takes a mismatch for no entry.
 //!
 //! Time is `bpf_ktime_get_coarse_ns() >> UNIT_SHIFT` (CLOCK_MONOTONIC_COARSE) in 32 bits,
 //! compared with wrapping arithmetic: it wraps after 52 days, far beyond any timeout, and

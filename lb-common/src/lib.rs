@@ -58,6 +58,10 @@ pub mod map_names {
     /// Unconnected UDP sockets: the backend each keeps per frontend, and the frontend each
     /// backend's datagrams are shown from (an LRU).
     pub const SOCK_UDP: &str = "LB_SOCK_UDP";
+    /// LB_CONNTRACK's preallocated kind, as the object defines it: used by no program; the
+    /// agent creates it at the configured size and pins it as [`CONNTRACK`] when asked for
+    /// a preallocated table (`--conntrack-memory preallocated`). Not in [`ALL`].
+    pub const CT_PREALLOC: &str = "LB_CT_PREALLOC";
     /// Every map the agent pins; all survive an agent restart.
     pub const ALL: [&str; 22] = [
         SERVICES,

@@ -134,6 +134,7 @@ pub struct Setup {
     /// `lb_common::mode::*`
     pub mode: u32,
     pub conntrack_entries: u32,
+    pub conntrack_memory: datapath::ConntrackMemory,
     /// New flows are refused at this many entries.
     pub admit_limit: u32,
     /// Frontend and backend ids the maps have room for.
@@ -149,6 +150,7 @@ impl Setup {
             snat_ports,
             mode: lb_common::mode::FAST,
             conntrack_entries: entries,
+            conntrack_memory: datapath::ConntrackMemory::OnDemand,
             admit_limit: entries,
             frontends: lb_common::DEFAULT_FRONTENDS,
             backends: lb_common::DEFAULT_BACKENDS,
@@ -196,6 +198,7 @@ impl Fixture {
     fn load(pin_dir: &Path, setup: Setup) -> Fixture {
         let capacity = datapath::Capacity {
             conntrack_entries: setup.conntrack_entries,
+            conntrack_memory: setup.conntrack_memory,
             frontends: setup.frontends,
             backends: setup.backends,
         };

@@ -811,3 +811,34 @@ fn a_service_entry_reused_for_another_frontend_starts_nothing() {
         assert!(fx.ct_entries().is_empty());
     });
 }
+
+/// `--conntrack-memory preallocated`: the table is created preallocated (flags without
+/// BPF_F_NO_PREALLOC) at the configured size, serves flows like the on-demand one, and a
+/// load asking for the other kind over it is refused with an error naming the option.
+#[test]
+fn a_preallocated_table_serves_flows_and_keeps_its_kind() {
+    use lb_user::datapath::{Capacity, ConntrackMemory, Datapath};
+    let setup = Setup { conntrack_memory: ConntrackMemory::Preallocated, ..Setup::fast((40000, 40099)) };
+    with_fixture(setup, |fx| {
+        let pin = fx.pin_dir.join("maps").join(lb_common::map_names::CONNTRACK);
+        let info = aya::maps::MapData::from_pin(pin).unwrap().info().unwrap();
+        assert_eq!(info.map_flags() & 1, 0, "preallocated: no BPF_F_NO_PREALLOC");
+        assert_eq!(info.max_entries(), fx.setup.conntrack_entries);
+        let client = sa(CLIENT, 7401);
+        let nat = snat_of(fx, &Frame::udp(client, np(30080)));
+        let (_, out, _) = fx.xdp(&Frame::udp(sa(REMOTE_POD, 8080), nat).bytes());
+        assert_eq!(endpoints(&out), (np(30080), client), "the reply reaches its client");
+        assert_eq!(fx.ct_counted(), 2);
+
+        let on_demand = Capacity { conntrack_entries: fx.setup.conntrack_entries, ..Capacity::default() };
+        let refused = Datapath::load(&fx.pin_dir, on_demand).err().expect("the other kind is refused");
+        let text = refused.to_string();
+        assert!(
+            text.contains("the pinned conntrack table is preallocated")
+                && text.contains("--conntrack-memory asks for on-demand")
+                && text.contains("start with --conntrack-memory preallocated"),
+            "{text}"
+        );
+        assert_eq!(fx.ct_counted(), 2, "and nothing was touched");
+    });
+}
