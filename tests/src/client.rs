@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::traffic::{rr_connect_here, rr_keepalive_here, KEEP, TIMEOUT};
+use crate::traffic::{rr_connect_here, rr_keepalive_here, rr_udp_here, KEEP, TIMEOUT};
 
 /// What one request came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,7 +194,16 @@ pub fn client_main(args: &[String]) -> Result<()> {
         ),
         None => (mode.clone(), SocketAddr::V4(dst4), "0.0.0.0:0"),
     };
-    let count: u64 = rest.first().map(|c| c.parse()).transpose().context("COUNT")?.unwrap_or(1);
+    let count: u64 = match mode.strip_prefix("rr-") {
+        Some(_) => 0,
+        None => rest.first().map(|c| c.parse()).transpose().context("COUNT")?.unwrap_or(1),
+    };
+    // The rr modes' SECONDS may be a fraction (a benchmark's smoke run).
+    let seconds = || -> Result<Duration> {
+        let text = rest.first().map_or("1", String::as_str);
+        Duration::try_from_secs_f64(text.parse().with_context(|| format!("SECONDS {text:?}"))?)
+            .with_context(|| format!("SECONDS {text:?}"))
+    };
     let mut out = io::stdout().lock();
     let mut emit = |started: Instant, r| writeln!(out, "{}", Outcome::line(r, started));
     match mode.as_str() {
@@ -250,12 +259,14 @@ pub fn client_main(args: &[String]) -> Result<()> {
                 }
             }
         }
-        // Benchmarks: request/response for COUNT seconds, keep-alive or a connection each.
-        "rr-keepalive" => writeln!(out, "{}", rr_keepalive_here(dst4, Duration::from_secs(count))?)?,
-        "rr-connect" => writeln!(out, "{}", rr_connect_here(dst4, Duration::from_secs(count)))?,
+        // Benchmarks: request/response for SECONDS, keep-alive, a connection each, or
+        // datagrams on one connected UDP socket.
+        "rr-keepalive" => writeln!(out, "{}", rr_keepalive_here(dst4, seconds()?)?)?,
+        "rr-connect" => writeln!(out, "{}", rr_connect_here(dst4, seconds()?))?,
+        "rr-udp" => writeln!(out, "{}", rr_udp_here(dst4, seconds()?)?)?,
         other => bail!(
             "mode {other:?} is not tcp, udp, udp-unconnected (each also as tcp6, udp6, udp6-unconnected), hold, \
-             hold-udp, rr-keepalive or rr-connect"
+             hold-udp, rr-keepalive, rr-connect or rr-udp"
         ),
     }
     Ok(())
