@@ -129,6 +129,9 @@ impl Options {
 fn run() -> Result<bool> {
     let options = Options::parse()?;
     println!("{}", machine());
+    // The sweep's user-space part (copying entries out, finding the dead) runs as this binary
+    // was built; the agent ships optimised.
+    println!("build: {}", if cfg!(debug_assertions) { "debug (unoptimised)" } else { "release" });
     let cases: Vec<Case> = Case::all().into_iter().filter(|c| options.selects(&c.name())).collect();
     let requests = cases.is_empty() || requests(&cases, &options)?;
     let sweep = !options.selects(SWEEP) || conntrack_sweep(&options)?;
@@ -668,7 +671,10 @@ fn sweep_rounds(fx: &mut Fixture, flows: u32, rounds: usize) -> Result<bool> {
             median.2.as_millis()
         );
     };
-    println!("\nConntrack sweep (lb_user Conntrack::sweep): {rounds} rounds; ms, best and median round by total time");
+    println!(
+        "\nConntrack sweep (lb_user Conntrack::sweep): {rounds} rounds, ms; read: BPF_MAP_LOOKUP_BATCH and copying \
+         out, reap: the reaper's runs, total: both and finding the dead; best and median round by total"
+    );
     println!(
         "{:<48} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "sweep", "entries", "read", "reap", "total", "med read", "med reap", "med total"
