@@ -621,3 +621,16 @@ fn udp_request_here(port: u16, dst: SocketAddrV4) -> io::Result<String> {
     let n = s.recv(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rr_stats_read_back_what_they_print() {
+        let stats = RrStats { requests: 12_345, errors: 2, seconds: 2.001, p50_us: 21, p99_us: 4070 };
+        assert_eq!(stats.to_string().parse::<RrStats>().unwrap(), stats);
+        let err = "requests=1 errors=0 p50_us=3 p99_us=4".parse::<RrStats>().unwrap_err();
+        assert!(err.to_string().contains("no seconds="), "{err}");
+    }
+}

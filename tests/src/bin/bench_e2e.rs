@@ -156,11 +156,10 @@ enum Exchange {
 
 /// How the client reaches the backend. A pod client is a pod of its own for each route
 /// (node1's pods in this order, on identical veths): one route's flows then never share a
-/// client port toward the backend with another's. (A per-packet flow's reply half lives
-/// on for the 10 s close timeout and would rewrite the answers of a direct or socket-level
-/// connection that reused its client port; and with a port reused from a direct connection,
-/// the backend's TIME_WAIT may refuse a translated SYN whose timestamps were offset for the
-/// ClusterIP, costing a SYN retransmission.)
+/// client port toward the backend with another's: a per-packet flow's reply half lives on
+/// for the 10 s close timeout and rewrites the answers of a direct or socket-level
+/// connection that reuses its client port (its SYN-ACK comes from the ClusterIP, and the
+/// client resets it), which BENCHMARKS.md reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
     Direct = 0,
@@ -342,9 +341,10 @@ fn verify(case: &Case, stats: &RrStats, moved: &Snapshot) -> Result<String, Refu
     let grew = &moved.counts();
     if stats.errors > 0 {
         return Err(Refusal::Disagrees(format!(
-            "{} of {} requests failed",
+            "{} of {} requests failed; all that moved: {}",
             stats.errors,
-            stats.errors + stats.requests
+            stats.errors + stats.requests,
+            moved.moved()
         )));
     }
     if stats.requests == 0 {
