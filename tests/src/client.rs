@@ -181,7 +181,7 @@ impl Drop for Held {
     }
 }
 
-/// The binary's work, once it has joined its cgroup and namespace: `MODE DST [COUNT]`.
+/// The binary's work, once it has joined its cgroup and namespace: `MODE DST [COUNT|SECONDS]`.
 pub fn client_main(args: &[String]) -> Result<()> {
     let [mode, dst, rest @ ..] = args else { bail!("usage: MODE DST [COUNT|SECONDS]") };
     let dst4: SocketAddrV4 = dst.parse().with_context(|| format!("DST {dst:?}"))?;
@@ -194,29 +194,27 @@ pub fn client_main(args: &[String]) -> Result<()> {
         ),
         None => (mode.clone(), SocketAddr::V4(dst4), "0.0.0.0:0"),
     };
-    let count: u64 = match mode.strip_prefix("rr-") {
-        Some(_) => 0,
-        None => rest.first().map(|c| c.parse()).transpose().context("COUNT")?.unwrap_or(1),
-    };
-    // The rr modes' SECONDS may be a fraction (a benchmark's smoke run).
+    // The last argument: a count of requests, or for the rr modes seconds, which may be a
+    // fraction (a benchmark's smoke run).
+    let last = rest.first().map_or("1", String::as_str);
+    let count = || -> Result<u64> { last.parse().with_context(|| format!("COUNT {last:?}")) };
     let seconds = || -> Result<Duration> {
-        let text = rest.first().map_or("1", String::as_str);
-        Duration::try_from_secs_f64(text.parse().with_context(|| format!("SECONDS {text:?}"))?)
-            .with_context(|| format!("SECONDS {text:?}"))
+        Duration::try_from_secs_f64(last.parse().with_context(|| format!("SECONDS {last:?}"))?)
+            .with_context(|| format!("SECONDS {last:?}"))
     };
     let mut out = io::stdout().lock();
     let mut emit = |started: Instant, r| writeln!(out, "{}", Outcome::line(r, started));
     match mode.as_str() {
         // New connections: connect, getpeername, ask, read to the end.
         "tcp" => {
-            for _ in 0..count {
+            for _ in 0..count()? {
                 let started = Instant::now();
                 emit(started, tcp_once(dst))?;
             }
         }
         // New connected UDP sockets: connect, getpeername, send, recvfrom.
         "udp" => {
-            for _ in 0..count {
+            for _ in 0..count()? {
                 let started = Instant::now();
                 emit(started, udp_connected_once(any, dst))?;
             }
@@ -225,7 +223,7 @@ pub fn client_main(args: &[String]) -> Result<()> {
         "udp-unconnected" => {
             let socket = UdpSocket::bind(any)?;
             socket.set_read_timeout(Some(TIMEOUT))?;
-            for _ in 0..count {
+            for _ in 0..count()? {
                 let started = Instant::now();
                 emit(started, udp_unconnected_once(&socket, dst))?;
             }
