@@ -374,7 +374,8 @@ fn services_flags_a_slot_changed_behind_the_agents_back() {
         &[Endpoint::ready(POD_A, "node1"), Endpoint::ready(POD_B, "node2")],
         None,
     );
-    let c = start(&yaml, &[]);
+    // The agent would repair the change (lab_metrics tests that); here the CLI must see it.
+    let c = start(&yaml, &["--drift-check-interval", "3600"]);
     let pins = &c.agents[0].pin_dir;
     let manifests = c.manifests.path.display().to_string();
     let node_addr = c.lab.nodes[0].addr.to_string();

@@ -1,0 +1,289 @@
+//! Needs root and BPF, and promtool (Debian's `prometheus` package, which `cargo xtask setup`
+//! installs). The agent's /metrics (issue 10), scraped from inside the node's namespace the
+//! way a Prometheus on the node would: per-Service and per-backend counters move by exactly
+//! the traffic sent, a drop is counted under its reason, counters run on across an agent
+//! restart (they are read from the pinned maps, never zeroed), kube-proxy's sync metrics
+//! follow the syncs, `promtool check metrics` accepts the output, and a map entry changed
+//! behind the agent's back is repaired and counted.
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, MapData};
+use lb_common::{map_names, ServiceKey, ServiceValue, SlotKey, IPPROTO_TCP};
+use lb_tests::{
+    agent::lb_user_bin,
+    cluster::{service, Cluster, Endpoint, Manifests},
+    lab::{in_netns, Spec},
+    traffic::udp_ask,
+};
+use serde_json::Value;
+
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+
+/// Two nodes with a pod each (pod-a on node1, pod-b on node2), one client.
+fn start(yaml: &str, agent_args: &[&str]) -> Cluster {
+    lb_tests::require_root();
+    let spec = Spec { pods_per_node: vec![1, 1], clients: 1, ..Spec::default() };
+    Cluster::start("lbm", &spec, Manifests::inline(yaml).unwrap(), agent_args).unwrap()
+}
+
+/// One scrape: every sample by name, with its labels.
+struct Scrape {
+    text: String,
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Scrape {
+    /// The value of the one series of `name` with these labels (and any others).
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let found: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|have| have == v)))
+            .map(|(_, _, v)| *v)
+            .collect();
+        match found[..] {
+            [v] => v,
+            _ => panic!("{} series {name}{labels:?} in:\n{}", found.len(), self.text),
+        }
+    }
+}
+
+/// GET /metrics from the agent on its default address, inside the node's namespace.
+fn scrape(node_ns: &str) -> Scrape {
+    let raw = in_netns(node_ns, || {
+        let mut s = TcpStream::connect("127.0.0.1:10249").expect("the agent serves /metrics on 127.0.0.1:10249");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    });
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response: {raw}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    assert!(head.to_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    let mut samples = Vec::new();
+    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let labels = labels
+            .split("\",")
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.split_once('=').unwrap();
+                (k.to_string(), v.trim_matches('"').to_string())
+            })
+            .collect();
+        samples.push((name.to_string(), labels, value.parse().unwrap()));
+    }
+    Scrape { text: body.to_string(), samples }
+}
+
+/// `promtool check metrics` accepts `text` (format and Prometheus's naming rules).
+fn promtool_accepts(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("promtool not runnable ({e}): install Debian's `prometheus` package (`cargo xtask setup` does)")
+        });
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A frame's size as the hooks count it: Ethernet (14) + IPv4 (20) + UDP (8) + payload.
+fn udp_frame_len(payload: usize) -> u64 {
+    (14 + 20 + 8 + payload) as u64
+}
+
+#[test]
+fn metrics_count_exactly_the_traffic_and_drops_and_run_on_across_a_restart() {
+    let web = |endpoints: &[Endpoint]| {
+        service("web", "", "type: NodePort, clusterIP: 10.96.20.1", 80, 30600, endpoints, None)
+    };
+    let ranged = service(
+        "ranged",
+        "",
+        "type: LoadBalancer, clusterIP: 10.96.20.2, loadBalancerSourceRanges: [192.168.50.200/32]",
+        80,
+        30601,
+        &[Endpoint::ready(POD_A, "node1")],
+        Some("192.168.60.51"),
+    );
+    let mut c = start(&[web(&[Endpoint::ready(POD_B, "node2")]), ranged.clone()].concat(), &[]);
+    let node_ns = c.lab.nodes[0].ns.name.clone();
+    let client = c.lab.clients[0].ns.name.clone();
+    let any: SocketAddrV4 = "0.0.0.0:0".parse().unwrap();
+    let node_port = SocketAddrV4::new(c.lab.nodes[0].addr, 30600);
+    let before = scrape(&node_ns);
+    promtool_accepts(&before.text);
+
+    const ASKS: u64 = 4;
+    let mut bytes = 0;
+    for _ in 0..ASKS {
+        // A new source port each time: a new flow, one request and one reply.
+        let answer = udp_ask(&client, any, node_port).unwrap();
+        bytes += udp_frame_len(b"hello".len()) + udp_frame_len(answer.len());
+    }
+    assert!(udp_ask(&client, any, "192.168.60.51:80".parse().unwrap()).is_err(), "the source is out of range");
+    let after = scrape(&node_ns);
+    promtool_accepts(&after.text);
+
+    let udp = [("namespace", "default"), ("service", "web"), ("port", "udp"), ("protocol", "UDP")];
+    let with = |extra: &[(&'static str, &'static str)]| [&udp[..], extra].concat();
+    let node_port_labels = with(&[("frontend", "nodePort")]);
+    let backend_labels = with(&[("endpoint", "10.244.2.10:8080"), ("node", "node2")]);
+    let moved = |name: &str, labels: &[(&str, &str)]| after.get(name, labels) - before.get(name, labels);
+    assert_eq!(moved("kube_xdp_lb_service_packets_total", &node_port_labels), (2 * ASKS) as f64);
+    assert_eq!(moved("kube_xdp_lb_service_bytes_total", &node_port_labels), bytes as f64);
+    assert_eq!(moved("kube_xdp_lb_service_new_flows_total", &node_port_labels), ASKS as f64);
+    assert_eq!(moved("kube_xdp_lb_service_packets_total", &with(&[("frontend", "clusterIP")])), 0.0);
+    assert_eq!(moved("kube_xdp_lb_backend_packets_total", &backend_labels), (2 * ASKS) as f64);
+    assert_eq!(moved("kube_xdp_lb_backend_bytes_total", &backend_labels), bytes as f64);
+    assert_eq!(moved("kube_xdp_lb_backend_new_flows_total", &backend_labels), ASKS as f64);
+    // UDP flows stay tracked until they expire.
+    assert_eq!(after.get("kube_xdp_lb_backend_live_flows", &backend_labels), ASKS as f64);
+    let drops = |s: &Scrape| -> BTreeMap<String, f64> {
+        s.samples
+            .iter()
+            .filter(|(n, l, _)| n == "kube_xdp_lb_packets_total" && l["kind"] == "drop")
+            .map(|(_, l, v)| (l["reason"].clone(), *v))
+            .collect()
+    };
+    let (drops_before, drops_after) = (drops(&before), drops(&after));
+    for (reason, n) in &drops_after {
+        let expected = drops_before[reason] + if reason == "drop_source_range" { 1.0 } else { 0.0 };
+        assert_eq!(*n, expected, "{reason}");
+    }
+    // The remote backend: each flow holds a SNAT port; conntrack holds both halves of each.
+    assert_eq!(after.get("kube_xdp_lb_nat_ports_in_use", &[]), ASKS as f64);
+    assert_eq!(after.get("kube_xdp_lb_nat_busiest_destination_ports", &[]), ASKS as f64);
+    assert_eq!(after.get("kube_xdp_lb_nat_ports", &[]), 32768.0);
+    let conntrack = [("map", map_names::CONNTRACK)];
+    assert_eq!(after.get("kube_xdp_lb_map_entries", &conntrack), (2 * ASKS) as f64);
+    assert_eq!(after.get("kube_xdp_lb_map_capacity", &conntrack), lb_common::DEFAULT_CONNTRACK_ENTRIES as f64);
+    // The first sync.
+    assert_eq!(after.get("kubeproxy_sync_proxy_rules_duration_seconds_count", &[]), 1.0);
+    assert!(after.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", &[]) > 1.7e9);
+    assert_eq!(after.get("kube_xdp_lb_sync_errors_total", &[]), 0.0);
+
+    // A new agent process reads the same pinned counters, and they keep counting.
+    c.agents[0].restart().unwrap();
+    let restarted = scrape(&node_ns);
+    for name in ["kube_xdp_lb_service_packets_total", "kube_xdp_lb_service_bytes_total"] {
+        assert_eq!(restarted.get(name, &node_port_labels), after.get(name, &node_port_labels), "{name}");
+    }
+    assert_eq!(
+        restarted.get("kube_xdp_lb_backend_packets_total", &backend_labels),
+        after.get("kube_xdp_lb_backend_packets_total", &backend_labels)
+    );
+    udp_ask(&client, any, node_port).unwrap();
+    let more = scrape(&node_ns);
+    assert_eq!(
+        more.get("kube_xdp_lb_service_packets_total", &node_port_labels),
+        after.get("kube_xdp_lb_service_packets_total", &node_port_labels) + 2.0
+    );
+
+    // A change of the manifests: one more sync, and the time from the change to its write.
+    c.apply(&[web(&[Endpoint::ready(POD_A, "node1"), Endpoint::ready(POD_B, "node2")]), ranged].concat()).unwrap();
+    let changed = scrape(&node_ns);
+    assert_eq!(changed.get("kubeproxy_sync_proxy_rules_duration_seconds_count", &[]), 2.0);
+    assert_eq!(changed.get("kubeproxy_network_programming_duration_seconds_count", &[]), 1.0);
+    let latency = changed.get("kubeproxy_network_programming_duration_seconds_sum", &[]);
+    assert!(latency > 0.0 && latency < 5.0, "{latency} s");
+    let new_backend = with(&[("endpoint", "10.244.1.10:8080"), ("node", "node1")]);
+    assert_eq!(changed.get("kube_xdp_lb_backend_packets_total", &new_backend), 0.0);
+    promtool_accepts(&changed.text);
+}
+
+/// `lb-user services --json --pin-dir DIR [extra]`, parsed.
+fn services(pin_dir: &Path, extra: &[&str]) -> Value {
+    let dir = pin_dir.display().to_string();
+    let out = Command::new(lb_user_bin().unwrap())
+        .args(["services", "--json", "--pin-dir", &dir])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_slot_changed_behind_the_agents_back_is_repaired_and_counted() {
+    let yaml = service(
+        "web",
+        "",
+        "type: NodePort, clusterIP: 10.96.21.1",
+        80,
+        30610,
+        &[Endpoint::ready(POD_A, "node1"), Endpoint::ready(POD_B, "node2")],
+        None,
+    );
+    let c = start(&yaml, &["--drift-check-interval", "1"]);
+    let node_ns = c.lab.nodes[0].ns.name.clone();
+    let pins = &c.agents[0].pin_dir;
+    let manifests = c.manifests.path.display().to_string();
+    let node_addr = c.lab.nodes[0].addr.to_string();
+    let model = ["--manifests", manifests.as_str(), "--node-name", "node1", "--node-address", node_addr.as_str()];
+    let view = services(pins, &model);
+    assert_eq!(view["drift"], serde_json::json!([]), "{view:#}");
+    let id_of = |frontend: &str| {
+        let f = view["frontends"].as_array().unwrap().iter().find(|f| f["frontend"] == frontend).unwrap();
+        f["backends"][0]["id"].as_u64().unwrap() as u32
+    };
+    let foreign = id_of("10.96.21.1:80/UDP");
+    // The agent checks every second and has found nothing to repair.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scrape(&node_ns).get("kube_xdp_lb_drift_checks_total", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "no drift check within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(scrape(&node_ns).get("kube_xdp_lb_drift_repairs_total", &[]), 0.0);
+
+    // Behind the agent's back: the ClusterIP's TCP slot 0 now names the UDP port's backend.
+    let services_map: HashMap<MapData, ServiceKey, ServiceValue> =
+        lb_user::datapath::open_map(pins, map_names::SERVICES).unwrap().try_into().unwrap();
+    let key = ServiceKey::new(Ipv4Addr::new(10, 96, 21, 1), 80, IPPROTO_TCP);
+    let v = services_map.get(&key, 0).unwrap();
+    let mut slots: HashMap<MapData, SlotKey, u32> =
+        lb_user::datapath::open_map(pins, map_names::SLOTS).unwrap().try_into().unwrap();
+    slots.insert(SlotKey::new(v.svc_id, v.gen, 0, 0), foreign, 0).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scrape(&node_ns).get("kube_xdp_lb_drift_repairs_total", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "not repaired within 10 s:\n{}", c.agents[0].log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(services(pins, &model)["drift"], serde_json::json!([]), "the maps hold the model again");
+    let repaired = services_map.get(&key, 0).unwrap();
+    assert_ne!(repaired.gen, v.gen, "the set was written whole under the other generation");
+    assert!(
+        c.agents[0].log_text().contains("repairing 10.96.21.1:80/TCP: slots[0]"),
+        "the repair is logged:\n{}",
+        c.agents[0].log_text()
+    );
+    // Counted once: later checks find nothing more.
+    std::thread::sleep(Duration::from_millis(2500));
+    let later = scrape(&node_ns);
+    assert_eq!(later.get("kube_xdp_lb_drift_repairs_total", &[]), 1.0);
+    promtool_accepts(&later.text);
+}
