@@ -670,4 +670,54 @@ mod tests {
         assert_eq!(label(r#"a"b\c"#), r#"a\"b\\c"#);
         assert_eq!(label("a\nb"), r"a\nb");
     }
+
+    /// Every string under `key` anywhere in `value`.
+    fn strings_under<'a>(value: &'a serde_json::Value, key: &str, out: &mut Vec<&'a str>) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (k, v) in fields {
+                    match v.as_str() {
+                        Some(text) if k == key => out.push(text),
+                        _ => strings_under(v, key, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| strings_under(v, key, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_metric_the_dashboard_queries_is_served() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../deploy/grafana/kube-xdp-lb.json")).expect("valid JSON");
+        let mut queries = Vec::new();
+        strings_under(&dashboard["panels"], "expr", &mut queries);
+        let panels = queries.len();
+        strings_under(&dashboard["templating"], "query", &mut queries);
+        assert!(panels >= 15 && queries.len() > panels, "{} queries", queries.len());
+        let text = AgentMetrics::default().render(reading(), false);
+        let (samples, _) = parse(&text);
+        let served: BTreeSet<&str> = samples.keys().map(|s| s.split('{').next().unwrap()).collect();
+        let mut used = BTreeSet::new();
+        for query in queries {
+            let names = query
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .filter(|word| word.starts_with("kube_xdp_lb_") || word.starts_with("kubeproxy_"));
+            for name in names {
+                assert!(served.contains(name), "the dashboard queries {name}, which /metrics does not serve: {query}");
+                used.insert(name);
+            }
+        }
+        // Each part of the dashboard has its metrics.
+        for name in [
+            "kube_xdp_lb_service_packets_total",
+            "kube_xdp_lb_backend_new_flows_total",
+            "kube_xdp_lb_packets_total",
+            "kube_xdp_lb_map_entries",
+            "kubeproxy_network_programming_duration_seconds_bucket",
+        ] {
+            assert!(used.contains(name), "the dashboard shows no {name}");
+        }
+    }
 }
