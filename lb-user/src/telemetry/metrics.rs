@@ -720,4 +720,21 @@ mod tests {
             assert!(used.contains(name), "the dashboard shows no {name}");
         }
     }
+
+    #[test]
+    fn docs_metrics_md_describes_every_metric_and_reason() {
+        let doc = include_str!("../../../docs/METRICS.md");
+        let text = AgentMetrics::default().render(reading(), false);
+        let (_, types) = parse(&text);
+        for name in types.keys() {
+            assert!(doc.contains(&format!("`{name}`")), "docs/METRICS.md does not describe {name}");
+        }
+        for (index, reason) in lb_common::counters::ALL {
+            let listed = match reason.strip_prefix("sock_") {
+                Some(operation) => format!("`{operation}`"),
+                None => format!("| `{reason}` | {} |", crate::telemetry::status::counter_kind(index)),
+            };
+            assert!(doc.contains(&listed), "docs/METRICS.md does not explain {reason} as {listed}");
+        }
+    }
 }
