@@ -182,6 +182,16 @@ fn datapath_config(node: &NodeInfo, local: LocalDetect, cfg: &AgentConfig) -> Co
 
 /// Runs until `shutdown` resolves. The datapath keeps running after the agent exits.
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+    // Bound first: a taken address is reported before the datapath is touched.
+    let metrics = AgentMetrics::default();
+    let _metrics_server = match cfg.metrics_bind_address {
+        Some(addr) => Some(
+            metrics::serve(addr, cfg.pin_dir.clone(), metrics.clone())
+                .await
+                .map_err(|source| Error::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let mut dp = Datapath::load(&cfg.pin_dir, cfg.datapath.capacity)?;
     for iface in &cfg.uplinks {
         dp.attach_uplink(iface).map_err(|source| Error::Uplink { iface: iface.clone(), source: Box::new(source) })?;
@@ -214,15 +224,6 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, "agent started");
     let _sweeper = Sweeper::start(Conntrack::open(&cfg.pin_dir)?);
     let mut status = StatusWriter::start(&cfg.pin_dir)?;
-    let metrics = AgentMetrics::default();
-    let _metrics_server = match cfg.metrics_bind_address {
-        Some(addr) => Some(
-            metrics::serve(addr, cfg.pin_dir.clone(), metrics.clone())
-                .await
-                .map_err(|source| Error::Metrics { addr, source })?,
-        ),
-        None => None,
-    };
     let mut drift_check = tokio::time::interval_at(tokio::time::Instant::now() + cfg.drift_check, cfg.drift_check);
     drift_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);

@@ -630,13 +630,7 @@ fn parse_service_name(s: &str) -> Result<(String, String), String> {
 struct BindAddress(Option<std::net::SocketAddr>);
 
 fn parse_bind_address(s: &str) -> Result<BindAddress, String> {
-    if s.is_empty() {
-        return Ok(BindAddress(None));
-    }
-    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
-        return Ok(BindAddress(Some((ip, 10249).into())));
-    }
-    s.parse().map(|a| BindAddress(Some(a))).map_err(|_| format!("{s:?} is not IP:PORT, an IP or \"\""))
+    telemetry::metrics::parse_bind_address(s).map(BindAddress)
 }
 
 fn parse_glob(s: &str) -> Result<Glob, String> {

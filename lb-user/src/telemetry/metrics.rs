@@ -18,7 +18,7 @@ use axum::{
     routing::get,
     Router,
 };
-use lb_common::user::protocol_name;
+use lb_common::{affinity_scope, user::protocol_name};
 use prometheus_client::{
     collector::Collector,
     encoding::{
@@ -34,14 +34,14 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     datapath,
     model::ServiceRef,
     telemetry::{
         status::{SyncReport, Usage},
-        views::{self, Snapshot, Traffic},
+        views::{self, ServiceName, Snapshot, Traffic},
     },
 };
 
@@ -252,12 +252,17 @@ impl Reading {
             let traffic = snap.frontend_traffic.get(&v.svc_id).copied().unwrap_or_default();
             add(services.entry(labels).or_default(), &traffic);
         }
+        // A backend's Service port: that of a named frontend sharing its scope, as
+        // `Snapshot::service_of_backend` finds it, looked up once per scope.
+        let mut by_scope: BTreeMap<u32, (ServiceName, String)> = BTreeMap::new();
+        for (key, v) in &snap.maps.services {
+            if let Some(name) = snap.name_of(key) {
+                by_scope.entry(v.scope).or_insert_with(|| (name, protocol_name(key.proto).into_owned()));
+            }
+        }
         let mut backends: BTreeMap<Labels, (Traffic, u64)> = BTreeMap::new();
         for (id, b) in &snap.maps.backends {
-            let (name, protocol) = snap
-                .service_of_backend(b)
-                .map(|(name, proto)| (name, protocol_name(proto).into_owned()))
-                .unwrap_or_default();
+            let (name, protocol) = by_scope.get(&affinity_scope(b.owner)).cloned().unwrap_or_default();
             let sref = ServiceRef { namespace: name.namespace.clone(), name: name.name.clone() };
             let node = nodes.get(&(sref, b.ip())).map_or_else(String::new, |n| label(n));
             let labels = vec![
@@ -430,6 +435,7 @@ impl Collector for DatapathCollector {
 /// The /metrics server, stopped on drop.
 pub struct Server {
     task: JoinHandle<()>,
+    /// Where it listens (the port chosen, for port 0).
     pub local_addr: SocketAddr,
 }
 
@@ -449,6 +455,7 @@ struct Scraper {
 pub async fn serve(addr: SocketAddr, pin_dir: PathBuf, metrics: AgentMetrics) -> std::io::Result<Server> {
     let listener = TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
+    info!(address = %local_addr, "serving /metrics");
     let app = Router::new().route("/metrics", get(scrape)).with_state(Scraper { pin_dir: Arc::new(pin_dir), metrics });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -464,15 +471,27 @@ async fn scrape(State(s): State<Scraper>, headers: HeaderMap) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
     // Reading conntrack whole (for the NAT ports) can take a while: off the event loop.
-    let scraped = tokio::task::spawn_blocking(move || s.metrics.scrape(&s.pin_dir, open_metrics)).await;
+    let scraped =
+        tokio::task::spawn_blocking(move || s.metrics.scrape(&s.pin_dir, open_metrics).map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
     match scraped {
-        Ok(Ok(text)) => ([(header::CONTENT_TYPE, if open_metrics { OPENMETRICS_TEXT } else { PROMETHEUS_TEXT })], text)
+        Ok(text) => ([(header::CONTENT_TYPE, if open_metrics { OPENMETRICS_TEXT } else { PROMETHEUS_TEXT })], text)
             .into_response(),
-        Ok(Err(e)) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, format!("reading the datapath's maps: {e}\n")).into_response()
-        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading the datapath's maps: {e}\n")).into_response(),
     }
+}
+
+/// `--metrics-bind-address` as kube-proxy reads it: IP:PORT, an IP alone (port 10249), or
+/// "" for no server.
+pub fn parse_bind_address(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(Some((ip, 10249).into()));
+    }
+    s.parse().map(Some).map_err(|_| format!("{s:?} is not IP:PORT, an IP, or \"\" (no metrics server)"))
 }
 
 #[cfg(test)]
@@ -663,6 +682,38 @@ mod tests {
         let text = AgentMetrics::default().render(reading(), true);
         assert!(text.contains("# TYPE kube_xdp_lb_packets counter\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[tokio::test]
+    async fn a_taken_address_is_refused_and_a_scrape_without_a_datapath_answers_500_naming_why() {
+        let missing = std::env::temp_dir().join(format!("lb-metrics-no-pins-{}", std::process::id()));
+        let server = serve("127.0.0.1:0".parse().unwrap(), missing.clone(), AgentMetrics::default()).await.unwrap();
+        let taken = serve(server.local_addr, missing.clone(), AgentMetrics::default()).await.err().expect("refused");
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+        let mut conn = tokio::net::TcpStream::connect(server.local_addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut conn,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+        let why = format!("reading the datapath's maps: --pin-dir {}: no such directory", missing.display());
+        assert!(answer.contains(&why), "{answer}");
+    }
+
+    #[test]
+    fn bind_addresses_are_read_as_kube_proxy_reads_them() {
+        assert_eq!(parse_bind_address("0.0.0.0:9100"), Ok(Some("0.0.0.0:9100".parse().unwrap())));
+        assert_eq!(parse_bind_address("192.168.50.10"), Ok(Some("192.168.50.10:10249".parse().unwrap())));
+        assert_eq!(parse_bind_address("[::1]:10249"), Ok(Some("[::1]:10249".parse().unwrap())));
+        assert_eq!(parse_bind_address(""), Ok(None));
+        assert_eq!(
+            parse_bind_address("localhost:10249"),
+            Err(r#""localhost:10249" is not IP:PORT, an IP, or "" (no metrics server)"#.to_string())
+        );
     }
 
     #[test]

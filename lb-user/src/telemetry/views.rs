@@ -165,7 +165,7 @@ impl Snapshot {
     }
 
     /// The Service port of a backend: that of a frontend sharing its owner.
-    pub(crate) fn service_of_backend(&self, b: &Backend) -> Option<(ServiceName, u8)> {
+    fn service_of_backend(&self, b: &Backend) -> Option<(ServiceName, u8)> {
         let scope = affinity_scope(b.owner);
         self.maps.services.iter().filter(|(_, v)| v.scope == scope).find_map(|(k, _)| Some((self.name_of(k)?, k.proto)))
     }
