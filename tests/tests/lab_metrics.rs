@@ -6,11 +6,9 @@
 //! follow the syncs, `promtool check metrics` accepts the output, and a map entry changed
 //! behind the agent's back is repaired and counted.
 use std::{
-    collections::BTreeMap,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -19,7 +17,8 @@ use lb_common::{map_names, ServiceKey, ServiceValue, SlotKey, IPPROTO_TCP};
 use lb_tests::{
     agent::lb_user_bin,
     cluster::{service, Cluster, Endpoint, Manifests},
-    lab::{in_netns, Spec},
+    lab::Spec,
+    metrics::{promtool_accepts, scrape},
     traffic::{tcp_ask, udp_ask},
 };
 use serde_json::Value;
@@ -32,82 +31,6 @@ fn start(yaml: &str, agent_args: &[&str]) -> Cluster {
     lb_tests::require_root();
     let spec = Spec { pods_per_node: vec![1, 1], clients: 1, ..Spec::default() };
     Cluster::start("lbm", &spec, Manifests::inline(yaml).unwrap(), agent_args).unwrap()
-}
-
-/// One scrape: every sample by name, with its labels.
-struct Scrape {
-    text: String,
-    samples: Vec<(String, BTreeMap<String, String>, f64)>,
-}
-
-impl Scrape {
-    /// The value of the one series of `name` with these labels (and any others).
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let found: Vec<f64> = self
-            .samples
-            .iter()
-            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|have| have == v)))
-            .map(|(_, _, v)| *v)
-            .collect();
-        match found[..] {
-            [v] => v,
-            _ => panic!("{} series {name}{labels:?} in:\n{}", found.len(), self.text),
-        }
-    }
-}
-
-/// GET /metrics from the agent on its default address, inside the node's namespace.
-fn scrape(node_ns: &str) -> Scrape {
-    let raw = in_netns(node_ns, || {
-        let mut s = TcpStream::connect("127.0.0.1:10249").expect("the agent serves /metrics on 127.0.0.1:10249");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        raw
-    });
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response: {raw}"));
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
-    assert!(head.to_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
-    let mut samples = Vec::new();
-    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        let (series, value) = line.rsplit_once(' ').unwrap();
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => (name, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        let labels = labels
-            .split("\",")
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                let (k, v) = l.split_once('=').unwrap();
-                (k.to_string(), v.trim_matches('"').to_string())
-            })
-            .collect();
-        samples.push((name.to_string(), labels, value.parse().unwrap()));
-    }
-    Scrape { text: body.to_string(), samples }
-}
-
-/// `promtool check metrics` accepts `text` (format and Prometheus's naming rules).
-fn promtool_accepts(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("promtool not runnable ({e}): install Debian's `prometheus` package (`cargo xtask setup` does)")
-        });
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A frame's size as the hooks count it: Ethernet (14) + IPv4 (20) + UDP (8) + payload.

@@ -129,17 +129,19 @@ impl AgentMetrics {
     /// Everything /metrics serves: these metrics and the datapath's `reading`.
     fn registry(&self, reading: Reading) -> Registry {
         let mut r = Registry::default();
-        r.register(
+        // kube-proxy labels these by IP family; this datapath serves IPv4.
+        let kube_proxy = r.sub_registry_with_label(("ip_family".into(), "IPv4".into()));
+        kube_proxy.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "Time one sync of the maps with the source took, from reading the source to the last map write",
             self.sync_duration.clone(),
         );
-        r.register(
+        kube_proxy.register(
             "kubeproxy_network_programming_duration_seconds",
             "Time from a change of the Services or endpoints (its arrival at the agent) to the map write serving it",
             self.programming_latency.clone(),
         );
-        r.register(
+        kube_proxy.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "The last time the maps were synced with the source without error (Unix seconds)",
             self.last_sync.clone(),
@@ -661,18 +663,20 @@ mod tests {
         let (samples, _) = parse(&text);
         let at = |series: &str| samples.get(series).copied().unwrap_or_else(|| panic!("no {series}"));
         // A read that found nothing new is no sync; a failed one is.
-        assert_eq!(at("kubeproxy_sync_proxy_rules_duration_seconds_count"), "2");
-        assert_eq!(at(r#"kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.004"}"#), "2");
-        assert_eq!(at(r#"kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.002"}"#), "0");
-        assert_eq!(at("kubeproxy_network_programming_duration_seconds_count"), "2");
-        assert_eq!(at(r#"kubeproxy_network_programming_duration_seconds_bucket{le="0.25"}"#), "0");
-        assert_eq!(at(r#"kubeproxy_network_programming_duration_seconds_bucket{le="0.5"}"#), "1");
-        assert_eq!(at(r#"kubeproxy_network_programming_duration_seconds_bucket{le="2.0"}"#), "2");
-        assert_eq!(at(r#"kubeproxy_network_programming_duration_seconds_bucket{le="300.0"}"#), "2");
+        let v4 = r#"ip_family="IPv4""#;
+        assert_eq!(at(&format!("kubeproxy_sync_proxy_rules_duration_seconds_count{{{v4}}}")), "2");
+        assert_eq!(at(&format!(r#"kubeproxy_sync_proxy_rules_duration_seconds_bucket{{{v4},le="0.004"}}"#)), "2");
+        assert_eq!(at(&format!(r#"kubeproxy_sync_proxy_rules_duration_seconds_bucket{{{v4},le="0.002"}}"#)), "0");
+        let programming = "kubeproxy_network_programming_duration_seconds";
+        assert_eq!(at(&format!("{programming}_count{{{v4}}}")), "2");
+        assert_eq!(at(&format!(r#"{programming}_bucket{{{v4},le="0.25"}}"#)), "0");
+        assert_eq!(at(&format!(r#"{programming}_bucket{{{v4},le="0.5"}}"#)), "1");
+        assert_eq!(at(&format!(r#"{programming}_bucket{{{v4},le="2.0"}}"#)), "2");
+        assert_eq!(at(&format!(r#"{programming}_bucket{{{v4},le="300.0"}}"#)), "2");
         assert_eq!(at("kube_xdp_lb_sync_errors_total"), "1");
         assert_eq!(at("kube_xdp_lb_drift_checks_total"), "2");
         assert_eq!(at("kube_xdp_lb_drift_repairs_total"), "2");
-        let last: f64 = at("kubeproxy_sync_proxy_rules_last_timestamp_seconds").parse().unwrap();
+        let last: f64 = at(&format!("kubeproxy_sync_proxy_rules_last_timestamp_seconds{{{v4}}}")).parse().unwrap();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
         assert!((now - 60.0..=now).contains(&last), "{last}");
     }
