@@ -64,9 +64,11 @@ struct SlicePort {
 /// Addresses without a nodeName are left out.
 pub fn endpoint_nodes(objects: &Objects) -> BTreeMap<(ServiceRef, Ipv4Addr), String> {
     let mut out = BTreeMap::new();
+    let mut with_slices = BTreeSet::new();
     for slice in &objects.slices {
         let Some(name) = slice.labels().get(SERVICE_NAME_LABEL) else { continue };
         let sref = ServiceRef { namespace: slice.namespace().unwrap_or_else(|| "default".into()), name: name.clone() };
+        with_slices.insert(sref.clone());
         for ep in &slice.endpoints {
             let addr = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok());
             if let (Some(addr), Some(node)) = (addr, &ep.node_name) {
@@ -74,14 +76,17 @@ pub fn endpoint_nodes(objects: &Objects) -> BTreeMap<(ServiceRef, Ipv4Addr), Str
             }
         }
     }
+    // Legacy Endpoints count only for Services without slices, as in the model.
     for ep in &objects.endpoints {
         let sref = ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() };
+        if with_slices.contains(&sref) {
+            continue;
+        }
         for subset in ep.subsets.iter().flatten() {
             let addresses = subset.addresses.iter().flatten().chain(subset.not_ready_addresses.iter().flatten());
             for a in addresses {
                 if let (Ok(addr), Some(node)) = (a.ip.parse::<Ipv4Addr>(), &a.node_name) {
-                    // Slices, where there are any, are what the model reads.
-                    out.entry((sref.clone(), addr)).or_insert_with(|| node.clone());
+                    out.insert((sref.clone(), addr), node.clone());
                 }
             }
         }
