@@ -101,6 +101,17 @@ impl Agent {
         self.restart()
     }
 
+    /// Sends `signal` (SIGKILL: a crash or an OOM kill; SIGTERM: a rollout), waits for the
+    /// process to end, starts it again and waits for the new process's first sync.
+    pub fn kill_and_restart(&mut self, signal: i32) -> Result<()> {
+        let before = self.syncs();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.child.wait()?;
+        self.child = spawn(&self.launcher, &self.args, &self.log)?;
+        self.wait_for_syncs(before + 1)
+    }
+
     /// Stops and starts the agent without waiting for anything.
     pub fn respawn(&mut self) -> Result<()> {
         self.stop();
