@@ -729,7 +729,7 @@ impl Config {
 /// A fragmented datagram, keyed as a hook sees it: (source, destination, protocol, IP id).
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey {
     pub src_addr_be: u32,
     pub dst_addr_be: u32,
@@ -754,9 +754,12 @@ pub struct FragValue {
     pub created_ns: u64,
     pub src_addr_be: u32,
     pub dst_addr_be: u32,
+    /// The key it is stored under: LB_FRAGMENTS is an LRU, whose elements the kernel reuses
+    /// for other datagrams at once; the datapath copies the entry and checks this.
+    pub key: FragKey,
     /// The egress mark payload (netfilter mode), as `flow::Translation::egress`.
     pub egress: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// A token bucket of LB_RATE_LIMIT, for answers the datapath sends (ICMP port unreachable,
@@ -841,7 +844,7 @@ mod tests {
         assert_eq!(size_of::<SourceRange>(), 8);
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<FragKey>(), 12);
-        assert_eq!(size_of::<FragValue>(), 24);
+        assert_eq!(size_of::<FragValue>(), 32);
         assert_eq!(size_of::<BenchFrame>(), 64);
         assert_eq!(size_of::<XdpMeta>(), 8);
         assert_eq!(size_of::<BackendStats>(), 24);

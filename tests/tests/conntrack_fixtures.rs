@@ -842,3 +842,25 @@ fn a_preallocated_table_serves_flows_and_keeps_its_kind() {
         assert_eq!(fx.ct_counted(), 2, "and nothing was touched");
     });
 }
+
+/// LB_FRAGMENTS is an LRU: an element reused for another datagram while a later fragment
+/// reads it holds that datagram's key, and the fragment is not given its addresses.
+#[test]
+fn a_fragment_entry_reused_for_another_datagram_is_not_followed() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let datagram = Frame { payload: (0..40).collect(), ..Frame::udp(sa(CLIENT, 6100), np(30080)) }.bytes();
+        let (first, later) = fragments(&datagram);
+        fx.xdp(&first);
+        let map = lb_user::datapath::open_map(&fx.pin_dir, lb_common::map_names::FRAGMENTS).unwrap();
+        let mut frags: aya::maps::HashMap<_, lb_common::FragKey, lb_common::FragValue> = map.try_into().unwrap();
+        let (key, value) = frags.iter().map(Result::unwrap).next().expect("the first fragment is remembered");
+        assert_eq!(value.key, key, "an entry names its key");
+        let other = lb_common::FragKey { id_be: key.id_be ^ 0x0101, ..key };
+        frags.insert(key, lb_common::FragValue { key: other, ..value }, 0).unwrap();
+        let before = fx.counters();
+        let (action, out, _) = fx.xdp(&later);
+        assert_eq!((action, out), (XDP_PASS, later), "passed untouched");
+        assert_eq!(delta(fx, &before, "pass_fragment_unmatched"), 1);
+        assert_eq!(delta(fx, &before, "entry_reused"), 1);
+    });
+}
