@@ -117,11 +117,12 @@ enum Command {
         node: NodeArgs,
         #[command(flatten)]
         local: LocalArgs,
-        /// Uplink interface(s) for the XDP program.
-        #[arg(long, required = true)]
+        /// Uplink interface(s) for the XDP program (repeat the option, or separate with commas).
+        #[arg(long, required = true, value_delimiter = ',')]
         iface: Vec<String>,
-        /// Pod-facing devices get the tc program: names matching these glob patterns.
-        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*"], value_parser = parse_glob)]
+        /// Pod-facing devices get the tc program: names matching these glob patterns (repeat
+        /// the option, or separate with commas).
+        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*"], value_delimiter = ',', value_parser = parse_glob)]
         pod_devices: Vec<Glob>,
         /// SNAT source port range, MIN-MAX.
         #[arg(long, default_value = "32768-65535", value_parser = parse_port_range)]

@@ -514,3 +514,69 @@ pub fn syn_flood(
         result
     })
 }
+
+/// Continuous requests from inside a namespace, each timed, until stopped: TCP loops (a new
+/// connection per request) and UDP loops (a new socket per request, each from the next of
+/// its own ports, so no request continues an earlier flow).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    outcomes: Arc<std::sync::Mutex<Vec<Outcome>>>,
+}
+
+/// When a request started, and the backend that answered (its name) or the error.
+pub type Outcome = (std::time::Instant, Result<String, String>);
+
+impl Load {
+    /// `tcp_loops` TCP loops and one UDP loop per entry of `udp_first_ports`, each pausing
+    /// `pause` between requests.
+    pub fn start(ns: &str, dst: SocketAddrV4, tcp_loops: usize, udp_first_ports: &[u16], pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::default();
+        let loops = std::iter::repeat_n(None, tcp_loops).chain(udp_first_ports.iter().map(|p| Some(*p)));
+        let threads = loops
+            .map(|udp| {
+                let (ns, stop, out): (String, _, Arc<std::sync::Mutex<Vec<Outcome>>>) =
+                    (ns.to_string(), stop.clone(), Arc::clone(&outcomes));
+                std::thread::spawn(move || {
+                    in_netns(&ns, move || {
+                        let mut ports = udp.map(|first| first..first.saturating_add(10_000));
+                        while !stop.load(Ordering::Relaxed) {
+                            let started = std::time::Instant::now();
+                            let result = match ports.as_mut() {
+                                Some(ports) => udp_request_here(ports.next().expect("a fresh port"), dst),
+                                None => tcp_ask_here(dst),
+                            };
+                            let who = result.map_err(|e| e.to_string()).and_then(|a| {
+                                parse_answer(&a).map(|(name, _)| name).ok_or(format!("not a backend's answer: {a:?}"))
+                            });
+                            out.lock().unwrap().push((started, who));
+                            std::thread::sleep(pause);
+                        }
+                    })
+                })
+            })
+            .collect();
+        Load { stop, threads, outcomes }
+    }
+
+    /// Stops every loop and returns what they saw.
+    pub fn stop(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("load loop");
+        }
+        std::mem::take(&mut *self.outcomes.lock().unwrap())
+    }
+}
+
+/// One UDP request from `port` of this thread's namespace.
+fn udp_request_here(port: u16, dst: SocketAddrV4) -> io::Result<String> {
+    let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.connect(dst)?;
+    s.send(b"hello")?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
