@@ -2,7 +2,8 @@
 //! and keeps them equal to the model of the manifests, read again whenever they change;
 //! attaches the pod-side program to every device matching the patterns, including ones
 //! created later (netlink link events); serves healthCheckNodePorts for
-//! externalTrafficPolicy=Local Services.
+//! externalTrafficPolicy=Local Services; serves /metrics; repairs what changes in the maps
+//! behind its back.
 use std::{
     collections::BTreeSet,
     ffi::CStr,
@@ -24,6 +25,7 @@ use crate::{
     source::{manifests::ManifestCache, watch::ManifestWatch, Objects},
     telemetry::{
         health::HealthServers,
+        metrics::{self, AgentMetrics},
         status::{StatusWriter, SyncReport},
     },
 };
@@ -126,6 +128,10 @@ pub struct AgentConfig {
     pub datapath: DatapathOptions,
     /// Socket-level load balancing; None: off (the hooks are detached).
     pub sockets: Option<SocketLb>,
+    /// Where /metrics is served; None: nowhere.
+    pub metrics_bind_address: Option<std::net::SocketAddr>,
+    /// How often the service maps are compared with what was last applied (and repaired).
+    pub drift_check: Duration,
 }
 
 /// Where and for whom the socket hooks translate.
@@ -165,6 +171,12 @@ pub enum Error {
     },
     #[error("waiting on netlink or the datapath log: {0}")]
     Poll(#[source] io::Error),
+    #[error("serving /metrics on --metrics-bind-address {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14) for --socket-lb: {0}")]
     NetnsCookie(#[source] io::Error),
 }
@@ -202,6 +214,16 @@ fn datapath_config(node: &NodeInfo, local: LocalDetect, cfg: &AgentConfig) -> Co
 
 /// Runs until `shutdown` resolves. The datapath keeps running after the agent exits.
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+    // Bound first: a taken address is reported before the datapath is touched.
+    let metrics = AgentMetrics::default();
+    let _metrics_server = match cfg.metrics_bind_address {
+        Some(addr) => Some(
+            metrics::serve(addr, cfg.pin_dir.clone(), metrics.clone())
+                .await
+                .map_err(|source| Error::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let mut dp = Datapath::load(&cfg.pin_dir, cfg.datapath.capacity)?;
     for iface in &cfg.uplinks {
         dp.attach_uplink(iface).map_err(|source| Error::Uplink { iface: iface.clone(), source: Box::new(source) })?;
@@ -234,6 +256,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, "agent started");
     let sweeper = Sweeper::start(Conntrack::open(&cfg.pin_dir)?);
     let mut status = StatusWriter::start(&cfg.pin_dir)?;
+    let mut drift_check = tokio::time::interval_at(tokio::time::Instant::now() + cfg.drift_check, cfg.drift_check);
+    drift_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     attach_pod_devices(&mut dp, &cfg, &mut attached);
     loop {
@@ -257,13 +281,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             () = watch.changed() => {
                 let started = std::time::Instant::now();
                 let step = sync.step(&cfg, &mut reconciler, &mut store, &sweeper);
-                status.synced(&SyncReport {
+                let wrote = step.health_checks.is_some();
+                let waited = if sync.retry { None } else { watch.caught_up() };
+                let report = SyncReport {
                     took: started.elapsed(),
-                    wrote: step.health_checks.is_some(),
+                    wrote,
                     failed: sync.retry,
                     frontends: sync.applied.as_ref().map_or(0, |(_, d)| d.frontends.len()),
                     problems: &sync.problems,
-                });
+                    latencies: waited.filter(|_| wrote).into_iter().collect(),
+                };
+                status.synced(&report);
+                metrics.synced(&report);
+                if let Some((objects, _)) = sync.applied.as_ref().filter(|_| wrote) {
+                    metrics.set_endpoint_nodes(model::endpoint_nodes(objects));
+                }
                 if step.unreadable {
                     watch.rewatch();
                 }
@@ -274,10 +306,35 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                     health.update(&checks).await;
                 }
             }
+            _ = drift_check.tick() => {
+                // A sync due again would write anyway; only applied state is compared.
+                if let Some((_, desired)) = sync.applied.as_ref().filter(|_| !sync.retry) {
+                    repair_drift(&mut reconciler, desired, &mut store, &metrics);
+                }
+            }
         }
     }
     info!("agent stopping; the datapath keeps running from its pins");
     Ok(())
+}
+
+/// Writes back what changed in the service maps behind the agent's back (an operator's
+/// bpftool edit, a lost write), logging and counting each frontend repaired.
+fn repair_drift(reconciler: &mut Reconciler, desired: &Desired, store: &mut PinnedMaps, metrics: &AgentMetrics) {
+    match reconciler.repair(desired, store) {
+        Ok(None) => metrics.drift_checked(0),
+        Ok(Some(repair)) => {
+            for d in &repair.drift {
+                warn!("the maps changed behind the agent's back; repairing {d}");
+            }
+            for failure in &repair.changes.failures {
+                warn!("repairing drift: {failure}");
+            }
+            info!(frontends = repair.frontends(), written = repair.changes.services_written, "drift repaired");
+            metrics.drift_checked(repair.frontends());
+        }
+        Err(e) => warn!("checking the maps for drift: {e}"),
+    }
 }
 
 /// Keeps the maps equal to the manifests, from one read to the next.

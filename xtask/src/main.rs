@@ -196,7 +196,8 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Debian packages the build, the tests and the demo use.
-const PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "ethtool", "bpftool", "procps", "nftables"];
+/// (prometheus: promtool, which checks the agent's /metrics in the lab tests.)
+const PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "ethtool", "bpftool", "procps", "nftables", "prometheus"];
 /// Debian's compiler + matching library source, used when no nightly has rust-src.
 const DEBIAN_RUST: &[&str] = &["rustc-web", "rust-web-src"];
 
