@@ -39,7 +39,9 @@ enum Command {
         pod_iface: Vec<String>,
     },
     /// Detach and unpin everything under the pin directory (only this product's own pins;
-    /// anything else there is refused, and then nothing is removed).
+    /// anything else there is refused, and then nothing is removed). The agent leaves the
+    /// datapath running when it stops; this is how a node is cleared of it.
+    #[command(visible_alias = "uninstall")]
     Unload {
         #[command(flatten)]
         pin: PinDir,
