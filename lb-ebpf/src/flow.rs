@@ -54,7 +54,7 @@ impl Rewrite {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Verdict {
-    /// Translate: the next hop's Ethernet addresses, when `hop_flags` says the half had them.
+    /// Translate: the next hop's Ethernet addresses, when `has_hop` says the half had them.
     pub hop_macs: Macs,
     /// Translate: the new addresses and ports.
     pub rw: Rewrite,
