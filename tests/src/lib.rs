@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cgroup;
 pub mod client;
 pub mod cluster;
+pub mod fake_api;
 pub mod fixture;
 pub mod lab;
 pub mod packet;
