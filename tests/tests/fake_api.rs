@@ -213,6 +213,35 @@ async fn watches_stream_changes_bookmarks_and_selector_exits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_with_streaming_lists_gets_its_initial_events_end_bookmark() {
+    let server = start();
+    let api: Api<Service> = Api::namespaced(kube_client(&server.url()), "default");
+    api.create(&PostParams::default(), &service("a", json!({"app": "web"}))).await.unwrap();
+    api.create(&PostParams::default(), &service("b", json!({"app": "db"}))).await.unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let config = watcher::Config::default().streaming_lists().labels("app=web");
+    let task = tokio::spawn(watcher(api.clone(), config).for_each(move |event| {
+        let text = match event {
+            Ok(watcher::Event::Init) => "Init".to_string(),
+            Ok(watcher::Event::InitApply(s)) => format!("InitApply {}", s.name_any()),
+            Ok(watcher::Event::InitDone) => "InitDone".to_string(),
+            Ok(watcher::Event::Apply(s)) => format!("Apply {}", s.name_any()),
+            Ok(watcher::Event::Delete(s)) => format!("Delete {}", s.name_any()),
+            Err(e) => format!("error {e}"),
+        };
+        seen.lock().unwrap().push(text);
+        futures::future::ready(())
+    }));
+    eventually("the initial events", Duration::from_secs(5), || events.lock().unwrap().len() >= 3).await;
+    api.create(&PostParams::default(), &service("c", json!({"app": "web"}))).await.unwrap();
+    eventually("the watch after the initial events", Duration::from_secs(5), || events.lock().unwrap().len() >= 4)
+        .await;
+    assert_eq!(*events.lock().unwrap(), ["Init", "InitApply a", "InitDone", "Apply c"]);
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_from_a_compacted_version_gets_410_and_the_watcher_relists() {
     let server = start();
     let faults = server.faults();
