@@ -387,6 +387,14 @@ async fn writes_conflict_and_fail_as_the_real_server() {
     assert_eq!((code, reason.as_str()), (415, "UnsupportedMediaType"));
     assert!(message.contains("application/apply-patch+yaml"), "{message}");
 
+    // Status is a subresource: a write to the Service leaves it, one to .../status sets it.
+    let lb = json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.168.60.5"}]}}});
+    let ignored = api.patch("web", &PatchParams::default(), &Patch::Merge(lb.clone())).await.unwrap();
+    assert_eq!(ignored.status.and_then(|s| s.load_balancer).and_then(|l| l.ingress), None);
+    let written = api.patch_status("web", &PatchParams::default(), &Patch::Merge(lb)).await.unwrap();
+    let ingress = written.status.and_then(|s| s.load_balancer).and_then(|l| l.ingress).unwrap();
+    assert_eq!(ingress[0].ip.as_deref(), Some("192.168.60.5"));
+
     let stale = DeleteParams {
         preconditions: Some(kube::api::Preconditions { resource_version: created.resource_version(), uid: None }),
         ..DeleteParams::default()

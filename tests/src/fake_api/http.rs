@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{
-    resource_id, ApiError, ChangeKind, ListQuery, Preconditions, ReadAt, ResourceId, Result, RESOURCES,
+    resource_id, ApiError, ChangeKind, ListQuery, Part, Preconditions, ReadAt, ResourceId, Result, RESOURCES,
 };
 use super::Shared;
 
@@ -117,9 +117,29 @@ fn resource_list(group: &str, version: &str) -> Value {
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources})
 }
 
-/// A resource path below `/api/v1` or `/apis/GROUP/VERSION`: `(id, namespace, name)`.
-/// A namespace of `None` is a path across all namespaces (or a cluster-scoped one).
+/// A resource path below `/api/v1` or `/apis/GROUP/VERSION`: `(id, namespace, name)`
+/// and the part (`.../status`). A namespace of `None` is a path across all namespaces
+/// (or a cluster-scoped one).
 fn parse_resource_path(
+    group: &str,
+    version: &str,
+    rest: &[&str],
+) -> Result<(ResourceId, Option<String>, Option<String>, Part)> {
+    let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
+    if let [object @ .., name, "status"] = rest {
+        // `.../NAME/status`, unless the path names an object called "status".
+        if let Ok((id, namespace, Some(name))) = parse_object_path(group, version, &[object, &[name]].concat()) {
+            if !RESOURCES[id].status_subresource {
+                return Err(not_found());
+            }
+            return Ok((id, namespace, Some(name), Part::Status));
+        }
+    }
+    let (id, namespace, name) = parse_object_path(group, version, rest)?;
+    Ok((id, namespace, name, Part::Object))
+}
+
+fn parse_object_path(
     group: &str,
     version: &str,
     rest: &[&str],
@@ -169,7 +189,7 @@ async fn resource_request(
     query: &HashMap<String, String>,
     body: &[u8],
 ) -> Result<Response> {
-    let (id, namespace, name) = parse_resource_path(group, version, rest)?;
+    let (id, namespace, name, part) = parse_resource_path(group, version, rest)?;
     let resource = &RESOURCES[id];
     let ns = namespace.as_deref().unwrap_or("");
     match (method, name) {
@@ -196,7 +216,7 @@ async fn resource_request(
         }
         (&Method::PUT, Some(name)) => {
             let object = parse_json(body, "update")?;
-            let updated = shared.store.lock().unwrap().update(id, ns, &name, object)?;
+            let updated = shared.store.lock().unwrap().update_part(id, ns, &name, object, part)?;
             shared.changed();
             Ok(ok(&updated))
         }
@@ -209,7 +229,7 @@ async fn resource_request(
                 // the strategic form merges by key and this server replaces whole.
                 "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
                     let patch = parse_json(body, "patch")?;
-                    let patched = shared.store.lock().unwrap().patch(id, ns, &name, &patch)?;
+                    let patched = shared.store.lock().unwrap().patch(id, ns, &name, &patch, part)?;
                     shared.changed();
                     Ok(ok(&patched))
                 }
@@ -224,7 +244,7 @@ async fn resource_request(
                 )),
             }
         }
-        (&Method::DELETE, Some(name)) => {
+        (&Method::DELETE, Some(name)) if part == Part::Object => {
             let options = if body.is_empty() { Value::Null } else { parse_json(body, "delete")? };
             let text = |pointer: &str| options.pointer(pointer).and_then(Value::as_str).map(str::to_string);
             let preconditions = Preconditions {

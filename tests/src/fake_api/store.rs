@@ -20,6 +20,9 @@ pub struct Resource {
     pub kind: &'static str,
     pub namespaced: bool,
     pub short_names: &'static [&'static str],
+    /// Whether `status` is a subresource: written only through `.../status`, and left
+    /// as it was by writes to the object itself.
+    pub status_subresource: bool,
 }
 
 impl Resource {
@@ -50,6 +53,7 @@ pub const RESOURCES: &[Resource] = &[
         kind: "Namespace",
         namespaced: false,
         short_names: &["ns"],
+        status_subresource: true,
     },
     Resource {
         group: "",
@@ -59,6 +63,7 @@ pub const RESOURCES: &[Resource] = &[
         kind: "Node",
         namespaced: false,
         short_names: &["no"],
+        status_subresource: true,
     },
     Resource {
         group: "",
@@ -68,6 +73,7 @@ pub const RESOURCES: &[Resource] = &[
         kind: "Service",
         namespaced: true,
         short_names: &["svc"],
+        status_subresource: true,
     },
     Resource {
         group: "",
@@ -77,6 +83,7 @@ pub const RESOURCES: &[Resource] = &[
         kind: "Endpoints",
         namespaced: true,
         short_names: &["ep"],
+        status_subresource: false,
     },
     Resource {
         group: "discovery.k8s.io",
@@ -86,6 +93,7 @@ pub const RESOURCES: &[Resource] = &[
         kind: "EndpointSlice",
         namespaced: true,
         short_names: &[],
+        status_subresource: false,
     },
 ];
 
@@ -204,6 +212,15 @@ pub struct Change {
     /// The object before the change (a watch with a selector needs it to tell an object
     /// that stopped matching).
     pub previous: Option<Arc<Value>>,
+}
+
+/// Which part of an object a write changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The object (its status kept where status is a subresource).
+    Object,
+    /// Only its status (`.../status`).
+    Status,
 }
 
 /// Where a list reads.
@@ -482,7 +499,19 @@ impl Store {
     /// Replaces an object (PUT, and the result of a patch). A resourceVersion in the body
     /// must be the current one (409 Conflict otherwise); none means unconditional. An
     /// update that changes nothing writes nothing, as on the real server.
-    pub fn update(&mut self, id: ResourceId, namespace: &str, name: &str, mut object: Value) -> Result<Arc<Value>> {
+    pub fn update(&mut self, id: ResourceId, namespace: &str, name: &str, object: Value) -> Result<Arc<Value>> {
+        self.update_part(id, namespace, name, object, Part::Object)
+    }
+
+    /// [`Store::update`] of one part of the object.
+    pub fn update_part(
+        &mut self,
+        id: ResourceId,
+        namespace: &str,
+        name: &str,
+        mut object: Value,
+        part: Part,
+    ) -> Result<Arc<Value>> {
         let resource = &RESOURCES[id];
         Self::check_identity(id, namespace, &mut object)?;
         match metadata_str(&object, "name") {
@@ -498,6 +527,31 @@ impl Store {
         let key = (id, namespace.to_string(), name.to_string());
         let existing = self.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(resource, name))?;
         let current_rv = metadata_str(&existing, "resourceVersion").unwrap_or("").to_string();
+        match part {
+            Part::Object if resource.status_subresource => match existing.get("status") {
+                Some(status) => object["status"] = status.clone(),
+                None => {
+                    object.as_object_mut().expect("checked above").remove("status");
+                }
+            },
+            Part::Object => {}
+            Part::Status => {
+                let mut whole = (*existing).clone();
+                match object.get("status") {
+                    Some(status) => whole["status"] = status.clone(),
+                    None => {
+                        whole.as_object_mut().expect("stored objects are objects").remove("status");
+                    }
+                }
+                // The request's resourceVersion stays a precondition.
+                let requested = metadata_str(&object, "resourceVersion").map(str::to_string);
+                metadata_mut(&mut whole).remove("resourceVersion");
+                if let Some(rv) = requested {
+                    metadata_mut(&mut whole).insert("resourceVersion".into(), json!(rv));
+                }
+                object = whole;
+            }
+        }
         match metadata_str(&object, "resourceVersion") {
             Some(rv) if !rv.is_empty() && rv != current_rv => {
                 return Err(ApiError::conflict(
@@ -548,7 +602,14 @@ impl Store {
     }
 
     /// A JSON merge patch (RFC 7386). A resourceVersion in the patch is a precondition.
-    pub fn patch(&mut self, id: ResourceId, namespace: &str, name: &str, patch: &Value) -> Result<Arc<Value>> {
+    pub fn patch(
+        &mut self,
+        id: ResourceId,
+        namespace: &str,
+        name: &str,
+        patch: &Value,
+        part: Part,
+    ) -> Result<Arc<Value>> {
         let existing = self.get(id, namespace, name)?;
         let mut object = (*existing).clone();
         merge_patch(&mut object, patch);
@@ -556,7 +617,7 @@ impl Store {
             // The patched object carries the current resourceVersion: no precondition.
             metadata_mut(&mut object).remove("resourceVersion");
         }
-        self.update(id, namespace, name, object)
+        self.update_part(id, namespace, name, object, part)
     }
 
     pub fn delete(
@@ -873,7 +934,7 @@ mod tests {
         store.create(sid, "default", svc("a")).unwrap();
         let rv_one = store.resource_version();
         store.create(sid, "default", svc("b")).unwrap();
-        store.patch(sid, "default", "a", &json!({"metadata": {"labels": {"app": "changed"}}})).unwrap();
+        store.patch(sid, "default", "a", &json!({"metadata": {"labels": {"app": "changed"}}}), Part::Object).unwrap();
         store.delete(sid, "default", "b", &Preconditions::default()).unwrap();
         let query = ListQuery::default();
         let then = store.list(sid, ReadAt::Exact(rv_one), &query).unwrap();
@@ -899,5 +960,20 @@ mod tests {
         let mut moved = svc("a");
         moved["spec"]["clusterIP"] = json!("10.96.9.9");
         assert_eq!(store.update(sid, "default", "a", moved).unwrap_err().code, 422);
+    }
+
+    #[test]
+    fn status_is_written_only_through_its_subresource() {
+        let mut store = Store::new();
+        let sid = service_id();
+        store.create(sid, "default", svc("a")).unwrap();
+        let lb = json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.168.60.5"}]}}});
+        let ignored = store.patch(sid, "default", "a", &lb, Part::Object).unwrap();
+        assert_eq!(ignored.get("status"), None);
+        let written = store.patch(sid, "default", "a", &lb, Part::Status).unwrap();
+        assert_eq!(written["status"], lb["status"]);
+        let kept =
+            store.patch(sid, "default", "a", &json!({"metadata": {"labels": {"x": "y"}}}), Part::Object).unwrap();
+        assert_eq!(kept["status"], lb["status"]);
     }
 }
