@@ -56,10 +56,20 @@ impl Agent {
     /// (its addresses, zone and pod CIDRs come from its Node object there), and waits
     /// until it reports ready (`/readyz`: first complete sync, datapath attached).
     pub fn start_cluster(node: &Node, api_url: &str, extra_args: &[&str]) -> Result<Agent> {
-        let source = ["--api-server", api_url, "--healthz-bind-address", &format!("127.0.0.1:{HEALTHZ_PORT}")];
-        let agent = Agent::launch(node, source.map(String::from).to_vec(), extra_args)?;
+        let agent = Agent::spawn_cluster(node, api_url, extra_args)?;
         agent.wait_until_ready(Duration::from_secs(30))?;
         Ok(agent)
+    }
+
+    /// [`Agent::start_cluster`] without waiting for anything.
+    pub fn spawn_cluster(node: &Node, api_url: &str, extra_args: &[&str]) -> Result<Agent> {
+        let source = ["--api-server", api_url, "--healthz-bind-address", &format!("127.0.0.1:{HEALTHZ_PORT}")];
+        Agent::launch(node, source.map(String::from).to_vec(), extra_args)
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn launch(node: &Node, source: Vec<String>, extra_args: &[&str]) -> Result<Agent> {

@@ -279,12 +279,14 @@ async fn a_watch_from_a_compacted_version_gets_410_and_the_watcher_relists() {
     };
     eventually("the first list", Duration::from_secs(5), || cached(&store) == ["a", "b"]).await;
     eventually("the watch to open", Duration::from_secs(5), || faults.open_watches() == 1).await;
+    let lists_before = faults.lists_served();
     assert_eq!(faults.expire_watches(), 1);
     api.create(&PostParams::default(), &service("c", json!({}))).await.unwrap();
     api.delete("a", &DeleteParams::default()).await.unwrap();
     eventually("the relist", Duration::from_secs(10), || cached(&store) == ["b", "c"]).await;
     assert_eq!(*gone.lock().unwrap(), 1, "the watcher saw the 410");
     assert_eq!(*inits.lock().unwrap(), 2, "the watcher listed again after the 410");
+    assert_eq!(faults.lists_served(), lists_before + 1);
     task.abort();
 }
 
@@ -328,6 +330,7 @@ async fn dropped_watches_resume_and_an_outage_is_survived() {
     api.create(&PostParams::default(), &slice("web-2", "10.0.0.2")).await.unwrap();
     eventually("the resumed watch", Duration::from_secs(10), || addresses(&store) == ["10.0.0.1", "10.0.0.2"]).await;
     assert_eq!(*inits.lock().unwrap(), 1, "a dropped watch resumes from its resourceVersion without listing");
+    assert_eq!(faults.lists_served(), 1);
 
     // An outage: connections are refused, the state is kept, and changes made once the
     // server is back reach the watcher.

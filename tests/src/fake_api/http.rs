@@ -52,6 +52,7 @@ pub(super) async fn handle(
     if segments.first() == Some(&"fake") {
         return control(&shared, &method, &segments[1..], &query);
     }
+    shared.record(method.as_str(), &uri);
     let delay = shared.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -360,6 +361,7 @@ fn list(
             e
         }
     })?;
+    shared.lists_served.fetch_add(1, Ordering::Relaxed);
     let mut metadata = json!({"resourceVersion": page.resource_version.to_string()});
     if let Some(after) = &page.continue_after {
         metadata["continue"] = json!(encode_continue(page.resource_version, after));

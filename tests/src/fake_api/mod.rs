@@ -53,6 +53,18 @@ impl Default for Config {
     }
 }
 
+/// One API request as the server received it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub at: Instant,
+    pub method: String,
+    pub path: String,
+    pub query: String,
+}
+
+/// Requests kept in the log; later ones are not recorded.
+const MAX_RECORDED: usize = 100_000;
+
 /// Binds a listener again after an outage (in the right network namespace).
 pub type Rebind = Arc<dyn Fn() -> io::Result<std::net::TcpListener> + Send + Sync>;
 
@@ -69,6 +81,10 @@ pub(crate) struct Shared {
     listening: watch::Sender<usize>,
     delay_ms: AtomicU64,
     open_watches: AtomicUsize,
+    /// Lists answered (a client relisting shows here).
+    lists_served: AtomicU64,
+    /// The API requests received (not `/fake`), oldest first, up to [`MAX_RECORDED`].
+    requests: Mutex<Vec<Request>>,
     /// A duplicate of every open connection's socket, to shut them down on an outage.
     connections: Mutex<HashMap<u64, socket2::Socket>>,
     next_connection: AtomicU64,
@@ -79,6 +95,18 @@ pub(crate) struct Shared {
 impl Shared {
     fn changed(&self) {
         self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn record(&self, method: &str, uri: &axum::http::Uri) {
+        let mut requests = self.requests.lock().unwrap();
+        if requests.len() < MAX_RECORDED {
+            requests.push(Request {
+                at: Instant::now(),
+                method: method.to_string(),
+                path: uri.path().to_string(),
+                query: uri.query().unwrap_or("").to_string(),
+            });
+        }
     }
 
     fn address_text(&self) -> String {
@@ -134,6 +162,16 @@ impl Faults {
 
     pub fn open_watches(&self) -> usize {
         self.shared.open_watches.load(Ordering::Relaxed)
+    }
+
+    /// The API requests received so far (what a client asked, and when).
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// How many list requests have been answered with a list.
+    pub fn lists_served(&self) -> u64 {
+        self.shared.lists_served.load(Ordering::Relaxed)
     }
 
     /// Delays every API answer (not the `/fake` ones) by this much; zero to stop.
@@ -287,6 +325,8 @@ impl FakeApiServer {
             listening: watch::channel(0).0,
             delay_ms: AtomicU64::new(0),
             open_watches: AtomicUsize::new(0),
+            lists_served: AtomicU64::new(0),
+            requests: Mutex::new(Vec::new()),
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(0),
             bookmark_interval: config.bookmark_interval,
