@@ -34,6 +34,8 @@ pub struct ApiCluster {
     pub api: FakeApiServer,
     /// The test's client (over the loopback listener).
     pub client: kube::Client,
+    /// The loopback listener's URL (for kubectl on this machine).
+    pub local_url: String,
     /// The URL the agents use, inside the lab.
     pub api_url: String,
     pub lab: Lab,
@@ -134,7 +136,8 @@ impl ApiCluster {
         let local = std::net::TcpListener::bind("127.0.0.1:0")?;
         let local_addr = local.local_addr()?;
         api.serve(local, Arc::new(move || std::net::TcpListener::bind(local_addr)))?;
-        let client = kube_client(&format!("http://{local_addr}"));
+        let local_url = format!("http://{local_addr}");
+        let client = kube_client(&local_url);
         let api_url = format!("http://{host_addr}:{API_PORT}");
 
         let nodes: Api<NodeObject> = Api::all(client.clone());
@@ -148,7 +151,7 @@ impl ApiCluster {
         for (i, pod) in lab.nodes.iter().flat_map(|n| n.pods.iter()).enumerate() {
             backends.push(Echo::start(&pod.ns.name, &pod_name(i), pod.addr, BACKEND_PORT)?);
         }
-        Ok(ApiCluster { agents: Vec::new(), backends, api, client, api_url, lab, runtime })
+        Ok(ApiCluster { agents: Vec::new(), backends, api, client, local_url, api_url, lab, runtime })
     }
 
     pub fn faults(&self) -> Faults {
