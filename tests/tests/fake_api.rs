@@ -509,8 +509,20 @@ async fn kubectl_creates_lists_labels_watches_and_deletes() {
         .spawn()
         .unwrap();
     let api: Api<Service> = Api::namespaced(kube_client(&process.url), "shop");
-    // kubectl's watch is open once it has listed; the ADDED line comes from that list.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The ADDED line comes from kubectl's list; the changes below from its watch, once open.
+    let control = kube_client(&process.url);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let watches = control
+            .request_text(axum::http::Request::get(format!("{}/fake/watches", process.url)).body(Vec::new()).unwrap())
+            .await
+            .unwrap();
+        if serde_json::from_str::<serde_json::Value>(&watches).unwrap()["open"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "kubectl's watch did not open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         kubectl(&process, &["label", "-n", "shop", "svc", "web", "tier=front"], None).trim(),
         "service/web labeled"

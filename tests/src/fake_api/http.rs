@@ -382,6 +382,7 @@ fn control(shared: &Arc<Shared>, method: &Method, path: &[&str], query: &HashMap
     let faults = super::Faults { shared: shared.clone() };
     match (method, path) {
         (&Method::GET, ["resourceVersion"]) => ok(&json!({"resourceVersion": faults.resource_version().to_string()})),
+        (&Method::GET, ["watches"]) => ok(&json!({"open": faults.open_watches()})),
         (&Method::POST, ["compact"]) => {
             let to = number("resourceVersion").unwrap_or(u64::MAX);
             ok(&json!({"compactedTo": faults.compact_to(to).to_string()}))
@@ -410,7 +411,7 @@ fn control(shared: &Arc<Shared>, method: &Method, path: &[&str], query: &HashMap
         _ => error(&ApiError::new(
             404,
             "NotFound",
-            "fake control endpoints: GET /fake/resourceVersion; POST /fake/compact[?resourceVersion=N], \
+            "fake control endpoints: GET /fake/resourceVersion, /fake/watches; POST /fake/compact[?resourceVersion=N], \
              /fake/drop-watches, /fake/expire-watches, /fake/delay?ms=N, /fake/outage?seconds=N",
         )),
     }

@@ -3,7 +3,12 @@
 //! replace, merge patch and delete of Services, Endpoints, EndpointSlices, Nodes and
 //! Namespaces; lists with `resourceVersion`/`resourceVersionMatch`, `limit`/`continue`
 //! and label and field selectors; watches with bookmarks; `kind: Status` errors.
-//! Faults on demand through [`Faults`] (in process) or `/fake/...` (the binary).
+//! Faults on demand through [`Faults`] (in process) or `/fake/...` (the binary):
+//! `GET /fake/resourceVersion`, `GET /fake/watches` (how many are open),
+//! `POST /fake/compact[?resourceVersion=N]`, `POST /fake/drop-watches` (abort every watch
+//! connection mid-stream), `POST /fake/expire-watches` (end every watch with an ERROR 410),
+//! `POST /fake/delay?ms=N` (every API answer), `POST /fake/outage?seconds=N` (connections
+//! closed and refused, state kept).
 //!
 //! Approximations, each where the real server's behaviour does not matter to a client
 //! of Services and EndpointSlices:
