@@ -272,7 +272,7 @@ fn follow(p: &Parsed, v: *mut CtValue) -> Verdict {
     let (flags, backend_id, backend_gen, svc_id) =
         unsafe { ((*v).flags, (*v).backend_id, (*v).backend_gen, (*v).svc_id) };
     let reply = flags & ct_flags::REPLY != 0;
-    if !alive(k.proto, state, seen, now) || (!reply && restarts(k.proto, state, p.tcp_flags)) {
+    if !alive(k.proto, state, seen, now) || restarts(k.proto, state, p.tcp_flags, reply) {
         ct::reap(k, v, seen);
         return Verdict::untracked();
     }

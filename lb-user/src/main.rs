@@ -39,7 +39,9 @@ enum Command {
         pod_iface: Vec<String>,
     },
     /// Detach and unpin everything under the pin directory (only this product's own pins;
-    /// anything else there is refused, and then nothing is removed).
+    /// anything else there is refused, and then nothing is removed). The agent leaves the
+    /// datapath running when it stops; this is how a node is cleared of it.
+    #[command(visible_alias = "uninstall")]
     Unload {
         #[command(flatten)]
         pin: PinDir,
@@ -117,11 +119,12 @@ enum Command {
         node: NodeArgs,
         #[command(flatten)]
         local: LocalArgs,
-        /// Uplink interface(s) for the XDP program.
-        #[arg(long, required = true)]
+        /// Uplink interface(s) for the XDP program (repeat the option, or separate with commas).
+        #[arg(long, required = true, value_delimiter = ',')]
         iface: Vec<String>,
-        /// Pod-facing devices get the tc program: names matching these glob patterns.
-        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*"], value_parser = parse_glob)]
+        /// Pod-facing devices get the tc program: names matching these glob patterns (repeat
+        /// the option, or separate with commas).
+        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*"], value_delimiter = ',', value_parser = parse_glob)]
         pod_devices: Vec<Glob>,
         /// SNAT source port range, MIN-MAX.
         #[arg(long, default_value = "32768-65535", value_parser = parse_port_range)]
@@ -130,6 +133,14 @@ enum Command {
         datapath: DatapathArgs,
         #[command(flatten)]
         sockets: SocketArgs,
+        /// Serve Prometheus metrics on /metrics at IP:PORT (an IP alone: port 10249; "" turns
+        /// it off), as kube-proxy's flag of this name.
+        #[arg(long, default_value = telemetry::metrics::DEFAULT_BIND_ADDRESS, value_parser = parse_bind_address)]
+        metrics_bind_address: BindAddress,
+        /// Seconds between comparisons of the service maps with what the agent last applied;
+        /// what differs (changed behind its back) is written again, logged and counted.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        drift_check_interval: u64,
     },
     /// Which backend the datapath gives a flow (from the pinned maps: works while the agent
     /// is down): a tracked flow's, or a new flow's by affinity and the frontend's algorithm.
@@ -421,7 +432,18 @@ fn main() -> anyhow::Result<()> {
             }
             println!("loaded; pinned under {}", pin.pin_dir.display());
         }
-        Command::Agent { pin, node, local, iface, pod_devices, snat_ports, datapath, sockets } => {
+        Command::Agent {
+            pin,
+            node,
+            local,
+            iface,
+            pod_devices,
+            snat_ports,
+            datapath,
+            sockets,
+            metrics_bind_address,
+            drift_check_interval,
+        } => {
             let sockets = sockets.resolve()?;
             let mut patterns = GlobSetBuilder::new();
             for g in pod_devices {
@@ -437,6 +459,8 @@ fn main() -> anyhow::Result<()> {
                 snat_ports,
                 datapath: datapath.options(),
                 sockets,
+                metrics_bind_address: metrics_bind_address.0,
+                drift_check: std::time::Duration::from_secs(drift_check_interval),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(agent::run(cfg, shutdown_signal()))?;
@@ -602,6 +626,14 @@ fn parse_service_name(s: &str) -> Result<(String, String), String> {
         }
         _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
     }
+}
+
+/// An address to serve on; None: off.
+#[derive(Clone, Copy)]
+struct BindAddress(Option<std::net::SocketAddr>);
+
+fn parse_bind_address(s: &str) -> Result<BindAddress, String> {
+    telemetry::metrics::parse_bind_address(s).map(BindAddress)
 }
 
 fn parse_glob(s: &str) -> Result<Glob, String> {

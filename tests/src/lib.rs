@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod fake_api;
 pub mod fixture;
 pub mod lab;
+pub mod metrics;
 pub mod packet;
 pub mod traffic;
 

@@ -107,6 +107,30 @@ fn a_closed_flows_reply_half_stops_rewriting_after_the_close_timeout() {
     });
 }
 
+/// Defect 2, continued: within the close timeout too. A SYN-ACK from the backend to the
+/// client port of a closed flow answers another connection (made to the backend directly,
+/// or through the socket hooks); it passes as it is, and the closed flow goes.
+#[test]
+fn a_closed_flows_reply_half_never_disguises_another_connections_syn_ack() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let client = sa(CLIENT, 5555);
+        let front = np(30081);
+        let backend = sa(LOCAL_POD, 8080);
+        fx.xdp(&Frame::tcp(client, front, SYN).bytes());
+        fx.tc_pod(&Frame::tcp(backend, client, SYN | ACK).bytes());
+        fx.xdp(&Frame::tcp(client, front, FIN | ACK).bytes());
+        fx.tc_pod(&Frame::tcp(backend, client, FIN | ACK).bytes());
+        // The old connection's last ACK is still its own: translated.
+        let (_, last_ack) = fx.tc_pod(&Frame::tcp(backend, client, ACK).bytes());
+        assert_eq!(endpoints(&last_ack).0, front, "the closed flow's own packets are still translated");
+        let direct = Frame::tcp(backend, client, SYN | ACK).bytes();
+        let (action, out) = fx.tc_pod(&direct);
+        assert_eq!((action, out), (TC_ACT_OK, direct), "passes as it is, at once");
+        assert!(fx.conntrack(backend, client, IPPROTO_TCP).is_none(), "and the closed flow is gone");
+        assert!(fx.conntrack(client, front, IPPROTO_TCP).is_none());
+    });
+}
+
 /// Defect 3: only a SYN starts a TCP flow. A bare ACK (a scan, a flow whose entry is gone)
 /// is answered with a reset as the node's stack would answer it; a stray reset is
 /// dropped; neither takes an entry or a NAT port.

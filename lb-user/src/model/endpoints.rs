@@ -59,6 +59,41 @@ struct SlicePort {
     port: Option<u16>,
 }
 
+/// The node each endpoint address of a Service runs on, as its slices (or, for a Service
+/// without slices, its legacy Endpoints) name it: what per-backend metrics are labelled with.
+/// Addresses without a nodeName are left out.
+pub fn endpoint_nodes(objects: &Objects) -> BTreeMap<(ServiceRef, Ipv4Addr), String> {
+    let mut out = BTreeMap::new();
+    let mut with_slices = BTreeSet::new();
+    for slice in &objects.slices {
+        let Some(name) = slice.labels().get(SERVICE_NAME_LABEL) else { continue };
+        let sref = ServiceRef { namespace: slice.namespace().unwrap_or_else(|| "default".into()), name: name.clone() };
+        with_slices.insert(sref.clone());
+        for ep in &slice.endpoints {
+            let addr = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok());
+            if let (Some(addr), Some(node)) = (addr, &ep.node_name) {
+                out.insert((sref.clone(), addr), node.clone());
+            }
+        }
+    }
+    // Legacy Endpoints count only for Services without slices, as in the model.
+    for ep in &objects.endpoints {
+        let sref = ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() };
+        if with_slices.contains(&sref) {
+            continue;
+        }
+        for subset in ep.subsets.iter().flatten() {
+            let addresses = subset.addresses.iter().flatten().chain(subset.not_ready_addresses.iter().flatten());
+            for a in addresses {
+                if let (Ok(addr), Some(node)) = (a.ip.parse::<Ipv4Addr>(), &a.node_name) {
+                    out.insert((sref.clone(), addr), node.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The IPv4 slices of every Service, by Service. Legacy Endpoints are used, converted as the
 /// EndpointSlice mirroring controller does, only for Services that have no EndpointSlice.
 pub(super) fn slices_by_service(ctx: &mut Ctx, objects: &Objects) -> BTreeMap<ServiceRef, Vec<Slice>> {

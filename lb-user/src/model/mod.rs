@@ -23,7 +23,7 @@ pub mod node;
 pub mod topology;
 
 pub use conntrack::{flow_cleanups, FlowCleanup};
-pub use endpoints::Endpoint;
+pub use endpoints::{endpoint_nodes, Endpoint};
 pub use node::{LocalDetect, NodeFlags, NodeInfo};
 pub use topology::{categorize_endpoints, Categorized, ServicePortInfo};
 

@@ -915,3 +915,44 @@ fn node_facts_that_nothing_gives_are_errors_not_defaults() {
     let other = objects(&NODE1.replace("name: node1,", "name: node2,")).nodes;
     assert!(flags().node_info(&other).is_err());
 }
+
+#[test]
+fn endpoint_nodes_come_from_slices_and_from_legacy_endpoints_where_there_are_no_slices() {
+    let o = objects(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: ["10.244.1.10"], nodeName: node1}
+- {addresses: ["10.244.2.10"]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: legacy, namespace: shop}
+subsets:
+- addresses: [{ip: 10.244.3.10, nodeName: node3}]
+  notReadyAddresses: [{ip: 10.244.3.11, nodeName: node4}]
+  ports: [{port: 8080}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: web, namespace: shop}
+subsets:
+- addresses: [{ip: 10.244.1.10, nodeName: elsewhere}]
+  ports: [{port: 8080}]
+"#,
+    );
+    let nodes = endpoint_nodes(&o);
+    assert_eq!(
+        nodes.into_iter().map(|((s, addr), node)| (s.name, addr.to_string(), node)).collect::<Vec<_>>(),
+        [
+            ("legacy".into(), "10.244.3.10".into(), "node3".into()),
+            ("legacy".into(), "10.244.3.11".into(), "node4".into()),
+            ("web".into(), "10.244.1.10".into(), "node1".into()),
+        ] as [(String, String, String); 3],
+        "an endpoint without nodeName is left out; web's slices outrank its Endpoints"
+    );
+}
