@@ -50,6 +50,30 @@ fn names(services: &[Service]) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_describes_the_served_resources() {
+    let server = start();
+    let client = kube_client(&server.url());
+    assert_eq!(client.apiserver_version().await.unwrap().minor, "33");
+    let discovery = kube::Discovery::new(client).run().await.unwrap();
+    let gvk = |group: &str, kind: &str| kube::api::GroupVersionKind::gvk(group, "v1", kind);
+    for (group, kind, plural, namespaced) in [
+        ("", "Service", "services", true),
+        ("", "Endpoints", "endpoints", true),
+        ("", "Node", "nodes", false),
+        ("", "Namespace", "namespaces", false),
+        ("discovery.k8s.io", "EndpointSlice", "endpointslices", true),
+    ] {
+        let (resource, capabilities) =
+            discovery.resolve_gvk(&gvk(group, kind)).unwrap_or_else(|| panic!("discovery has no {group}/v1 {kind}"));
+        assert_eq!(resource.plural, plural);
+        assert_eq!(capabilities.scope == kube::discovery::Scope::Namespaced, namespaced, "{kind}");
+        for verb in ["list", "watch", "create", "update", "patch", "delete"] {
+            assert!(capabilities.supports_operation(verb), "{kind} lacks {verb}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paginated_lists_read_one_snapshot_and_expire_with_compaction() {
     let server = start();
     let api: Api<Service> = Api::namespaced(kube_client(&server.url()), "default");
