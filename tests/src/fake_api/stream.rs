@@ -137,6 +137,10 @@ pub(super) fn start(
         None => None,
     };
 
+    // Subscribed before the store is read: a write or fault after that read wakes the task.
+    let mut changes = shared.changes.subscribe();
+    let mut drops = shared.drop_watches.subscribe();
+    let mut expiries = shared.expire_watches.subscribe();
     let mut first = Vec::new();
     let mut cursor;
     let mut ended = false;
@@ -169,9 +173,6 @@ pub(super) fn start(
     tokio::spawn(async move {
         shared.open_watches.fetch_add(1, Ordering::Relaxed);
         let _open = OpenWatch(&shared);
-        let mut changes = shared.changes.subscribe();
-        let mut drops = shared.drop_watches.subscribe();
-        let mut expiries = shared.expire_watches.subscribe();
         for line in first {
             if tx.send(Ok(line)).await.is_err() {
                 return;
