@@ -121,6 +121,27 @@ fn services_endpoints_and_nodes_follow_the_api_on_every_node() {
     wait_for_backends(&client, SocketAddrV4::new(node_addr(0), NODE_PORT), &["pod-b", "pod-c"], CONVERGE)
         .expect("node1's NodePort in zone-b");
 
+    // The cluster autoscaler's taint on node1: its /healthz fails (load balancers drain it),
+    // node2's does not, and traffic still flows; without the taint node1 is healthy again.
+    let health_becomes = |node: usize, code: u16| {
+        let deadline = Instant::now() + CONVERGE;
+        while c.agents[node].health("/healthz") != Some(code) {
+            assert!(Instant::now() < deadline, "node{}'s /healthz did not become {code}", node + 1);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(c.agents[0].health("/healthz"), Some(200));
+    let taint = |taints: serde_json::Value| Patch::Merge(json!({"spec": {"taints": taints}}));
+    let to_be_deleted =
+        json!([{"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}]);
+    c.block_on(c.nodes().patch("node1", &PatchParams::default(), &taint(to_be_deleted))).unwrap();
+    health_becomes(0, 503);
+    assert_eq!(c.agents[1].health("/healthz"), Some(200));
+    wait_for_backends(&client, SocketAddrV4::new(node_addr(0), NODE_PORT), &["pod-b", "pod-c"], CONVERGE)
+        .expect("a node being drained still serves");
+    c.block_on(c.nodes().patch("node1", &PatchParams::default(), &taint(serde_json::Value::Null))).unwrap();
+    health_becomes(0, 200);
+
     // Delete.
     c.block_on(c.slices().delete("web-1", &DeleteParams::default())).unwrap();
     c.block_on(c.services().delete("web", &DeleteParams::default())).unwrap();
