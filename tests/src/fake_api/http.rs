@@ -74,7 +74,11 @@ pub(super) async fn handle(
             Some(g) => Ok(ok(&g)),
             None => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
         },
-        (Method::GET, ["apis", group, version]) if api_group(group).is_some() => Ok(ok(&resource_list(group, version))),
+        (Method::GET, ["apis", group, version])
+            if RESOURCES.iter().any(|r| r.group == *group && r.version == *version) =>
+        {
+            Ok(ok(&resource_list(group, version)))
+        }
         (_, ["api", "v1", rest @ ..]) => {
             resource_request(&shared, &method, "", "v1", rest, &headers, &query, &body).await
         }
@@ -89,7 +93,8 @@ pub(super) async fn handle(
 }
 
 fn api_group_list() -> Value {
-    let groups: Vec<Value> = ["discovery.k8s.io"].iter().filter_map(|g| api_group(g)).collect();
+    let names: std::collections::BTreeSet<&str> = RESOURCES.iter().map(|r| r.group).filter(|g| !g.is_empty()).collect();
+    let groups: Vec<Value> = names.into_iter().filter_map(api_group).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
