@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 };
 use kube::ResourceExt;
 
-use super::{Ctx, Protocol, ServiceRef, SERVICE_NAME_LABEL};
+use super::{Ctx, ModelError, Protocol, ServiceRef, SERVICE_NAME_LABEL};
 use crate::source::Objects;
 
 /// One endpoint of a Service port.
@@ -69,37 +69,66 @@ pub(super) fn slices_by_service(ctx: &mut Ctx, objects: &Objects) -> BTreeMap<Se
     slices.sort_by_key(|s| key(&s.metadata));
     let mut legacy: Vec<&Endpoints> = objects.endpoints.iter().collect();
     legacy.sort_by_key(|e| key(&e.metadata));
-    let mut by_service: BTreeMap<ServiceRef, Vec<(String, &EndpointSlice)>> = BTreeMap::new();
+    let mut by_service: BTreeMap<ServiceRef, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
-        let namespace = slice.namespace().unwrap_or_else(|| "default".into());
-        let object = format!("EndpointSlice {namespace}/{}", slice.name_any());
-        let Some(name) = slice.labels().get(SERVICE_NAME_LABEL).filter(|n| !n.is_empty()) else {
-            ctx.error(
-                &object,
-                "metadata.labels",
-                format!("no {SERVICE_NAME_LABEL} label, so it belongs to no Service"),
-            );
-            continue;
-        };
-        by_service.entry(ServiceRef { namespace, name: name.clone() }).or_default().push((object, slice));
+        match owner_of_slice(slice) {
+            Ok(sref) => by_service.entry(sref).or_default().push(slice),
+            Err(e) => ctx.errors.push(e),
+        }
     }
-    let mirrored: Vec<(ServiceRef, Vec<EndpointSlice>)> = legacy
-        .into_iter()
-        .map(|ep| {
-            (ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() }, ep)
-        })
-        .filter(|(sref, _)| !by_service.contains_key(sref))
-        .map(|(sref, ep)| (sref, mirror(ep)))
-        .collect();
+    let mirrored: Vec<(ServiceRef, &Endpoints)> =
+        legacy.into_iter().map(|ep| (legacy_ref(ep), ep)).filter(|(sref, _)| !by_service.contains_key(sref)).collect();
     let mut out: BTreeMap<ServiceRef, Vec<Slice>> = BTreeMap::new();
     for (sref, slices) in by_service {
-        out.insert(sref, slices.into_iter().filter_map(|(object, s)| read_slice(ctx, &object, s)).collect());
+        let read = service_slices(ctx, &sref, &slices, None);
+        out.insert(sref, read);
     }
-    for (sref, slices) in &mirrored {
-        let object = format!("Endpoints {sref}");
-        out.insert(sref.clone(), slices.iter().filter_map(|s| read_slice(ctx, &object, s)).collect());
+    for (sref, ep) in mirrored {
+        let read = service_slices(ctx, &sref, &[], Some(ep));
+        out.insert(sref, read);
     }
     out
+}
+
+/// The Service a legacy Endpoints object is for (its own namespace and name).
+pub(super) fn legacy_ref(ep: &Endpoints) -> ServiceRef {
+    ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() }
+}
+
+/// The Service a slice belongs to, by its `kubernetes.io/service-name` label; without one,
+/// the error saying so.
+pub(super) fn owner_of_slice(slice: &EndpointSlice) -> Result<ServiceRef, ModelError> {
+    let namespace = slice.namespace().unwrap_or_else(|| "default".into());
+    match slice.labels().get(SERVICE_NAME_LABEL).filter(|n| !n.is_empty()) {
+        Some(name) => Ok(ServiceRef { namespace, name: name.clone() }),
+        None => Err(ModelError {
+            object: format!("EndpointSlice {namespace}/{}", slice.name_any()),
+            field: "metadata.labels".into(),
+            problem: format!("no {SERVICE_NAME_LABEL} label, so it belongs to no Service"),
+        }),
+    }
+}
+
+/// One Service's slices, read: `labelled` (its slices, in name order), or when there are
+/// none, its legacy Endpoints converted as the mirroring controller does.
+pub(super) fn service_slices(
+    ctx: &mut Ctx,
+    sref: &ServiceRef,
+    labelled: &[&EndpointSlice],
+    legacy: Option<&Endpoints>,
+) -> Vec<Slice> {
+    if labelled.is_empty() {
+        let Some(ep) = legacy else { return Vec::new() };
+        let object = format!("Endpoints {sref}");
+        return mirror(ep).iter().filter_map(|s| read_slice(ctx, &object, s)).collect();
+    }
+    labelled
+        .iter()
+        .filter_map(|s| {
+            let object = format!("EndpointSlice {}/{}", sref.namespace, s.name_any());
+            read_slice(ctx, &object, s)
+        })
+        .collect()
 }
 
 /// A legacy Endpoints object as EndpointSlices, one per subset, the way the EndpointSlice

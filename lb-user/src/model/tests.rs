@@ -899,9 +899,12 @@ fn node_facts_not_given_come_from_the_node_object() {
 #[test]
 fn node_facts_that_nothing_gives_are_errors_not_defaults() {
     let e = flags().node_info(&[]).unwrap_err();
-    assert_eq!(e.to_string(), "Node node1: status.addresses: no Node object of this name among the manifests to read it from; give --node-address");
+    assert_eq!(
+        e.to_string(),
+        "Node node1: status.addresses: no Node object of this name to read it from; give --node-address"
+    );
     let e = flags().local_detect(&[]).unwrap_err();
-    assert_eq!(e.to_string(), "Node node1: spec.podCIDRs: no Node object of this name among the manifests to read it from; give --cluster-cidr or --node-pod-cidr");
+    assert_eq!(e.to_string(), "Node node1: spec.podCIDRs: no Node object of this name to read it from; give --cluster-cidr or --node-pod-cidr");
     let bare = objects("apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nspec: {podCIDRs: [bogus]}\n").nodes;
     assert_eq!(
         flags().local_detect(&bare).unwrap_err().to_string(),

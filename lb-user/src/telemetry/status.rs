@@ -40,6 +40,9 @@ pub struct SyncReport<'a> {
     pub frontends: usize,
     /// Every problem the agent reported for this sync.
     pub problems: &'a [String],
+    /// For each object change applied in this sync, the time from its arrival to its map
+    /// write (network programming latency).
+    pub latencies: Vec<std::time::Duration>,
 }
 
 /// The agent's side: its report in LB_AGENT, counted from its start.

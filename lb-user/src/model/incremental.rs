@@ -1,0 +1,325 @@
+//! The model kept up to date change by change: the objects indexed by the Service they
+//! belong to, each Service's claims kept from its last computation, and only the Services
+//! whose objects changed computed again. Its [`Desired`] is the one [`desired_state_after`]
+//! would compute from the same objects and the previous state (the property tests check
+//! it); a Node whose facts change recomputes everything.
+//!
+//! [`desired_state_after`]: super::desired_state_after
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::ResourceExt;
+
+use super::{
+    add_service, endpoints, service_ref, settle_key, Claim, Ctx, Desired, FrontendKey, HealthCheck, ModelError,
+    NodeInfo, Options, ServiceRef,
+};
+use crate::source::{Change, Object, ObjectKind, Objects};
+
+/// An object's namespace (the API's default when a manifest leaves it out) and name.
+type ObjectName = (String, String);
+
+fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectName {
+    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+}
+
+/// What one Service (or the slices and Endpoints named for it) gave, last computed.
+#[derive(Default)]
+struct Output {
+    claims: Vec<Claim>,
+    health_check: Option<HealthCheck>,
+    errors: Vec<ModelError>,
+}
+
+#[derive(Default)]
+pub struct Incremental {
+    services: BTreeMap<ServiceRef, Service>,
+    slices: BTreeMap<ObjectName, EndpointSlice>,
+    /// Slice names by the Service their label names.
+    slices_of: BTreeMap<ServiceRef, BTreeSet<ObjectName>>,
+    /// Slices without a Service label: the error each gives.
+    unlabelled: BTreeMap<ObjectName, ModelError>,
+    endpoints: BTreeMap<ServiceRef, Endpoints>,
+    nodes: BTreeMap<String, Node>,
+    /// Services whose objects changed since the last update.
+    dirty: BTreeSet<ServiceRef>,
+    /// A Node object changed since the last update.
+    nodes_changed: bool,
+    outputs: BTreeMap<ServiceRef, Output>,
+    /// The Services whose output has errors.
+    with_errors: BTreeSet<ServiceRef>,
+    /// The Services claiming each frontend.
+    claimants: BTreeMap<FrontendKey, BTreeSet<ServiceRef>>,
+    /// The errors of settling each contested frontend.
+    settle_errors: BTreeMap<FrontendKey, Vec<ModelError>>,
+    /// The node facts `outputs` were computed with.
+    node: Option<NodeInfo>,
+    desired: Desired,
+}
+
+impl Incremental {
+    /// The state made by the last [`update`](Self::update).
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// The Node object of this name.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    /// Takes in what a source saw. Returns how many objects it changed.
+    pub fn change(&mut self, change: Change) -> usize {
+        match change {
+            Change::Applied(o) => usize::from(self.apply(o)),
+            Change::Deleted(o) => {
+                let (kind, meta) = (o.kind(), o.meta());
+                usize::from(self.delete(kind, meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default()))
+            }
+            Change::Listed(kind, objects) => self.replace(kind, objects),
+        }
+    }
+
+    /// Something changed that the next update has not computed yet.
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty() || self.nodes_changed
+    }
+
+    /// A Node changed since the last update: its facts must be read again.
+    pub fn nodes_changed(&self) -> bool {
+        self.nodes_changed
+    }
+
+    /// An object was added or modified. Returns whether it differs from what was held.
+    pub fn apply(&mut self, object: Object) -> bool {
+        match object {
+            Object::Service(svc) => {
+                let sref = service_ref(&svc);
+                if self.services.get(&sref) == Some(&svc) {
+                    return false;
+                }
+                self.dirty.insert(sref.clone());
+                self.services.insert(sref, svc);
+            }
+            Object::Slice(slice) => {
+                let name = object_name(&slice.metadata);
+                if self.slices.get(&name) == Some(&slice) {
+                    return false;
+                }
+                self.forget_slice(&name);
+                match endpoints::owner_of_slice(&slice) {
+                    Ok(sref) => {
+                        self.slices_of.entry(sref.clone()).or_default().insert(name.clone());
+                        self.dirty.insert(sref);
+                    }
+                    Err(e) => {
+                        self.unlabelled.insert(name.clone(), e);
+                    }
+                }
+                self.slices.insert(name, slice);
+            }
+            Object::Endpoints(ep) => {
+                let sref = endpoints::legacy_ref(&ep);
+                if self.endpoints.get(&sref) == Some(&ep) {
+                    return false;
+                }
+                self.dirty.insert(sref.clone());
+                self.endpoints.insert(sref, ep);
+            }
+            Object::Node(node) => {
+                let name = node.name_any();
+                if self.nodes.get(&name) == Some(&node) {
+                    return false;
+                }
+                self.nodes_changed = true;
+                self.nodes.insert(name, node);
+            }
+        }
+        true
+    }
+
+    /// An object was deleted. Returns whether it was held.
+    pub fn delete(&mut self, kind: ObjectKind, namespace: Option<&str>, name: &str) -> bool {
+        let namespace = namespace.unwrap_or("default").to_string();
+        match kind {
+            ObjectKind::Service => {
+                let sref = ServiceRef { namespace, name: name.into() };
+                let held = self.services.remove(&sref).is_some();
+                if held {
+                    self.dirty.insert(sref);
+                }
+                held
+            }
+            ObjectKind::Slice => self.forget_slice(&(namespace, name.into())),
+            ObjectKind::Endpoints => {
+                let sref = ServiceRef { namespace, name: name.into() };
+                let held = self.endpoints.remove(&sref).is_some();
+                if held {
+                    self.dirty.insert(sref);
+                }
+                held
+            }
+            ObjectKind::Node => {
+                let held = self.nodes.remove(name).is_some();
+                self.nodes_changed |= held;
+                held
+            }
+        }
+    }
+
+    /// A complete list of one kind: what is not in it is gone, what is the same as held
+    /// changes nothing (a relist after a lost watch rewrites nothing). Returns how many
+    /// objects changed.
+    pub fn replace(&mut self, kind: ObjectKind, objects: Vec<Object>) -> usize {
+        let listed: BTreeSet<ObjectName> = objects.iter().map(|o| object_name(o.meta())).collect();
+        let gone: Vec<ObjectName> = match kind {
+            ObjectKind::Service => self.services.keys().map(|r| (r.namespace.clone(), r.name.clone())).collect(),
+            ObjectKind::Slice => self.slices.keys().cloned().collect(),
+            ObjectKind::Endpoints => self.endpoints.keys().map(|r| (r.namespace.clone(), r.name.clone())).collect(),
+            ObjectKind::Node => self.nodes.keys().map(|n| ("default".to_string(), n.clone())).collect(),
+        };
+        let mut changed = 0;
+        for (namespace, name) in gone.into_iter().filter(|n| !listed.contains(n)) {
+            let namespace = (kind != ObjectKind::Node).then_some(namespace.as_str());
+            changed += usize::from(self.delete(kind, namespace, &name));
+        }
+        for o in objects {
+            changed += usize::from(self.apply(o));
+        }
+        changed
+    }
+
+    /// Replaces everything with `objects` (a fresh read of the manifests).
+    pub fn replace_all(&mut self, objects: Objects) -> usize {
+        let Objects { services, slices, endpoints, nodes } = objects;
+        self.replace(ObjectKind::Service, services.into_iter().map(Object::Service).collect())
+            + self.replace(ObjectKind::Slice, slices.into_iter().map(Object::Slice).collect())
+            + self.replace(ObjectKind::Endpoints, endpoints.into_iter().map(Object::Endpoints).collect())
+            + self.replace(ObjectKind::Node, nodes.into_iter().map(Object::Node).collect())
+    }
+
+    /// The objects held, as a source would list them.
+    pub fn objects(&self) -> Objects {
+        Objects {
+            services: self.services.values().cloned().collect(),
+            slices: self.slices.values().cloned().collect(),
+            endpoints: self.endpoints.values().cloned().collect(),
+            nodes: self.nodes.values().cloned().collect(),
+        }
+    }
+
+    fn forget_slice(&mut self, name: &ObjectName) -> bool {
+        let Some(old) = self.slices.remove(name) else { return false };
+        self.unlabelled.remove(name);
+        if let Ok(sref) = endpoints::owner_of_slice(&old) {
+            if let Some(names) = self.slices_of.get_mut(&sref) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.slices_of.remove(&sref);
+                }
+            }
+            self.dirty.insert(sref);
+        }
+        true
+    }
+
+    /// Computes again what changed since the last update, for this node. Returns the
+    /// frontends whose desired state changed (added, modified or removed).
+    pub fn update(&mut self, node: &NodeInfo, opts: &Options) -> BTreeSet<FrontendKey> {
+        self.nodes_changed = false;
+        if self.node.as_ref() != Some(node) {
+            // Addresses, zone and name shape every Service's frontends and sets.
+            self.node = Some(node.clone());
+            self.dirty.extend(self.outputs.keys().cloned());
+            self.dirty.extend(self.services.keys().cloned());
+            self.dirty.extend(self.slices_of.keys().cloned());
+            self.dirty.extend(self.endpoints.keys().cloned());
+        }
+        let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
+        let mut health_changed = false;
+        for sref in std::mem::take(&mut self.dirty) {
+            self.with_errors.remove(&sref);
+            if let Some(old) = self.outputs.remove(&sref) {
+                health_changed |= old.health_check.is_some();
+                for c in &old.claims {
+                    touched.insert(c.key);
+                    if let Some(refs) = self.claimants.get_mut(&c.key) {
+                        refs.remove(&sref);
+                        if refs.is_empty() {
+                            self.claimants.remove(&c.key);
+                        }
+                    }
+                }
+            }
+            let output = self.compute(&sref, node, opts);
+            health_changed |= output.health_check.is_some();
+            for c in &output.claims {
+                touched.insert(c.key);
+                self.claimants.entry(c.key).or_default().insert(sref.clone());
+            }
+            if !output.errors.is_empty() {
+                self.with_errors.insert(sref.clone());
+            }
+            if !output.claims.is_empty() || output.health_check.is_some() || !output.errors.is_empty() {
+                self.outputs.insert(sref, output);
+            }
+        }
+        let mut changed = BTreeSet::new();
+        for key in touched {
+            let mut errors = Vec::new();
+            let winner = match self.claimants.get(&key) {
+                None => None,
+                Some(refs) => {
+                    let claims: Vec<&Claim> =
+                        refs.iter().flat_map(|r| self.outputs[r].claims.iter().filter(|c| c.key == key)).collect();
+                    let incumbent = self.desired.frontends.get(&key).map(|f| &f.service);
+                    settle_key(&mut errors, key, incumbent, claims).map(|c| c.frontend.clone())
+                }
+            };
+            if errors.is_empty() {
+                self.settle_errors.remove(&key);
+            } else {
+                self.settle_errors.insert(key, errors);
+            }
+            let old = match winner {
+                Some(f) => self.desired.frontends.insert(key, f),
+                None => self.desired.frontends.remove(&key),
+            };
+            if old.as_ref() != self.desired.frontends.get(&key) {
+                changed.insert(key);
+            }
+        }
+        if health_changed {
+            self.desired.health_checks = self.outputs.values().filter_map(|o| o.health_check.clone()).collect();
+        }
+        self.desired.errors = self
+            .unlabelled
+            .values()
+            .cloned()
+            .chain(self.with_errors.iter().flat_map(|r| self.outputs[r].errors.iter().cloned()))
+            .chain(self.settle_errors.values().flatten().cloned())
+            .collect();
+        changed
+    }
+
+    fn compute(&self, sref: &ServiceRef, node: &NodeInfo, opts: &Options) -> Output {
+        let mut ctx = Ctx { node, opts, errors: Vec::new() };
+        let labelled: Vec<&EndpointSlice> =
+            self.slices_of.get(sref).into_iter().flatten().map(|n| &self.slices[n]).collect();
+        let slices = endpoints::service_slices(&mut ctx, sref, &labelled, self.endpoints.get(sref));
+        let mut output = Output::default();
+        if let Some(svc) = self.services.get(sref) {
+            let mut checks = Vec::new();
+            add_service(&mut ctx, svc, sref, &slices, &mut output.claims, &mut checks);
+            output.health_check = checks.pop();
+        }
+        output.errors = ctx.errors;
+        output
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,224 @@
+//! The sync both sources share: changes go into the incremental model as they arrive; a
+//! sync computes again only the Services they touched and writes only the frontends whose
+//! desired state moved. Nothing is written (so nothing adopted is deleted) until the source
+//! has listed every kind completely once; the first sync then settles everything (a full
+//! apply, which removes only what the maps hold and the source no longer has); every later
+//! one only what changed.
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use lb_common::Config;
+use tokio::time::Instant as TokioInstant;
+use tracing::{info, warn};
+
+use crate::{
+    datapath::maps::MapStore,
+    model::{HealthCheck, Incremental, LocalDetect, NodeFlags, NodeInfo, Options},
+    reconcile::Reconciler,
+    source::{Change, ObjectKind},
+    telemetry::health::HealthState,
+};
+
+/// A burst of changes is one sync: it starts once no change has come for this long...
+pub const QUIET: Duration = Duration::from_millis(1);
+/// ...or this long after the burst's first change, if they keep coming.
+pub const MAX_DELAY: Duration = Duration::from_millis(5);
+
+/// When the changes seen so far should be synced.
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    /// The burst's first and latest change.
+    burst: Option<(TokioInstant, TokioInstant)>,
+}
+
+impl Coalescer {
+    pub fn note(&mut self, at: TokioInstant) {
+        self.burst = Some((self.burst.map_or(at, |(first, _)| first), at));
+    }
+
+    /// When to sync; None: nothing waits.
+    pub fn deadline(&self) -> Option<TokioInstant> {
+        self.burst.map(|(first, last)| (last + QUIET).min(first + MAX_DELAY))
+    }
+
+    /// The burst is being synced.
+    pub fn clear(&mut self) {
+        self.burst = None;
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// The maps were written.
+    pub wrote: bool,
+    /// Something failed and must be tried again.
+    pub failed: bool,
+    /// For each object change this sync wrote: from its arrival to the end of the writes.
+    pub latencies: Vec<Duration>,
+    /// The healthCheckNodePorts to serve, when they changed.
+    pub health_checks: Option<Vec<HealthCheck>>,
+}
+
+pub struct Sync {
+    model: Incremental,
+    node: NodeFlags,
+    options: Options,
+    config_of: Box<dyn Fn(&NodeInfo, LocalDetect) -> Config + Send>,
+    /// The kinds the source must list completely before anything adopted may be deleted.
+    required: BTreeSet<ObjectKind>,
+    listed: BTreeSet<ObjectKind>,
+    /// Arrival times of the object changes not yet written.
+    arrivals: Vec<Instant>,
+    synced_once: bool,
+    retry: bool,
+    /// The problems last logged; logged again only when they change.
+    problems: Vec<String>,
+    served_checks: Option<Vec<HealthCheck>>,
+    health: HealthState,
+}
+
+impl Sync {
+    /// A sync for a source that lists `required` (its kinds).
+    pub fn new(
+        node: NodeFlags,
+        options: Options,
+        required: impl IntoIterator<Item = ObjectKind>,
+        config_of: Box<dyn Fn(&NodeInfo, LocalDetect) -> Config + Send>,
+        health: HealthState,
+    ) -> Self {
+        Sync {
+            model: Incremental::default(),
+            node,
+            options,
+            config_of,
+            required: required.into_iter().collect(),
+            listed: BTreeSet::new(),
+            arrivals: Vec::new(),
+            synced_once: false,
+            retry: false,
+            problems: Vec::new(),
+            served_checks: None,
+            health,
+        }
+    }
+
+    /// Takes in a change that arrived at `at`. Returns whether a sync is due for it.
+    pub fn take(&mut self, change: Change, at: Instant) -> bool {
+        if let Change::Listed(kind, _) = &change {
+            self.listed.insert(*kind);
+        }
+        let changed = self.model.change(change);
+        if self.model.nodes_changed() {
+            self.health.sync_node(self.model.node(&self.node.name));
+        }
+        self.arrivals.extend(std::iter::repeat_n(at, changed));
+        if changed > 0 {
+            self.health.queued(at);
+        }
+        changed > 0 || (!self.synced_once && self.complete())
+    }
+
+    /// Every kind has been listed once.
+    pub fn complete(&self) -> bool {
+        self.required.is_subset(&self.listed)
+    }
+
+    /// A failed sync waits to be tried again.
+    pub fn needs_retry(&self) -> bool {
+        self.retry
+    }
+
+    /// The model's current desired state.
+    pub fn desired(&self) -> &crate::model::Desired {
+        self.model.desired()
+    }
+
+    /// Makes the maps hold the model of everything taken in so far.
+    pub fn step<S: MapStore>(&mut self, reconciler: &mut Reconciler, store: &mut S) -> Step {
+        let mut step = Step::default();
+        let mut problems = Vec::new();
+        if !self.complete() {
+            // Adopted state stays whole until the source has been listed once.
+            problems.push("keeping the datapath as adopted until the source has listed every object once".into());
+            self.log(problems);
+            return step;
+        }
+        let own = self.model.node(&self.node.name);
+        let node = self.node.node_info_from(own).and_then(|n| Ok((self.node.local_detect_from(own)?, n)));
+        let (local, node) = match node {
+            Ok(found) => found,
+            Err(e) => {
+                problems.push(format!("{e}; the datapath is left as it is"));
+                problems.extend(self.model.desired().errors.iter().map(ToString::to_string));
+                self.retry = true;
+                step.failed = true;
+                self.log(problems);
+                return step;
+            }
+        };
+        let changed = self.model.update(&node, &self.options);
+        let desired = self.model.desired();
+        problems.extend(desired.errors.iter().map(ToString::to_string));
+        let only = self.synced_once.then_some(&changed);
+        match reconciler.apply_changes(desired, only, (self.config_of)(&node, local), store) {
+            Ok(c) => {
+                let written = Instant::now();
+                step.latencies = self.arrivals.drain(..).map(|t| written.saturating_duration_since(t)).collect();
+                if c != Default::default() || !self.synced_once {
+                    info!(
+                        frontends = desired.frontends.len(),
+                        written = c.services_written,
+                        removed = c.services_removed,
+                        backends_added = c.backends_added,
+                        backends_removed = c.backends_removed,
+                        failed = c.failures.len(),
+                        "maps synced"
+                    );
+                }
+                step.wrote = true;
+                // Frontends that failed are retried.
+                self.retry = !c.failures.is_empty();
+                step.failed = self.retry;
+                problems.extend(c.failures);
+                if !self.retry {
+                    self.health.updated();
+                }
+                if !self.synced_once {
+                    self.synced_once = true;
+                    self.health.set_ready();
+                }
+                if self.served_checks.as_ref() != Some(&desired.health_checks) {
+                    self.served_checks = Some(desired.health_checks.clone());
+                    step.health_checks = self.served_checks.clone();
+                }
+            }
+            Err(e) => {
+                problems.push(format!("writing the datapath config: {e}"));
+                self.retry = true;
+                step.failed = true;
+            }
+        }
+        self.log(problems);
+        step
+    }
+
+    /// The problems of the last sync.
+    pub fn problems(&self) -> &[String] {
+        &self.problems
+    }
+
+    fn log(&mut self, problems: Vec<String>) {
+        if problems != self.problems {
+            for p in &problems {
+                warn!("{p}");
+            }
+            self.problems = problems;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
