@@ -23,12 +23,10 @@ use crate::{
     model::{LocalDetect, NodeFlags, NodeInfo, Options},
     reconcile::Reconciler,
     source::{
-        cluster::{self, ApiServer, ClusterSource},
-        manifests::ManifestCache,
-        watch::ManifestWatch,
-        Change, ObjectKind,
+        cluster::{self, ApiServer},
+        ObjectKind,
     },
-    sync::{Coalescer, Step, Sync},
+    sync::{Feed, Step, Sync},
     telemetry::{
         health::{self, HealthServers, HealthState},
         status::{StatusWriter, SyncReport},
@@ -84,8 +82,6 @@ impl Drop for Sweeper {
         }
     }
 }
-/// How soon a read or a write that failed is tried again.
-const RETRY: Duration = Duration::from_secs(1);
 
 /// Where the Services come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -236,18 +232,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         health_state.clone(),
     );
     let mut source = match &cfg.source {
-        Source::Manifests(path) => {
-            Feed::Manifests { path: path.clone(), watch: ManifestWatch::new(path), cache: ManifestCache::default() }
-        }
-        Source::Cluster(api) => {
-            let client = api.client().await?;
-            info!(server = %client.default_namespace(), "watching the API server");
-            Feed::Cluster {
-                source: ClusterSource::new(client, &cfg.node.name),
-                coalescer: Coalescer::default(),
-                retry_at: None,
-            }
-        }
+        Source::Manifests(path) => Feed::manifests(path),
+        Source::Cluster(api) => Feed::cluster(api, &cfg.node.name).await?,
     };
     let mut health = HealthServers::new(health_state, std::net::Ipv4Addr::UNSPECIFIED.into());
     let mut attached = BTreeSet::new();
@@ -305,89 +291,6 @@ fn report(status: &mut StatusWriter, sync: &Sync, step: &Step, took: Duration) {
         problems: sync.problems(),
         latencies: step.latencies.clone(),
     });
-}
-
-/// A source feeding the sync.
-enum Feed {
-    Manifests { path: PathBuf, watch: ManifestWatch, cache: ManifestCache },
-    Cluster { source: ClusterSource, coalescer: Coalescer, retry_at: Option<tokio::time::Instant> },
-}
-
-impl Feed {
-    /// Waits for what the source has next and hands it to `sync`. Returns true when a sync
-    /// is due. Cancel-safe: what it has taken in stays in `sync` and `self`.
-    async fn next(&mut self, sync: &mut Sync) -> bool {
-        match self {
-            Feed::Manifests { path, watch, cache } => {
-                watch.changed().await;
-                let arrived = std::time::Instant::now();
-                let (objects, report) = cache.read(path);
-                for e in &report.errors {
-                    warn!("{e}");
-                }
-                if report.incomplete {
-                    watch.rewatch();
-                    if !sync.complete() {
-                        // Nothing was ever read: the adopted state stays as it is.
-                        watch.retry_in(RETRY);
-                        return false;
-                    }
-                }
-                let listed = [
-                    Change::Listed(
-                        ObjectKind::Service,
-                        objects.services.into_iter().map(crate::source::Object::Service).collect(),
-                    ),
-                    Change::Listed(
-                        ObjectKind::Slice,
-                        objects.slices.into_iter().map(crate::source::Object::Slice).collect(),
-                    ),
-                    Change::Listed(
-                        ObjectKind::Endpoints,
-                        objects.endpoints.into_iter().map(crate::source::Object::Endpoints).collect(),
-                    ),
-                    Change::Listed(
-                        ObjectKind::Node,
-                        objects.nodes.into_iter().map(crate::source::Object::Node).collect(),
-                    ),
-                ];
-                let mut due = false;
-                for change in listed {
-                    due |= sync.take(change, arrived);
-                }
-                due || sync.needs_retry()
-            }
-            Feed::Cluster { source, coalescer, retry_at } => loop {
-                let deadline = [coalescer.deadline(), *retry_at].into_iter().flatten().min();
-                tokio::select! {
-                    event = source.next() => match event {
-                        cluster::Event::Change(change) => {
-                            if sync.take(change, std::time::Instant::now()) {
-                                coalescer.note(tokio::time::Instant::now());
-                            }
-                        }
-                        cluster::Event::Error(e) => warn!("{e}; retrying with backoff, the datapath keeps its state"),
-                    },
-                    () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                        coalescer.clear();
-                        *retry_at = None;
-                        return true;
-                    }
-                }
-            },
-        }
-    }
-
-    /// After a sync: a failed one is tried again in a moment.
-    fn after_sync(&mut self, retry: bool) {
-        if !retry {
-            return;
-        }
-        match self {
-            Feed::Manifests { watch, .. } => watch.retry_in(RETRY),
-            Feed::Cluster { retry_at, .. } => *retry_at = Some(tokio::time::Instant::now() + RETRY),
-        }
-    }
 }
 
 fn attach_pod_devices(dp: &mut Datapath, cfg: &AgentConfig, attached: &mut BTreeSet<String>) {

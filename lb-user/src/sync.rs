@@ -6,6 +6,7 @@
 //! one only what changed.
 use std::{
     collections::BTreeSet,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -17,9 +18,17 @@ use crate::{
     datapath::maps::MapStore,
     model::{HealthCheck, Incremental, LocalDetect, NodeFlags, NodeInfo, Options},
     reconcile::Reconciler,
-    source::{Change, ObjectKind},
+    source::{
+        cluster::{self, ApiServer, ClusterSource},
+        manifests::ManifestCache,
+        watch::ManifestWatch,
+        Change, Object, ObjectKind,
+    },
     telemetry::health::HealthState,
 };
+
+/// How soon a sync that failed is tried again.
+pub const RETRY: Duration = Duration::from_secs(1);
 
 /// A burst of changes is one sync: it starts once no change has come for this long...
 pub const QUIET: Duration = Duration::from_millis(1);
@@ -62,11 +71,104 @@ pub struct Step {
     pub health_checks: Option<Vec<HealthCheck>>,
 }
 
+/// A source feeding the sync.
+pub enum Feed {
+    Manifests { path: PathBuf, watch: ManifestWatch, cache: ManifestCache },
+    Cluster { source: ClusterSource, coalescer: Coalescer, retry_at: Option<tokio::time::Instant> },
+}
+
+impl Feed {
+    /// Manifest files, watched for changes.
+    pub fn manifests(path: &Path) -> Feed {
+        Feed::Manifests { path: path.to_path_buf(), watch: ManifestWatch::new(path), cache: ManifestCache::default() }
+    }
+
+    /// The API server's watchers, for the node `node_name`.
+    pub async fn cluster(api: &ApiServer, node_name: &str) -> Result<Feed, cluster::Error> {
+        let client = api.client().await?;
+        info!(url = %api, "watching the API server");
+        Ok(Feed::Cluster {
+            source: ClusterSource::new(client, node_name),
+            coalescer: Coalescer::default(),
+            retry_at: None,
+        })
+    }
+
+    /// Waits for what the source has next and hands it to `sync`. Returns true when a sync
+    /// is due. Cancel-safe: what it has taken in stays in `sync` and `self`.
+    pub async fn next(&mut self, sync: &mut Sync) -> bool {
+        match self {
+            Feed::Manifests { path, watch, cache } => {
+                watch.changed().await;
+                let arrived = std::time::Instant::now();
+                let (objects, report) = cache.read(path);
+                for e in &report.errors {
+                    warn!("{e}");
+                }
+                if report.incomplete {
+                    watch.rewatch();
+                    if !sync.complete() {
+                        // Nothing was ever read: the adopted state stays as it is.
+                        watch.retry_in(RETRY);
+                        return false;
+                    }
+                }
+                let listed = [
+                    Change::Listed(ObjectKind::Service, objects.services.into_iter().map(Object::Service).collect()),
+                    Change::Listed(ObjectKind::Slice, objects.slices.into_iter().map(Object::Slice).collect()),
+                    Change::Listed(
+                        ObjectKind::Endpoints,
+                        objects.endpoints.into_iter().map(Object::Endpoints).collect(),
+                    ),
+                    Change::Listed(ObjectKind::Node, objects.nodes.into_iter().map(Object::Node).collect()),
+                ];
+                let mut due = false;
+                for change in listed {
+                    due |= sync.take(change, arrived);
+                }
+                due || sync.needs_retry()
+            }
+            Feed::Cluster { source, coalescer, retry_at } => loop {
+                let deadline = [coalescer.deadline(), *retry_at].into_iter().flatten().min();
+                tokio::select! {
+                    event = source.next() => match event {
+                        cluster::Event::Change(change) => {
+                            if sync.take(change, std::time::Instant::now()) {
+                                coalescer.note(tokio::time::Instant::now());
+                            }
+                        }
+                        cluster::Event::Error(e) => warn!("{e}; retrying with backoff, the datapath keeps its state"),
+                    },
+                    () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                        coalescer.clear();
+                        *retry_at = None;
+                        return true;
+                    }
+                }
+            },
+        }
+    }
+
+    /// After a sync: a failed one is tried again in a moment.
+    pub fn after_sync(&mut self, retry: bool) {
+        if !retry {
+            return;
+        }
+        match self {
+            Feed::Manifests { watch, .. } => watch.retry_in(RETRY),
+            Feed::Cluster { retry_at, .. } => *retry_at = Some(tokio::time::Instant::now() + RETRY),
+        }
+    }
+}
+
+/// The node-wide datapath config for this node's facts.
+pub type ConfigOf = Box<dyn Fn(&NodeInfo, LocalDetect) -> Config + Send>;
+
 pub struct Sync {
     model: Incremental,
     node: NodeFlags,
     options: Options,
-    config_of: Box<dyn Fn(&NodeInfo, LocalDetect) -> Config + Send>,
+    config_of: ConfigOf,
     /// The kinds the source must list completely before anything adopted may be deleted.
     required: BTreeSet<ObjectKind>,
     listed: BTreeSet<ObjectKind>,
@@ -86,7 +188,7 @@ impl Sync {
         node: NodeFlags,
         options: Options,
         required: impl IntoIterator<Item = ObjectKind>,
-        config_of: Box<dyn Fn(&NodeInfo, LocalDetect) -> Config + Send>,
+        config_of: ConfigOf,
         health: HealthState,
     ) -> Self {
         Sync {

@@ -61,6 +61,16 @@ pub enum Error {
     Client(#[source] kube::Error),
 }
 
+impl std::fmt::Display for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiServer::Kubeconfig(path) => write!(f, "kubeconfig {}", path.display()),
+            ApiServer::Url(url) => f.write_str(url),
+            ApiServer::InCluster => f.write_str("in-cluster configuration"),
+        }
+    }
+}
+
 impl ApiServer {
     pub async fn client(&self) -> Result<Client, Error> {
         let config = match self {
@@ -89,6 +99,8 @@ impl ApiServer {
 }
 
 /// What the watchers report.
+// Unboxed: each change moves once, from the watcher into the model's index.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Event {
     Change(Change),

@@ -32,6 +32,8 @@ pub enum ObjectKind {
 }
 
 /// One object of any kind the model reads.
+// Unboxed: each object moves once, from the source into the model's index.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Service(Service),

@@ -1,1 +1,227 @@
+//! The incremental model against a full recompute: after any sequence of changes, its
+//! desired state is the one `desired_state_after` computes from the same objects and the
+//! previous state.
+use std::net::Ipv4Addr;
 
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::model::desired_state_after;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Service {
+        name: usize,
+        ip: u8,
+        kind: usize,
+        local: bool,
+        created: Option<u8>,
+        ports: Vec<usize>,
+        node_port: u8,
+    },
+    DeleteService(usize),
+    Slice {
+        name: usize,
+        owner: Option<usize>,
+        endpoints: Vec<(u8, bool, bool)>,
+        ports: Vec<usize>,
+    },
+    DeleteSlice(usize),
+    Endpoints {
+        name: usize,
+        ips: Vec<u8>,
+    },
+    DeleteEndpoints(usize),
+    /// A relist of the slices holding only those with an even index.
+    RelistSlices,
+    /// The node's facts change (another address set).
+    Node(bool),
+    Sync,
+}
+
+const PORTS: [(&str, i32, &str); 2] = [("a", 80, "TCP"), ("b", 53, "UDP")];
+
+fn service(
+    name: usize,
+    ip: u8,
+    kind: usize,
+    local: bool,
+    created: Option<u8>,
+    ports: &[usize],
+    node_port: u8,
+) -> Service {
+    let kind = ["ClusterIP", "NodePort", "LoadBalancer"][kind];
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|p| {
+            let (n, port, proto) = PORTS[*p];
+            json!({"name": n, "port": port, "protocol": proto, "nodePort": 30000 + i32::from(node_port) + *p as i32})
+        })
+        .collect();
+    let mut metadata = json!({"name": format!("s{name}"), "namespace": "ns"});
+    if let Some(t) = created {
+        metadata["creationTimestamp"] = json!(format!("2026-01-01T00:00:0{t}Z"));
+    }
+    serde_json::from_value(json!({
+        "metadata": metadata,
+        "spec": {
+            "type": kind,
+            "clusterIP": format!("10.96.0.{ip}"),
+            "ports": ports,
+            "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
+            "healthCheckNodePort": 32000 + name,
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": format!("192.0.2.{ip}")}]}},
+    }))
+    .unwrap()
+}
+
+fn slice(name: usize, owner: Option<usize>, endpoints: &[(u8, bool, bool)], ports: &[usize]) -> EndpointSlice {
+    let mut metadata = json!({"name": format!("sl{name}"), "namespace": "ns"});
+    if let Some(o) = owner {
+        metadata["labels"] = json!({"kubernetes.io/service-name": format!("s{o}")});
+    }
+    let endpoints: Vec<_> = endpoints
+        .iter()
+        .map(|(ip, ready, here)| {
+            json!({"addresses": [format!("10.244.0.{ip}")], "conditions": {"ready": ready},
+                   "nodeName": if *here { "node1" } else { "node2" }})
+        })
+        .collect();
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|p| {
+            let (n, port, proto) = PORTS[*p];
+            json!({"name": n, "port": port + 8000, "protocol": proto})
+        })
+        .collect();
+    serde_json::from_value(json!({"metadata": metadata, "addressType": "IPv4", "endpoints": endpoints, "ports": ports}))
+        .unwrap()
+}
+
+fn legacy(name: usize, ips: &[u8]) -> Endpoints {
+    let addresses: Vec<_> = ips.iter().map(|ip| json!({"ip": format!("10.245.0.{ip}")})).collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("s{name}"), "namespace": "ns"},
+        "subsets": [{"addresses": addresses, "ports": [{"name": "a", "port": 9000, "protocol": "TCP"}]}],
+    }))
+    .unwrap()
+}
+
+fn node(variant: bool) -> NodeInfo {
+    let addresses: Vec<Ipv4Addr> = if variant {
+        vec!["192.168.0.1".parse().unwrap()]
+    } else {
+        vec!["192.168.0.2".parse().unwrap(), "192.168.0.1".parse().unwrap()]
+    };
+    NodeInfo { name: "node1".into(), addresses, zone: None }
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let ports = proptest::sample::subsequence(vec![0usize, 1], 0..=2);
+    prop_oneof![
+        4 => (0..4usize, 1..4u8, 0..3usize, any::<bool>(), proptest::option::of(0..3u8), ports.clone(), 0..2u8)
+            .prop_map(|(name, ip, kind, local, created, ports, node_port)| Op::Service { name, ip, kind, local, created, ports, node_port }),
+        1 => (0..4usize).prop_map(Op::DeleteService),
+        4 => (0..5usize, proptest::option::of(0..4usize), proptest::collection::vec((1..5u8, any::<bool>(), any::<bool>()), 0..4), ports)
+            .prop_map(|(name, owner, endpoints, ports)| Op::Slice { name, owner, endpoints, ports }),
+        1 => (0..5usize).prop_map(Op::DeleteSlice),
+        1 => (0..4usize, proptest::collection::vec(1..4u8, 0..3)).prop_map(|(name, ips)| Op::Endpoints { name, ips }),
+        1 => (0..4usize).prop_map(Op::DeleteEndpoints),
+        1 => Just(Op::RelistSlices),
+        1 => any::<bool>().prop_map(Op::Node),
+        3 => Just(Op::Sync),
+    ]
+}
+
+fn sorted(errors: &[ModelError]) -> Vec<String> {
+    let mut out: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    out.sort();
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn incremental_equals_a_full_recompute(ops in proptest::collection::vec(op(), 1..40)) {
+        let opts = Options::default();
+        let mut inc = Incremental::default();
+        let mut full = Desired::default();
+        let mut variant = false;
+        for op in ops.into_iter().chain([Op::Sync]) {
+            match op {
+                Op::Service { name, ip, kind, local, created, ports, node_port } => {
+                    inc.change(Change::Applied(Object::Service(service(name, ip, kind, local, created, &ports, node_port))));
+                }
+                Op::DeleteService(name) => {
+                    inc.change(Change::Deleted(Object::Service(service(name, 1, 0, false, None, &[], 0))));
+                }
+                Op::Slice { name, owner, endpoints, ports } => {
+                    inc.change(Change::Applied(Object::Slice(slice(name, owner, &endpoints, &ports))));
+                }
+                Op::DeleteSlice(name) => {
+                    inc.change(Change::Deleted(Object::Slice(slice(name, None, &[], &[]))));
+                }
+                Op::Endpoints { name, ips } => {
+                    inc.change(Change::Applied(Object::Endpoints(legacy(name, &ips))));
+                }
+                Op::DeleteEndpoints(name) => {
+                    inc.change(Change::Deleted(Object::Endpoints(legacy(name, &[]))));
+                }
+                Op::RelistSlices => {
+                    let kept: Vec<Object> = inc
+                        .objects()
+                        .slices
+                        .into_iter()
+                        .filter(|s| s.metadata.name.as_deref().is_some_and(|n| n.ends_with(['0', '2', '4'])))
+                        .map(Object::Slice)
+                        .collect();
+                    inc.change(Change::Listed(ObjectKind::Slice, kept));
+                }
+                Op::Node(v) => variant = v,
+                Op::Sync => {
+                    let before = inc.desired().clone();
+                    let changed = inc.update(&node(variant), &opts);
+                    full = desired_state_after(&full, &inc.objects(), &node(variant), &opts);
+                    let got = inc.desired();
+                    prop_assert_eq!(&got.frontends, &full.frontends);
+                    prop_assert_eq!(&got.health_checks, &full.health_checks);
+                    prop_assert_eq!(sorted(&got.errors), sorted(&full.errors));
+                    // The changed set names exactly the frontends that moved.
+                    let keys: BTreeSet<FrontendKey> = before.frontends.keys().chain(got.frontends.keys()).copied().collect();
+                    let moved: BTreeSet<FrontendKey> =
+                        keys.into_iter().filter(|k| before.frontends.get(k) != got.frontends.get(k)).collect();
+                    prop_assert_eq!(changed, moved);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_relist_of_the_same_objects_changes_nothing() {
+    let mut inc = Incremental::default();
+    let objects = vec![Object::Service(service(0, 1, 1, false, None, &[0, 1], 0))];
+    assert_eq!(inc.change(Change::Listed(ObjectKind::Service, objects.clone())), 1);
+    inc.change(Change::Listed(ObjectKind::Slice, vec![Object::Slice(slice(0, Some(0), &[(1, true, true)], &[0]))]));
+    assert!(!inc.update(&node(false), &Options::default()).is_empty());
+    assert_eq!(inc.change(Change::Listed(ObjectKind::Service, objects)), 0, "the same list again");
+    assert!(!inc.has_changes());
+    assert!(inc.update(&node(false), &Options::default()).is_empty());
+}
+
+#[test]
+fn an_endpoint_change_recomputes_only_its_service() {
+    let mut inc = Incremental::default();
+    for i in 0..3 {
+        inc.change(Change::Applied(Object::Service(service(i, i as u8 + 1, 0, false, None, &[0], 0))));
+        inc.change(Change::Applied(Object::Slice(slice(i, Some(i), &[(1, true, true)], &[0]))));
+    }
+    inc.update(&node(false), &Options::default());
+    inc.change(Change::Applied(Object::Slice(slice(1, Some(1), &[(1, true, true), (2, true, false)], &[0]))));
+    assert_eq!(inc.dirty.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["s1"]);
+    let changed = inc.update(&node(false), &Options::default());
+    assert_eq!(changed.into_iter().map(|k| k.to_string()).collect::<Vec<_>>(), ["10.96.0.2:80/TCP"]);
+}
