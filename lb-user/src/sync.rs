@@ -113,19 +113,15 @@ impl Feed {
                         return false;
                     }
                 }
-                let listed = [
-                    Change::Listed(ObjectKind::Service, objects.services.into_iter().map(Object::Service).collect()),
-                    Change::Listed(ObjectKind::Slice, objects.slices.into_iter().map(Object::Slice).collect()),
-                    Change::Listed(
-                        ObjectKind::Endpoints,
-                        objects.endpoints.into_iter().map(Object::Endpoints).collect(),
-                    ),
-                    Change::Listed(ObjectKind::Node, objects.nodes.into_iter().map(Object::Node).collect()),
-                ];
-                let mut due = false;
-                for change in listed {
-                    due |= sync.take(change, arrived);
-                }
+                let mut due =
+                    sync.take_list(ObjectKind::Service, objects.services.into_iter().map(Object::Service), arrived);
+                due |= sync.take_list(ObjectKind::Slice, objects.slices.into_iter().map(Object::Slice), arrived);
+                due |= sync.take_list(
+                    ObjectKind::Endpoints,
+                    objects.endpoints.into_iter().map(Object::Endpoints),
+                    arrived,
+                );
+                due |= sync.take_list(ObjectKind::Node, objects.nodes.into_iter().map(Object::Node), arrived);
                 due || sync.needs_retry()
             }
             Feed::Cluster { source, coalescer, retry_at } => loop {
@@ -192,7 +188,7 @@ impl Sync {
         health: HealthState,
     ) -> Self {
         Sync {
-            model: Incremental::default(),
+            model: Incremental::new(&node.name),
             node,
             options,
             config_of,
@@ -209,7 +205,7 @@ impl Sync {
 
     /// Takes in a change that arrived at `at`. Returns whether a sync is due for it.
     pub fn take(&mut self, change: Change, at: Instant) -> bool {
-        if let Change::Listed(kind, _) = &change {
+        if let Change::ListDone(kind) = &change {
             self.listed.insert(*kind);
         }
         let changed = self.model.change(change);
@@ -221,6 +217,16 @@ impl Sync {
             self.health.queued(at);
         }
         changed > 0 || (!self.synced_once && self.complete())
+    }
+
+    /// Takes in a complete list of one kind (a fresh read of the manifests). Returns
+    /// whether a sync is due for it.
+    pub fn take_list(&mut self, kind: ObjectKind, objects: impl IntoIterator<Item = Object>, at: Instant) -> bool {
+        let mut due = self.take(Change::ListStarted(kind), at);
+        for o in objects {
+            due |= self.take(Change::Listed(o), at);
+        }
+        due | self.take(Change::ListDone(kind), at)
     }
 
     /// Every kind has been listed once.

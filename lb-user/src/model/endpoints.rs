@@ -45,13 +45,13 @@ impl Endpoint {
 }
 
 /// An EndpointSlice, read once: its ports and its usable endpoints (port not yet set).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Slice {
     ports: Vec<SlicePort>,
     endpoints: Vec<Endpoint>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct SlicePort {
     name: String,
     protocol: String,
@@ -170,7 +170,7 @@ fn mirror(ep: &Endpoints) -> Vec<EndpointSlice> {
 
 /// Reads one slice; None for a slice of another address family. Bad fields are reported
 /// once here, and only the endpoints or ports at fault are left out.
-fn read_slice(ctx: &mut Ctx, object: &str, slice: &EndpointSlice) -> Option<Slice> {
+pub(super) fn read_slice(ctx: &mut Ctx, object: &str, slice: &EndpointSlice) -> Option<Slice> {
     if slice.address_type != "IPv4" {
         return None;
     }

@@ -4,6 +4,10 @@
 //! would compute from the same objects and the previous state (the property tests check
 //! it); a Node whose facts change recomputes everything.
 //!
+//! EndpointSlices, most of what a cluster holds, are kept as read (their usable endpoints
+//! and ports), not as API objects: a tenth of the memory. Reading marks endpoints local by
+//! this node's name, which is fixed for the index's life.
+//!
 //! [`desired_state_after`]: super::desired_state_after
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,13 +21,22 @@ use super::{
     add_service, endpoints, service_ref, settle_key, Claim, Ctx, Desired, FrontendKey, HealthCheck, ModelError,
     NodeInfo, Options, ServiceRef,
 };
-use crate::source::{Change, Object, ObjectKind, Objects};
+use crate::source::{Change, Object, ObjectKind};
 
 /// An object's namespace (the API's default when a manifest leaves it out) and name.
 type ObjectName = (String, String);
 
 fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectName {
     (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+}
+
+/// An EndpointSlice as read: its Service (or the error of having none), what it serves
+/// (None: another address family) and the errors reading it gave.
+#[derive(Debug, PartialEq)]
+struct StoredSlice {
+    owner: Result<ServiceRef, ModelError>,
+    read: Option<endpoints::Slice>,
+    errors: Vec<ModelError>,
 }
 
 /// What one Service (or the slices and Endpoints named for it) gave, last computed.
@@ -34,14 +47,17 @@ struct Output {
     errors: Vec<ModelError>,
 }
 
-#[derive(Default)]
 pub struct Incremental {
+    /// This node's name: endpoints with it as their nodeName are local.
+    node_name: String,
     services: BTreeMap<ServiceRef, Service>,
-    slices: BTreeMap<ObjectName, EndpointSlice>,
+    slices: BTreeMap<ObjectName, StoredSlice>,
     /// Slice names by the Service their label names.
     slices_of: BTreeMap<ServiceRef, BTreeSet<ObjectName>>,
-    /// Slices without a Service label: the error each gives.
-    unlabelled: BTreeMap<ObjectName, ModelError>,
+    /// Slices without a Service label.
+    unlabelled: BTreeSet<ObjectName>,
+    /// Lists under way: the names each has given so far.
+    listing: BTreeMap<ObjectKind, BTreeSet<ObjectName>>,
     endpoints: BTreeMap<ServiceRef, Endpoints>,
     nodes: BTreeMap<String, Node>,
     /// Services whose objects changed since the last update.
@@ -61,6 +77,28 @@ pub struct Incremental {
 }
 
 impl Incremental {
+    /// An empty index for the node `node_name`.
+    pub fn new(node_name: &str) -> Self {
+        Incremental {
+            node_name: node_name.to_string(),
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            slices_of: BTreeMap::new(),
+            unlabelled: BTreeSet::new(),
+            listing: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            nodes_changed: false,
+            outputs: BTreeMap::new(),
+            with_errors: BTreeSet::new(),
+            claimants: BTreeMap::new(),
+            settle_errors: BTreeMap::new(),
+            node: None,
+            desired: Desired::default(),
+        }
+    }
+
     /// The state made by the last [`update`](Self::update).
     pub fn desired(&self) -> &Desired {
         &self.desired
@@ -79,7 +117,18 @@ impl Incremental {
                 let (kind, meta) = (o.kind(), o.meta());
                 usize::from(self.delete(kind, meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default()))
             }
-            Change::Listed(kind, objects) => self.replace(kind, objects),
+            Change::ListStarted(kind) => {
+                self.listing.insert(kind, BTreeSet::new());
+                0
+            }
+            Change::Listed(o) => {
+                self.listing.entry(o.kind()).or_default().insert(object_name(o.meta()));
+                usize::from(self.apply(o))
+            }
+            Change::ListDone(kind) => {
+                let listed = self.listing.remove(&kind).unwrap_or_default();
+                self.remove_unlisted(kind, &listed)
+            }
         }
     }
 
@@ -94,7 +143,7 @@ impl Incremental {
     }
 
     /// An object was added or modified. Returns whether it differs from what was held.
-    pub fn apply(&mut self, object: Object) -> bool {
+    fn apply(&mut self, object: Object) -> bool {
         match object {
             Object::Service(svc) => {
                 let sref = service_ref(&svc);
@@ -106,20 +155,21 @@ impl Incremental {
             }
             Object::Slice(slice) => {
                 let name = object_name(&slice.metadata);
-                if self.slices.get(&name) == Some(&slice) {
+                let stored = self.read(&name, &slice);
+                if self.slices.get(&name) == Some(&stored) {
                     return false;
                 }
                 self.forget_slice(&name);
-                match endpoints::owner_of_slice(&slice) {
+                match &stored.owner {
                     Ok(sref) => {
                         self.slices_of.entry(sref.clone()).or_default().insert(name.clone());
-                        self.dirty.insert(sref);
+                        self.dirty.insert(sref.clone());
                     }
-                    Err(e) => {
-                        self.unlabelled.insert(name.clone(), e);
+                    Err(_) => {
+                        self.unlabelled.insert(name.clone());
                     }
                 }
-                self.slices.insert(name, slice);
+                self.slices.insert(name, stored);
             }
             Object::Endpoints(ep) => {
                 let sref = endpoints::legacy_ref(&ep);
@@ -142,7 +192,7 @@ impl Incremental {
     }
 
     /// An object was deleted. Returns whether it was held.
-    pub fn delete(&mut self, kind: ObjectKind, namespace: Option<&str>, name: &str) -> bool {
+    fn delete(&mut self, kind: ObjectKind, namespace: Option<&str>, name: &str) -> bool {
         let namespace = namespace.unwrap_or("default").to_string();
         match kind {
             ObjectKind::Service => {
@@ -170,51 +220,37 @@ impl Incremental {
         }
     }
 
-    /// A complete list of one kind: what is not in it is gone, what is the same as held
-    /// changes nothing (a relist after a lost watch rewrites nothing). Returns how many
-    /// objects changed.
-    pub fn replace(&mut self, kind: ObjectKind, objects: Vec<Object>) -> usize {
-        let listed: BTreeSet<ObjectName> = objects.iter().map(|o| object_name(o.meta())).collect();
-        let gone: Vec<ObjectName> = match kind {
+    /// A list of `kind` ended: what it did not name is gone (a relist after a lost watch
+    /// changes only what truly changed). Returns how many objects were removed.
+    fn remove_unlisted(&mut self, kind: ObjectKind, listed: &BTreeSet<ObjectName>) -> usize {
+        let held: Vec<ObjectName> = match kind {
             ObjectKind::Service => self.services.keys().map(|r| (r.namespace.clone(), r.name.clone())).collect(),
             ObjectKind::Slice => self.slices.keys().cloned().collect(),
             ObjectKind::Endpoints => self.endpoints.keys().map(|r| (r.namespace.clone(), r.name.clone())).collect(),
             ObjectKind::Node => self.nodes.keys().map(|n| ("default".to_string(), n.clone())).collect(),
         };
-        let mut changed = 0;
-        for (namespace, name) in gone.into_iter().filter(|n| !listed.contains(n)) {
+        let mut removed = 0;
+        for (namespace, name) in held.into_iter().filter(|n| !listed.contains(n)) {
             let namespace = (kind != ObjectKind::Node).then_some(namespace.as_str());
-            changed += usize::from(self.delete(kind, namespace, &name));
+            removed += usize::from(self.delete(kind, namespace, &name));
         }
-        for o in objects {
-            changed += usize::from(self.apply(o));
-        }
-        changed
+        removed
     }
 
-    /// Replaces everything with `objects` (a fresh read of the manifests).
-    pub fn replace_all(&mut self, objects: Objects) -> usize {
-        let Objects { services, slices, endpoints, nodes } = objects;
-        self.replace(ObjectKind::Service, services.into_iter().map(Object::Service).collect())
-            + self.replace(ObjectKind::Slice, slices.into_iter().map(Object::Slice).collect())
-            + self.replace(ObjectKind::Endpoints, endpoints.into_iter().map(Object::Endpoints).collect())
-            + self.replace(ObjectKind::Node, nodes.into_iter().map(Object::Node).collect())
-    }
-
-    /// The objects held, as a source would list them.
-    pub fn objects(&self) -> Objects {
-        Objects {
-            services: self.services.values().cloned().collect(),
-            slices: self.slices.values().cloned().collect(),
-            endpoints: self.endpoints.values().cloned().collect(),
-            nodes: self.nodes.values().cloned().collect(),
-        }
+    /// Reads a slice as the model uses it.
+    fn read(&self, name: &ObjectName, slice: &EndpointSlice) -> StoredSlice {
+        let node = NodeInfo { name: self.node_name.clone(), addresses: Vec::new(), zone: None };
+        let opts = Options::default();
+        let mut ctx = Ctx { node: &node, opts: &opts, errors: Vec::new() };
+        let object = format!("EndpointSlice {}/{}", name.0, name.1);
+        let read = endpoints::read_slice(&mut ctx, &object, slice);
+        StoredSlice { owner: endpoints::owner_of_slice(slice), read, errors: ctx.errors }
     }
 
     fn forget_slice(&mut self, name: &ObjectName) -> bool {
         let Some(old) = self.slices.remove(name) else { return false };
         self.unlabelled.remove(name);
-        if let Ok(sref) = endpoints::owner_of_slice(&old) {
+        if let Ok(sref) = old.owner {
             if let Some(names) = self.slices_of.get_mut(&sref) {
                 names.remove(name);
                 if names.is_empty() {
@@ -229,6 +265,7 @@ impl Incremental {
     /// Computes again what changed since the last update, for this node. Returns the
     /// frontends whose desired state changed (added, modified or removed).
     pub fn update(&mut self, node: &NodeInfo, opts: &Options) -> BTreeSet<FrontendKey> {
+        debug_assert_eq!(node.name, self.node_name, "slices were read for another node");
         self.nodes_changed = false;
         if self.node.as_ref() != Some(node) {
             // Addresses, zone and name shape every Service's frontends and sets.
@@ -297,8 +334,8 @@ impl Incremental {
         }
         self.desired.errors = self
             .unlabelled
-            .values()
-            .cloned()
+            .iter()
+            .filter_map(|n| self.slices[n].owner.clone().err())
             .chain(self.with_errors.iter().flat_map(|r| self.outputs[r].errors.iter().cloned()))
             .chain(self.settle_errors.values().flatten().cloned())
             .collect();
@@ -307,9 +344,16 @@ impl Incremental {
 
     fn compute(&self, sref: &ServiceRef, node: &NodeInfo, opts: &Options) -> Output {
         let mut ctx = Ctx { node, opts, errors: Vec::new() };
-        let labelled: Vec<&EndpointSlice> =
+        let labelled: Vec<&StoredSlice> =
             self.slices_of.get(sref).into_iter().flatten().map(|n| &self.slices[n]).collect();
-        let slices = endpoints::service_slices(&mut ctx, sref, &labelled, self.endpoints.get(sref));
+        let slices = if labelled.is_empty() {
+            endpoints::service_slices(&mut ctx, sref, &[], self.endpoints.get(sref))
+        } else {
+            for s in &labelled {
+                ctx.errors.extend(s.errors.iter().cloned());
+            }
+            labelled.iter().filter_map(|s| s.read.clone()).collect()
+        };
         let mut output = Output::default();
         if let Some(svc) = self.services.get(sref) {
             let mut checks = Vec::new();

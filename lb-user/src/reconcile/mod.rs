@@ -109,6 +109,8 @@ pub struct Reconciler {
     /// Backend ids by identity (address, port, locality, owner; without `CHOSEN`, which
     /// changes with the sets while the id stays).
     backend_ids: BTreeMap<Backend, u32>,
+    /// The same, by id.
+    backend_keys: BTreeMap<u32, Backend>,
     /// Ids whose entry carries `backend_flags::CHOSEN`.
     chosen: BTreeSet<u32>,
     maglev: MaglevSize,
@@ -164,6 +166,7 @@ impl Reconciler {
         let mut r = Reconciler {
             frontends: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
+            backend_keys: BTreeMap::new(),
             chosen: BTreeSet::new(),
             maglev: MaglevSize::default(),
             backend_gens: BTreeMap::new(),
@@ -187,7 +190,9 @@ impl Reconciler {
             if backend.flags & backend_flags::CHOSEN != 0 {
                 r.chosen.insert(id);
             }
-            r.backend_ids.insert(Backend { gen: 0, flags: backend.flags & !backend_flags::CHOSEN, ..backend }, id);
+            let key = Backend { gen: 0, flags: backend.flags & !backend_flags::CHOSEN, ..backend };
+            r.backend_ids.insert(key, id);
+            r.backend_keys.insert(id, key);
         }
         let mut slots: BTreeMap<SlotKey, u32> = store.slots()?.into_iter().collect();
         let mut ranges: BTreeMap<u32, BTreeSet<Range>> = BTreeMap::new();
@@ -417,8 +422,8 @@ impl Reconciler {
     /// Sets `CHOSEN` on the backends among `ids` that some set chooses and clears it on
     /// the others (kept only for their flows), keeping ids and generations.
     fn mark_chosen<S: MapStore>(&mut self, store: &mut S, ids: &BTreeSet<u32>) -> Result<(), S::Error> {
-        let keys: BTreeMap<u32, Backend> =
-            self.backend_ids.iter().filter(|(_, id)| ids.contains(id)).map(|(b, id)| (*id, *b)).collect();
+        let keys: Vec<(u32, Backend)> =
+            ids.iter().filter_map(|id| self.backend_keys.get(id).map(|b| (*id, *b))).collect();
         for (id, key) in keys {
             // Ids no frontend uses any more are freed next: no need to touch them.
             let Some(uses) = self.uses.get(&id) else { continue };
@@ -445,17 +450,18 @@ impl Reconciler {
         ids: &BTreeSet<u32>,
         changes: &mut Changes,
     ) -> Result<(), S::Error> {
-        let unused: Vec<(Backend, u32)> = self
-            .backend_ids
+        let mut unused: Vec<(Backend, u32)> = ids
             .iter()
-            .filter(|(_, id)| ids.contains(id) && !self.uses.contains_key(id))
-            .map(|(b, id)| (*b, *id))
+            .filter(|id| !self.uses.contains_key(id))
+            .filter_map(|id| self.backend_keys.get(id).map(|b| (*b, *id)))
             .collect();
+        unused.sort();
         for (backend, id) in unused {
             let gen = self.backend_gens.get(&id).copied().unwrap_or(0).wrapping_add(1);
             store.put_backend(id, Backend { gen, ..Backend::default() })?;
             self.backend_gens.insert(id, gen);
             self.backend_ids.remove(&backend);
+            self.backend_keys.remove(&id);
             self.chosen.remove(&id);
             self.backend_pool.release(id);
             changes.backends_removed += 1;
@@ -492,6 +498,7 @@ impl Reconciler {
         }
         self.backend_gens.insert(id, gen);
         self.backend_ids.insert(key, id);
+        self.backend_keys.insert(id, key);
         self.taken.insert(id);
         if chosen {
             self.chosen.insert(id);

@@ -1,11 +1,13 @@
 //! The API server as a source (cluster mode): kube-rs watchers, each with the default
 //! backoff, for the Services kube-proxy serves (its server-side label selector), every
 //! EndpointSlice, and this node's Node (a field selector on its name). A watcher's
-//! (re)list is handed on whole, as [`Change::Listed`], when it is complete: the model diffs
-//! it against what it holds, so a relist (after a 410 Gone or a lost connection) changes
-//! only what truly changed. The watchers' events feed the model's own index rather than
-//! reflector stores: the index is keyed by the Service each object belongs to, which is
-//! what incremental recomputation needs, and one copy of each object is enough.
+//! (re)list is handed on object by object between [`Change::ListStarted`] and
+//! [`Change::ListDone`]: the model compares each with what it holds and removes what the
+//! list left out only at its end, so a relist (after a 410 Gone or a lost connection)
+//! changes only what truly changed. The watchers' events feed the model's own index rather
+//! than reflector stores: the index is keyed by the Service each object belongs to, which is
+//! what incremental recomputation needs, and it keeps slices as read, far smaller than the
+//! API objects a store would hold beside it.
 use std::{path::PathBuf, pin::Pin};
 
 use futures::{stream::SelectAll, Stream, StreamExt};
@@ -152,32 +154,22 @@ impl ClusterSource {
     }
 }
 
-/// One watcher as changes: a (re)list is gathered and handed on whole when complete.
+/// One watcher as changes.
 fn watch<K>(api: Api<K>, config: watcher::Config, kind: ObjectKind, wrap: fn(K) -> Object) -> Events
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
 {
     let stream = watcher(api, config).default_backoff();
-    let mut listing: Vec<Object> = Vec::new();
-    Box::pin(stream.filter_map(move |event| {
-        let out = match event {
-            Ok(event) => match event.modify(slim) {
-                watcher::Event::Init => {
-                    listing.clear();
-                    None
-                }
-                watcher::Event::InitApply(o) => {
-                    listing.push(wrap(o));
-                    None
-                }
-                watcher::Event::InitDone => Some(Event::Change(Change::Listed(kind, std::mem::take(&mut listing)))),
-                watcher::Event::Apply(o) => Some(Event::Change(Change::Applied(wrap(o)))),
-                watcher::Event::Delete(o) => Some(Event::Change(Change::Deleted(wrap(o)))),
-            },
-            Err(e) => Some(Event::Error(format!("watching {}: {e}", kind_name(kind)))),
-        };
-        std::future::ready(out)
+    Box::pin(stream.map(move |event| match event {
+        Ok(event) => Event::Change(match event.modify(slim) {
+            watcher::Event::Init => Change::ListStarted(kind),
+            watcher::Event::InitApply(o) => Change::Listed(wrap(o)),
+            watcher::Event::InitDone => Change::ListDone(kind),
+            watcher::Event::Apply(o) => Change::Applied(wrap(o)),
+            watcher::Event::Delete(o) => Change::Deleted(wrap(o)),
+        }),
+        Err(e) => Event::Error(format!("watching {}: {e}", kind_name(kind))),
     }))
 }
 

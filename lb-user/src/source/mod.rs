@@ -63,12 +63,18 @@ impl Object {
 }
 
 /// What a source saw happen.
+// Unboxed: each object moves once, from the source into the model's index.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
     /// Added or modified.
     Applied(Object),
     Deleted(Object),
-    /// The complete list of one kind, replacing what was known of it (the first list, a
-    /// relist after a watch was lost).
-    Listed(ObjectKind, Vec<Object>),
+    /// A complete list of one kind begins (the first list, a relist after a watch was
+    /// lost): what it does not name by its end is gone.
+    ListStarted(ObjectKind),
+    /// An object of the list under way.
+    Listed(Object),
+    /// The list of this kind is complete.
+    ListDone(ObjectKind),
 }

@@ -56,9 +56,9 @@ fn new_sync() -> Sync {
 /// The three complete lists a cluster source starts with.
 fn list_all(sync: &mut Sync, services: Vec<Object>, slices: Vec<Object>, address: &str) {
     let now = Instant::now();
-    sync.take(Change::Listed(ObjectKind::Service, services), now);
-    sync.take(Change::Listed(ObjectKind::Slice, slices), now);
-    sync.take(Change::Listed(ObjectKind::Node, vec![node(address)]), now);
+    sync.take_list(ObjectKind::Service, services, now);
+    sync.take_list(ObjectKind::Slice, slices, now);
+    sync.take_list(ObjectKind::Node, vec![node(address)], now);
 }
 
 /// Frontends the maps hold, as `address:port`.
@@ -108,13 +108,13 @@ fn after_a_restart_nothing_is_deleted_until_every_kind_is_listed_then_only_what_
     let mut reconciler = Reconciler::adopt(&store).unwrap();
     let held = store.contents.clone();
     let (writes, deletes) = (store.writes, store.deletes);
-    sync.take(Change::Listed(ObjectKind::Service, vec![service("a", "10.96.0.1", None)]), Instant::now());
+    sync.take_list(ObjectKind::Service, vec![service("a", "10.96.0.1", None)], Instant::now());
     let step = sync.step(&mut reconciler, &mut store);
     assert!(!step.wrote);
     assert_eq!((store.writes, store.deletes), (writes, deletes), "no write before the lists are complete");
     assert!(sync.problems()[0].contains("until the source has listed every object once"), "{:?}", sync.problems());
-    sync.take(Change::Listed(ObjectKind::Slice, vec![slice("a", &["10.244.1.1"])]), Instant::now());
-    sync.take(Change::Listed(ObjectKind::Node, vec![node("192.168.0.1")]), Instant::now());
+    sync.take_list(ObjectKind::Slice, vec![slice("a", &["10.244.1.1"])], Instant::now());
+    sync.take_list(ObjectKind::Node, vec![node("192.168.0.1")], Instant::now());
     assert!(sync.step(&mut reconciler, &mut store).wrote);
     // b is gone; a was kept as it was (same id, same slots).
     assert_eq!(frontends(&store), ["10.96.0.1:80"]);
@@ -133,8 +133,8 @@ fn a_relist_of_unchanged_objects_writes_and_deletes_nothing() {
     sync.step(&mut reconciler, &mut store);
     let (contents, writes, deletes) = (store.contents.clone(), store.writes, store.deletes);
     // A 410 Gone: the watcher lists again and finds the same objects.
-    assert!(!sync.take(Change::Listed(ObjectKind::Service, services()), Instant::now()));
-    assert!(!sync.take(Change::Listed(ObjectKind::Slice, slices()), Instant::now()));
+    assert!(!sync.take_list(ObjectKind::Service, services(), Instant::now()));
+    assert!(!sync.take_list(ObjectKind::Slice, slices(), Instant::now()));
     sync.step(&mut reconciler, &mut store);
     assert_eq!((store.writes, store.deletes), (writes, deletes));
     assert_eq!(store.contents, contents);
@@ -176,9 +176,9 @@ fn without_this_nodes_node_object_nothing_is_written_and_the_sync_retries() {
     let mut store = MemoryMaps::default();
     let mut sync = new_sync();
     let mut reconciler = Reconciler::adopt(&store).unwrap();
-    sync.take(Change::Listed(ObjectKind::Service, vec![service("a", "10.96.0.1", None)]), Instant::now());
-    sync.take(Change::Listed(ObjectKind::Slice, vec![]), Instant::now());
-    sync.take(Change::Listed(ObjectKind::Node, vec![]), Instant::now());
+    sync.take_list(ObjectKind::Service, vec![service("a", "10.96.0.1", None)], Instant::now());
+    sync.take_list(ObjectKind::Slice, vec![], Instant::now());
+    sync.take_list(ObjectKind::Node, vec![], Instant::now());
     let step = sync.step(&mut reconciler, &mut store);
     assert!(!step.wrote && step.failed && sync.needs_retry());
     assert_eq!(store.writes, 0);

@@ -7,7 +7,26 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
-use crate::model::desired_state_after;
+use crate::{model::desired_state_after, source::Objects};
+
+/// The objects as the API holds them, for the full recompute.
+#[derive(Default)]
+struct Api {
+    services: BTreeMap<usize, Service>,
+    slices: BTreeMap<usize, EndpointSlice>,
+    endpoints: BTreeMap<usize, Endpoints>,
+}
+
+impl Api {
+    fn objects(&self) -> Objects {
+        Objects {
+            services: self.services.values().cloned().collect(),
+            slices: self.slices.values().cloned().collect(),
+            endpoints: self.endpoints.values().cloned().collect(),
+            nodes: vec![],
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -147,44 +166,51 @@ proptest! {
     #[test]
     fn incremental_equals_a_full_recompute(ops in proptest::collection::vec(op(), 1..40)) {
         let opts = Options::default();
-        let mut inc = Incremental::default();
+        let mut inc = Incremental::new("node1");
+        let mut api = Api::default();
         let mut full = Desired::default();
         let mut variant = false;
         for op in ops.into_iter().chain([Op::Sync]) {
             match op {
                 Op::Service { name, ip, kind, local, created, ports, node_port } => {
-                    inc.change(Change::Applied(Object::Service(service(name, ip, kind, local, created, &ports, node_port))));
+                    let svc = service(name, ip, kind, local, created, &ports, node_port);
+                    api.services.insert(name, svc.clone());
+                    inc.change(Change::Applied(Object::Service(svc)));
                 }
                 Op::DeleteService(name) => {
+                    api.services.remove(&name);
                     inc.change(Change::Deleted(Object::Service(service(name, 1, 0, false, None, &[], 0))));
                 }
                 Op::Slice { name, owner, endpoints, ports } => {
-                    inc.change(Change::Applied(Object::Slice(slice(name, owner, &endpoints, &ports))));
+                    let s = slice(name, owner, &endpoints, &ports);
+                    api.slices.insert(name, s.clone());
+                    inc.change(Change::Applied(Object::Slice(s)));
                 }
                 Op::DeleteSlice(name) => {
+                    api.slices.remove(&name);
                     inc.change(Change::Deleted(Object::Slice(slice(name, None, &[], &[]))));
                 }
                 Op::Endpoints { name, ips } => {
+                    api.endpoints.insert(name, legacy(name, &ips));
                     inc.change(Change::Applied(Object::Endpoints(legacy(name, &ips))));
                 }
                 Op::DeleteEndpoints(name) => {
+                    api.endpoints.remove(&name);
                     inc.change(Change::Deleted(Object::Endpoints(legacy(name, &[]))));
                 }
                 Op::RelistSlices => {
-                    let kept: Vec<Object> = inc
-                        .objects()
-                        .slices
-                        .into_iter()
-                        .filter(|s| s.metadata.name.as_deref().is_some_and(|n| n.ends_with(['0', '2', '4'])))
-                        .map(Object::Slice)
-                        .collect();
-                    inc.change(Change::Listed(ObjectKind::Slice, kept));
+                    api.slices.retain(|name, _| name % 2 == 0);
+                    inc.change(Change::ListStarted(ObjectKind::Slice));
+                    for s in api.slices.values() {
+                        inc.change(Change::Listed(Object::Slice(s.clone())));
+                    }
+                    inc.change(Change::ListDone(ObjectKind::Slice));
                 }
                 Op::Node(v) => variant = v,
                 Op::Sync => {
                     let before = inc.desired().clone();
                     let changed = inc.update(&node(variant), &opts);
-                    full = desired_state_after(&full, &inc.objects(), &node(variant), &opts);
+                    full = desired_state_after(&full, &api.objects(), &node(variant), &opts);
                     let got = inc.desired();
                     prop_assert_eq!(&got.frontends, &full.frontends);
                     prop_assert_eq!(&got.health_checks, &full.health_checks);
@@ -200,21 +226,35 @@ proptest! {
     }
 }
 
+/// A list of `objects` of one kind, as a watcher delivers it.
+fn list(inc: &mut Incremental, kind: ObjectKind, objects: &[Object]) -> usize {
+    let mut changed = inc.change(Change::ListStarted(kind));
+    for o in objects {
+        changed += inc.change(Change::Listed(o.clone()));
+    }
+    changed + inc.change(Change::ListDone(kind))
+}
+
 #[test]
-fn a_relist_of_the_same_objects_changes_nothing() {
-    let mut inc = Incremental::default();
-    let objects = vec![Object::Service(service(0, 1, 1, false, None, &[0, 1], 0))];
-    assert_eq!(inc.change(Change::Listed(ObjectKind::Service, objects.clone())), 1);
-    inc.change(Change::Listed(ObjectKind::Slice, vec![Object::Slice(slice(0, Some(0), &[(1, true, true)], &[0]))]));
+fn a_relist_changes_only_what_changed() {
+    let mut inc = Incremental::new("node1");
+    let services = [0, 1].map(|i| Object::Service(service(i, i as u8 + 1, 1, false, None, &[0, 1], i as u8)));
+    assert_eq!(list(&mut inc, ObjectKind::Service, &services), 2);
+    list(&mut inc, ObjectKind::Slice, &[Object::Slice(slice(0, Some(0), &[(1, true, true)], &[0]))]);
     assert!(!inc.update(&node(false), &Options::default()).is_empty());
-    assert_eq!(inc.change(Change::Listed(ObjectKind::Service, objects)), 0, "the same list again");
+    assert_eq!(list(&mut inc, ObjectKind::Service, &services), 0, "the same list again");
     assert!(!inc.has_changes());
     assert!(inc.update(&node(false), &Options::default()).is_empty());
+    // s1 is gone from the next list: only its frontends go.
+    assert_eq!(list(&mut inc, ObjectKind::Service, &services[..1]), 1);
+    let changed = inc.update(&node(false), &Options::default());
+    assert!(!changed.is_empty());
+    assert!(changed.iter().all(|k| !inc.desired().frontends.contains_key(k)), "only removals: {changed:?}");
 }
 
 #[test]
 fn an_endpoint_change_recomputes_only_its_service() {
-    let mut inc = Incremental::default();
+    let mut inc = Incremental::new("node1");
     for i in 0..3 {
         inc.change(Change::Applied(Object::Service(service(i, i as u8 + 1, 0, false, None, &[0], 0))));
         inc.change(Change::Applied(Object::Slice(slice(i, Some(i), &[(1, true, true)], &[0]))));
