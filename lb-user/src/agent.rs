@@ -2,8 +2,9 @@
 //! to the model of its source (manifest files in standalone mode, the API server in cluster
 //! mode) through the shared [`Sync`]; attaches the pod-side program to every device
 //! matching the patterns, including ones created later (netlink link events); serves
-//! health (`/healthz`, `/livez`, `/readyz`) and healthCheckNodePorts for
-//! externalTrafficPolicy=Local Services.
+//! health (`/healthz`, `/livez`, `/readyz`), healthCheckNodePorts for
+//! externalTrafficPolicy=Local Services and /metrics; repairs what changes in the maps
+//! behind its back.
 use std::{
     collections::BTreeSet,
     ffi::CStr,
@@ -20,15 +21,16 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{self, conntrack::Conntrack, maps::PinnedMaps, Datapath},
-    model::{LocalDetect, NodeFlags, NodeInfo, Options},
+    model::{Desired, FlowCleanup, LocalDetect, NodeFlags, NodeInfo, Options},
     reconcile::Reconciler,
     source::{
         cluster::{self, ApiServer},
         ObjectKind,
     },
-    sync::{Feed, Step, Sync},
+    sync::{Feed, Sync},
     telemetry::{
         health::{self, HealthServers, HealthState},
+        metrics::{self, AgentMetrics},
         status::{StatusWriter, SyncReport},
     },
 };
@@ -37,46 +39,78 @@ use crate::{
 /// expire in 10 s) free their room soon after they expire.
 const CONNTRACK_SWEEP: Duration = Duration::from_secs(2);
 
+/// UDP flows to remove after a sync: each frontend with an endpoint that stopped serving
+/// but keeps its id (see [`model::conntrack::flow_cleanups`]).
+type UdpCleanup = Vec<(lb_common::ServiceKey, std::net::SocketAddrV4)>;
+
 /// Sweeps conntrack on a thread of its own: reading a table of a million entries takes a
-/// few hundred milliseconds, which the agent's event loop must not wait for.
+/// few hundred milliseconds, which the agent's event loop must not wait for. UDP cleanups
+/// the sync asks for are done on the same thread, as soon as they arrive.
 struct Sweeper {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cleanups: Option<std::sync::mpsc::Sender<UdpCleanup>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Sweeper {
     fn start(mut conntrack: Conntrack) -> Sweeper {
-        use std::sync::atomic::Ordering::Relaxed;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
+        use std::sync::mpsc::RecvTimeoutError;
+        let (cleanups, requests) = std::sync::mpsc::channel::<UdpCleanup>();
         let thread = std::thread::spawn(move || {
-            while !stopped.load(Relaxed) {
-                match conntrack.sweep() {
-                    Ok(s) if s.removed > 0 => {
-                        info!(
-                            removed = s.removed,
-                            entries = s.entries,
-                            read_ms = s.read_ms,
-                            reap_ms = s.reap_ms,
-                            "conntrack swept"
-                        )
+            let mut next_sweep = std::time::Instant::now();
+            loop {
+                if std::time::Instant::now() >= next_sweep {
+                    match conntrack.sweep() {
+                        Ok(s) if s.removed > 0 => {
+                            info!(
+                                removed = s.removed,
+                                entries = s.entries,
+                                read_ms = s.read_ms,
+                                reap_ms = s.reap_ms,
+                                "conntrack swept"
+                            )
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("sweeping conntrack: {e}"),
                     }
-                    Ok(_) => {}
-                    Err(e) => warn!("sweeping conntrack: {e}"),
+                    next_sweep = std::time::Instant::now() + CONNTRACK_SWEEP;
                 }
-                let deadline = std::time::Instant::now() + CONNTRACK_SWEEP;
-                while !stopped.load(Relaxed) && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(50));
+                match requests.recv_timeout(next_sweep.saturating_duration_since(std::time::Instant::now())) {
+                    Ok(to) => match conntrack.forget_udp_flows(&to) {
+                        Ok(0) => {}
+                        Ok(removed) => info!(removed, "UDP flows to endpoints that stopped serving removed"),
+                        Err(e) => warn!("removing UDP flows to endpoints that stopped serving: {e}"),
+                    },
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
         });
-        Sweeper { stop, thread: Some(thread) }
+        Sweeper { cleanups: Some(cleanups), thread: Some(thread) }
+    }
+
+    /// Asks for the UDP flows to endpoints that stopped serving to be removed.
+    fn forget(&self, cleanups: Vec<FlowCleanup>) {
+        let to: UdpCleanup = cleanups
+            .into_iter()
+            .filter_map(|c| match c {
+                FlowCleanup::ToBackend { frontend, backend } => {
+                    Some((crate::reconcile::service_key(&frontend), backend))
+                }
+                // Refused or dropped packets create no flow, and a frontend's removal frees
+                // its backends' ids, which ends their flows in the datapath: nothing to do.
+                FlowCleanup::ToFrontend { .. } => None,
+            })
+            .collect();
+        if let (false, Some(tx)) = (to.is_empty(), &self.cleanups) {
+            // The thread only ends when the sender is dropped, below.
+            let _ = tx.send(to);
+        }
     }
 }
 
 impl Drop for Sweeper {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cleanups.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -108,6 +142,10 @@ pub struct AgentConfig {
     pub datapath: DatapathOptions,
     /// Socket-level load balancing; None: off (the hooks are detached).
     pub sockets: Option<SocketLb>,
+    /// Where /metrics is served; None: nowhere.
+    pub metrics_bind_address: Option<std::net::SocketAddr>,
+    /// How often the service maps are compared with what was last applied (and repaired).
+    pub drift_check: Duration,
 }
 
 /// Where and for whom the socket hooks translate.
@@ -147,6 +185,12 @@ pub enum Error {
     },
     #[error("waiting on netlink or the datapath log: {0}")]
     Poll(#[source] io::Error),
+    #[error("serving /metrics on --metrics-bind-address {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14) for --socket-lb: {0}")]
     NetnsCookie(#[source] io::Error),
     #[error(transparent)]
@@ -192,6 +236,16 @@ fn datapath_config(node: &NodeInfo, local: LocalDetect, datapath: &DatapathOptio
 
 /// Runs until `shutdown` resolves. The datapath keeps running after the agent exits.
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+    // Bound first: a taken address is reported before the datapath is touched.
+    let metrics = AgentMetrics::default();
+    let _metrics_server = match cfg.metrics_bind_address {
+        Some(addr) => Some(
+            metrics::serve(addr, cfg.pin_dir.clone(), metrics.clone())
+                .await
+                .map_err(|source| Error::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let mut dp = Datapath::load(&cfg.pin_dir, cfg.datapath.capacity)?;
     for iface in &cfg.uplinks {
         dp.attach_uplink(iface).map_err(|source| Error::Uplink { iface: iface.clone(), source: Box::new(source) })?;
@@ -241,8 +295,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     // SAFETY: the OwnedFd moves into the AsyncFd and stays open for its whole life.
     let links = unsafe { AsyncFd::register(socket) }.map_err(|e| Error::Poll(e.into()))?;
     info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, healthz = %cfg.healthz_bind, "agent started");
-    let _sweeper = Sweeper::start(Conntrack::open(&cfg.pin_dir)?);
+    let sweeper = Sweeper::start(Conntrack::open(&cfg.pin_dir)?);
     let mut status = StatusWriter::start(&cfg.pin_dir)?;
+    let mut drift_check = tokio::time::interval_at(tokio::time::Instant::now() + cfg.drift_check, cfg.drift_check);
+    drift_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     attach_pod_devices(&mut dp, &cfg, &mut attached);
     loop {
@@ -269,10 +325,27 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                 }
                 let started = std::time::Instant::now();
                 let step = sync.step(&mut reconciler, &mut store);
-                report(&mut status, &sync, &step, started.elapsed());
+                let report = SyncReport {
+                    took: started.elapsed(),
+                    wrote: step.wrote,
+                    failed: step.failed,
+                    frontends: sync.desired().frontends.len(),
+                    problems: sync.problems(),
+                    latencies: step.latencies,
+                };
+                status.synced(&report);
+                metrics.synced(&report);
+                metrics.update_endpoint_nodes(step.endpoint_nodes);
+                sweeper.forget(step.flow_cleanups);
                 source.after_sync(sync.needs_retry());
                 if let Some(checks) = step.health_checks {
                     health.update(&checks).await;
+                }
+            }
+            _ = drift_check.tick() => {
+                // A sync due again would write anyway; only applied state is compared.
+                if let Some(desired) = sync.applied() {
+                    repair_drift(&mut reconciler, desired, &mut store, &metrics);
                 }
             }
         }
@@ -282,15 +355,23 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     Ok(())
 }
 
-fn report(status: &mut StatusWriter, sync: &Sync, step: &Step, took: Duration) {
-    status.synced(&SyncReport {
-        took,
-        wrote: step.wrote,
-        failed: step.failed,
-        frontends: sync.desired().frontends.len(),
-        problems: sync.problems(),
-        latencies: step.latencies.clone(),
-    });
+/// Writes back what changed in the service maps behind the agent's back (an operator's
+/// bpftool edit, a lost write), logging and counting each frontend repaired.
+fn repair_drift(reconciler: &mut Reconciler, desired: &Desired, store: &mut PinnedMaps, metrics: &AgentMetrics) {
+    match reconciler.repair(desired, store) {
+        Ok(None) => metrics.drift_checked(0),
+        Ok(Some(repair)) => {
+            for d in &repair.drift {
+                warn!("the maps changed behind the agent's back; repairing {d}");
+            }
+            for failure in &repair.changes.failures {
+                warn!("repairing drift: {failure}");
+            }
+            info!(frontends = repair.frontends(), written = repair.changes.services_written, "drift repaired");
+            metrics.drift_checked(repair.frontends());
+        }
+        Err(e) => warn!("checking the maps for drift: {e}"),
+    }
 }
 
 fn attach_pod_devices(dp: &mut Datapath, cfg: &AgentConfig, attached: &mut BTreeSet<String>) {

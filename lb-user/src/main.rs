@@ -23,6 +23,8 @@ struct PinDir {
     pin_dir: PathBuf,
 }
 
+// Parsed once: the agent's many options need no box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Load the programs, pin them and their maps, attach them, and exit (they keep running).
@@ -123,11 +125,12 @@ enum Command {
         healthz_bind_address: std::net::SocketAddr,
         #[command(flatten)]
         local: LocalArgs,
-        /// Uplink interface(s) for the XDP program.
-        #[arg(long, required = true)]
+        /// Uplink interface(s) for the XDP program (repeat the option, or separate with commas).
+        #[arg(long, required = true, value_delimiter = ',')]
         iface: Vec<String>,
-        /// Pod-facing devices get the tc program: names matching these glob patterns.
-        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*"], value_parser = parse_glob)]
+        /// Pod-facing devices get the tc program: names matching these glob patterns (repeat
+        /// the option, or separate with commas).
+        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*"], value_delimiter = ',', value_parser = parse_glob)]
         pod_devices: Vec<Glob>,
         /// SNAT source port range, MIN-MAX.
         #[arg(long, default_value = "32768-65535", value_parser = parse_port_range)]
@@ -136,6 +139,14 @@ enum Command {
         datapath: DatapathArgs,
         #[command(flatten)]
         sockets: SocketArgs,
+        /// Serve Prometheus metrics on /metrics at IP:PORT (an IP alone: port 10249; "" turns
+        /// it off), as kube-proxy's flag of this name.
+        #[arg(long, default_value = telemetry::metrics::DEFAULT_BIND_ADDRESS, value_parser = parse_bind_address)]
+        metrics_bind_address: BindAddress,
+        /// Seconds between comparisons of the service maps with what the agent last applied;
+        /// what differs (changed behind its back) is written again, logged and counted.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        drift_check_interval: u64,
     },
     /// Which backend the datapath gives a flow (from the pinned maps: works while the agent
     /// is down): a tracked flow's, or a new flow's by affinity and the frontend's algorithm.
@@ -481,6 +492,8 @@ fn main() -> anyhow::Result<()> {
             snat_ports,
             datapath,
             sockets,
+            metrics_bind_address,
+            drift_check_interval,
         } => {
             let source = source.source()?;
             let sockets = sockets.resolve()?;
@@ -499,6 +512,8 @@ fn main() -> anyhow::Result<()> {
                 snat_ports,
                 datapath: datapath.options(),
                 sockets,
+                metrics_bind_address: metrics_bind_address.0,
+                drift_check: std::time::Duration::from_secs(drift_check_interval),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(agent::run(cfg, shutdown_signal()))?;
@@ -664,6 +679,14 @@ fn parse_service_name(s: &str) -> Result<(String, String), String> {
         }
         _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
     }
+}
+
+/// An address to serve on; None: off.
+#[derive(Clone, Copy)]
+struct BindAddress(Option<std::net::SocketAddr>);
+
+fn parse_bind_address(s: &str) -> Result<BindAddress, String> {
+    telemetry::metrics::parse_bind_address(s).map(BindAddress)
 }
 
 fn parse_glob(s: &str) -> Result<Glob, String> {

@@ -16,7 +16,10 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::maps::MapStore,
-    model::{HealthCheck, Incremental, LocalDetect, NodeFlags, NodeInfo, Options},
+    model::{
+        flow_cleanups, Desired, EndpointNodes, FlowCleanup, HealthCheck, Incremental, LocalDetect, NodeFlags, NodeInfo,
+        Options, ServiceRef,
+    },
     reconcile::Reconciler,
     source::{
         cluster::{self, ApiServer, ClusterSource},
@@ -69,6 +72,10 @@ pub struct Step {
     pub latencies: Vec<Duration>,
     /// The healthCheckNodePorts to serve, when they changed.
     pub health_checks: Option<Vec<HealthCheck>>,
+    /// UDP flows the change leaves without their endpoint (or newly served), to remove.
+    pub flow_cleanups: Vec<FlowCleanup>,
+    /// The endpoint nodes of the Services computed again.
+    pub endpoint_nodes: Vec<(ServiceRef, EndpointNodes)>,
 }
 
 /// A source feeding the sync.
@@ -100,11 +107,15 @@ impl Feed {
         match self {
             Feed::Manifests { path, watch, cache } => {
                 watch.changed().await;
-                let arrived = std::time::Instant::now();
                 let (objects, report) = cache.read(path);
-                for e in &report.errors {
-                    warn!("{e}");
-                }
+                let problems: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+                // New complaints are reported by a sync even when no object changed.
+                let complaints = problems != sync.source_problems;
+                sync.source_problems = problems;
+                // From the first file-system event this read serves (a read that failed
+                // serves none: its events count on until one succeeds).
+                let waited = if report.incomplete { None } else { watch.caught_up() };
+                let arrived = std::time::Instant::now() - waited.unwrap_or_default();
                 if report.incomplete {
                     watch.rewatch();
                     if !sync.complete() {
@@ -122,7 +133,7 @@ impl Feed {
                     arrived,
                 );
                 due |= sync.take_list(ObjectKind::Node, objects.nodes.into_iter().map(Object::Node), arrived);
-                due || sync.needs_retry()
+                due || complaints || sync.needs_retry()
             }
             Feed::Cluster { source, coalescer, retry_at } => loop {
                 let deadline = [coalescer.deadline(), *retry_at].into_iter().flatten().min();
@@ -174,6 +185,8 @@ pub struct Sync {
     retry: bool,
     /// The problems last logged; logged again only when they change.
     problems: Vec<String>,
+    /// What the source could not read, reported with the next sync's problems.
+    source_problems: Vec<String>,
     served_checks: Option<Vec<HealthCheck>>,
     health: HealthState,
 }
@@ -198,6 +211,7 @@ impl Sync {
             synced_once: false,
             retry: false,
             problems: Vec::new(),
+            source_problems: Vec::new(),
             served_checks: None,
             health,
         }
@@ -240,14 +254,20 @@ impl Sync {
     }
 
     /// The model's current desired state.
-    pub fn desired(&self) -> &crate::model::Desired {
+    pub fn desired(&self) -> &Desired {
         self.model.desired()
+    }
+
+    /// What the maps were last made to hold, when that was written in full (synced, no
+    /// write waiting to be retried).
+    pub fn applied(&self) -> Option<&Desired> {
+        (self.synced_once && !self.retry).then(|| self.model.desired())
     }
 
     /// Makes the maps hold the model of everything taken in so far.
     pub fn step<S: MapStore>(&mut self, reconciler: &mut Reconciler, store: &mut S) -> Step {
         let mut step = Step::default();
-        let mut problems = Vec::new();
+        let mut problems = self.source_problems.clone();
         if !self.complete() {
             // Adopted state stays whole until the source has been listed once.
             problems.push("keeping the datapath as adopted until the source has listed every object once".into());
@@ -267,9 +287,22 @@ impl Sync {
                 return step;
             }
         };
-        let changed = self.model.update(&node, &self.options);
+        let update = self.model.update(&node, &self.options);
+        let changed = update.keys();
         let desired = self.model.desired();
         problems.extend(desired.errors.iter().map(ToString::to_string));
+        step.endpoint_nodes = update.endpoint_nodes;
+        if self.synced_once {
+            // Compared with what the datapath serves: before the first sync that is adopted
+            // state, with no model to compare.
+            let mut old = Desired::default();
+            let mut new = Desired::default();
+            for (key, before) in update.changed {
+                old.frontends.extend(before.map(|f| (key, f)));
+                new.frontends.extend(desired.frontends.get(&key).map(|f| (key, f.clone())));
+            }
+            step.flow_cleanups = flow_cleanups(&old, &new);
+        }
         let only = self.synced_once.then_some(&changed);
         match reconciler.apply_changes(desired, only, (self.config_of)(&node, local), store) {
             Ok(c) => {

@@ -31,6 +31,8 @@ pub fn lb_user_bin() -> Result<PathBuf> {
 
 pub struct Agent {
     child: Child,
+    /// What runs lb-user (a wrapper that confines it), empty to run it directly.
+    launcher: Vec<String>,
     args: Vec<String>,
     pub pin_dir: PathBuf,
     pub log: PathBuf,
@@ -39,9 +41,32 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent for `node` on `manifests` and waits for its first sync.
     pub fn start(node: &Node, manifests: &Path, extra_args: &[&str]) -> Result<Agent> {
+        Agent::start_with(Vec::new(), node, manifests, extra_args)
+    }
+
+    /// Starts it as `start` does, in `node`'s namespace with only these capabilities (names
+    /// as setpriv takes them: `bpf`, `net_admin`...) in its bounding set, so it can never
+    /// hold any other, root or not.
+    pub fn start_confined(node: &Node, manifests: &Path, capabilities: &[&str], extra_args: &[&str]) -> Result<Agent> {
+        let bounding: String = capabilities.iter().map(|c| format!(",+{c}")).collect();
+        let launcher = [
+            "nsenter".to_string(),
+            format!("--net=/run/netns/{}", node.ns.name),
+            "--".into(),
+            "setpriv".into(),
+            format!("--bounding-set=-all{bounding}"),
+            "--inh-caps=-all".into(),
+            "--".into(),
+        ];
+        Agent::start_with(launcher.to_vec(), node, manifests, extra_args)
+    }
+
+    fn start_with(launcher: Vec<String>, node: &Node, manifests: &Path, extra_args: &[&str]) -> Result<Agent> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", node.ns.name));
         let log = std::env::temp_dir().join(format!("{}-agent.log", node.ns.name));
-        let mut args: Vec<String> = ["--netns", &node.ns.name, "agent", "--pin-dir"].map(String::from).to_vec();
+        // Entering the namespace takes CAP_SYS_ADMIN: a launcher enters it for the agent.
+        let netns = if launcher.is_empty() { vec!["--netns".to_string(), node.ns.name.clone()] } else { Vec::new() };
+        let mut args: Vec<String> = netns.into_iter().chain(["agent", "--pin-dir"].map(String::from)).collect();
         args.push(pin_dir.display().to_string());
         args.extend(["--manifests".to_string(), manifests.display().to_string()]);
         args.extend(
@@ -55,8 +80,8 @@ impl Agent {
             args.extend(["--socket-lb", "off"].map(String::from));
         }
         args.extend(extra_args.iter().map(|a| a.to_string()));
-        let child = spawn(&args, &log)?;
-        let agent = Agent { child, args, pin_dir, log };
+        let child = spawn(&launcher, &args, &log)?;
+        let agent = Agent { child, launcher, args, pin_dir, log };
         agent.wait_for_syncs(1)?;
         Ok(agent)
     }
@@ -76,10 +101,21 @@ impl Agent {
         self.restart()
     }
 
+    /// Sends `signal` (SIGKILL: a crash or an OOM kill; SIGTERM: a rollout), waits for the
+    /// process to end, starts it again and waits for the new process's first sync.
+    pub fn kill_and_restart(&mut self, signal: i32) -> Result<()> {
+        let before = self.syncs();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.child.wait()?;
+        self.child = spawn(&self.launcher, &self.args, &self.log)?;
+        self.wait_for_syncs(before + 1)
+    }
+
     /// Stops and starts the agent without waiting for anything.
     pub fn respawn(&mut self) -> Result<()> {
         self.stop();
-        self.child = spawn(&self.args, &self.log)?;
+        self.child = spawn(&self.launcher, &self.args, &self.log)?;
         Ok(())
     }
 
@@ -92,6 +128,11 @@ impl Agent {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {
@@ -136,10 +177,19 @@ impl Agent {
     }
 }
 
-/// Starts lb-user with `args`, its log appended to `log`.
-fn spawn(args: &[String], log: &Path) -> Result<Child> {
+/// Starts lb-user with `args` (through `launcher`, if any), its log appended to `log`.
+fn spawn(launcher: &[String], args: &[String], log: &Path) -> Result<Child> {
     let log_file = fs::OpenOptions::new().create(true).append(true).open(log)?;
-    Command::new(lb_user_bin()?)
+    let lb_user = lb_user_bin()?;
+    let mut command = match launcher.split_first() {
+        Some((program, launcher_args)) => {
+            let mut c = Command::new(program);
+            c.args(launcher_args).arg(lb_user);
+            c
+        }
+        None => Command::new(lb_user),
+    };
+    command
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

@@ -160,6 +160,16 @@ impl Bench {
     }
 }
 
+/// The machine a benchmark ran on, for its record: kernel, CPU model, CPUs.
+pub fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("machine: kernel {}, {}, {cpus} CPUs", kernel.trim(), model.unwrap_or("unknown CPU"))
+}
+
 /// The source the wrapper gives its run `n` when asked for new flows (lb-ebpf's bench.rs):
 /// port 1024 + n % 60000, the address's low 16 bits plus n / 60000.
 pub fn wrapper_source(base: Ipv4Addr, n: u32) -> SocketAddrV4 {

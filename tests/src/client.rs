@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::traffic::{rr_connect_here, rr_keepalive_here, KEEP, TIMEOUT};
+use crate::traffic::{rr_connect_here, rr_keepalive_here, rr_udp_here, KEEP, TIMEOUT};
 
 /// What one request came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,7 +181,7 @@ impl Drop for Held {
     }
 }
 
-/// The binary's work, once it has joined its cgroup and namespace: `MODE DST [COUNT]`.
+/// The binary's work, once it has joined its cgroup and namespace: `MODE DST [COUNT|SECONDS]`.
 pub fn client_main(args: &[String]) -> Result<()> {
     let [mode, dst, rest @ ..] = args else { bail!("usage: MODE DST [COUNT|SECONDS]") };
     let dst4: SocketAddrV4 = dst.parse().with_context(|| format!("DST {dst:?}"))?;
@@ -194,20 +194,27 @@ pub fn client_main(args: &[String]) -> Result<()> {
         ),
         None => (mode.clone(), SocketAddr::V4(dst4), "0.0.0.0:0"),
     };
-    let count: u64 = rest.first().map(|c| c.parse()).transpose().context("COUNT")?.unwrap_or(1);
+    // The last argument: a count of requests, or for the rr modes seconds, which may be a
+    // fraction (a benchmark's smoke run).
+    let last = rest.first().map_or("1", String::as_str);
+    let count = || -> Result<u64> { last.parse().with_context(|| format!("COUNT {last:?}")) };
+    let seconds = || -> Result<Duration> {
+        Duration::try_from_secs_f64(last.parse().with_context(|| format!("SECONDS {last:?}"))?)
+            .with_context(|| format!("SECONDS {last:?}"))
+    };
     let mut out = io::stdout().lock();
     let mut emit = |started: Instant, r| writeln!(out, "{}", Outcome::line(r, started));
     match mode.as_str() {
         // New connections: connect, getpeername, ask, read to the end.
         "tcp" => {
-            for _ in 0..count {
+            for _ in 0..count()? {
                 let started = Instant::now();
                 emit(started, tcp_once(dst))?;
             }
         }
         // New connected UDP sockets: connect, getpeername, send, recvfrom.
         "udp" => {
-            for _ in 0..count {
+            for _ in 0..count()? {
                 let started = Instant::now();
                 emit(started, udp_connected_once(any, dst))?;
             }
@@ -216,7 +223,7 @@ pub fn client_main(args: &[String]) -> Result<()> {
         "udp-unconnected" => {
             let socket = UdpSocket::bind(any)?;
             socket.set_read_timeout(Some(TIMEOUT))?;
-            for _ in 0..count {
+            for _ in 0..count()? {
                 let started = Instant::now();
                 emit(started, udp_unconnected_once(&socket, dst))?;
             }
@@ -250,12 +257,14 @@ pub fn client_main(args: &[String]) -> Result<()> {
                 }
             }
         }
-        // Benchmarks: request/response for COUNT seconds, keep-alive or a connection each.
-        "rr-keepalive" => writeln!(out, "{}", rr_keepalive_here(dst4, Duration::from_secs(count))?)?,
-        "rr-connect" => writeln!(out, "{}", rr_connect_here(dst4, Duration::from_secs(count)))?,
+        // Benchmarks: request/response for SECONDS, keep-alive, a connection each, or
+        // datagrams on one connected UDP socket.
+        "rr-keepalive" => writeln!(out, "{}", rr_keepalive_here(dst4, seconds()?)?)?,
+        "rr-connect" => writeln!(out, "{}", rr_connect_here(dst4, seconds()?))?,
+        "rr-udp" => writeln!(out, "{}", rr_udp_here(dst4, seconds()?)?)?,
         other => bail!(
             "mode {other:?} is not tcp, udp, udp-unconnected (each also as tcp6, udp6, udp6-unconnected), hold, \
-             hold-udp, rr-keepalive or rr-connect"
+             hold-udp, rr-keepalive, rr-connect or rr-udp"
         ),
     }
     Ok(())

@@ -114,20 +114,25 @@ impl Cluster {
     }
 }
 
-/// An endpoint of a slice: ready, or terminating (still serving its connections).
+/// An endpoint of a slice: ready, terminating (still serving its connections), or stopped
+/// (terminating and no longer serving, still listed).
 #[derive(Clone, Copy, Debug)]
 pub struct Endpoint<'a> {
     pub addr: Ipv4Addr,
     pub node: &'a str,
-    pub terminating: bool,
+    /// The slice's `conditions`, as YAML, or "" for none (ready).
+    conditions: &'static str,
 }
 
 impl<'a> Endpoint<'a> {
     pub fn ready(addr: Ipv4Addr, node: &'a str) -> Self {
-        Endpoint { addr, node, terminating: false }
+        Endpoint { addr, node, conditions: "" }
     }
     pub fn terminating(addr: Ipv4Addr, node: &'a str) -> Self {
-        Endpoint { addr, node, terminating: true }
+        Endpoint { addr, node, conditions: ", conditions: {ready: false, serving: true, terminating: true}" }
+    }
+    pub fn stopped(addr: Ipv4Addr, node: &'a str) -> Self {
+        Endpoint { addr, node, conditions: ", conditions: {ready: false, serving: false, terminating: true}" }
     }
 }
 
@@ -146,11 +151,7 @@ pub fn service(
     let status = lb_ip.map(|ip| format!("status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n")).unwrap_or_default();
     let eps: Vec<String> = endpoints
         .iter()
-        .map(|e| {
-            let conditions =
-                if e.terminating { ", conditions: {ready: false, serving: true, terminating: true}" } else { "" };
-            format!("{{addresses: [\"{}\"], nodeName: {}{conditions}}}", e.addr, e.node)
-        })
+        .map(|e| format!("{{addresses: [\"{}\"], nodeName: {}{}}}", e.addr, e.node, e.conditions))
         .collect();
     format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}{meta}}}\nspec: {{{spec}, ports: [{{name: tcp, protocol: TCP, port: {port}, targetPort: {BACKEND_PORT}, nodePort: {node_port}}}, {{name: udp, protocol: UDP, port: {port}, targetPort: {BACKEND_PORT}, nodePort: {node_port}}}]}}\n{status}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: tcp, protocol: TCP, port: {BACKEND_PORT}}}, {{name: udp, protocol: UDP, port: {BACKEND_PORT}}}]\nendpoints: [{}]\n",

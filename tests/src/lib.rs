@@ -7,6 +7,7 @@ pub mod client;
 pub mod cluster;
 pub mod fixture;
 pub mod lab;
+pub mod metrics;
 pub mod packet;
 pub mod traffic;
 

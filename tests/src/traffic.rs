@@ -242,6 +242,28 @@ impl std::fmt::Display for RrStats {
     }
 }
 
+impl std::str::FromStr for RrStats {
+    type Err = anyhow::Error;
+
+    /// The line [`RrStats`]'s Display writes (what lab-client prints for the rr modes).
+    fn from_str(line: &str) -> Result<RrStats> {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                .ok_or_else(|| anyhow!("no {name}= in {line:?}"))
+        };
+        let number =
+            |name: &str| -> Result<u64> { field(name)?.parse().map_err(|e| anyhow!("{name} in {line:?}: {e}")) };
+        Ok(RrStats {
+            requests: number("requests")?,
+            errors: number("errors")?,
+            seconds: field("seconds")?.parse().map_err(|e| anyhow!("seconds in {line:?}: {e}"))?,
+            p50_us: number("p50_us")?,
+            p99_us: number("p99_us")?,
+        })
+    }
+}
+
 /// Request/response over one kept connection to an [`Echo`] for `duration`, from the
 /// calling thread's namespace (pod to Service, keep-alive).
 pub fn rr_keepalive_here(dst: SocketAddrV4, duration: Duration) -> io::Result<RrStats> {
@@ -278,6 +300,25 @@ pub fn rr_connect_here(dst: SocketAddrV4, duration: Duration) -> RrStats {
         }
     }
     RrStats::of(latencies, errors, started.elapsed().as_secs_f64())
+}
+
+/// Request/response over one connected UDP socket to an [`Echo`] for `duration`, from the
+/// calling thread's namespace (as a resolver talks to a DNS Service). A datagram lost
+/// either way ends the run with the error: the next answer could not be told apart.
+pub fn rr_udp_here(dst: SocketAddrV4, duration: Duration) -> io::Result<RrStats> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.connect(dst)?;
+    let mut buf = [0u8; 256];
+    let mut latencies = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < duration {
+        let t = std::time::Instant::now();
+        s.send(b"hello")?;
+        s.recv(&mut buf)?;
+        latencies.push(t.elapsed().as_micros() as u64);
+    }
+    Ok(RrStats::of(latencies, 0, started.elapsed().as_secs_f64()))
 }
 
 /// One UDP request from inside `ns`, from `bind` (port 0 for any). The socket is
@@ -513,4 +554,83 @@ pub fn syn_flood(
         unsafe { libc::close(fd) };
         result
     })
+}
+
+/// Continuous requests from inside a namespace, each timed, until stopped: TCP loops (a new
+/// connection per request) and UDP loops (a new socket per request, each from the next of
+/// its own ports, so no request continues an earlier flow).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    outcomes: Arc<std::sync::Mutex<Vec<Outcome>>>,
+}
+
+/// When a request started, and the backend that answered (its name) or the error.
+pub type Outcome = (std::time::Instant, Result<String, String>);
+
+impl Load {
+    /// `tcp_loops` TCP loops and one UDP loop per entry of `udp_first_ports`, each pausing
+    /// `pause` between requests.
+    pub fn start(ns: &str, dst: SocketAddrV4, tcp_loops: usize, udp_first_ports: &[u16], pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::default();
+        let loops = std::iter::repeat_n(None, tcp_loops).chain(udp_first_ports.iter().map(|p| Some(*p)));
+        let threads = loops
+            .map(|udp| {
+                let (ns, stop, out): (String, _, Arc<std::sync::Mutex<Vec<Outcome>>>) =
+                    (ns.to_string(), stop.clone(), Arc::clone(&outcomes));
+                std::thread::spawn(move || {
+                    in_netns(&ns, move || {
+                        let mut ports = udp.map(|first| first..first.saturating_add(10_000));
+                        while !stop.load(Ordering::Relaxed) {
+                            let started = std::time::Instant::now();
+                            let result = match ports.as_mut() {
+                                Some(ports) => udp_request_here(ports.next().expect("a fresh port"), dst),
+                                None => tcp_ask_here(dst),
+                            };
+                            let who = result.map_err(|e| e.to_string()).and_then(|a| {
+                                parse_answer(&a).map(|(name, _)| name).ok_or(format!("not a backend's answer: {a:?}"))
+                            });
+                            out.lock().unwrap().push((started, who));
+                            std::thread::sleep(pause);
+                        }
+                    })
+                })
+            })
+            .collect();
+        Load { stop, threads, outcomes }
+    }
+
+    /// Stops every loop and returns what they saw.
+    pub fn stop(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("load loop");
+        }
+        std::mem::take(&mut *self.outcomes.lock().unwrap())
+    }
+}
+
+/// One UDP request from `port` of this thread's namespace.
+fn udp_request_here(port: u16, dst: SocketAddrV4) -> io::Result<String> {
+    let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.connect(dst)?;
+    s.send(b"hello")?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rr_stats_read_back_what_they_print() {
+        let stats = RrStats { requests: 12_345, errors: 2, seconds: 2.001, p50_us: 21, p99_us: 4070 };
+        assert_eq!(stats.to_string().parse::<RrStats>().unwrap(), stats);
+        let err = "requests=1 errors=0 p50_us=3 p99_us=4".parse::<RrStats>().unwrap_err();
+        assert!(err.to_string().contains("no seconds="), "{err}");
+    }
 }

@@ -183,3 +183,34 @@ fn a_nodeport_claimed_twice_stays_with_the_service_created_first() {
         assert!(log.contains(&format!("Service default/{newer}")), "the loser is named:\n{log}");
     }
 }
+
+/// kube-proxy's UDP conntrack cleanup: an endpoint that stops serving but stays in its slice
+/// keeps its backend id (established TCP carries on), yet its UDP flows must go at once so
+/// the client's next datagram, from the same address and port, chooses again.
+#[test]
+fn udp_flows_to_an_endpoint_that_stops_serving_choose_again() {
+    let with = |a: Endpoint, b: Endpoint| {
+        service("udp-stop", "", "type: NodePort, clusterIP: 10.96.4.6", 80, 30106, &[a, b], None)
+    };
+    let c = start(&with(Endpoint::ready(POD_A, "node1"), Endpoint::ready(POD_B, "node2")));
+    let client = &c.lab.clients[0].ns.name;
+    let src: SocketAddrV4 = SocketAddrV4::new(c.lab.clients[0].addr, 40_106);
+    let ask = || parse_answer(&udp_ask(client, src, c.node_port(0, 30106)).unwrap()).unwrap().0;
+    let first = ask();
+    assert_eq!(ask(), first, "one flow keeps its backend");
+    let (stopped, other) = if first == "pod-a" {
+        (Endpoint::stopped(POD_A, "node1"), Endpoint::ready(POD_B, "node2"))
+    } else {
+        (Endpoint::ready(POD_A, "node1"), Endpoint::stopped(POD_B, "node2"))
+    };
+    c.apply(&with(stopped, other)).unwrap();
+    // The cleanup runs on the agent's conntrack thread right after the sync: allow it a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut now = ask();
+    while now == first && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        now = ask();
+    }
+    assert_ne!(now, first, "the flow to the stopped endpoint was removed and the datagram chose again");
+    assert_eq!(ask(), now, "the new flow keeps its backend");
+}

@@ -12,7 +12,7 @@ use lb_common::counters;
 use lb_tests::{
     cluster::{Cluster, Manifests},
     lab::{in_netns, Spec},
-    traffic::{parse_answer, tcp_ask, tcp_burst, udp_ask},
+    traffic::{parse_answer, tcp_ask, tcp_burst, udp_ask, Load},
 };
 
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
@@ -451,4 +451,49 @@ fn agent_follows_manifest_changes_and_new_pod_devices() {
     drop(c.lab.nodes[0].pods.pop());
     c.agents[0].wait_for_log(&format!("device gone; unpinned its pod-side link device={device}")).unwrap();
     assert!(!pin.exists());
+}
+
+/// What the agent programmed, as bpftool dumps it: every map the model decides (not the
+/// ones traffic changes).
+fn programmed_maps(pin_dir: &std::path::Path) -> Vec<String> {
+    use lb_common::map_names::*;
+    [SERVICES, SLOTS, BACKENDS, FRONTEND_META, SRC_RANGES, FRONT_BITS, CONFIG]
+        .iter()
+        .map(|name| {
+            let pin = pin_dir.join("maps").join(name);
+            let out =
+                std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&pin).output().unwrap();
+            assert!(out.status.success(), "bpftool map dump {name}: {}", String::from_utf8_lossy(&out.stderr));
+            let mut entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+            entries.sort_by_key(|e| e.to_string());
+            format!("{name}: {}", serde_json::Value::Array(entries))
+        })
+        .collect()
+}
+
+#[test]
+fn killing_the_agent_under_tcp_and_udp_load_fails_no_request_and_changes_no_map() {
+    let mut c = start(1);
+    let client = c.lab.clients[0].ns.name.clone();
+    let before = programmed_maps(&c.agents[0].pin_dir);
+    // About 200 requests a second: new TCP connections and UDP flows, to a NodePort whose
+    // backends are on the other node (SNAT) and to an externalTrafficPolicy=Local one whose
+    // backend is on this node.
+    let loads = [
+        Load::start(&client, c.node_port(0, 30080), 2, &[20_000], Duration::from_millis(15)),
+        Load::start(&client, c.node_port(0, 30085), 2, &[40_000], Duration::from_millis(15)),
+    ];
+    for signal in [libc::SIGKILL, libc::SIGTERM] {
+        std::thread::sleep(Duration::from_millis(500));
+        c.agents[0].kill_and_restart(signal).unwrap();
+        assert_eq!(programmed_maps(&c.agents[0].pin_dir), before, "maps after signal {signal}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for load in loads {
+        let outcomes = load.stop();
+        let failed: Vec<_> = outcomes.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+        assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), outcomes.len());
+        assert!(outcomes.len() > 100, "the load kept up: {} requests", outcomes.len());
+    }
+    assert_eq!(c.agents[0].log_text().matches("agent started").count(), 3);
 }

@@ -5,20 +5,16 @@
 //! every node serving manifests.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     process::Command,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     agent::lb_user_bin,
     cluster::{pod_name, service, Cluster, Endpoint, Manifests},
-    lab::{in_netns, Spec},
-    traffic::{echo_round_trip, parse_answer, tcp_ask, tcp_ask_from, tcp_ask_here, tcp_hold, udp_ask, TIMEOUT},
+    lab::Spec,
+    traffic::{echo_round_trip, parse_answer, tcp_ask, tcp_ask_from, tcp_hold, udp_ask, Load},
 };
 
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
@@ -185,38 +181,6 @@ fn least_conn_sends_new_connections_to_the_backend_with_the_fewest_open() {
     }
 }
 
-/// What the load saw: each request's start, and the backend that answered or the error.
-type Outcomes = Arc<Mutex<Vec<(Instant, Result<String, String>)>>>;
-
-/// Requests to `dst` from inside `ns` until `stop`: TCP (a connection each) or, with
-/// `udp_ports`, UDP (a socket each, from the next of these ports: a port used again would
-/// continue its earlier flow, as conntrack should), one every `pause`.
-fn load(ns: &str, dst: SocketAddrV4, udp_ports: Option<u16>, pause: Duration, stop: Arc<AtomicBool>, out: Outcomes) {
-    let ns = ns.to_string();
-    in_netns(&ns, move || {
-        let mut ports = udp_ports.map(|first| first..first + 10000);
-        while !stop.load(Ordering::Relaxed) {
-            let started = Instant::now();
-            let result = match ports.as_mut() {
-                Some(ports) => udp_request(ports.next().expect("a fresh port"), dst),
-                None => tcp_ask_here(dst),
-            };
-            out.lock().unwrap().push((started, result.map(|a| who(&a)).map_err(|e| e.to_string())));
-            std::thread::sleep(pause);
-        }
-    })
-}
-
-fn udp_request(port: u16, dst: SocketAddrV4) -> std::io::Result<String> {
-    let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.connect(dst)?;
-    s.send(b"hello")?;
-    let mut buf = [0u8; 256];
-    let n = s.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-}
-
 #[test]
 fn a_rolling_update_under_load_fails_no_request_and_resets_no_connection() {
     let yaml =
@@ -224,16 +188,8 @@ fn a_rolling_update_under_load_fails_no_request_and_resets_no_connection() {
     let c = start(&yaml(&[Endpoint::ready(POD_A, "node1"), Endpoint::ready(POD_C, "node2")]));
     let client = &c.lab.clients[0];
     let front = c.node_port(0, 30204);
-    let stop = Arc::new(AtomicBool::new(false));
-    let outcomes: Outcomes = Arc::default();
     // About 300 requests a second: four TCP loops and two UDP loops.
-    let loops: Vec<_> = [None, None, None, None, Some(20000), Some(30000)]
-        .into_iter()
-        .map(|udp| {
-            let (ns, stop, out) = (client.ns.name.clone(), stop.clone(), outcomes.clone());
-            std::thread::spawn(move || load(&ns, front, udp, Duration::from_millis(15), stop, out))
-        })
-        .collect();
+    let load = Load::start(&client.ns.name, front, 4, &[20000, 30000], Duration::from_millis(15));
     // Long-lived connections, on the old backends.
     let mut held: Vec<(String, TcpStream)> = (0..6)
         .map(|_| {
@@ -266,11 +222,9 @@ fn a_rolling_update_under_load_fails_no_request_and_resets_no_connection() {
         c.apply(&yaml(&current)).unwrap();
     }
     std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, Ordering::Relaxed);
-    loops.into_iter().for_each(|l| l.join().unwrap());
+    let outcomes = load.stop();
     round_trips(&mut held);
 
-    let outcomes = outcomes.lock().unwrap();
     let failed: Vec<_> = outcomes.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
     assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), outcomes.len());
     assert!(outcomes.len() > 2000, "the load kept up: {} requests", outcomes.len());

@@ -1,8 +1,8 @@
 //! Needs root and BPF. What operators read (issue 10): `lb-user stats --json` counts exactly
-//! the packets, bytes and flows sent through each kind of frontend; `status --json` counts
-//! each drop it can be made to see under its reason; `services --json` flags a map entry
-//! changed behind the agent's back; bpftool prints every pinned map with named fields; the
-//! CLI names a pin directory it cannot use. Real traffic through a lab of network
+//! the packets, bytes and flows sent through each kind of frontend; `status --json` and
+//! /metrics count each drop it can be made to see under its reason; `services --json` flags a
+//! map entry changed behind the agent's back; bpftool prints every pinned map with named
+//! fields; the CLI names a pin directory it cannot use. Real traffic through a lab of network
 //! namespaces, the agent on every node serving manifests.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -17,6 +17,7 @@ use lb_tests::{
     agent::lb_user_bin,
     cluster::{service, Cluster, Endpoint, Manifests},
     lab::{in_netns, Spec},
+    metrics::scrape,
     packet::{Frame, SYN},
     traffic::{tcp_ask, udp_ask},
 };
@@ -297,8 +298,10 @@ fn each_drop_is_counted_under_its_reason_and_bpftool_prints_every_map_by_field()
     ];
     // The first flow to the remote backend takes the only SNAT port (and keeps it).
     udp_ask(&client.ns.name, any, SocketAddrV4::new(node, 30404)).unwrap();
+    let node_ns = &c.lab.nodes[0].ns.name;
     for (name, kind, provoke) in &cases {
         let before = json("status", pins, &[]);
+        let scraped_before = scrape(node_ns);
         provoke();
         // The malformed packet is on its way when sendto returns: wait (bounded) for it.
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -308,6 +311,11 @@ fn each_drop_is_counted_under_its_reason_and_bpftool_prints_every_map_by_field()
             after = json("status", pins, &[]);
         }
         assert_eq!(counter(&after, name), (counter(&before, name).0 + 1, kind.to_string()), "{name}");
+        // /metrics counts it under the same reason and kind.
+        let labels = [("kind", *kind), ("reason", *name)];
+        let moved = scrape(node_ns).get("kube_xdp_lb_packets_total", &labels)
+            - scraped_before.get("kube_xdp_lb_packets_total", &labels);
+        assert_eq!(moved, 1.0, "/metrics: {name}");
         // Nothing else was dropped for it.
         for other in after["counters"].as_array().unwrap() {
             let other_name = other["name"].as_str().unwrap();
@@ -374,7 +382,8 @@ fn services_flags_a_slot_changed_behind_the_agents_back() {
         &[Endpoint::ready(POD_A, "node1"), Endpoint::ready(POD_B, "node2")],
         None,
     );
-    let c = start(&yaml, &[]);
+    // The agent would repair the change (lab_metrics tests that); here the CLI must see it.
+    let c = start(&yaml, &["--drift-check-interval", "3600"]);
     let pins = &c.agents[0].pin_dir;
     let manifests = c.manifests.path.display().to_string();
     let node_addr = c.lab.nodes[0].addr.to_string();

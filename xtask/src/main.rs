@@ -49,7 +49,9 @@ enum Task {
     /// Everything CI runs: setup, build, unit and integration tests (needs root), then the
     /// benchmark's table for the record.
     Test,
-    /// Per-packet cost of the XDP program next to an empty one (BPF_PROG_TEST_RUN).
+    /// Per-packet cost of the XDP program next to an empty one (BPF_PROG_TEST_RUN), then the
+    /// end-to-end request rates (direct, ClusterIP per packet, ClusterIP at the socket) and
+    /// the conntrack sweep over 1M entries.
     Bench,
 }
 
@@ -97,7 +99,10 @@ fn main() -> Result<()> {
         Task::Bench => {
             setup()?;
             build(&root)?;
-            run(&mut Command::new(bin(&root, "bench")))
+            // Both run whatever the first's outcome: each prints why a row was refused.
+            let per_packet = run(&mut Command::new(bin(&root, "bench")));
+            let end_to_end = run(&mut Command::new(bin(&root, "bench_e2e")));
+            per_packet.and(end_to_end)
         }
     }
 }
@@ -191,7 +196,8 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Debian packages the build, the tests and the demo use.
-const PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "ethtool", "bpftool", "procps", "nftables"];
+/// (prometheus: promtool, which checks the agent's /metrics in the lab tests.)
+const PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "ethtool", "bpftool", "procps", "nftables", "prometheus"];
 /// Debian's compiler + matching library source, used when no nightly has rust-src.
 const DEBIAN_RUST: &[&str] = &["rustc-web", "rust-web-src"];
 

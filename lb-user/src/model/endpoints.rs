@@ -59,6 +59,29 @@ struct SlicePort {
     port: Option<u16>,
 }
 
+/// The node each endpoint address of a slice runs on, as it names it: what per-backend
+/// metrics are labelled with. Addresses without a nodeName are left out.
+pub(super) fn slice_nodes(slice: &EndpointSlice) -> Vec<(Ipv4Addr, String)> {
+    slice
+        .endpoints
+        .iter()
+        .filter_map(|ep| {
+            let addr = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok())?;
+            Some((addr, ep.node_name.clone()?))
+        })
+        .collect()
+}
+
+/// The same for a legacy Endpoints object (ready and not ready addresses).
+pub(super) fn legacy_nodes(ep: &Endpoints) -> Vec<(Ipv4Addr, String)> {
+    ep.subsets
+        .iter()
+        .flatten()
+        .flat_map(|s| s.addresses.iter().flatten().chain(s.not_ready_addresses.iter().flatten()))
+        .filter_map(|a| Some((a.ip.parse::<Ipv4Addr>().ok()?, a.node_name.clone()?)))
+        .collect()
+}
+
 /// The IPv4 slices of every Service, by Service. Legacy Endpoints are used, converted as the
 /// EndpointSlice mirroring controller does, only for Services that have no EndpointSlice.
 pub(super) fn slices_by_service(ctx: &mut Ctx, objects: &Objects) -> BTreeMap<ServiceRef, Vec<Slice>> {

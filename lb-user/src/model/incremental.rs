@@ -9,7 +9,10 @@
 //! this node's name, which is fixed for the index's life.
 //!
 //! [`desired_state_after`]: super::desired_state_after
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use k8s_openapi::api::{
     core::v1::{Endpoints, Node, Service},
@@ -37,6 +40,28 @@ struct StoredSlice {
     owner: Result<ServiceRef, ModelError>,
     read: Option<endpoints::Slice>,
     errors: Vec<ModelError>,
+    /// The node each endpoint address names.
+    nodes: Vec<(Ipv4Addr, String)>,
+}
+
+/// The node each endpoint address of one Service runs on, as its slices (or, for a Service
+/// without slices, its legacy Endpoints) name it: what per-backend metrics are labelled with.
+pub type EndpointNodes = BTreeMap<Ipv4Addr, String>;
+
+/// What an [`Incremental::update`] changed.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// The frontends whose desired state changed, with what they were before (None: new).
+    pub changed: BTreeMap<FrontendKey, Option<super::Frontend>>,
+    /// The endpoint nodes of each Service computed again.
+    pub endpoint_nodes: Vec<(ServiceRef, EndpointNodes)>,
+}
+
+impl Update {
+    /// The frontends whose desired state changed.
+    pub fn keys(&self) -> BTreeSet<FrontendKey> {
+        self.changed.keys().copied().collect()
+    }
 }
 
 /// What one Service (or the slices and Endpoints named for it) gave, last computed.
@@ -244,7 +269,12 @@ impl Incremental {
         let mut ctx = Ctx { node: &node, opts: &opts, errors: Vec::new() };
         let object = format!("EndpointSlice {}/{}", name.0, name.1);
         let read = endpoints::read_slice(&mut ctx, &object, slice);
-        StoredSlice { owner: endpoints::owner_of_slice(slice), read, errors: ctx.errors }
+        StoredSlice {
+            owner: endpoints::owner_of_slice(slice),
+            read,
+            errors: ctx.errors,
+            nodes: endpoints::slice_nodes(slice),
+        }
     }
 
     fn forget_slice(&mut self, name: &ObjectName) -> bool {
@@ -262,9 +292,8 @@ impl Incremental {
         true
     }
 
-    /// Computes again what changed since the last update, for this node. Returns the
-    /// frontends whose desired state changed (added, modified or removed).
-    pub fn update(&mut self, node: &NodeInfo, opts: &Options) -> BTreeSet<FrontendKey> {
+    /// Computes again what changed since the last update, for this node.
+    pub fn update(&mut self, node: &NodeInfo, opts: &Options) -> Update {
         debug_assert_eq!(node.name, self.node_name, "slices were read for another node");
         self.nodes_changed = false;
         if self.node.as_ref() != Some(node) {
@@ -277,7 +306,9 @@ impl Incremental {
         }
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
         let mut health_changed = false;
+        let mut update = Update::default();
         for sref in std::mem::take(&mut self.dirty) {
+            update.endpoint_nodes.push((sref.clone(), self.endpoint_nodes(&sref)));
             self.with_errors.remove(&sref);
             if let Some(old) = self.outputs.remove(&sref) {
                 health_changed |= old.health_check.is_some();
@@ -304,7 +335,6 @@ impl Incremental {
                 self.outputs.insert(sref, output);
             }
         }
-        let mut changed = BTreeSet::new();
         for key in touched {
             let mut errors = Vec::new();
             let winner = match self.claimants.get(&key) {
@@ -326,7 +356,7 @@ impl Incremental {
                 None => self.desired.frontends.remove(&key),
             };
             if old.as_ref() != self.desired.frontends.get(&key) {
-                changed.insert(key);
+                update.changed.insert(key, old);
             }
         }
         if health_changed {
@@ -339,7 +369,16 @@ impl Incremental {
             .chain(self.with_errors.iter().flat_map(|r| self.outputs[r].errors.iter().cloned()))
             .chain(self.settle_errors.values().flatten().cloned())
             .collect();
-        changed
+        update
+    }
+
+    /// The node of each endpoint of a Service: its slices', or its legacy Endpoints' when it
+    /// has no slices (as the model reads them).
+    fn endpoint_nodes(&self, sref: &ServiceRef) -> EndpointNodes {
+        match self.slices_of.get(sref) {
+            Some(names) => names.iter().flat_map(|n| self.slices[n].nodes.iter().cloned()).collect(),
+            None => self.endpoints.get(sref).map(endpoints::legacy_nodes).unwrap_or_default().into_iter().collect(),
+        }
     }
 
     fn compute(&self, sref: &ServiceRef, node: &NodeInfo, opts: &Options) -> Output {

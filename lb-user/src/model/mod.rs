@@ -25,7 +25,7 @@ pub mod topology;
 
 pub use conntrack::{flow_cleanups, FlowCleanup};
 pub use endpoints::Endpoint;
-pub use incremental::Incremental;
+pub use incremental::{EndpointNodes, Incremental, Update};
 pub use node::{LocalDetect, NodeFlags, NodeInfo};
 pub use topology::{categorize_endpoints, Categorized, ServicePortInfo};
 

@@ -1,7 +1,7 @@
 //! Drift: where the service maps differ from what the model wants. Compared by meaning
 //! (addresses, flags, the order of a set's backends, names), never by ids or generations,
-//! which are the reconciler's to choose. `lb-user services` shows it; the agent can use it to
-//! notice maps changed behind its back (adopting the maps again and applying repairs them).
+//! which are the reconciler's to choose. `lb-user services` shows it; the agent checks its own
+//! maps with it and writes back what differs ([`Reconciler::repair`](super::Reconciler::repair)).
 use std::{collections::BTreeSet, fmt};
 
 use ipnet::Ipv4Net;

@@ -23,7 +23,7 @@ use lb_common::{
 };
 
 use crate::{
-    datapath::maps::{MapStore, Range},
+    datapath::maps::{Contents, MapStore, Range},
     model::{Algorithm, BackendAddr, Desired, Frontend, FrontendKey, FrontendKind, Protocol, WhenEmpty},
 };
 
@@ -53,6 +53,21 @@ pub struct Changes {
     /// Frontends that could not be written or removed, each naming its Service; the others
     /// were. Applying again retries them.
     pub failures: Vec<String>,
+}
+
+/// What [`Reconciler::repair`] found and wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Repair {
+    /// The differences found, frontend by frontend.
+    pub drift: Vec<drift::Drift>,
+    pub changes: Changes,
+}
+
+impl Repair {
+    /// The frontends that differed.
+    pub fn frontends(&self) -> usize {
+        self.drift.iter().map(|d| &d.frontend).collect::<BTreeSet<_>>().len()
+    }
 }
 
 /// Small integer ids, the lowest free one first, so that ids index arrays densely. Ids
@@ -257,8 +272,34 @@ impl Reconciler {
         config: Config,
         store: &mut S,
     ) -> Result<Changes, S::Error> {
-        let mut changes = Changes::default();
         store.put_config(config)?;
+        self.write_desired(desired, changed, store)
+    }
+
+    /// Compares the service maps with `desired` (what was last applied) and, where they
+    /// differ (an operator's edit, a lost write), adopts what the maps hold and writes
+    /// `desired` over it: only what differs is written, in the usual order. None when the
+    /// maps hold `desired`.
+    pub fn repair<S: MapStore>(&mut self, desired: &Desired, store: &mut S) -> Result<Option<Repair>, S::Error> {
+        let drift = drift::drift(desired, &Contents::read(store)?, self.maglev);
+        if drift.is_empty() {
+            return Ok(None);
+        }
+        let maglev = self.maglev;
+        *self = Reconciler::adopt(store)?;
+        self.maglev = maglev;
+        let changes = self.write_desired(desired, None, store)?;
+        Ok(Some(Repair { drift, changes }))
+    }
+
+    /// Everything `apply_changes` writes but the node-wide config.
+    fn write_desired<S: MapStore>(
+        &mut self,
+        desired: &Desired,
+        changed: Option<&BTreeSet<FrontendKey>>,
+        store: &mut S,
+    ) -> Result<Changes, S::Error> {
+        let mut changes = Changes::default();
         // Leftovers first: no entry reaches them, and their ids may be reused below.
         for key in std::mem::take(&mut self.stale_slots) {
             if let Err(e) = store.del_slot(key) {

@@ -578,6 +578,51 @@ fn a_loopback_node_port_is_flagged_for_the_socket_hooks_alone() {
     assert_eq!(flags(Ipv4Addr::new(192, 168, 50, 10)), service_flags::EXTERNAL);
 }
 
+#[test]
+fn repair_writes_back_what_was_changed_behind_the_reconcilers_back_and_only_that() {
+    let mut other = frontend(&[(12, 8080)]);
+    other.service.name = "other".into();
+    let d = desired(&[(1, frontend(&[(10, 8080), (11, 8080)])), (2, other)]);
+    let mut store = Fake::default();
+    let mut r = Reconciler::adopt(&store).unwrap();
+    apply(&mut r, &mut store, &d);
+    assert_eq!(r.repair(&d, &mut store).unwrap(), None, "nothing changed: nothing to repair");
+    assert!(store.log.is_empty(), "a check writes nothing: {:?}", store.log);
+    let as_written = (store.services.clone(), store.backends.clone(), store.metas.clone());
+    // Behind its back: frontend 1's second slot names frontend 2's backend, frontend 2's
+    // entry says maglev, and frontend 1's name is gone.
+    store.slots.insert(SlotKey::new(1, 0, 0, 1), 3);
+    let key2 = ServiceKey::new(Ipv4Addr::new(10, 96, 0, 2), 80, lb_common::IPPROTO_TCP);
+    store.services.get_mut(&key2).unwrap().algorithm = lb_common::algorithm::MAGLEV;
+    store.metas.remove(&ServiceKey::new(Ipv4Addr::new(10, 96, 0, 1), 80, lb_common::IPPROTO_TCP));
+    let repair = r.repair(&d, &mut store).unwrap().expect("drift found");
+    assert_eq!(
+        fields(&repair.drift),
+        [("10.96.0.1:80/TCP", "slots[0]"), ("10.96.0.1:80/TCP", "name"), ("10.96.0.2:80/TCP", "algorithm")]
+    );
+    assert_eq!(repair.frontends(), 2);
+    assert!(repair.changes.failures.is_empty(), "{:?}", repair.changes.failures);
+    // Frontend 1's set goes in whole under the other generation; frontend 2 only gets its
+    // entry again; no backend was added or freed.
+    assert_eq!(
+        writes(std::mem::take(&mut store.log)),
+        [
+            "put slot 1/g1s0/0 = 1",
+            "put slot 1/g1s0/1 = 2",
+            "put service 1 gen 1 count [2, 0]",
+            "del slot 1/g0s0/1",
+            "del slot 1/g0s0/0",
+            "put service 2 gen 0 count [1, 0]"
+        ]
+    );
+    assert_eq!(drift::drift(&d, &Contents::read(&store).unwrap(), MaglevSize::default()), []);
+    assert_eq!(store.backends, as_written.1);
+    assert_eq!(store.metas, as_written.2);
+    assert_eq!(store.services[&key2], as_written.0[&key2]);
+    // The reconciler's view follows: the next apply of the same state writes nothing.
+    assert_eq!(apply(&mut r, &mut store, &d), Vec::<String>::new());
+}
+
 /// What a store holds, for comparing two stores.
 fn contents(s: &Fake) -> impl PartialEq + std::fmt::Debug {
     (s.services.clone(), s.slots.clone(), s.backends.clone(), s.ranges.clone(), s.filter.clone(), s.metas.clone())

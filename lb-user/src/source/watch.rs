@@ -34,6 +34,8 @@ pub struct ManifestWatch {
     pending: Option<(Instant, Instant)>,
     /// Report at this time whatever happens: the first read, a retry, a poll.
     wake_at: Option<Instant>,
+    /// When the first event the maps do not serve yet arrived (see [`caught_up`](Self::caught_up)).
+    unserved_since: Option<Instant>,
     warned: bool,
 }
 
@@ -50,6 +52,7 @@ impl ManifestWatch {
             rx,
             pending: None,
             wake_at: Some(Instant::now()),
+            unserved_since: None,
             warned: false,
         };
         watch.ensure_watching();
@@ -81,10 +84,18 @@ impl ManifestWatch {
                 Some(()) = self.rx.recv() => {
                     let t = Instant::now();
                     self.pending = Some((self.pending.map_or(t, |(first, _)| first), t));
+                    self.unserved_since.get_or_insert(t);
                 }
                 _ = sleep_until(deadline.unwrap_or(now + MAX_DELAY)), if deadline.is_some() => {}
             }
         }
+    }
+
+    /// The maps now serve everything read so far: how long ago the first event they did not
+    /// serve yet arrived (None: no event since the last call). A read that failed is not
+    /// caught up: its events count from their arrival until a later read succeeds.
+    pub fn caught_up(&mut self) -> Option<Duration> {
+        self.unserved_since.take().map(|t| t.elapsed())
     }
 
     /// Asks for a read after `delay` even if nothing changes (a retry).
@@ -246,5 +257,21 @@ pub(crate) mod tests {
         assert!(!changed_within(&mut watch, Duration::from_millis(300)).await, "nothing changed since");
         std::fs::write(path.join("x.yaml"), "x: 1\n").unwrap();
         assert!(changed_within(&mut watch, Duration::from_secs(3)).await);
+    }
+
+    #[tokio::test]
+    async fn caught_up_says_how_long_since_the_first_event_not_yet_served() {
+        let dir = ConfigMapDir::new("lb-watch-caught-up", &[("a.yaml", "a: 1\n")]);
+        let mut watch = ManifestWatch::new(&dir.path);
+        assert!(changed_within(&mut watch, Duration::from_millis(50)).await);
+        assert_eq!(watch.caught_up(), None, "the first read follows no event");
+        let written = std::time::Instant::now();
+        std::fs::write(dir.path.join("a.yaml"), "a: 2\n").unwrap();
+        assert!(changed_within(&mut watch, Duration::from_secs(3)).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waited = watch.caught_up().expect("an event was seen");
+        // From the event (after the write) to now: at least the quiet time and the sleep.
+        assert!(waited >= QUIET + Duration::from_millis(50) && waited <= written.elapsed(), "{waited:?}");
+        assert_eq!(watch.caught_up(), None, "taken once");
     }
 }

@@ -40,8 +40,7 @@ pub struct SyncReport<'a> {
     pub frontends: usize,
     /// Every problem the agent reported for this sync.
     pub problems: &'a [String],
-    /// For each object change applied in this sync, the time from its arrival to its map
-    /// write (network programming latency).
+    /// Per object change this sync wrote: the time from its arrival to the map write.
     pub latencies: Vec<std::time::Duration>,
 }
 
@@ -277,6 +276,33 @@ impl StatusView {
             })
             .collect::<Vec<_>>();
         let attachments = attachments(pin_dir, &programs)?;
+        let Usage { maps, nat, counters } = Usage::read(pin_dir)?;
+        Ok(StatusView {
+            pin_dir: pin_dir.display().to_string(),
+            agent,
+            datapath,
+            programs,
+            attachments,
+            maps,
+            nat,
+            counters,
+        })
+    }
+}
+
+/// How full the maps are, NAT port use and what the datapath counted: the part of `status`
+/// that /metrics serves too.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Usage {
+    pub maps: Vec<Occupancy>,
+    pub nat: NatView,
+    pub counters: Vec<CounterView>,
+}
+
+impl Usage {
+    /// Reads the maps under `pin_dir` (conntrack whole, for the NAT ports).
+    pub fn read(pin_dir: &Path) -> Result<Usage> {
+        let cfg: Config = single(pin_dir, map_names::CONFIG)?;
         let ct = map_data(pin_dir, map_names::CONNTRACK)?;
         let ct_capacity = ct.info().map_err(|source| Error::Map { name: map_names::CONNTRACK, source })?.max_entries();
         let ct_state: CtState = single(pin_dir, map_names::CT_STATE)?;
@@ -318,16 +344,7 @@ impl StatusView {
                 bytes: c.bytes,
             })
             .collect();
-        Ok(StatusView {
-            pin_dir: pin_dir.display().to_string(),
-            agent,
-            datapath,
-            programs,
-            attachments,
-            maps,
-            nat: nat_use(&flows, &cfg),
-            counters,
-        })
+        Ok(Usage { maps, nat: nat_use(&flows, &cfg), counters })
     }
 }
 

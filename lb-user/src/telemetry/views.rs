@@ -68,7 +68,7 @@ impl Traffic {
 }
 
 /// The Service port a frontend serves, as the agent recorded it (LB_FE_META).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct ServiceName {
     pub namespace: String,
     pub name: String,
@@ -152,11 +152,11 @@ impl Snapshot {
         })
     }
 
-    fn name_of(&self, key: &ServiceKey) -> Option<ServiceName> {
+    pub(crate) fn name_of(&self, key: &ServiceKey) -> Option<ServiceName> {
         self.maps.metas.get(key).map(ServiceName::of)
     }
 
-    fn kind_of(&self, key: &ServiceKey, v: &ServiceValue) -> &'static str {
+    pub(crate) fn kind_of(&self, key: &ServiceKey, v: &ServiceValue) -> &'static str {
         self.maps
             .metas
             .get(key)

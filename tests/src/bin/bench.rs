@@ -527,7 +527,7 @@ impl Options {
 
 fn run() -> Result<bool> {
     let options = Options::parse()?;
-    println!("{}", machine());
+    println!("{}", lb_tests::bench::machine());
     let many_flows = Setup {
         conntrack_entries: 2 * LIVE_FLOWS + 65_536,
         admit_limit: 2 * LIVE_FLOWS + 65_536,
@@ -544,15 +544,6 @@ fn run() -> Result<bool> {
         with_fixture(Setup::fast(NAT_PORTS), nat_port_allocation)?;
     }
     Ok(timed && figures)
-}
-
-fn machine() -> String {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model =
-        cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("machine: kernel {}, {}, {cpus} CPUs", kernel.trim(), model.unwrap_or("unknown CPU"))
 }
 
 fn timed(fixtures: &mut [Fixture], options: &Options) -> Result<bool> {

@@ -1,7 +1,8 @@
 //! The live demo: a lab of two nodes (three backend pods) and an external client, the
 //! agent on each node serving `examples/`, and real traffic through a ClusterIP, a
 //! NodePort whose backends are on the other node, an externalTrafficPolicy=Local
-//! LoadBalancer IP and a Service without endpoints. Everything is removed at the end.
+//! LoadBalancer IP and a Service without endpoints; what the datapath counted, and its
+//! /metrics. Everything is removed at the end.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
@@ -72,6 +73,12 @@ fn main() -> Result<()> {
         .arg(&agents[0].pin_dir)
         .output()?;
     for line in String::from_utf8_lossy(&counters.stdout).lines().filter(|l| !l.contains(" 0 packets")) {
+        println!("   {line}");
+    }
+    println!("== node1's /metrics (127.0.0.1:10249 in its namespace): Services and backends that carried traffic");
+    let scraped = lb_tests::metrics::scrape(&node1.ns.name);
+    let shown = ["kube_xdp_lb_service_packets_total{", "kube_xdp_lb_backend_new_flows_total{"];
+    for line in scraped.text.lines().filter(|l| shown.iter().any(|s| l.starts_with(s)) && !l.ends_with(" 0")) {
         println!("   {line}");
     }
     println!("== cleaning up (agents stopped, pins and namespaces removed)");

@@ -209,7 +209,7 @@ proptest! {
                 Op::Node(v) => variant = v,
                 Op::Sync => {
                     let before = inc.desired().clone();
-                    let changed = inc.update(&node(variant), &opts);
+                    let changed = inc.update(&node(variant), &opts).keys();
                     full = desired_state_after(&full, &api.objects(), &node(variant), &opts);
                     let got = inc.desired();
                     prop_assert_eq!(&got.frontends, &full.frontends);
@@ -241,13 +241,13 @@ fn a_relist_changes_only_what_changed() {
     let services = [0, 1].map(|i| Object::Service(service(i, i as u8 + 1, 1, false, None, &[0, 1], i as u8)));
     assert_eq!(list(&mut inc, ObjectKind::Service, &services), 2);
     list(&mut inc, ObjectKind::Slice, &[Object::Slice(slice(0, Some(0), &[(1, true, true)], &[0]))]);
-    assert!(!inc.update(&node(false), &Options::default()).is_empty());
+    assert!(!inc.update(&node(false), &Options::default()).changed.is_empty());
     assert_eq!(list(&mut inc, ObjectKind::Service, &services), 0, "the same list again");
     assert!(!inc.has_changes());
-    assert!(inc.update(&node(false), &Options::default()).is_empty());
+    assert!(inc.update(&node(false), &Options::default()).changed.is_empty());
     // s1 is gone from the next list: only its frontends go.
     assert_eq!(list(&mut inc, ObjectKind::Service, &services[..1]), 1);
-    let changed = inc.update(&node(false), &Options::default());
+    let changed = inc.update(&node(false), &Options::default()).keys();
     assert!(!changed.is_empty());
     assert!(changed.iter().all(|k| !inc.desired().frontends.contains_key(k)), "only removals: {changed:?}");
 }
@@ -262,6 +262,54 @@ fn an_endpoint_change_recomputes_only_its_service() {
     inc.update(&node(false), &Options::default());
     inc.change(Change::Applied(Object::Slice(slice(1, Some(1), &[(1, true, true), (2, true, false)], &[0]))));
     assert_eq!(inc.dirty.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["s1"]);
-    let changed = inc.update(&node(false), &Options::default());
+    let changed = inc.update(&node(false), &Options::default()).keys();
     assert_eq!(changed.into_iter().map(|k| k.to_string()).collect::<Vec<_>>(), ["10.96.0.2:80/TCP"]);
+}
+
+#[test]
+fn endpoint_nodes_come_from_slices_and_from_legacy_endpoints_where_there_are_no_slices() {
+    let yaml = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: ["10.244.1.10"], nodeName: node1}
+- {addresses: ["10.244.2.10"]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: legacy, namespace: shop}
+subsets:
+- addresses: [{ip: 10.244.3.10, nodeName: node3}]
+  notReadyAddresses: [{ip: 10.244.3.11, nodeName: node4}]
+  ports: [{port: 8080}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: web, namespace: shop}
+subsets:
+- addresses: [{ip: 10.244.1.10, nodeName: elsewhere}]
+  ports: [{port: 8080}]
+"#;
+    let mut inc = Incremental::new("node1");
+    let mut report = crate::source::manifests::Report::default();
+    let mut objects = Objects::default();
+    crate::source::manifests::parse_into(std::path::Path::new("t.yaml"), yaml, &mut objects, &mut report);
+    list(&mut inc, ObjectKind::Slice, &objects.slices.into_iter().map(Object::Slice).collect::<Vec<_>>());
+    list(&mut inc, ObjectKind::Endpoints, &objects.endpoints.into_iter().map(Object::Endpoints).collect::<Vec<_>>());
+    let nodes = inc.update(&node(false), &Options::default()).endpoint_nodes;
+    let flat = nodes
+        .into_iter()
+        .flat_map(|(s, n)| n.into_iter().map(move |(addr, node)| (s.name.clone(), addr.to_string(), node)));
+    assert_eq!(
+        flat.collect::<Vec<_>>(),
+        [
+            ("legacy".into(), "10.244.3.10".into(), "node3".into()),
+            ("legacy".into(), "10.244.3.11".into(), "node4".into()),
+            ("web".into(), "10.244.1.10".into(), "node1".into()),
+        ] as [(String, String, String); 3],
+        "an endpoint without nodeName is left out; web's slices outrank its Endpoints"
+    );
 }

@@ -1,0 +1,808 @@
+//! `/metrics`: what the datapath counted, read from the pinned maps at each scrape (never
+//! zeroed, so counters run on across agent restarts and upgrades), and the agent's own sync
+//! and drift-repair metrics, under kube-proxy's names (pkg/proxy/metrics) where kube-proxy
+//! has one. docs/METRICS.md lists every metric.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{atomic::AtomicU64, Arc, RwLock},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Router,
+};
+use lb_common::{affinity_scope, user::protocol_name};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        text::{encode_eof, encode_registry},
+        DescriptorEncoder, EncodeMetric,
+    },
+    metrics::{
+        counter::{ConstCounter, Counter},
+        gauge::{ConstGauge, Gauge},
+        histogram::{exponential_buckets, linear_buckets, Histogram},
+        MetricType,
+    },
+    registry::Registry,
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{
+    datapath,
+    model::ServiceRef,
+    telemetry::{
+        status::{SyncReport, Usage},
+        views::{self, ServiceName, Snapshot, Traffic},
+    },
+};
+
+/// kube-proxy's default `--metrics-bind-address`.
+pub const DEFAULT_BIND_ADDRESS: &str = "127.0.0.1:10249";
+
+/// Prometheus's text format, as kube-proxy serves it.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Views(#[from] views::Error),
+    #[error(transparent)]
+    Datapath(#[from] datapath::Error),
+}
+
+/// The node each endpoint of a Service runs on (as the model's index reads them).
+pub type EndpointNodes = BTreeMap<(ServiceRef, Ipv4Addr), String>;
+
+/// The agent's own metrics. Clones share them: the agent records, the server reads.
+#[derive(Clone, Debug)]
+pub struct AgentMetrics {
+    sync_duration: Histogram,
+    programming_latency: Histogram,
+    last_sync: Gauge<f64, AtomicU64>,
+    sync_errors: Counter,
+    drift_checks: Counter,
+    drift_repairs: Counter,
+    nodes: Arc<RwLock<EndpointNodes>>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        // kube-proxy's buckets: 1 ms doubling to 16 s for a sync; for network programming
+        // 0, 0.25 s, 0.5 s, every second to 59 s, every 5 s to 115 s, every 30 s to 5 min.
+        let programming = std::iter::once(0.0)
+            .chain(linear_buckets(0.25, 0.25, 2))
+            .chain(linear_buckets(1.0, 1.0, 59))
+            .chain(linear_buckets(60.0, 5.0, 12))
+            .chain(linear_buckets(120.0, 30.0, 7));
+        AgentMetrics {
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            programming_latency: Histogram::new(programming),
+            last_sync: Gauge::default(),
+            sync_errors: Counter::default(),
+            drift_checks: Counter::default(),
+            drift_repairs: Counter::default(),
+            nodes: Arc::default(),
+        }
+    }
+}
+
+impl AgentMetrics {
+    /// Records a sync, by the rule `StatusWriter::synced` follows: a read that found nothing
+    /// new to write, and failed at nothing, is no sync.
+    pub fn synced(&self, report: &SyncReport<'_>) {
+        if !report.wrote && !report.failed {
+            return;
+        }
+        self.sync_duration.observe(report.took.as_secs_f64());
+        for latency in &report.latencies {
+            self.programming_latency.observe(latency.as_secs_f64());
+        }
+        if report.failed {
+            self.sync_errors.inc();
+        } else {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            self.last_sync.set(now);
+        }
+    }
+
+    /// Records a drift check that found `repaired` frontends differing and re-applied them.
+    pub fn drift_checked(&self, repaired: usize) {
+        self.drift_checks.inc();
+        self.drift_repairs.inc_by(repaired as u64);
+    }
+
+    /// The endpoints' nodes of these Services (computed again), for the `node` label of
+    /// backend metrics.
+    pub fn update_endpoint_nodes(&self, services: Vec<(ServiceRef, crate::model::EndpointNodes)>) {
+        if services.is_empty() {
+            return;
+        }
+        let mut nodes = self.nodes.write().expect("not poisoned");
+        for (service, addresses) in services {
+            let first = (service.clone(), Ipv4Addr::UNSPECIFIED);
+            let last = (service.clone(), Ipv4Addr::BROADCAST);
+            let gone: Vec<_> = nodes.range(first..=last).map(|(k, _)| k.clone()).collect();
+            for k in gone {
+                nodes.remove(&k);
+            }
+            nodes.extend(addresses.into_iter().map(|(addr, node)| ((service.clone(), addr), node)));
+        }
+    }
+
+    /// Everything /metrics serves: these metrics and the datapath's `reading`.
+    fn registry(&self, reading: Reading) -> Registry {
+        let mut r = Registry::default();
+        // kube-proxy labels these by IP family; this datapath serves IPv4.
+        let kube_proxy = r.sub_registry_with_label(("ip_family".into(), "IPv4".into()));
+        kube_proxy.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Time one sync of the maps with the source took, from reading the source to the last map write",
+            self.sync_duration.clone(),
+        );
+        kube_proxy.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "Time from a change of the Services or endpoints (its arrival at the agent) to the map write serving it",
+            self.programming_latency.clone(),
+        );
+        kube_proxy.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time the maps were synced with the source without error (Unix seconds)",
+            self.last_sync.clone(),
+        );
+        r.register("kube_xdp_lb_sync_errors", "Syncs that failed in part or whole (retried)", self.sync_errors.clone());
+        r.register(
+            "kube_xdp_lb_drift_checks",
+            "Comparisons of the service maps with what the agent last applied",
+            self.drift_checks.clone(),
+        );
+        r.register(
+            "kube_xdp_lb_drift_repairs",
+            "Frontends found differing from what the agent applied (changed behind its back) and written again",
+            self.drift_repairs.clone(),
+        );
+        r.register_collector(Box::new(DatapathCollector(reading)));
+        r
+    }
+
+    /// The exposition: OpenMetrics when asked for, else Prometheus's text format.
+    pub fn render(&self, reading: Reading, open_metrics: bool) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode_registry(&mut text, &self.registry(reading));
+        if open_metrics {
+            let _ = encode_eof(&mut text);
+            text
+        } else {
+            prometheus_text(&text)
+        }
+    }
+
+    /// Reads the pins under `pin_dir` and renders them with these metrics.
+    pub fn scrape(&self, pin_dir: &Path, open_metrics: bool) -> Result<String, Error> {
+        let snapshot = Snapshot::read(pin_dir)?;
+        let usage = Usage::read(pin_dir)?;
+        let reading = Reading::of(&snapshot, usage, &self.nodes.read().expect("not poisoned"));
+        Ok(self.render(reading, open_metrics))
+    }
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`.
+/// Prometheus's text format (what kube-proxy serves, and what `promtool check metrics`
+/// reads) names a counter family by its samples, so only counters' HELP and TYPE lines
+/// differ; the closing `# EOF` is OpenMetrics' alone.
+fn prometheus_text(open_metrics: &str) -> String {
+    let counters: BTreeSet<&str> =
+        open_metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(open_metrics.len() + 16 * counters.len());
+    for line in open_metrics.lines() {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let (name, rest) = line.strip_prefix(prefix)?.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {rest}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// A label set, in the order it is printed.
+type Labels = Vec<(&'static str, String)>;
+
+/// What the datapath's maps hold at one scrape, grouped by label set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reading {
+    /// Per Service port and kind of frontend (a NodePort on several node addresses, or
+    /// several LoadBalancer IPs, are summed).
+    services: BTreeMap<Labels, Traffic>,
+    /// Per Service port and endpoint: traffic and live flows.
+    backends: BTreeMap<Labels, (Traffic, u64)>,
+    usage: Usage,
+}
+
+fn add(sum: &mut Traffic, t: &Traffic) {
+    sum.packets += t.packets;
+    sum.bytes += t.bytes;
+    sum.new_flows += t.new_flows;
+}
+
+/// A label value as the text format needs it (prometheus-client writes values as given).
+fn label(value: &str) -> String {
+    value.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
+}
+
+/// The `frontend` label: the Service field the frontend comes from.
+fn frontend_label(kind: &str) -> &'static str {
+    match kind {
+        "ClusterIP" => "clusterIP",
+        "NodePort" => "nodePort",
+        "LoadBalancer" => "loadBalancer",
+        "ExternalIP" => "externalIP",
+        // A frontend the maps hold no name for (a datapath loaded without the agent).
+        _ => "external",
+    }
+}
+
+impl Reading {
+    pub fn of(snap: &Snapshot, usage: Usage, nodes: &EndpointNodes) -> Reading {
+        let mut services: BTreeMap<Labels, Traffic> = BTreeMap::new();
+        for (key, v) in &snap.maps.services {
+            let name = snap.name_of(key).unwrap_or_default();
+            let labels = vec![
+                ("namespace", label(&name.namespace)),
+                ("service", label(&name.name)),
+                ("port", label(&name.port)),
+                ("protocol", protocol_name(key.proto).into_owned()),
+                ("frontend", frontend_label(snap.kind_of(key, v)).to_string()),
+            ];
+            let traffic = snap.frontend_traffic.get(&v.svc_id).copied().unwrap_or_default();
+            add(services.entry(labels).or_default(), &traffic);
+        }
+        // A backend's Service port: that of a named frontend sharing its scope, as
+        // `Snapshot::service_of_backend` finds it, looked up once per scope.
+        let mut by_scope: BTreeMap<u32, (ServiceName, String)> = BTreeMap::new();
+        for (key, v) in &snap.maps.services {
+            if let Some(name) = snap.name_of(key) {
+                by_scope.entry(v.scope).or_insert_with(|| (name, protocol_name(key.proto).into_owned()));
+            }
+        }
+        let mut backends: BTreeMap<Labels, (Traffic, u64)> = BTreeMap::new();
+        for (id, b) in &snap.maps.backends {
+            let (name, protocol) = by_scope.get(&affinity_scope(b.owner)).cloned().unwrap_or_default();
+            let sref = ServiceRef { namespace: name.namespace.clone(), name: name.name.clone() };
+            let node = nodes.get(&(sref, b.ip())).map_or_else(String::new, |n| label(n));
+            let labels = vec![
+                ("namespace", label(&name.namespace)),
+                ("service", label(&name.name)),
+                ("port", label(&name.port)),
+                ("protocol", protocol),
+                ("endpoint", format!("{}:{}", b.ip(), b.port())),
+                ("node", node),
+            ];
+            let entry = backends.entry(labels).or_default();
+            add(&mut entry.0, &snap.backend_traffic.get(id).copied().unwrap_or_default());
+            entry.1 += snap.live_flows.get(id).copied().unwrap_or(0);
+        }
+        Reading { services, backends, usage }
+    }
+}
+
+#[derive(Debug)]
+struct DatapathCollector(Reading);
+
+fn counters<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (&'a Labels, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in rows {
+        ConstCounter::new(value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauges<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (&'a Labels, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        ConstGauge::new(value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// A gauge without labels.
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let r = &self.0;
+        let e = &mut encoder;
+        let services = || r.services.iter();
+        let both_ways = "both directions (requests and replies, whole frames), on the node that translated them";
+        counters(
+            e,
+            "kube_xdp_lb_service_packets",
+            &format!("Packets of a Service port's flows through its frontends of one kind, {both_ways}."),
+            services().map(|(l, t)| (l, t.packets)),
+        )?;
+        counters(
+            e,
+            "kube_xdp_lb_service_bytes",
+            &format!("Bytes of a Service port's flows through its frontends of one kind, {both_ways}."),
+            services().map(|(l, t)| (l, t.bytes)),
+        )?;
+        counters(
+            e,
+            "kube_xdp_lb_service_new_flows",
+            "Flows started through a Service port's frontends of one kind.",
+            services().map(|(l, t)| (l, t.new_flows)),
+        )?;
+        let backends = || r.backends.iter();
+        counters(
+            e,
+            "kube_xdp_lb_backend_packets",
+            &format!("Packets of flows to an endpoint of a Service port, {both_ways}."),
+            backends().map(|(l, (t, _))| (l, t.packets)),
+        )?;
+        counters(
+            e,
+            "kube_xdp_lb_backend_bytes",
+            &format!("Bytes of flows to an endpoint of a Service port, {both_ways}."),
+            backends().map(|(l, (t, _))| (l, t.bytes)),
+        )?;
+        counters(
+            e,
+            "kube_xdp_lb_backend_new_flows",
+            "Flows started to an endpoint of a Service port.",
+            backends().map(|(l, (t, _))| (l, t.new_flows)),
+        )?;
+        gauges(
+            e,
+            "kube_xdp_lb_backend_live_flows",
+            "Flows open to an endpoint of a Service port now.",
+            backends().map(|(l, (_, live))| (l, *live)),
+        )?;
+        // Socket operations are counted apart: they are no packets and carry no bytes.
+        let (socket, packet): (Vec<_>, Vec<_>) = r.usage.counters.iter().partition(|c| c.name.starts_with("sock_"));
+        let packet: Vec<(Labels, u64, u64)> = packet
+            .iter()
+            .map(|c| (vec![("kind", c.kind.to_string()), ("reason", c.name.to_string())], c.packets, c.bytes))
+            .collect();
+        let kinds = "kind: translated, pass, drop, answer (a refusal or reset sent back), event (counted beside the packet's fate)";
+        counters(
+            e,
+            "kube_xdp_lb_packets",
+            &format!("Packets the datapath handled, by what happened (reason: lb-common's counter names; {kinds})."),
+            packet.iter().map(|(l, p, _)| (l, *p)),
+        )?;
+        counters(
+            e,
+            "kube_xdp_lb_bytes",
+            &format!("Bytes of the packets the datapath handled, by what happened ({kinds})."),
+            packet.iter().map(|(l, _, b)| (l, *b)),
+        )?;
+        let socket: Vec<(Labels, u64)> = socket
+            .iter()
+            .map(|c| (vec![("operation", c.name.trim_start_matches("sock_").to_string())], c.packets))
+            .collect();
+        counters(
+            e,
+            "kube_xdp_lb_socket_operations",
+            "Socket-level load balancing: connects and sends translated, refused, left to the packet path, addresses shown reversed.",
+            socket.iter().map(|(l, n)| (l, *n)),
+        )?;
+        let maps: Vec<(Labels, u64, u64)> =
+            r.usage.maps.iter().map(|m| (vec![("map", m.map.to_string())], m.entries, m.capacity)).collect();
+        gauges(e, "kube_xdp_lb_map_entries", "Entries a pinned map holds.", maps.iter().map(|(l, n, _)| (l, *n)))?;
+        gauges(
+            e,
+            "kube_xdp_lb_map_capacity",
+            "Entries a pinned map has room for.",
+            maps.iter().map(|(l, _, c)| (l, *c)),
+        )?;
+        let limit = r.usage.maps.iter().find_map(|m| m.limit).unwrap_or(0);
+        gauge(
+            e,
+            "kube_xdp_lb_conntrack_admit_limit",
+            "Conntrack entries above which new flows are refused (counted as drop_ct_full).",
+            limit,
+        )?;
+        let nat = &r.usage.nat;
+        gauge(
+            e,
+            "kube_xdp_lb_nat_ports",
+            "SNAT source ports in the range: what each destination (backend address, port, protocol) can hold at once.",
+            u64::from(nat.ports),
+        )?;
+        gauge(
+            e,
+            "kube_xdp_lb_nat_ports_in_use",
+            "SNAT source ports held by flows, over all destinations.",
+            nat.snat_flows,
+        )?;
+        gauge(
+            e,
+            "kube_xdp_lb_nat_busiest_destination_ports",
+            "SNAT source ports held toward the destination holding the most (its new flows fail at kube_xdp_lb_nat_ports).",
+            nat.busiest_ports,
+        )?;
+        Ok(())
+    }
+}
+
+/// The /metrics server, stopped on drop.
+pub struct Server {
+    task: JoinHandle<()>,
+    /// Where it listens (the port chosen, for port 0).
+    pub local_addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Clone)]
+struct Scraper {
+    pin_dir: Arc<PathBuf>,
+    metrics: AgentMetrics,
+}
+
+/// Serves /metrics on `addr`, reading the pins under `pin_dir` at each scrape.
+pub async fn serve(addr: SocketAddr, pin_dir: PathBuf, metrics: AgentMetrics) -> std::io::Result<Server> {
+    let listener = TcpListener::bind(addr).await?;
+    let local_addr = listener.local_addr()?;
+    info!(address = %local_addr, "serving /metrics");
+    let app = Router::new().route("/metrics", get(scrape)).with_state(Scraper { pin_dir: Arc::new(pin_dir), metrics });
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!("the /metrics server stopped: {e}");
+        }
+    });
+    Ok(Server { task, local_addr })
+}
+
+async fn scrape(State(s): State<Scraper>, headers: HeaderMap) -> Response {
+    let open_metrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    // Reading conntrack whole (for the NAT ports) can take a while: off the event loop.
+    let scraped =
+        tokio::task::spawn_blocking(move || s.metrics.scrape(&s.pin_dir, open_metrics).map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+    match scraped {
+        Ok(text) => ([(header::CONTENT_TYPE, if open_metrics { OPENMETRICS_TEXT } else { PROMETHEUS_TEXT })], text)
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading the datapath's maps: {e}\n")).into_response(),
+    }
+}
+
+/// `--metrics-bind-address` as kube-proxy reads it: IP:PORT, an IP alone (port 10249), or
+/// "" for no server.
+pub fn parse_bind_address(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(Some((ip, 10249).into()));
+    }
+    s.parse().map(Some).map_err(|_| format!("{s:?} is not IP:PORT, an IP, or \"\" (no metrics server)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use lb_common::{
+        affinity_scope, backend_flags, frontend_kind, map_names, service_flags, Backend, FrontendMeta, ServiceKey,
+        ServiceValue, SlotKey, IPPROTO_TCP,
+    };
+
+    use super::*;
+    use crate::{
+        datapath::maps::Contents,
+        telemetry::status::{CounterView, NatView, Occupancy},
+    };
+
+    const WEB: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+
+    /// shop/web port "http" over TCP: its ClusterIP (id 1), a NodePort on two node addresses
+    /// (ids 2 and 3), one backend on node-a (id 1) with 2 live flows.
+    fn reading() -> Reading {
+        let owner = 0x1234_5678_9abc_def0;
+        let mut maps = Contents::default();
+        let frontends = [
+            (Ipv4Addr::new(10, 96, 0, 10), 80, 1, frontend_kind::CLUSTER_IP, 0),
+            (Ipv4Addr::new(192, 168, 50, 10), 30080, 2, frontend_kind::NODE_PORT, service_flags::EXTERNAL),
+            (Ipv4Addr::new(192, 168, 50, 11), 30080, 3, frontend_kind::NODE_PORT, service_flags::EXTERNAL),
+        ];
+        let mut frontend_traffic = BTreeMap::new();
+        for (addr, port, id, kind, flags) in frontends {
+            let key = ServiceKey::new(addr, port, IPPROTO_TCP);
+            let v =
+                ServiceValue { svc_id: id, flags, count: [1, 0], scope: affinity_scope(owner), ..Default::default() };
+            maps.services.insert(key, v);
+            maps.slots.insert(SlotKey::new(id, 0, 0, 0), 1);
+            maps.metas.insert(key, FrontendMeta::new("shop", "web", "http", kind));
+            let packets = 10 * id as u64;
+            frontend_traffic.insert(id, Traffic { packets, bytes: packets * 100, new_flows: id as u64 });
+        }
+        let mut backend = Backend::new(WEB, 8080, true, owner);
+        backend.flags |= backend_flags::CHOSEN;
+        maps.backends.insert(1, backend);
+        let snap = Snapshot {
+            maps,
+            frontend_traffic,
+            backend_traffic: BTreeMap::from([(1, Traffic { packets: 60, bytes: 6000, new_flows: 6 })]),
+            live_flows: BTreeMap::from([(1, 2)]),
+            taken: Instant::now(),
+            taken_unix_ms: 0,
+        };
+        let counter = |name, kind, packets| CounterView { name, kind, packets, bytes: packets * 60 };
+        let usage = Usage {
+            maps: vec![
+                Occupancy { map: map_names::CONNTRACK, entries: 4, capacity: 1000, limit: Some(900) },
+                Occupancy { map: map_names::SERVICES, entries: 3, capacity: 65536, limit: None },
+            ],
+            nat: NatView {
+                range: "40000-40009".into(),
+                ports: 10,
+                snat_flows: 3,
+                busiest: Some("10.244.1.10:8080/TCP".into()),
+                busiest_ports: 2,
+            },
+            counters: vec![
+                counter("new_flow", "translated", 6),
+                counter("drop_source_range", "drop", 2),
+                counter("pass_not_service", "pass", 7),
+                counter("sock_connect", "event", 4),
+            ],
+        };
+        let nodes = EndpointNodes::from([(
+            (ServiceRef { namespace: "shop".into(), name: "web".into() }, WEB),
+            "node-a".to_string(),
+        )]);
+        Reading::of(&snap, usage, &nodes)
+    }
+
+    /// The samples of `text` (name and labels -> value) and its `# TYPE` lines.
+    fn parse(text: &str) -> (BTreeMap<&str, &str>, BTreeMap<&str, &str>) {
+        let mut samples = BTreeMap::new();
+        let mut types = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = t.split_once(' ').unwrap();
+                types.insert(name, kind);
+            } else if !line.starts_with('#') {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                samples.insert(series, value);
+            }
+        }
+        (samples, types)
+    }
+
+    #[test]
+    fn service_backend_reason_and_occupancy_series_carry_their_labels_and_types() {
+        let text = AgentMetrics::default().render(reading(), false);
+        let (samples, types) = parse(&text);
+        let svc = r#"namespace="shop",service="web",port="http",protocol="TCP""#;
+        // The two NodePort frontends are one series: their sum.
+        for (series, value) in [
+            (format!("kube_xdp_lb_service_packets_total{{{svc},frontend=\"clusterIP\"}}"), "10"),
+            (format!("kube_xdp_lb_service_packets_total{{{svc},frontend=\"nodePort\"}}"), "50"),
+            (format!("kube_xdp_lb_service_bytes_total{{{svc},frontend=\"nodePort\"}}"), "5000"),
+            (format!("kube_xdp_lb_service_new_flows_total{{{svc},frontend=\"nodePort\"}}"), "5"),
+            (format!("kube_xdp_lb_backend_packets_total{{{svc},endpoint=\"10.244.1.10:8080\",node=\"node-a\"}}"), "60"),
+            (format!("kube_xdp_lb_backend_bytes_total{{{svc},endpoint=\"10.244.1.10:8080\",node=\"node-a\"}}"), "6000"),
+            (
+                format!("kube_xdp_lb_backend_new_flows_total{{{svc},endpoint=\"10.244.1.10:8080\",node=\"node-a\"}}"),
+                "6",
+            ),
+            (format!("kube_xdp_lb_backend_live_flows{{{svc},endpoint=\"10.244.1.10:8080\",node=\"node-a\"}}"), "2"),
+            (r#"kube_xdp_lb_packets_total{kind="drop",reason="drop_source_range"}"#.into(), "2"),
+            (r#"kube_xdp_lb_bytes_total{kind="drop",reason="drop_source_range"}"#.into(), "120"),
+            (r#"kube_xdp_lb_packets_total{kind="pass",reason="pass_not_service"}"#.into(), "7"),
+            (r#"kube_xdp_lb_socket_operations_total{operation="connect"}"#.into(), "4"),
+            (r#"kube_xdp_lb_map_entries{map="LB_CONNTRACK"}"#.into(), "4"),
+            (r#"kube_xdp_lb_map_capacity{map="LB_CONNTRACK"}"#.into(), "1000"),
+            (r#"kube_xdp_lb_map_capacity{map="LB_SERVICES"}"#.into(), "65536"),
+            ("kube_xdp_lb_conntrack_admit_limit".into(), "900"),
+            ("kube_xdp_lb_nat_ports".into(), "10"),
+            ("kube_xdp_lb_nat_ports_in_use".into(), "3"),
+            ("kube_xdp_lb_nat_busiest_destination_ports".into(), "2"),
+        ] {
+            assert_eq!(samples.get(series.as_str()).copied(), Some(value), "{series} in:\n{text}");
+        }
+        assert!(!text.contains("reason=\"sock_connect\""), "socket operations are no packets");
+        for (name, kind) in [
+            ("kube_xdp_lb_service_packets_total", "counter"),
+            ("kube_xdp_lb_backend_new_flows_total", "counter"),
+            ("kube_xdp_lb_backend_live_flows", "gauge"),
+            ("kube_xdp_lb_packets_total", "counter"),
+            ("kube_xdp_lb_socket_operations_total", "counter"),
+            ("kube_xdp_lb_map_entries", "gauge"),
+            ("kube_xdp_lb_nat_busiest_destination_ports", "gauge"),
+            ("kubeproxy_sync_proxy_rules_duration_seconds", "histogram"),
+            ("kubeproxy_network_programming_duration_seconds", "histogram"),
+            ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge"),
+            ("kube_xdp_lb_sync_errors_total", "counter"),
+            ("kube_xdp_lb_drift_repairs_total", "counter"),
+        ] {
+            assert_eq!(types.get(name).copied(), Some(kind), "# TYPE {name}");
+        }
+        // Every counter's HELP names it as its samples do (Prometheus's text format).
+        assert!(text.contains("# HELP kube_xdp_lb_packets_total Packets"), "{text}");
+        assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn syncs_feed_kube_proxys_histograms_and_drift_checks_count_repairs() {
+        let metrics = AgentMetrics::default();
+        let problems = Vec::new();
+        let report = |wrote, failed, latencies: Vec<Duration>| SyncReport {
+            took: Duration::from_millis(3),
+            wrote,
+            failed,
+            frontends: 3,
+            problems: &problems,
+            latencies,
+        };
+        metrics.synced(&report(true, false, vec![Duration::from_millis(300), Duration::from_secs(2)]));
+        metrics.synced(&report(false, false, vec![]));
+        metrics.synced(&report(false, true, vec![]));
+        metrics.drift_checked(0);
+        metrics.drift_checked(2);
+        let text = metrics.render(reading(), false);
+        let (samples, _) = parse(&text);
+        let at = |series: &str| samples.get(series).copied().unwrap_or_else(|| panic!("no {series}"));
+        // A read that found nothing new is no sync; a failed one is.
+        let v4 = r#"ip_family="IPv4""#;
+        assert_eq!(at(&format!("kubeproxy_sync_proxy_rules_duration_seconds_count{{{v4}}}")), "2");
+        assert_eq!(at(&format!(r#"kubeproxy_sync_proxy_rules_duration_seconds_bucket{{{v4},le="0.004"}}"#)), "2");
+        assert_eq!(at(&format!(r#"kubeproxy_sync_proxy_rules_duration_seconds_bucket{{{v4},le="0.002"}}"#)), "0");
+        let programming = "kubeproxy_network_programming_duration_seconds";
+        assert_eq!(at(&format!("{programming}_count{{{v4}}}")), "2");
+        assert_eq!(at(&format!(r#"{programming}_bucket{{{v4},le="0.25"}}"#)), "0");
+        assert_eq!(at(&format!(r#"{programming}_bucket{{{v4},le="0.5"}}"#)), "1");
+        assert_eq!(at(&format!(r#"{programming}_bucket{{{v4},le="2.0"}}"#)), "2");
+        assert_eq!(at(&format!(r#"{programming}_bucket{{{v4},le="300.0"}}"#)), "2");
+        assert_eq!(at("kube_xdp_lb_sync_errors_total"), "1");
+        assert_eq!(at("kube_xdp_lb_drift_checks_total"), "2");
+        assert_eq!(at("kube_xdp_lb_drift_repairs_total"), "2");
+        let last: f64 = at(&format!("kubeproxy_sync_proxy_rules_last_timestamp_seconds{{{v4}}}")).parse().unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!((now - 60.0..=now).contains(&last), "{last}");
+    }
+
+    #[test]
+    fn open_metrics_is_served_as_the_crate_writes_it() {
+        let text = AgentMetrics::default().render(reading(), true);
+        assert!(text.contains("# TYPE kube_xdp_lb_packets counter\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[tokio::test]
+    async fn a_taken_address_is_refused_and_a_scrape_without_a_datapath_answers_500_naming_why() {
+        let missing = std::env::temp_dir().join(format!("lb-metrics-no-pins-{}", std::process::id()));
+        let server = serve("127.0.0.1:0".parse().unwrap(), missing.clone(), AgentMetrics::default()).await.unwrap();
+        let taken = serve(server.local_addr, missing.clone(), AgentMetrics::default()).await.err().expect("refused");
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+        let mut conn = tokio::net::TcpStream::connect(server.local_addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut conn,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+        let why = format!("reading the datapath's maps: --pin-dir {}: no such directory", missing.display());
+        assert!(answer.contains(&why), "{answer}");
+    }
+
+    #[test]
+    fn bind_addresses_are_read_as_kube_proxy_reads_them() {
+        assert_eq!(parse_bind_address("0.0.0.0:9100"), Ok(Some("0.0.0.0:9100".parse().unwrap())));
+        assert_eq!(parse_bind_address("192.168.50.10"), Ok(Some("192.168.50.10:10249".parse().unwrap())));
+        assert_eq!(parse_bind_address("[::1]:10249"), Ok(Some("[::1]:10249".parse().unwrap())));
+        assert_eq!(parse_bind_address(""), Ok(None));
+        assert_eq!(
+            parse_bind_address("localhost:10249"),
+            Err(r#""localhost:10249" is not IP:PORT, an IP, or "" (no metrics server)"#.to_string())
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(label("a\nb"), r"a\nb");
+    }
+
+    /// Every string under `key` anywhere in `value`.
+    fn strings_under<'a>(value: &'a serde_json::Value, key: &str, out: &mut Vec<&'a str>) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (k, v) in fields {
+                    match v.as_str() {
+                        Some(text) if k == key => out.push(text),
+                        _ => strings_under(v, key, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| strings_under(v, key, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_metric_the_dashboard_queries_is_served() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../deploy/grafana/kube-xdp-lb.json")).expect("valid JSON");
+        let mut queries = Vec::new();
+        strings_under(&dashboard["panels"], "expr", &mut queries);
+        let panels = queries.len();
+        strings_under(&dashboard["templating"], "query", &mut queries);
+        assert!(panels >= 15 && queries.len() > panels, "{} queries", queries.len());
+        let text = AgentMetrics::default().render(reading(), false);
+        let (samples, _) = parse(&text);
+        let served: BTreeSet<&str> = samples.keys().map(|s| s.split('{').next().unwrap()).collect();
+        let mut used = BTreeSet::new();
+        for query in queries {
+            let names = query
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .filter(|word| word.starts_with("kube_xdp_lb_") || word.starts_with("kubeproxy_"));
+            for name in names {
+                assert!(served.contains(name), "the dashboard queries {name}, which /metrics does not serve: {query}");
+                used.insert(name);
+            }
+        }
+        // Each part of the dashboard has its metrics.
+        for name in [
+            "kube_xdp_lb_service_packets_total",
+            "kube_xdp_lb_backend_new_flows_total",
+            "kube_xdp_lb_packets_total",
+            "kube_xdp_lb_map_entries",
+            "kubeproxy_network_programming_duration_seconds_bucket",
+        ] {
+            assert!(used.contains(name), "the dashboard shows no {name}");
+        }
+    }
+
+    #[test]
+    fn docs_metrics_md_describes_every_metric_and_reason() {
+        let doc = include_str!("../../../docs/METRICS.md");
+        let text = AgentMetrics::default().render(reading(), false);
+        let (_, types) = parse(&text);
+        for name in types.keys() {
+            assert!(doc.contains(&format!("`{name}`")), "docs/METRICS.md does not describe {name}");
+        }
+        for (index, reason) in lb_common::counters::ALL {
+            let listed = match reason.strip_prefix("sock_") {
+                Some(operation) => format!("`{operation}`"),
+                None => format!("| `{reason}` | {} |", crate::telemetry::status::counter_kind(index)),
+            };
+            assert!(doc.contains(&listed), "docs/METRICS.md does not explain {reason} as {listed}");
+        }
+    }
+}
