@@ -119,9 +119,10 @@ impl Feed {
                 if report.incomplete {
                     watch.rewatch();
                     if !sync.complete() {
-                        // Nothing was ever read: the adopted state stays as it is.
+                        // Nothing was ever read: the adopted state stays as it is (the sync
+                        // says so).
                         watch.retry_in(RETRY);
-                        return false;
+                        return complaints;
                     }
                 }
                 let mut due =

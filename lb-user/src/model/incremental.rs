@@ -12,6 +12,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -40,8 +41,9 @@ struct StoredSlice {
     owner: Result<ServiceRef, ModelError>,
     read: Option<endpoints::Slice>,
     errors: Vec<ModelError>,
-    /// The node each endpoint address names.
-    nodes: Vec<(Ipv4Addr, String)>,
+    /// The node each endpoint address names (shared: a cluster has few node names and
+    /// many endpoints).
+    nodes: Vec<(Ipv4Addr, Arc<str>)>,
 }
 
 /// The node each endpoint address of one Service runs on, as its slices (or, for a Service
@@ -85,6 +87,8 @@ pub struct Incremental {
     listing: BTreeMap<ObjectKind, BTreeSet<ObjectName>>,
     endpoints: BTreeMap<ServiceRef, Endpoints>,
     nodes: BTreeMap<String, Node>,
+    /// Every node name endpoints have named, each held once.
+    node_names: BTreeSet<Arc<str>>,
     /// Services whose objects changed since the last update.
     dirty: BTreeSet<ServiceRef>,
     /// A Node object changed since the last update.
@@ -113,6 +117,7 @@ impl Incremental {
             listing: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             nodes: BTreeMap::new(),
+            node_names: BTreeSet::new(),
             dirty: BTreeSet::new(),
             nodes_changed: false,
             outputs: BTreeMap::new(),
@@ -170,7 +175,8 @@ impl Incremental {
     /// An object was added or modified. Returns whether it differs from what was held.
     fn apply(&mut self, object: Object) -> bool {
         match object {
-            Object::Service(svc) => {
+            Object::Service(mut svc) => {
+                slim(&mut svc);
                 let sref = service_ref(&svc);
                 if self.services.get(&sref) == Some(&svc) {
                     return false;
@@ -263,7 +269,7 @@ impl Incremental {
     }
 
     /// Reads a slice as the model uses it.
-    fn read(&self, name: &ObjectName, slice: &EndpointSlice) -> StoredSlice {
+    fn read(&mut self, name: &ObjectName, slice: &EndpointSlice) -> StoredSlice {
         let node = NodeInfo { name: self.node_name.clone(), addresses: Vec::new(), zone: None };
         let opts = Options::default();
         let mut ctx = Ctx { node: &node, opts: &opts, errors: Vec::new() };
@@ -273,8 +279,17 @@ impl Incremental {
             owner: endpoints::owner_of_slice(slice),
             read,
             errors: ctx.errors,
-            nodes: endpoints::slice_nodes(slice),
+            nodes: endpoints::slice_nodes(slice).into_iter().map(|(addr, node)| (addr, self.intern(node))).collect(),
         }
+    }
+
+    fn intern(&mut self, name: String) -> Arc<str> {
+        if let Some(held) = self.node_names.get(name.as_str()) {
+            return held.clone();
+        }
+        let name: Arc<str> = name.into();
+        self.node_names.insert(name.clone());
+        name
     }
 
     fn forget_slice(&mut self, name: &ObjectName) -> bool {
@@ -376,7 +391,9 @@ impl Incremental {
     /// has no slices (as the model reads them).
     fn endpoint_nodes(&self, sref: &ServiceRef) -> EndpointNodes {
         match self.slices_of.get(sref) {
-            Some(names) => names.iter().flat_map(|n| self.slices[n].nodes.iter().cloned()).collect(),
+            Some(names) => {
+                names.iter().flat_map(|n| self.slices[n].nodes.iter().map(|(a, node)| (*a, node.to_string()))).collect()
+            }
             None => self.endpoints.get(sref).map(endpoints::legacy_nodes).unwrap_or_default().into_iter().collect(),
         }
     }
@@ -401,6 +418,27 @@ impl Incremental {
         }
         output.errors = ctx.errors;
         output
+    }
+}
+
+/// Drops what the model never reads from a Service, so that the index is smaller and an
+/// update of only those fields (a new resourceVersion, a status condition) changes nothing.
+fn slim(svc: &mut Service) {
+    let meta = &mut svc.metadata;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| k == super::ALGORITHM_ANNOTATION);
+    }
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.resource_version = None;
+    meta.uid = None;
+    meta.generation = None;
+    if let Some(spec) = &mut svc.spec {
+        spec.selector = None;
+    }
+    if let Some(status) = &mut svc.status {
+        status.conditions = None;
     }
 }
 

@@ -91,7 +91,7 @@ fn health(ns: &str, addr: Ipv4Addr, port: u16) -> Result<String> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect_timeout(&dst.into(), lb_tests::traffic::TIMEOUT)?;
         s.set_read_timeout(Some(lb_tests::traffic::TIMEOUT))?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)
