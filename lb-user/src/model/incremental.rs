@@ -77,7 +77,8 @@ struct Output {
 pub struct Incremental {
     /// This node's name: endpoints with it as their nodeName are local.
     node_name: String,
-    services: BTreeMap<ServiceRef, Service>,
+    /// Boxed: a Service is large and a map's nodes hold room for several values.
+    services: BTreeMap<ServiceRef, Box<Service>>,
     slices: BTreeMap<ObjectName, StoredSlice>,
     /// Slice names by the Service their label names.
     slices_of: BTreeMap<ServiceRef, BTreeSet<ObjectName>>,
@@ -178,11 +179,11 @@ impl Incremental {
             Object::Service(mut svc) => {
                 slim(&mut svc);
                 let sref = service_ref(&svc);
-                if self.services.get(&sref) == Some(&svc) {
+                if self.services.get(&sref).is_some_and(|held| **held == svc) {
                     return false;
                 }
                 self.dirty.insert(sref.clone());
-                self.services.insert(sref, svc);
+                self.services.insert(sref, Box::new(svc));
             }
             Object::Slice(slice) => {
                 let name = object_name(&slice.metadata);
