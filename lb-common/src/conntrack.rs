@@ -13,6 +13,10 @@
 //!   removes the peer the same way. So each half, and the NAT port a reply half's key
 //!   holds, is freed exactly once, and never while the other half lives.
 //! - Both halves expire together: same state bits, same stamp time.
+//! - The kernel reuses a removed element for another entry at once, while a program on
+//!   another CPU may still read it. A half is inserted with nonce 0 and gets its nonce by a
+//!   swap once whole; it holds its own key (`CtValue::key`); a reader checks the key, reads,
+//!   and checks the nonce again, and takes a mismatch for no entry.
 //!
 //! Time is `bpf_ktime_get_coarse_ns() >> UNIT_SHIFT` (CLOCK_MONOTONIC_COARSE) in 32 bits,
 //! compared with wrapping arithmetic: it wraps after 52 days, far beyond any timeout, and
@@ -144,13 +148,19 @@ pub const fn starts_flow(proto: u8, tcp_flags: u8) -> bool {
     proto != crate::IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
-/// Is this packet, in the original direction of a tracked flow, a new connection reusing
-/// its tuple? A fresh SYN on a closing or closed flow chooses its backend again.
+/// Is this packet a new connection reusing a closing or closed flow's tuple? In the original
+/// direction, a fresh SYN: it chooses its backend again. In the reply direction, a SYN (a
+/// SYN-ACK): the backend answers a connection made to it directly (or through the socket
+/// hooks) from the same client port, which the old flow must not disguise as the Service's
+/// answer; the old flow goes and the packet passes as it is.
 #[inline(always)]
-pub const fn restarts(proto: u8, state: u32, tcp_flags: u8) -> bool {
-    proto == crate::IPPROTO_TCP
-        && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
-        && matches!(phase(state), Phase::Closing | Phase::Closed)
+pub const fn restarts(proto: u8, state: u32, tcp_flags: u8, reply: bool) -> bool {
+    let new_connection = if reply {
+        tcp_flags & (TCP_SYN | TCP_RST) == TCP_SYN
+    } else {
+        tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    };
+    proto == crate::IPPROTO_TCP && new_connection && matches!(phase(state), Phase::Closing | Phase::Closed)
 }
 
 /// Does a packet in this direction refresh the stamp once it has aged? Not a SYN of an
@@ -241,12 +251,25 @@ mod tests {
     #[test]
     fn a_fresh_syn_restarts_only_a_closing_or_closed_flow() {
         let established = bits::ESTABLISHED;
-        assert!(!restarts(TCP, established, TCP_SYN), "a retransmitted SYN keeps its flow");
-        assert!(!restarts(TCP, 0, TCP_SYN));
-        assert!(restarts(TCP, established | bits::FIN_ORIG, TCP_SYN));
-        assert!(restarts(TCP, established | bits::RST, TCP_SYN));
-        assert!(!restarts(TCP, established | bits::RST, TCP_SYN | TCP_ACK));
-        assert!(!restarts(UDP, bits::RST, 0));
+        assert!(!restarts(TCP, established, TCP_SYN, false), "a retransmitted SYN keeps its flow");
+        assert!(!restarts(TCP, 0, TCP_SYN, false));
+        assert!(restarts(TCP, established | bits::FIN_ORIG, TCP_SYN, false));
+        assert!(restarts(TCP, established | bits::RST, TCP_SYN, false));
+        assert!(!restarts(TCP, established | bits::RST, TCP_SYN | TCP_ACK, false));
+        assert!(!restarts(UDP, bits::RST, 0, false));
+    }
+
+    #[test]
+    fn a_syn_ack_from_the_backend_ends_only_a_closing_or_closed_flow() {
+        let established = bits::ESTABLISHED;
+        let closed = established | bits::FIN_ORIG | bits::FIN_REPLY;
+        assert!(!restarts(TCP, 0, TCP_SYN | TCP_ACK, true), "the flow's own SYN-ACK");
+        assert!(!restarts(TCP, established, TCP_SYN | TCP_ACK, true), "a retransmitted SYN-ACK");
+        assert!(restarts(TCP, closed, TCP_SYN | TCP_ACK, true), "another connection's SYN-ACK");
+        assert!(restarts(TCP, established | bits::FIN_REPLY, TCP_SYN | TCP_ACK, true));
+        assert!(restarts(TCP, established | bits::RST, TCP_SYN | TCP_ACK, true));
+        assert!(!restarts(TCP, closed, TCP_ACK, true), "the old connection's last ACK");
+        assert!(!restarts(TCP, closed, TCP_FIN | TCP_ACK, true), "a retransmitted FIN");
     }
 
     #[test]

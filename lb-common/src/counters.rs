@@ -105,6 +105,10 @@ counters! {
     /// A backend's address shown to an application as its frontend's (getpeername, the
     /// source of a received datagram).
     SOCK_REVERSED = 35, "sock_reversed";
+    /// A map entry read as another key's: the kernel reused the element for another entry
+    /// (another flow, Service, socket or client) while this program was reading it. Treated
+    /// as no entry (a conntrack miss: the packet is untracked), never followed.
+    ENTRY_REUSED = 36, "entry_reused";
 }
 
 #[cfg(test)]

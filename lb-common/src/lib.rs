@@ -58,6 +58,10 @@ pub mod map_names {
     /// Unconnected UDP sockets: the backend each keeps per frontend, and the frontend each
     /// backend's datagrams are shown from (an LRU).
     pub const SOCK_UDP: &str = "LB_SOCK_UDP";
+    /// LB_CONNTRACK's preallocated kind, as the object defines it: used by no program; the
+    /// agent creates it at the configured size and pins it as [`CONNTRACK`] when asked for
+    /// a preallocated table (`--conntrack-memory preallocated`). Not in [`ALL`].
+    pub const CT_PREALLOC: &str = "LB_CT_PREALLOC";
     /// Every map the agent pins; all survive an agent restart.
     pub const ALL: [&str; 22] = [
         SERVICES,
@@ -209,7 +213,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// A frontend: one address:port:protocol that the datapath translates.
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub addr_be: u32,
     pub port_be: u16,
@@ -273,8 +277,15 @@ pub struct ServiceValue {
     pub algorithm: u8,
     pub _pad: [u8; 2],
     /// sessionAffinity's scope: the same for every frontend of one Service port (ClusterIP,
-    /// NodePorts, ...), so a client keeps its backend whichever it uses.
+    /// NodePorts, ...), so a client keeps its backend whichever it uses. Also what a chosen
+    /// backend must belong to (`affinity_scope(Backend::owner)`): a slot, affinity or socket
+    /// entry read from an element the kernel reused for another Service's never sends a
+    /// flow to another Service's backend.
     pub scope: u32,
+    /// The frontend this entry is stored under: the datapath copies the entry and checks
+    /// this, as the kernel may reuse a replaced element for another frontend while a
+    /// program still reads it.
+    pub key: ServiceKey,
 }
 
 /// A slot of LB_SLOTS: `index` packs the generation (bit 31), the set (bit 30) and the
@@ -337,7 +348,7 @@ pub struct Backend {
 /// (backend -> client, or -> the SNAT address and port).
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
     pub src_addr_be: u32,
     pub dst_addr_be: u32,
@@ -368,8 +379,6 @@ pub mod ct_flags {
     pub const REPLY: u8 = 1 << 0;
     /// The flow's source was rewritten (SNAT): the reply half's key holds the NAT port.
     pub const SNAT: u8 = 1 << 1;
-    /// `hop_*` hold where this half's packets go next (fast mode's XDP_TX).
-    pub const HOP: u8 = 1 << 2;
     /// The flow was started by traffic from this node's pods to an externalTrafficPolicy=Local
     /// frontend and uses its cluster set.
     pub const SHORT_CIRCUIT: u8 = 1 << 3;
@@ -383,8 +392,15 @@ pub mod ct_flags {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
     /// `conntrack::stamp(nonce, time)`: the flow's nonce (high 32 bits, never 0 while live)
-    /// and the coarse time of its last refresh. Changed only by compare-and-swap.
+    /// and the coarse time of its last refresh. Changed only by compare-and-swap. A half is
+    /// inserted with nonce 0 and given its nonce only once the whole value is in place, so
+    /// a reader that finds a nonce also finds the key and rewrite that go with it.
     pub stamp: u64,
+    /// The key this half is stored under. The kernel reuses a removed element for another
+    /// key at once (see conntrack's docs), while a reader on another CPU may still hold it:
+    /// a reader checks this against the key it looked up, and the nonce again after it
+    /// has read what it needs, and treats a mismatch as no entry.
+    pub key: CtKey,
     pub nat_src_addr_be: u32,
     pub nat_dst_addr_be: u32,
     pub nat_src_port_be: u16,
@@ -404,6 +420,11 @@ pub struct CtValue {
     pub hop_ifindex: u32,
     pub hop_dmac: [u8; 6],
     pub hop_smac: [u8; 6],
+    /// The nonce of the flow that cached `hop_*` (written after them): the cache counts only
+    /// while it equals the stamp's nonce, so a hop written through a reused element never
+    /// serves the flow that now holds it. 0: nothing cached.
+    pub hop_nonce: u32,
+    pub _pad2: u32,
 }
 
 /// A client of a Service port with session affinity (LB_AFFINITY key).
@@ -424,6 +445,9 @@ pub struct AffinityValue {
     pub last_ns: u64,
     pub backend_id: u32,
     pub backend_gen: u32,
+    /// The key it is stored under: LB_AFFINITY is an LRU, whose elements the kernel reuses
+    /// for other clients at once; the datapath copies the entry and checks this.
+    pub key: AffinityKey,
 }
 
 /// `SockConfig::mode`: which sockets the socket hooks translate.
@@ -455,6 +479,9 @@ pub struct SockConfig {
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockConn {
+    /// The socket it is stored under: the hooks copy the entry and check this, as the
+    /// kernel may reuse a replaced or removed element for another socket at once.
+    pub cookie: u64,
     pub frontend_addr_be: u32,
     pub backend_addr_be: u32,
     pub frontend_port_be: u16,
@@ -467,6 +494,7 @@ pub struct SockConn {
     pub svc_id: u32,
     pub proto: u8,
     pub _pad: [u8; 3],
+    pub _pad2: u32,
 }
 
 /// `SockUdpKey::dir`
@@ -500,6 +528,9 @@ pub struct SockUdpValue {
     pub _pad: u16,
     pub backend_id: u32,
     pub backend_gen: u32,
+    /// The key it is stored under (an LRU's elements are reused for other keys at once):
+    /// the hooks copy the entry and check this.
+    pub key: SockUdpKey,
 }
 
 /// The client address backend selection uses for sockets of a network namespace (session
@@ -698,7 +729,7 @@ impl Config {
 /// A fragmented datagram, keyed as a hook sees it: (source, destination, protocol, IP id).
 #[repr(C)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey {
     pub src_addr_be: u32,
     pub dst_addr_be: u32,
@@ -723,9 +754,12 @@ pub struct FragValue {
     pub created_ns: u64,
     pub src_addr_be: u32,
     pub dst_addr_be: u32,
+    /// The key it is stored under: LB_FRAGMENTS is an LRU, whose elements the kernel reuses
+    /// for other datagrams at once; the datapath copies the entry and checks this.
+    pub key: FragKey,
     /// The egress mark payload (netfilter mode), as `flow::Translation::egress`.
     pub egress: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// A token bucket of LB_RATE_LIMIT, for answers the datapath sends (ICMP port unreachable,
@@ -801,16 +835,16 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 24);
+        assert_eq!(size_of::<ServiceValue>(), 32);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<CtValue>(), 80);
         assert_eq!(size_of::<CtState>(), 16);
         assert_eq!(size_of::<SourceRange>(), 8);
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<FragKey>(), 12);
-        assert_eq!(size_of::<FragValue>(), 24);
+        assert_eq!(size_of::<FragValue>(), 32);
         assert_eq!(size_of::<BenchFrame>(), 64);
         assert_eq!(size_of::<XdpMeta>(), 8);
         assert_eq!(size_of::<BackendStats>(), 24);
@@ -818,11 +852,11 @@ mod tests {
         assert_eq!(size_of::<FrontendMeta>(), 152);
         assert_eq!(size_of::<AgentStatus>(), 248);
         assert_eq!(size_of::<AffinityKey>(), 8);
-        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<AffinityValue>(), 24);
         assert_eq!(size_of::<SockConfig>(), 16);
-        assert_eq!(size_of::<SockConn>(), 28);
+        assert_eq!(size_of::<SockConn>(), 40);
         assert_eq!(size_of::<SockUdpKey>(), 16);
-        assert_eq!(size_of::<SockUdpValue>(), 16);
+        assert_eq!(size_of::<SockUdpValue>(), 32);
     }
 
     #[test]

@@ -13,12 +13,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     conntrack::{bits, nonce, phase, stamp, units, Phase, DEAD},
-    ct_flags, Config, CtKey, CtValue, IPPROTO_TCP,
+    counters, ct_flags, Config, CtKey, CtValue, IPPROTO_TCP,
 };
 
 use crate::{
     atomic,
-    maps::{ct_state, LB_BE_LIVE, LB_CONNTRACK},
+    maps::{count, ct_state, LB_BE_LIVE, LB_CONNTRACK},
 };
 
 /// Coarse time in conntrack units.
@@ -69,6 +69,46 @@ pub fn load_state(v: *mut CtValue) -> u32 {
     unsafe { state_ptr(v).read_volatile() }
 }
 
+/// Does the half at `v` belong under `key`? A reader's first check: the element may have
+/// been reused for another key since the lookup that found it (see lb_common::conntrack).
+#[inline(always)]
+pub fn holds(v: *const CtValue, key: &CtKey) -> bool {
+    // SAFETY: reading plain integers of a map value (its memory stays valid for the run).
+    let k = unsafe { core::ptr::addr_of!((*v).key).read_volatile() };
+    k.src_addr_be == key.src_addr_be
+        && k.dst_addr_be == key.dst_addr_be
+        && k.src_port_be == key.src_port_be
+        && k.dst_port_be == key.dst_port_be
+        && k.proto == key.proto
+}
+
+/// Is the half still the incarnation whose stamp was `seen`? The last check of a reader,
+/// after everything it uses has been read: a nonce is set only once its whole value is in
+/// place and goes only when the half is removed, so the reads in between are that flow's.
+#[inline(always)]
+pub fn unchanged(v: *mut CtValue, seen: u64) -> bool {
+    // Reads above stay above (the compiler may not sink them past this load).
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    nonce(load_stamp(v)) == nonce(seen)
+}
+
+/// What `read` takes from the half at `key`, if a flow's half is there: checked against
+/// reuse (the key inside it, its nonce around the read); a reused element counts as none.
+#[inline(always)]
+pub fn read_half<T>(key: &CtKey, read: impl FnOnce(*const CtValue) -> T) -> Option<T> {
+    let v = LB_CONNTRACK.get_ptr_mut(key)?;
+    let seen = load_stamp(v);
+    if nonce(seen) == 0 {
+        return None;
+    }
+    if !holds(v, key) {
+        count(counters::ENTRY_REUSED, 0);
+        return None;
+    }
+    let found = read(v);
+    unchanged(v, seen).then_some(found)
+}
+
 /// The key of the peer half: the packets answering what this half's rewrite produces.
 #[inline(always)]
 pub fn peer_key(v: *const CtValue, proto: u8) -> CtKey {
@@ -114,6 +154,36 @@ fn end_live(v: *mut CtValue) {
     }
 }
 
+/// Caches the next hop of the half at `key` for the flow of `flow_nonce` (0: a new flow's
+/// first packet, which caches nothing). Written only into that flow's half, and tagged with
+/// its nonce last: a hop written through an element reused meanwhile is never used by the
+/// flow that holds it now. A racing reader of the same flow sees the old hop or the new
+/// one, at worst one packet with a mix while the next hop changes.
+#[inline(always)]
+pub fn cache_hop(key: &CtKey, flow_nonce: u32, ifindex: u32, dmac: [u8; 6], smac: [u8; 6], tot_len: u16) {
+    if flow_nonce == 0 {
+        return;
+    }
+    let Some(v) = LB_CONNTRACK.get_ptr_mut(key) else { return };
+    if !holds(v, key) || nonce(load_stamp(v)) != flow_nonce {
+        return;
+    }
+    // SAFETY: plain integers of a map value, written only here (hop_nonce last).
+    unsafe {
+        let nonce_ptr = addr_of_mut!((*v).hop_nonce);
+        let cached = nonce_ptr.read_volatile() == flow_nonce;
+        (*v).hop_ifindex = ifindex;
+        (*v).hop_dmac = dmac;
+        (*v).hop_smac = smac;
+        // The cache says "packets up to this size fit": bigger ones look again.
+        if !cached || tot_len > (*v).hop_mtu {
+            (*v).hop_mtu = tot_len;
+        }
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+        nonce_ptr.write_volatile(flow_nonce);
+    }
+}
+
 /// What inserting a half came to.
 pub mod inserted {
     pub const OK: u8 = 0;
@@ -125,12 +195,25 @@ pub mod inserted {
 
 const EEXIST: i32 = 17;
 
-/// Inserts a half that no entry holds yet.
+/// Inserts a half that no entry holds yet, in two steps: the value goes in with nonce 0
+/// (any reader takes it for dead, and it cannot be removed), then its stamp is swapped to
+/// `value.stamp`. The kernel copies a value in with a plain memcpy, in no set order, possibly
+/// into an element a reader on another CPU still holds (a reused one): publishing the nonce
+/// last, with an atomic, means a reader that sees the nonce sees the whole value.
 #[inline(always)]
-pub fn insert(key: &CtKey, value: &CtValue) -> u8 {
-    match LB_CONNTRACK.insert(key, value, BPF_NOEXIST as u64) {
+pub fn insert(key: &CtKey, value: &mut CtValue) -> u8 {
+    let live = value.stamp;
+    value.stamp = DEAD;
+    value.key = *key;
+    let result = LB_CONNTRACK.insert(key, &*value, BPF_NOEXIST as u64);
+    value.stamp = live;
+    match result {
         Ok(()) => {
             count_entries(1);
+            // Found: a half with nonce 0 is removed by no one.
+            if let Some(v) = LB_CONNTRACK.get_ptr_mut(key) {
+                let _ = swap_stamp(v, DEAD, live);
+            }
             inserted::OK
         }
         Err(e) if e == -EEXIST => inserted::TAKEN,
@@ -143,9 +226,12 @@ pub fn insert(key: &CtKey, value: &CtValue) -> u8 {
 /// changed meanwhile (refreshed, or someone else is removing it).
 #[inline(never)]
 pub fn reap(key: &CtKey, v: *mut CtValue, seen: u64) -> bool {
-    if nonce(seen) == 0 || swap_stamp(v, seen, DEAD).is_err() {
+    // The key first: `seen` might be another flow's, read from an element reused for it.
+    if nonce(seen) == 0 || !holds(v, key) || swap_stamp(v, seen, DEAD).is_err() {
         return false;
     }
+    // From here the half is DEAD and ours alone to remove: its element cannot be reused
+    // before we do, so what is read from it below is still this flow's.
     let peer = peer_key(v, key.proto);
     end_live(v);
     if LB_CONNTRACK.remove(key).is_ok() {
@@ -245,12 +331,12 @@ fn apply_state(v: *mut CtValue, old: u32, new: u32) {
 /// of 8 miss a free port about once in 25 000 flows). Ports the node's own sockets use
 /// toward the backend are skipped.
 #[inline(never)]
-pub fn claim_snat_port<C: EbpfContext>(ctx: &C, key: &mut CtKey, reply: &CtValue, cfg: &Config) -> i32 {
+pub fn claim_snat_port<C: EbpfContext>(ctx: &C, key: &mut CtKey, reply: &mut CtValue, cfg: &Config) -> i32 {
     let Some(s) = ct_state() else { return NO_PORT };
     let mut search = PortSearch {
         ctx: ctx.as_ptr(),
         key: key as *mut CtKey,
-        reply: reply as *const CtValue,
+        reply: reply as *mut CtValue,
         min: cfg.snat_port_min as u32,
         span: (cfg.snat_port_max as u32).saturating_sub(cfg.snat_port_min as u32) + 1,
         // SAFETY: the single entry of an array map, changed only atomically.
@@ -274,7 +360,7 @@ pub const TABLE_FULL: i32 = -2;
 struct PortSearch {
     ctx: *mut c_void,
     key: *mut CtKey,
-    reply: *const CtValue,
+    reply: *mut CtValue,
     min: u32,
     span: u32,
     base: u32,
@@ -287,7 +373,7 @@ extern "C" fn try_port(i: u32, search: *mut c_void) -> i64 {
     // for the call.
     let (s, key, reply) = unsafe {
         let s = &mut *(search as *mut PortSearch);
-        (&mut *(search as *mut PortSearch), &mut *s.key, &*s.reply)
+        (&mut *(search as *mut PortSearch), &mut *s.key, &mut *s.reply)
     };
     if i > 0 && i % PORT_RUN == 0 {
         // SAFETY: plain helper call.

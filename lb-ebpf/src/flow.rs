@@ -4,14 +4,18 @@ use aya_ebpf::EbpfContext;
 // Rare events only (a stale service entry, NAT exhaustion): never per packet.
 use aya_log_ebpf::{error, warn};
 use lb_common::{
-    conntrack::{age, alive, next_state, refreshes, restarts, stamp, starts_flow, REFRESH, TCP_RST},
+    affinity_scope,
+    conntrack::{age, alive, next_state, nonce, refreshes, restarts, stamp, starts_flow, REFRESH, TCP_RST},
     counters, ct_flags, in_prefix, needs_snat, service_flags, Backend, Config, CtKey, CtValue, ServiceKey,
     ServiceValue, IPPROTO_TCP,
 };
 
 use crate::{
     ct,
-    maps::{backend, config, count, ct_state, maybe_frontend, source_allowed, LB_CONNTRACK, LB_SCRATCH, LB_SERVICES},
+    maps::{
+        backend, config, count, ct_state, maybe_frontend, source_allowed, LB_CONNTRACK, LB_SCRATCH, LB_SERVICES,
+        LB_SVC_SCRATCH,
+    },
     packet::Parsed,
     ratelimit, select,
 };
@@ -50,7 +54,7 @@ impl Rewrite {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Verdict {
-    /// Translate: the next hop's Ethernet addresses, when `hop_flags` says the half had them.
+    /// Translate: the next hop's Ethernet addresses, when `has_hop` says the half had them.
     pub hop_macs: Macs,
     /// Translate: the new addresses and ports.
     pub rw: Rewrite,
@@ -61,15 +65,18 @@ pub struct Verdict {
     pub egress: u16,
     /// `action::*`
     pub action: u8,
-    /// Translate: the next hop the flow's half has cached (`ct_flags::HOP` set), unless
-    /// this packet refreshed the half, which asks for a new lookup.
-    pub hop_flags: u8,
+    /// Translate: 1 when the flow's half has a next hop cached (and this packet did not
+    /// refresh the half, which asks for a new lookup).
+    pub has_hop: u8,
     pub hop_ifindex: u32,
     pub hop_mtu: u16,
     pub _pad: u16,
     /// Translate: the flow's frontend and backend, for their counters.
     pub svc_id: u32,
     pub backend_id: u32,
+    /// Translate, a tracked flow: its nonce, which a next hop cached in its half is tagged
+    /// with (0 for a new flow, which caches nothing).
+    pub nonce: u32,
 }
 
 /// A next hop's Ethernet addresses. Aligned so that zeroing or copying them compiles to
@@ -111,12 +118,13 @@ impl Verdict {
             counter,
             egress: 0,
             action,
-            hop_flags: 0,
+            has_hop: 0,
             hop_ifindex: 0,
             hop_mtu: 0,
             _pad: 0,
             svc_id: 0,
             backend_id: 0,
+            nonce: 0,
         }
     }
     pub const fn pass(counter: u32) -> Verdict {
@@ -139,13 +147,14 @@ impl Verdict {
         Verdict { rw, counter, egress, svc_id, backend_id, ..Verdict::of(action::TRANSLATE, counter) }
     }
 
-    /// With the next hop `half` caches, if it has one and `fresh`.
+    /// With the next hop `half` caches for the flow of `nonce`, if it has one and `fresh`.
     #[inline(always)]
-    fn with_hop(mut self, half: *const CtValue, fresh: bool) -> Verdict {
-        // SAFETY: reading plain integers of a live map value.
+    fn with_hop(mut self, half: *const CtValue, nonce: u32, fresh: bool) -> Verdict {
+        self.nonce = nonce;
+        // SAFETY: reading plain integers of a map value.
         unsafe {
-            if fresh && (*half).flags & ct_flags::HOP != 0 {
-                self.hop_flags = ct_flags::HOP;
+            if fresh && core::ptr::addr_of!((*half).hop_nonce).read_volatile() == nonce {
+                self.has_hop = 1;
                 self.hop_ifindex = (*half).hop_ifindex;
                 self.hop_mtu = (*half).hop_mtu;
                 self.hop_macs = Macs { dst: (*half).hop_dmac, src: (*half).hop_smac };
@@ -254,10 +263,15 @@ fn may_be_reply(k: &CtKey, cfg: &Config, replies: Replies) -> bool {
 pub fn tracked_rewrite(key: &CtKey) -> Option<(Rewrite, u16)> {
     let v = LB_CONNTRACK.get_ptr_mut(key)?;
     let seen = ct::load_stamp(v);
+    if !ct::holds(v, key) {
+        count(counters::ENTRY_REUSED, 0);
+        return None;
+    }
     if !alive(key.proto, ct::load_state(v), seen, ct::now()) {
         return None;
     }
-    Some((Rewrite::of(v), egress_payload(key, v)))
+    let found = (Rewrite::of(v), egress_payload(key, v));
+    ct::unchanged(v, seen).then_some(found)
 }
 
 /// A packet of a tracked flow; UNTRACKED when its flow is gone (expired, closed and
@@ -267,12 +281,18 @@ fn follow(p: &Parsed, v: *mut CtValue) -> Verdict {
     let k = &p.key;
     let now = ct::now();
     let seen = ct::load_stamp(v);
+    if !ct::holds(v, k) {
+        // The element was reused for another flow since the lookup: that flow's, not ours
+        // (and not ours to remove). As if nothing had been found.
+        count(counters::ENTRY_REUSED, 0);
+        return Verdict::untracked();
+    }
     let state = ct::load_state(v);
     // SAFETY: reading plain integers of a live map value.
     let (flags, backend_id, backend_gen, svc_id) =
         unsafe { ((*v).flags, (*v).backend_id, (*v).backend_gen, (*v).svc_id) };
     let reply = flags & ct_flags::REPLY != 0;
-    if !alive(k.proto, state, seen, now) || (!reply && restarts(k.proto, state, p.tcp_flags)) {
+    if !alive(k.proto, state, seen, now) || restarts(k.proto, state, p.tcp_flags, reply) {
         ct::reap(k, v, seen);
         return Verdict::untracked();
     }
@@ -299,12 +319,13 @@ fn follow(p: &Parsed, v: *mut CtValue) -> Verdict {
     }
     let rw = Rewrite::of(v);
     let egress = egress_payload(k, v);
+    let counter = if reply { counters::REPLY } else { counters::ESTABLISHED };
+    let verdict = Verdict::translate(rw, counter, egress, svc_id, backend_id).with_hop(v, nonce(seen), !refresh);
     // The half was removed (and its memory maybe reused) while we read it.
-    if lb_common::conntrack::nonce(ct::load_stamp(v)) != lb_common::conntrack::nonce(seen) {
+    if !ct::unchanged(v, seen) {
         return Verdict::untracked();
     }
-    let counter = if reply { counters::REPLY } else { counters::ESTABLISHED };
-    Verdict::translate(rw, counter, egress, svc_id, backend_id).with_hop(v, !refresh)
+    verdict
 }
 
 // New flows are the slow path: a call of its own keeps their locals (two conntrack values,
@@ -312,6 +333,22 @@ fn follow(p: &Parsed, v: *mut CtValue) -> Verdict {
 #[inline(never)]
 fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdict {
     let k = &p.key;
+    // A copy, checked against its key: the agent replaces entries whole, and the element
+    // of a replaced one may be reused for another frontend while this program reads it.
+    // Copied into per-CPU scratch: the call chain's 512-byte stack has no room for it.
+    let Some(copy) = LB_SVC_SCRATCH.get_ptr_mut(0) else {
+        return Verdict::drop(counters::DROP_STALE_SERVICE);
+    };
+    // SAFETY: a map value's memory stays valid for the run; one copy of plain integers
+    // into this CPU's scratch, which nothing else on this CPU uses while this runs.
+    let svc: &ServiceValue = unsafe {
+        core::ptr::copy_nonoverlapping(svc, copy, 1);
+        &*copy
+    };
+    if svc.key != frontend_of(k) {
+        count(counters::ENTRY_REUSED, 0);
+        return Verdict::pass(counters::PASS_NOT_SERVICE);
+    }
     if !starts_flow(k.proto, p.tcp_flags) {
         return if p.tcp_flags & TCP_RST != 0 {
             Verdict::drop(counters::DROP_NO_FLOW)
@@ -358,6 +395,12 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
         }
         return Verdict::drop(counters::DROP_STALE_SERVICE);
     };
+    if affinity_scope(b.owner) != svc.scope {
+        // Another Service port's backend: a slot or affinity entry read from a reused
+        // element, or an id the agent gave away meanwhile. Never sent there.
+        count(counters::ENTRY_REUSED, 0);
+        return Verdict::drop(counters::DROP_STALE_SERVICE);
+    }
     // The effective policy: short-circuited traffic is served like ETP=Cluster's, but keeps
     // its source (a pod's replies route back to this node).
     let hairpin = k.src_addr_be == b.addr_be;
@@ -372,7 +415,7 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
         return Verdict::drop(counters::DROP_STALE_SERVICE);
     };
     // SAFETY: per-CPU, and nothing else on this CPU runs while this program does.
-    let reply = unsafe { &mut *scratch };
+    let reply: &mut CtValue = unsafe { &mut *scratch };
     *reply = CtValue {
         stamp: fresh,
         nat_src_addr_be: k.dst_addr_be,
@@ -453,8 +496,9 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
 
 /// Inserts a half at `key`; a dead entry there (expired, or being removed) is removed
 /// first, a live one never touched (`inserted::TAKEN`).
-#[inline(always)]
-fn insert_or_reclaim(key: &CtKey, value: &CtValue) -> u8 {
+// A call of its own, keeping its locals off start_flow's frame (the stack budget).
+#[inline(never)]
+fn insert_or_reclaim(key: &CtKey, value: &mut CtValue) -> u8 {
     let first = ct::insert(key, value);
     if first != ct::inserted::TAKEN {
         return first;

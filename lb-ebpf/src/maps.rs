@@ -38,8 +38,9 @@ pub static LB_BE_STATS: PerCpuArray<BackendStats, { DEFAULT_BACKENDS as usize }>
 pub static LB_BE_LIVE: Array<u64, { DEFAULT_BACKENDS as usize }> = Array::new();
 
 /// Not an LRU: nothing is evicted behind the flows' backs (see lb_common::conntrack). Not
-/// preallocated: memory follows the flows, and an entry is freed only after an RCU grace
-/// period, so a reader never sees a recycled entry. The agent sets the capacity at load.
+/// preallocated by default (memory follows the flows); the agent sets the capacity and the
+/// kind at load. Either kind reuses a removed element at once, so every reader checks the
+/// key inside the value (docs/DATAPATH.md, "Elements the kernel reuses").
 #[btf_map]
 pub static LB_CONNTRACK: HashMap<
     CtKey,
@@ -47,6 +48,13 @@ pub static LB_CONNTRACK: HashMap<
     { DEFAULT_CONNTRACK_ENTRIES as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+/// LB_CONNTRACK's preallocated kind (`--conntrack-memory preallocated`): the same table,
+/// read by no program. The agent creates it at its capacity and pins it as LB_CONNTRACK,
+/// which the programs then use (aya sets a map's size at load, not its flags). One entry
+/// here, so that a load that does not ask for it costs nothing.
+#[btf_map]
+pub static LB_CT_PREALLOC: HashMap<CtKey, CtValue, 1> = HashMap::new();
 
 #[btf_map]
 pub static LB_CT_STATE: Array<CtState, 1> = Array::new();
@@ -102,6 +110,10 @@ pub static LB_SOCK_UDP: LruHashMap<SockUdpKey, SockUdpValue, { MAX_SOCK_UDP as u
 /// Where a new flow's conntrack value is built (not pinned: nothing survives a packet).
 #[btf_map]
 pub static LB_SCRATCH: PerCpuArray<CtValue, 1> = PerCpuArray::new();
+
+/// Where a new flow's copy of its frontend's entry is checked and read (not pinned).
+#[btf_map]
+pub static LB_SVC_SCRATCH: PerCpuArray<ServiceValue, 1> = PerCpuArray::new();
 
 /// Where FIB lookups are built (`bpf_fib_lookup` is 64 bytes the call chain's stack
 /// budget cannot spare). Bytes, so the map's BTF stays a plain array.

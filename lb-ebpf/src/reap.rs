@@ -47,6 +47,10 @@ extern "C" fn reap_one(index: u32, run: *mut c_void) -> i64 {
     let Some(key) = LB_REAP_QUEUE.get(index).copied() else { return 1 };
     let Some(v) = LB_CONNTRACK.get_ptr_mut(&key) else { return 0 };
     let seen = ct::load_stamp(v);
+    if !ct::holds(v, &key) {
+        // Reused for another flow since the lookup: not the entry the agent asked about.
+        return 0;
+    }
     let dead = !alive(key.proto, ct::load_state(v), seen, run.now) || !peer_holds(&key, v, seen);
     if (run.mode == reap_mode::ALL || dead) && ct::reap(&key, v, seen) {
         run.removed += 1;

@@ -1,17 +1,20 @@
 //! Choosing a backend for a new flow (established flows follow conntrack): session affinity
 //! first, then the frontend's algorithm over the slots of the set the flow uses.
+use core::ptr::{addr_of, read_volatile};
+
 use aya_ebpf::{
     bindings::BPF_ANY,
     cty::c_void,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
 };
 use lb_common::{
-    algorithm, backend_flags, client_hash, flow_hash, AffinityKey, AffinityValue, CtKey, ServiceValue, SlotKey,
+    affinity_scope, algorithm, backend_flags, client_hash, counters, flow_hash, AffinityKey, AffinityValue, CtKey,
+    ServiceValue, SlotKey,
 };
 
 use crate::{
     atomic,
-    maps::{backend, LB_AFFINITY, LB_BE_LIVE, LB_RR_CURSORS, LB_SLOTS},
+    maps::{backend, count, LB_AFFINITY, LB_BE_LIVE, LB_RR_CURSORS, LB_SLOTS},
 };
 
 /// The backend id for a new flow `k` of `svc` in slot set `set`, or 0 when its slots are
@@ -51,15 +54,38 @@ pub fn choose(k: &CtKey, svc: &ServiceValue, set: u32) -> u32 {
 /// Service port (a backend gone, or only kept for its old flows, invalidates it lazily).
 #[inline(always)]
 fn kept_backend(key: &AffinityKey, timeout_s: u32) -> u32 {
-    // SAFETY: a copy of plain integers.
-    let Some(v) = (unsafe { LB_AFFINITY.get(key) }).copied() else { return 0 };
+    let Some(p) = LB_AFFINITY.get_ptr(key) else { return 0 };
+    // Field by field into registers (a copy on the stack would not fit the call chain's
+    // budget); the backend is checked against its Service port below, so even a read torn
+    // by reuse never names another Service's backend.
+    // SAFETY: plain integers from a map value's memory (valid for the run).
+    let (last_ns, backend_id, backend_gen, scope, client_addr_be) = unsafe {
+        (
+            read_volatile(addr_of!((*p).last_ns)),
+            read_volatile(addr_of!((*p).backend_id)),
+            read_volatile(addr_of!((*p).backend_gen)),
+            read_volatile(addr_of!((*p).key.scope)),
+            read_volatile(addr_of!((*p).key.client_addr_be)),
+        )
+    };
+    if scope != key.scope || client_addr_be != key.client_addr_be {
+        // An LRU element reused for another client while it was read.
+        count(counters::ENTRY_REUSED, 0);
+        return 0;
+    }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let fresh = now.saturating_sub(v.last_ns) <= timeout_s as u64 * 1_000_000_000;
-    let chosen = backend(v.backend_id)
-        .is_some_and(|b| b.gen == v.backend_gen && b.addr_be != 0 && b.flags & backend_flags::CHOSEN != 0);
+    let fresh = now.saturating_sub(last_ns) <= timeout_s as u64 * 1_000_000_000;
+    // Of this Service port (a torn copy never names another Service's backend), not
+    // removed, and still chosen by it.
+    let chosen = backend(backend_id).is_some_and(|b| {
+        b.gen == backend_gen
+            && b.addr_be != 0
+            && b.flags & backend_flags::CHOSEN != 0
+            && affinity_scope(b.owner) == key.scope
+    });
     if fresh && chosen {
-        v.backend_id
+        backend_id
     } else {
         0
     }
@@ -73,8 +99,8 @@ fn remember(key: &AffinityKey, svc: &ServiceValue, id: u32) -> u32 {
         if let Some(b) = backend(id) {
             // SAFETY: plain helper call.
             let last_ns = unsafe { bpf_ktime_get_coarse_ns() };
-            let _ =
-                LB_AFFINITY.insert(key, AffinityValue { last_ns, backend_id: id, backend_gen: b.gen }, BPF_ANY as u64);
+            let value = AffinityValue { last_ns, backend_id: id, backend_gen: b.gen, key: *key };
+            let _ = LB_AFFINITY.insert(key, value, BPF_ANY as u64);
         }
     }
     id

@@ -20,8 +20,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    counters, netns_client, service_flags, sock_dir, sock_mode, CtKey, ServiceKey, ServiceValue, SockConn, SockUdpKey,
-    SockUdpValue, IPPROTO_TCP, IPPROTO_UDP,
+    affinity_scope, counters, netns_client, service_flags, sock_dir, sock_mode, CtKey, ServiceKey, ServiceValue,
+    SockConn, SockUdpKey, SockUdpValue, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -95,13 +95,39 @@ pub fn lb_sock_release(ctx: SockContext) -> i32 {
     }
     // SAFETY: plain helper call on the valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(conn) = LB_SOCK_CONN.get_ptr(cookie) else { return PROCEED };
-    // SAFETY: a live map value (RCU), read before it is removed.
-    let backend_id = unsafe { (*conn).backend_id };
+    let Some(conn) = held_conn(cookie) else { return PROCEED };
     if LB_SOCK_CONN.remove(cookie).is_ok() {
-        count_live(backend_id, -1);
+        count_live(conn.backend_id, -1);
     }
     PROCEED
+}
+
+/// A copy of the socket's LB_SOCK_CONN entry, if it has one: checked against the cookie it
+/// was looked up by (an element replaced or removed may be reused for another socket at
+/// once, while it is read here).
+#[inline(always)]
+fn held_conn(cookie: u64) -> Option<SockConn> {
+    let p = LB_SOCK_CONN.get_ptr(cookie)?;
+    // SAFETY: one copy of plain integers from a map value's memory (valid for the run).
+    let c = unsafe { read_volatile(p) };
+    if c.cookie != cookie {
+        count(counters::ENTRY_REUSED, 0);
+        return None;
+    }
+    Some(c)
+}
+
+/// A copy of an LB_SOCK_UDP entry, checked against its key like [`held_conn`].
+#[inline(always)]
+fn held_udp(key: SockUdpKey) -> Option<SockUdpValue> {
+    let p = LB_SOCK_UDP.get_ptr(key)?;
+    // SAFETY: as held_conn.
+    let v = unsafe { read_volatile(p) };
+    if v.key != key {
+        count(counters::ENTRY_REUSED, 0);
+        return None;
+    }
+    Some(v)
 }
 
 /// Where a hook's IPv4 address is: `user_ip4`, or the last word of an IPv6 socket's
@@ -185,8 +211,15 @@ fn forward(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
         return PROCEED;
     }
     let frontend = ServiceKey { addr_be, port_be, proto: proto as u8, _pad: 0 };
-    // SAFETY: entries are replaced whole by the agent and stay readable for the run (RCU).
-    let Some(svc) = (unsafe { LB_SERVICES.get(&frontend) }) else { return PROCEED };
+    let Some(svc) = LB_SERVICES.get_ptr(&frontend) else { return PROCEED };
+    // A copy, checked against its key: the element of an entry the agent replaced may be
+    // reused for another frontend while it is read.
+    // SAFETY: one copy of plain integers from a map value's memory (valid for the run).
+    let svc = &unsafe { read_volatile(svc) };
+    if svc.key != frontend {
+        count(counters::ENTRY_REUSED, 0);
+        return PROCEED;
+    }
     // SAFETY: plain helper call on the valid context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let host = netns == cfg.host_netns_cookie;
@@ -269,30 +302,38 @@ fn pick(client: &Client, svc: &ServiceValue, frontend: &ServiceKey) -> Pick {
         _pad: [0; 3],
     };
     let id = select::choose(&flow, svc, set as u32);
-    match backend(id).copied().filter(|b| id != 0 && b.addr_be != 0) {
+    // Only this Service port's backends (a slot read from a reused element names another's).
+    match backend(id).copied().filter(|b| id != 0 && b.addr_be != 0 && affinity_scope(b.owner) == svc.scope) {
         Some(b) => Pick { id, gen: b.gen, addr_be: b.addr_be, port_be: b.port_be, verdict: PROCEED },
         // The agent broke its write order: fail rather than connect to the frontend.
         None => Pick::not(reject(EHOSTUNREACH, counters::DROP_STALE_SERVICE)),
     }
 }
 
-/// Is this backend id still the endpoint it was at generation `gen` (not removed)?
+/// Is this backend id still the endpoint it was at generation `gen` (not removed), at this
+/// address, and one of this Service port's (`scope`)? What a socket keeps is checked against
+/// the backend table, so an entry torn by reuse never sends it elsewhere.
 #[inline(always)]
-fn still(id: u32, gen: u32) -> bool {
-    backend(id).is_some_and(|b| b.gen == gen && b.addr_be != 0)
+fn still(id: u32, gen: u32, addr_be: u32, port_be: u16, scope: u32) -> bool {
+    backend(id).is_some_and(|b| {
+        b.gen == gen
+            && b.addr_be != 0
+            && b.addr_be == addr_be
+            && b.port_be == port_be
+            && affinity_scope(b.owner) == scope
+    })
 }
 
 #[inline(always)]
 fn connect_to(sa: Address, client: &Client, svc: &ServiceValue, frontend: &ServiceKey) -> i32 {
-    // SAFETY: a copy of plain integers.
-    let held = LB_SOCK_CONN.get_ptr(client.cookie).map(|c| unsafe { *c });
+    let held = held_conn(client.cookie);
     if let Some(c) = held {
         // Connecting again to the same frontend (a retry, a non-blocking connect asked
         // again) keeps the backend while it exists: one socket, one flow.
         let same = c.frontend_addr_be == frontend.addr_be
             && c.frontend_port_be == frontend.port_be
             && c.proto == frontend.proto;
-        if same && still(c.backend_id, c.backend_gen) {
+        if same && still(c.backend_id, c.backend_gen, c.backend_addr_be, c.backend_port_be, svc.scope) {
             sa.set(c.backend_addr_be, c.backend_port_be);
             return PROCEED;
         }
@@ -303,6 +344,7 @@ fn connect_to(sa: Address, client: &Client, svc: &ServiceValue, frontend: &Servi
     }
     sa.set(b.addr_be, b.port_be);
     let conn = SockConn {
+        cookie: client.cookie,
         frontend_addr_be: frontend.addr_be,
         backend_addr_be: b.addr_be,
         frontend_port_be: frontend.port_be,
@@ -312,6 +354,7 @@ fn connect_to(sa: Address, client: &Client, svc: &ServiceValue, frontend: &Servi
         svc_id: svc.svc_id,
         proto: frontend.proto,
         _pad: [0; 3],
+        _pad2: 0,
     };
     // Full: translated all the same, but neither tracked nor counted open (getpeername
     // then shows the backend).
@@ -338,9 +381,8 @@ fn send_to(sa: Address, client: &Client, svc: &ServiceValue, frontend: &ServiceK
         dir: sock_dir::FORWARD,
         _pad: 0,
     };
-    // SAFETY: a copy of plain integers.
-    let held = LB_SOCK_UDP.get_ptr(forward).map(|v| unsafe { *v });
-    let kept = held.filter(|v| still(v.backend_id, v.backend_gen));
+    let held = held_udp(forward);
+    let kept = held.filter(|v| still(v.backend_id, v.backend_gen, v.addr_be, v.port_be, svc.scope));
     if held.is_some() && kept.is_none() {
         // Its backend was removed: the socket chooses again, as the packet path's UDP flows.
         count(counters::BACKEND_GONE_RECHOSEN, 0);
@@ -352,8 +394,14 @@ fn send_to(sa: Address, client: &Client, svc: &ServiceValue, frontend: &ServiceK
             if b.id == 0 {
                 return b.verdict;
             }
-            let to =
-                SockUdpValue { addr_be: b.addr_be, port_be: b.port_be, _pad: 0, backend_id: b.id, backend_gen: b.gen };
+            let to = SockUdpValue {
+                addr_be: b.addr_be,
+                port_be: b.port_be,
+                _pad: 0,
+                backend_id: b.id,
+                backend_gen: b.gen,
+                key: forward,
+            };
             // Best effort: an LRU insert only fails without memory; the next datagram
             // chooses again.
             let _ = LB_SOCK_UDP.insert(forward, to, BPF_ANY as u64);
@@ -363,11 +411,10 @@ fn send_to(sa: Address, client: &Client, svc: &ServiceValue, frontend: &ServiceK
     sa.set(to.addr_be, to.port_be);
     let reverse =
         SockUdpKey { cookie: client.cookie, addr_be: to.addr_be, port_be: to.port_be, dir: sock_dir::REVERSE, _pad: 0 };
-    let shown = SockUdpValue { addr_be: frontend.addr_be, port_be: frontend.port_be, ..to };
+    let shown = SockUdpValue { addr_be: frontend.addr_be, port_be: frontend.port_be, key: reverse, ..to };
     // Written when missing or naming another frontend: the LRU may have evicted it apart
     // from its forward entry; most datagrams only read it.
-    // SAFETY: a copy of plain integers.
-    let current = LB_SOCK_UDP.get_ptr(reverse).map(|v| unsafe { *v });
+    let current = held_udp(reverse);
     if current.is_none_or(|v| v.addr_be != shown.addr_be || v.port_be != shown.port_be) {
         let _ = LB_SOCK_UDP.insert(reverse, shown, BPF_ANY as u64);
     }
@@ -383,12 +430,9 @@ fn reverse(ctx: &SockAddrContext, family: Family, datagram: bool) {
     let Some((_, addr_be, port_be)) = sa.read() else { return };
     // SAFETY: plain helper call on the valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(c) = LB_SOCK_CONN.get_ptr(cookie) {
-        // SAFETY: reading plain integers of a live map value.
-        let (backend, frontend) =
-            unsafe { (((*c).backend_addr_be, (*c).backend_port_be), ((*c).frontend_addr_be, (*c).frontend_port_be)) };
-        if backend == (addr_be, port_be) {
-            sa.set(frontend.0, frontend.1);
+    if let Some(c) = held_conn(cookie) {
+        if (c.backend_addr_be, c.backend_port_be) == (addr_be, port_be) {
+            sa.set(c.frontend_addr_be, c.frontend_port_be);
             count(counters::SOCK_REVERSED, 0);
             return;
         }
@@ -397,10 +441,8 @@ fn reverse(ctx: &SockAddrContext, family: Family, datagram: bool) {
         return;
     }
     let key = SockUdpKey { cookie, addr_be, port_be, dir: sock_dir::REVERSE, _pad: 0 };
-    if let Some(v) = LB_SOCK_UDP.get_ptr(key) {
-        // SAFETY: reading plain integers of a live map value.
-        let (front_addr, front_port) = unsafe { ((*v).addr_be, (*v).port_be) };
-        sa.set(front_addr, front_port);
+    if let Some(v) = held_udp(key) {
+        sa.set(v.addr_be, v.port_be);
         count(counters::SOCK_REVERSED, 0);
     }
 }

@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    counters, ct_flags, frag_hook, icmp, reset, Config, CtKey, XdpMeta, IPPROTO_TCP, XDP_META_MARK, XDP_META_PARTIAL,
+    counters, frag_hook, icmp, reset, Config, CtKey, XdpMeta, IPPROTO_TCP, XDP_META_MARK, XDP_META_PARTIAL,
     XDP_META_REDIRECT,
 };
 
@@ -32,7 +32,7 @@ use crate::{
     ct,
     flow::{action, decide, screen, tracked, tracked_rewrite, Replies, Rewrite, Verdict, EGRESS_OWN_TUPLE},
     frag,
-    maps::{config, count, count_traffic, fib_scratch, LB_CONNTRACK},
+    maps::{config, count, count_traffic, fib_scratch},
     packet::{
         parse, Fragment, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF, UDP_CHECK_OFF,
     },
@@ -190,7 +190,7 @@ fn wire_len(ctx: &TcContext, p: &Parsed) -> u16 {
 #[inline(never)]
 fn frag_needed(ctx: &TcContext, p: &Parsed, t: &Verdict) -> u16 {
     let tot_len = wire_len(ctx, p);
-    if t.hop_flags & ct_flags::HOP != 0 && tot_len <= t.hop_mtu {
+    if t.has_hop != 0 && tot_len <= t.hop_mtu {
         return 0;
     }
     let (rc, fib) = fib_of(ctx, p.key.proto, &t.rw, tot_len);
@@ -198,17 +198,10 @@ fn frag_needed(ctx: &TcContext, p: &Parsed, t: &Verdict) -> u16 {
         // SAFETY: the kernel filled the union's mtu_result.
         return unsafe { fib.__bindgen_anon_1.mtu_result };
     }
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && t.counter != counters::NEW_FLOW {
-        if let Some(half) = LB_CONNTRACK.get_ptr_mut(&p.key) {
-            // SAFETY: a live map value; the cache only ever grows toward the path MTU.
-            unsafe {
-                if tot_len > (*half).hop_mtu || (*half).flags & ct_flags::HOP == 0 {
-                    (*half).hop_mtu = tot_len;
-                }
-                (*half).hop_ifindex = fib.ifindex;
-                (*half).flags |= ct_flags::HOP;
-            }
-        }
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        // The whole hop, Ethernet addresses included: XDP may transmit from the cache a
+        // half that tc filled.
+        ct::cache_hop(&p.key, t.nonce, fib.ifindex, fib.dmac, fib.smac, tot_len);
     }
     0
 }
@@ -387,10 +380,9 @@ fn egress(ctx: &TcContext, cfg: &Config, payload: u16) -> Option<i32> {
 /// packets toward its backend, the frontend for its replies.
 #[inline(always)]
 fn egress_source(k: &CtKey, cfg: &Config, payload: u16) -> Option<(u32, u16)> {
+    // SAFETY (each read below): plain integers of a map value, checked by read_half.
     if payload == EGRESS_OWN_TUPLE {
-        let r = LB_CONNTRACK.get_ptr(k)?;
-        // SAFETY: reading plain integers of a live map value.
-        return Some(unsafe { ((*r).nat_src_addr_be, (*r).nat_src_port_be) });
+        return ct::read_half(k, |r| unsafe { ((*r).nat_src_addr_be, (*r).nat_src_port_be) });
     }
     let nat_port_be = payload.to_be();
     let toward_backend = CtKey {
@@ -401,19 +393,18 @@ fn egress_source(k: &CtKey, cfg: &Config, payload: u16) -> Option<(u32, u16)> {
         proto: k.proto,
         _pad: [0; 3],
     };
-    if let Some(r) = LB_CONNTRACK.get_ptr(&toward_backend) {
-        // SAFETY: reading plain integers of a live map value.
-        if unsafe { (*r).nat_dst_addr_be == k.src_addr_be && (*r).nat_dst_port_be == k.src_port_be } {
-            return Some((cfg.node_addr_be, nat_port_be));
-        }
+    let ours = ct::read_half(&toward_backend, |r| unsafe {
+        (*r).nat_dst_addr_be == k.src_addr_be && (*r).nat_dst_port_be == k.src_port_be
+    });
+    if ours == Some(true) {
+        return Some((cfg.node_addr_be, nat_port_be));
     }
     let from_backend = CtKey { dst_addr_be: cfg.node_addr_be, dst_port_be: nat_port_be, ..*k };
-    let r = LB_CONNTRACK.get_ptr(&from_backend)?;
-    // SAFETY: reading plain integers of a live map value.
-    unsafe {
+    ct::read_half(&from_backend, |r| unsafe {
         ((*r).nat_dst_addr_be == k.dst_addr_be && (*r).nat_dst_port_be == k.dst_port_be)
             .then_some(((*r).nat_src_addr_be, (*r).nat_src_port_be))
-    }
+    })
+    .flatten()
 }
 
 /// An ICMP error from a pod about a tracked flow, translated for the other end of the flow.

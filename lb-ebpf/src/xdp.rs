@@ -13,7 +13,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    checksum, counters, ct_flags, frag_hook, icmp, reset, Config, XdpMeta, IPPROTO_ICMP, IPPROTO_TCP, XDP_META_MARK,
+    checksum, counters, frag_hook, icmp, reset, Config, XdpMeta, IPPROTO_ICMP, IPPROTO_TCP, XDP_META_MARK,
     XDP_META_PARTIAL, XDP_META_REDIRECT,
 };
 
@@ -21,7 +21,7 @@ use crate::{
     ct,
     flow::{action, decide, is_ours, screen, tracked, tracked_rewrite, Macs, Replies, Rewrite, Verdict},
     frag,
-    maps::{config, count, count_traffic, fib_scratch, LB_CONNTRACK},
+    maps::{config, count, count_traffic, fib_scratch},
     packet::{
         parse, ptr_at, read, Fragment, Parsed, IP_CHECK_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, TCP_CHECK_OFF,
         UDP_CHECK_OFF,
@@ -145,7 +145,7 @@ struct Hop {
 /// FIB, then cached in the half.
 #[inline(always)]
 fn next_hop(ctx: &XdpContext, p: &Parsed, t: &Verdict) -> Hop {
-    if t.hop_flags & ct_flags::HOP != 0 && p.l4_len + 20 <= t.hop_mtu {
+    if t.has_hop != 0 && p.l4_len + 20 <= t.hop_mtu {
         let transmit = t.hop_ifindex == ctx.ingress_ifindex() as u32;
         return Hop { transmit, macs: t.hop_macs, frag_needed: 0 };
     }
@@ -156,22 +156,10 @@ fn next_hop(ctx: &XdpContext, p: &Parsed, t: &Verdict) -> Hop {
 fn lookup_hop(ctx: &XdpContext, p: &Parsed, t: &Verdict) -> Hop {
     let tot_len = p.l4_len + 20;
     let (hop, ifindex) = fib_hop(ctx, p.key.proto, &t.rw, tot_len);
-    // A new flow's first packet caches nothing: its half is looked up by its next packet.
-    if ifindex != 0 && t.counter != counters::NEW_FLOW {
-        if let Some(half) = LB_CONNTRACK.get_ptr_mut(&p.key) {
-            // SAFETY: a live map value; a racing reader sees the old hop or the new one, at
-            // worst one packet with a mix while the next hop changes.
-            unsafe {
-                (*half).hop_ifindex = ifindex;
-                (*half).hop_dmac = hop.macs.dst;
-                (*half).hop_smac = hop.macs.src;
-                // The cache says "packets up to this size fit": bigger ones look again.
-                if tot_len > (*half).hop_mtu || (*half).flags & ct_flags::HOP == 0 {
-                    (*half).hop_mtu = tot_len;
-                }
-                (*half).flags |= ct_flags::HOP;
-            }
-        }
+    // A new flow's first packet caches nothing (its nonce is 0): its half is looked up by
+    // its next packet.
+    if ifindex != 0 {
+        ct::cache_hop(&p.key, t.nonce, ifindex, hop.macs.dst, hop.macs.src, tot_len);
     }
     hop
 }

@@ -41,7 +41,9 @@ enum Command {
         pod_iface: Vec<String>,
     },
     /// Detach and unpin everything under the pin directory (only this product's own pins;
-    /// anything else there is refused, and then nothing is removed).
+    /// anything else there is refused, and then nothing is removed). The agent leaves the
+    /// datapath running when it stops; this is how a node is cleared of it.
+    #[command(visible_alias = "uninstall")]
     Unload {
         #[command(flatten)]
         pin: PinDir,
@@ -245,10 +247,21 @@ impl MaglevArgs {
 
 #[derive(Args, Clone, Copy)]
 struct CapacityArgs {
-    /// Connections (flows) conntrack can hold: two entries each, about 150 bytes of kernel
-    /// memory per entry in use. A pinned table keeps the size it was created with.
+    /// Connections (flows) conntrack can hold: two entries each (memory: see
+    /// --conntrack-memory). A pinned table keeps the size it was created with.
     #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_ENTRIES / 2, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     conntrack_flows: u32,
+    /// How conntrack holds its kernel memory. on-demand: 16 bytes per entry of capacity at
+    /// start (the hash buckets: 16 MiB at the default 1 048 576 entries), then 192 bytes per
+    /// entry in use, allocated as flows start and given back as they end (two entries per
+    /// flow; about 218 MB with the default capacity full). preallocated: 160 bytes per entry
+    /// of capacity, all at start (168 MB at the default), whether flows use it or not; a new
+    /// flow's two inserts take ready elements and cost less (BENCHMARKS.md, new-flow rows
+    /// of both kinds). The default is on-demand: memory follows the flows, and most nodes
+    /// hold far fewer than the capacity. A pinned table keeps the kind it was created with:
+    /// starting with the other kind is refused.
+    #[arg(long, value_enum, default_value_t = ConntrackMemory::OnDemand)]
+    conntrack_memory: ConntrackMemory,
     /// Frontends (address:port:protocol) the datapath can serve; each has per-CPU counters
     /// (16 bytes per CPU).
     #[arg(long, default_value_t = lb_common::DEFAULT_FRONTENDS, value_parser = clap::value_parser!(u32).range(16..=lb_common::MAX_SERVICES as i64))]
@@ -263,10 +276,22 @@ impl CapacityArgs {
     fn capacity(self) -> datapath::Capacity {
         datapath::Capacity {
             conntrack_entries: self.conntrack_flows * 2,
+            conntrack_memory: match self.conntrack_memory {
+                ConntrackMemory::OnDemand => datapath::ConntrackMemory::OnDemand,
+                ConntrackMemory::Preallocated => datapath::ConntrackMemory::Preallocated,
+            },
             frontends: self.max_frontends,
             backends: self.max_backends,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ConntrackMemory {
+    /// Allocated per flow as flows start, given back as they end.
+    OnDemand,
+    /// All of it at start, for the whole capacity.
+    Preallocated,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -276,8 +276,8 @@ impl Flow {
             v.stamp = stamp(nonce, now);
             v.state |= bits::ESTABLISHED;
         }
-        rv.flags &= !ct_flags::HOP;
-        (rv.hop_ifindex, rv.hop_mtu, rv.hop_dmac, rv.hop_smac) = (0, 0, [0; 6], [0; 6]);
+        fv.hop_nonce = nonce;
+        (rv.hop_ifindex, rv.hop_mtu, rv.hop_dmac, rv.hop_smac, rv.hop_nonce) = (0, 0, [0; 6], [0; 6], 0);
         Flow { forward: (fk, fv), reply: (rk, rv) }
     }
 
@@ -304,7 +304,8 @@ pub fn insert_flows(fx: &Fixture, bench: &mut Bench, flows: impl IntoIterator<It
     for flow in flows {
         ensure!(flow.is_whole(), "not a whole flow: {flow:?}");
         for (key, value) in [flow.forward, flow.reply] {
-            table.insert(key, value, BPF_NOEXIST).with_context(|| format!("inserting {key}"))?;
+            // Each half names its own key, as the datapath checks.
+            table.insert(key, CtValue { key, ..value }, BPF_NOEXIST).with_context(|| format!("inserting {key}"))?;
             added += 1;
         }
         if flow.forward.1.state & bits::LIVE != 0 {
@@ -387,22 +388,19 @@ impl ServiceWriter {
         self.last_svc_id += 1;
         let svc_id = self.last_svc_id;
         let mut written = Vec::new();
+        // Whose the ids are (the reconciler's hash of the Service port): this frontend's, and
+        // its scope, which the datapath checks a chosen backend against.
+        let owner = (key.addr_be as u64) << 16 | key.port_be as u64;
+        let scope = lb_common::affinity_scope(owner);
         for (position, addr) in backends.iter().enumerate() {
             self.last_backend_id += 1;
-            let backend = Backend {
-                addr_be: addr_be(*addr.ip()),
-                port_be: addr.port().to_be(),
-                gen: 1,
-                // Whose the id is (the reconciler's hash of the Service port; the datapath
-                // does not read it): this frontend's.
-                owner: (key.addr_be as u64) << 16 | key.port_be as u64,
-                ..like_backend
-            };
+            let backend =
+                Backend { addr_be: addr_be(*addr.ip()), port_be: addr.port().to_be(), gen: 1, owner, ..like_backend };
             self.store.put_backend(self.last_backend_id, backend)?;
             self.store.put_slot(SlotKey::new(svc_id, 0, 0, position as u32), self.last_backend_id)?;
             written.push((self.last_backend_id, backend));
         }
-        let value = ServiceValue { svc_id, count: [backends.len() as u16, 0], gen: 0, ..template };
+        let value = ServiceValue { svc_id, count: [backends.len() as u16, 0], gen: 0, scope, key, ..template };
         self.store.put_service(key, value)?;
         let bit = front_filter_bit(key.addr_be, key.port_be);
         *self.filter.entry(bit / 64).or_default() |= 1 << (bit % 64);

@@ -134,6 +134,7 @@ pub struct Setup {
     /// `lb_common::mode::*`
     pub mode: u32,
     pub conntrack_entries: u32,
+    pub conntrack_memory: datapath::ConntrackMemory,
     /// New flows are refused at this many entries.
     pub admit_limit: u32,
     /// Frontend and backend ids the maps have room for.
@@ -149,6 +150,7 @@ impl Setup {
             snat_ports,
             mode: lb_common::mode::FAST,
             conntrack_entries: entries,
+            conntrack_memory: datapath::ConntrackMemory::OnDemand,
             admit_limit: entries,
             frontends: lb_common::DEFAULT_FRONTENDS,
             backends: lb_common::DEFAULT_BACKENDS,
@@ -196,6 +198,7 @@ impl Fixture {
     fn load(pin_dir: &Path, setup: Setup) -> Fixture {
         let capacity = datapath::Capacity {
             conntrack_entries: setup.conntrack_entries,
+            conntrack_memory: setup.conntrack_memory,
             frontends: setup.frontends,
             backends: setup.backends,
         };
@@ -325,14 +328,16 @@ impl Fixture {
         let map = datapath::open_map(&self.pin_dir, map_names::CONNTRACK).unwrap();
         let mut ct: HashMap<_, CtKey, CtValue> = map.try_into().unwrap();
         let now = lb_common::conntrack::units(lb_user::datapath::conntrack::coarse_now_ns());
+        let key = ct_key(backend, SocketAddrV4::new(NODE, port), proto);
         let value = CtValue {
             stamp: lb_common::conntrack::stamp(0x5eed, now),
+            key,
             nat_src_addr_be: addr_be(Ipv4Addr::new(203, 0, 113, 1)),
             nat_dst_addr_be: addr_be(Ipv4Addr::new(203, 0, 113, 2)),
             flags: lb_common::ct_flags::REPLY | lb_common::ct_flags::SNAT,
             ..CtValue::default()
         };
-        ct.insert(ct_key(backend, SocketAddrV4::new(NODE, port), proto), value, 0).unwrap();
+        ct.insert(key, value, 0).unwrap();
     }
 
     /// Runs the tc egress program on a frame carrying `mark`: (action, frame out, mark after).

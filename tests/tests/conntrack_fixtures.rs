@@ -107,6 +107,30 @@ fn a_closed_flows_reply_half_stops_rewriting_after_the_close_timeout() {
     });
 }
 
+/// Defect 2, continued: within the close timeout too. A SYN-ACK from the backend to the
+/// client port of a closed flow answers another connection (made to the backend directly,
+/// or through the socket hooks); it passes as it is, and the closed flow goes.
+#[test]
+fn a_closed_flows_reply_half_never_disguises_another_connections_syn_ack() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let client = sa(CLIENT, 5555);
+        let front = np(30081);
+        let backend = sa(LOCAL_POD, 8080);
+        fx.xdp(&Frame::tcp(client, front, SYN).bytes());
+        fx.tc_pod(&Frame::tcp(backend, client, SYN | ACK).bytes());
+        fx.xdp(&Frame::tcp(client, front, FIN | ACK).bytes());
+        fx.tc_pod(&Frame::tcp(backend, client, FIN | ACK).bytes());
+        // The old connection's last ACK is still its own: translated.
+        let (_, last_ack) = fx.tc_pod(&Frame::tcp(backend, client, ACK).bytes());
+        assert_eq!(endpoints(&last_ack).0, front, "the closed flow's own packets are still translated");
+        let direct = Frame::tcp(backend, client, SYN | ACK).bytes();
+        let (action, out) = fx.tc_pod(&direct);
+        assert_eq!((action, out), (TC_ACT_OK, direct), "passes as it is, at once");
+        assert!(fx.conntrack(backend, client, IPPROTO_TCP).is_none(), "and the closed flow is gone");
+        assert!(fx.conntrack(client, front, IPPROTO_TCP).is_none());
+    });
+}
+
 /// Defect 3: only a SYN starts a TCP flow. A bare ACK (a scan, a flow whose entry is gone)
 /// is answered with a reset as the node's stack would answer it; a stray reset is
 /// dropped; neither takes an entry or a NAT port.
@@ -678,5 +702,189 @@ fn udp_flows_to_an_endpoint_that_stopped_serving_are_forgotten_on_request() {
         assert!(fx.conntrack(client, np(30080), IPPROTO_UDP).is_none());
         let (_, out, _) = fx.xdp(&Frame::udp(client, np(30080)).bytes());
         assert_eq!(endpoints(&out).1, sa(Ipv4Addr::new(10, 244, 2, 11), 8080), "the next datagram chose again");
+    });
+}
+
+/// Writes `value` under `key` in LB_CONNTRACK from userspace (over whatever is there).
+fn plant(fx: &Fixture, key: lb_common::CtKey, value: lb_common::CtValue) {
+    let map = lb_user::datapath::open_map(&fx.pin_dir, lb_common::map_names::CONNTRACK).unwrap();
+    let mut ct: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> = map.try_into().unwrap();
+    ct.insert(key, value, 0).unwrap();
+}
+
+/// The kernel reuses a removed conntrack element for another flow at once, while a packet
+/// on another CPU may still read it. Such an element, under the key of flow A, holds flow
+/// B's key, nonce and rewrite: a packet of A that meets it must be treated as having no
+/// flow (never rewritten with B's addresses to B's client), must not remove it (it is B's),
+/// and is counted as `entry_reused`. A's own flow, unplanted, is unaffected.
+#[test]
+fn a_conntrack_element_reused_for_another_flow_is_never_followed() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let (a, b) = (sa(CLIENT, 7001), sa(CLIENT2, 7002));
+        let (front, backend) = (np(30081), sa(LOCAL_POD, 8080));
+        let before = fx.counters();
+        // Two flows without SNAT to the same backend, each established.
+        for client in [a, b] {
+            fx.xdp(&Frame::tcp(client, front, SYN).bytes());
+            fx.tc_pod(&Frame::tcp(backend, client, SYN | ACK).bytes());
+            let (_, out, _) = fx.xdp(&Frame::tcp(client, front, ACK).bytes());
+            assert_eq!(endpoints(&out), (client, backend), "{client} is translated");
+        }
+        assert_eq!(delta(fx, &before, "entry_reused"), 0, "normal flows never look reused");
+
+        // A's reply half now looks like an element reused for B's reply half.
+        let (a_reply, b_reply) = (ct_key(backend, a, IPPROTO_TCP), ct_key(backend, b, IPPROTO_TCP));
+        let b_half = fx.half(&b_reply).unwrap();
+        assert_eq!(b_half.key, b_reply, "each half names its own key");
+        plant(fx, a_reply, b_half);
+        let before = fx.counters();
+        let answer = Frame::tcp(backend, a, ACK).bytes();
+        let (action, out) = fx.tc_pod(&answer);
+        assert_eq!((action, out), (TC_ACT_OK, answer), "passed untouched, not rewritten toward B's flow");
+        assert_eq!(delta(fx, &before, "entry_reused"), 1);
+        assert_eq!(delta(fx, &before, "pass_not_service"), 1, "as a packet of no flow");
+        assert_eq!(delta(fx, &before, "reply"), 0);
+        assert_eq!(fx.half(&a_reply), Some(b_half), "another flow's element is not removed");
+
+        // A's forward half likewise: its packet is one of no flow (a non-SYN gets a reset).
+        let (a_fwd, b_fwd) = (ct_key(a, front, IPPROTO_TCP), ct_key(b, front, IPPROTO_TCP));
+        plant(fx, a_fwd, fx.half(&b_fwd).unwrap());
+        let before = fx.counters();
+        let (action, out, _) = fx.xdp(&Frame::tcp(a, front, ACK).bytes());
+        assert_eq!(action, XDP_TX);
+        assert_eq!(endpoints(&out), (front, a), "a reset back to A, nothing sent to the backend");
+        assert_eq!(delta(fx, &before, "entry_reused"), 1);
+        assert_eq!(delta(fx, &before, "reset_no_flow"), 1);
+        assert_eq!(delta(fx, &before, "established"), 0);
+
+        // B, whose halves are whole, carries on both ways.
+        let before = fx.counters();
+        let (_, out, _) = fx.xdp(&Frame::tcp(b, front, ACK).bytes());
+        assert_eq!(endpoints(&out), (b, backend));
+        let (_, out) = fx.tc_pod(&Frame::tcp(backend, b, ACK).bytes());
+        assert_eq!(endpoints(&out), (front, b));
+        assert_eq!((delta(fx, &before, "established"), delta(fx, &before, "reply")), (1, 1));
+        assert_eq!(delta(fx, &before, "entry_reused"), 0);
+    });
+}
+
+/// The reaper, handed a key whose element was reused for another flow, leaves it alone.
+#[test]
+fn the_reaper_never_removes_an_element_reused_for_another_flow() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let (a, b) = (sa(CLIENT, 7101), sa(CLIENT2, 7102));
+        let front = np(30081);
+        for client in [a, b] {
+            fx.xdp(&Frame::tcp(client, front, SYN).bytes());
+        }
+        let (a_fwd, b_fwd) = (ct_key(a, front, IPPROTO_TCP), ct_key(b, front, IPPROTO_TCP));
+        let b_reply = ct_key(sa(LOCAL_POD, 8080), b, IPPROTO_TCP);
+        // B expired (its SYN timeout passed), and A's forward half looks reused for B's:
+        // the sweep finds it expired too and hands its key to the reaper.
+        fx.age(b, front, IPPROTO_TCP, 11);
+        let b_half = fx.half(&b_fwd).unwrap();
+        plant(fx, a_fwd, b_half);
+        fx.sweep();
+        assert!(fx.half(&b_fwd).is_none() && fx.half(&b_reply).is_none(), "B's flow is removed by its own keys");
+        assert_eq!(fx.half(&a_fwd), Some(b_half), "the element under A's key is not the reaper's to remove");
+    });
+}
+
+/// A next hop cached in a half counts only for the flow that cached it (its nonce): one
+/// written through an element reused meanwhile is never used for XDP_TX.
+#[test]
+fn a_next_hop_cached_by_another_flow_is_not_used() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let client = sa(CLIENT, 7201);
+        let front = np(30080);
+        let (_, first, _) = fx.xdp(&Frame::udp(client, front).bytes());
+        let (_, cached, _) = fx.xdp(&Frame::udp(client, front).bytes());
+        let key = ct_key(client, front, IPPROTO_UDP);
+        let half = fx.half(&key).unwrap();
+        assert_eq!(half.hop_nonce, lb_common::conntrack::nonce(half.stamp), "the flow cached its hop");
+        assert_eq!(cached[..12], first[..12]);
+        let bogus = [0x02, 0xba, 0xd0, 0, 0, 1];
+        plant(fx, key, lb_common::CtValue { hop_dmac: bogus, hop_nonce: half.hop_nonce ^ 1, ..half });
+        let (action, out, _) = fx.xdp(&Frame::udp(client, front).bytes());
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out[..12], first[..12], "the FIB's next hop, not the foreign cache's");
+        let recached = fx.half(&key).unwrap();
+        assert_eq!((recached.hop_nonce, recached.hop_dmac), (half.hop_nonce, half.hop_dmac), "cached again");
+    });
+}
+
+/// A Service entry read from an element the kernel reused for another frontend (its key
+/// inside names that frontend) starts no flow: the packet passes as not a Service's.
+#[test]
+fn a_service_entry_reused_for_another_frontend_starts_nothing() {
+    use lb_user::datapath::maps::{MapStore, PinnedMaps};
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let mut maps = PinnedMaps::open(&fx.pin_dir).unwrap();
+        let services = maps.services().unwrap();
+        let local = lb_common::ServiceKey::new(NODE, 30081, IPPROTO_TCP);
+        let remote = lb_common::ServiceKey::new(NODE, 30080, IPPROTO_TCP);
+        let (_, remote_entry) = services.iter().find(|(k, _)| *k == remote).unwrap();
+        assert_eq!(remote_entry.key, remote, "entries name their own frontend");
+        maps.put_service(local, *remote_entry).unwrap();
+        let before = fx.counters();
+        let syn = Frame::tcp(sa(CLIENT, 7301), np(30081), SYN).bytes();
+        let (action, out, _) = fx.xdp(&syn);
+        assert_eq!((action, out), (XDP_PASS, syn), "not sent to the other Service's backend");
+        assert_eq!(delta(fx, &before, "entry_reused"), 1);
+        assert_eq!(delta(fx, &before, "new_flow"), 0);
+        assert!(fx.ct_entries().is_empty());
+    });
+}
+
+/// `--conntrack-memory preallocated`: the table is created preallocated (flags without
+/// BPF_F_NO_PREALLOC) at the configured size, serves flows like the on-demand one, and a
+/// load asking for the other kind over it is refused with an error naming the option.
+#[test]
+fn a_preallocated_table_serves_flows_and_keeps_its_kind() {
+    use lb_user::datapath::{Capacity, ConntrackMemory, Datapath};
+    let setup = Setup { conntrack_memory: ConntrackMemory::Preallocated, ..Setup::fast((40000, 40099)) };
+    with_fixture(setup, |fx| {
+        let pin = fx.pin_dir.join("maps").join(lb_common::map_names::CONNTRACK);
+        let info = aya::maps::MapData::from_pin(pin).unwrap().info().unwrap();
+        assert_eq!(info.map_flags() & 1, 0, "preallocated: no BPF_F_NO_PREALLOC");
+        assert_eq!(info.max_entries(), fx.setup.conntrack_entries);
+        let client = sa(CLIENT, 7401);
+        let nat = snat_of(fx, &Frame::udp(client, np(30080)));
+        let (_, out, _) = fx.xdp(&Frame::udp(sa(REMOTE_POD, 8080), nat).bytes());
+        assert_eq!(endpoints(&out), (np(30080), client), "the reply reaches its client");
+        assert_eq!(fx.ct_counted(), 2);
+
+        let on_demand = Capacity { conntrack_entries: fx.setup.conntrack_entries, ..Capacity::default() };
+        let refused = Datapath::load(&fx.pin_dir, on_demand).err().expect("the other kind is refused");
+        let text = refused.to_string();
+        assert!(
+            text.contains("the pinned conntrack table is preallocated")
+                && text.contains("--conntrack-memory asks for on-demand")
+                && text.contains("start with --conntrack-memory preallocated"),
+            "{text}"
+        );
+        assert_eq!(fx.ct_counted(), 2, "and nothing was touched");
+    });
+}
+
+/// LB_FRAGMENTS is an LRU: an element reused for another datagram while a later fragment
+/// reads it holds that datagram's key, and the fragment is not given its addresses.
+#[test]
+fn a_fragment_entry_reused_for_another_datagram_is_not_followed() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let datagram = Frame { payload: (0..40).collect(), ..Frame::udp(sa(CLIENT, 6100), np(30080)) }.bytes();
+        let (first, later) = fragments(&datagram);
+        fx.xdp(&first);
+        let map = lb_user::datapath::open_map(&fx.pin_dir, lb_common::map_names::FRAGMENTS).unwrap();
+        let mut frags: aya::maps::HashMap<_, lb_common::FragKey, lb_common::FragValue> = map.try_into().unwrap();
+        let (key, value) = frags.iter().map(Result::unwrap).next().expect("the first fragment is remembered");
+        assert_eq!(value.key, key, "an entry names its key");
+        let other = lb_common::FragKey { id_be: key.id_be ^ 0x0101, ..key };
+        frags.insert(key, lb_common::FragValue { key: other, ..value }, 0).unwrap();
+        let before = fx.counters();
+        let (action, out, _) = fx.xdp(&later);
+        assert_eq!((action, out), (XDP_PASS, later), "passed untouched");
+        assert_eq!(delta(fx, &before, "pass_fragment_unmatched"), 1);
+        assert_eq!(delta(fx, &before, "entry_reused"), 1);
     });
 }

@@ -2,7 +2,8 @@
 //! field the type does not know (a typo in a field name is caught here, not by a cluster
 //! that silently ignores it), and what the DaemonSet promises holds: the agent's flags
 //! exist, the variables they use are defined, the RBAC rules are read-only, and the agent
-//! runs, attaches and serves with only the capabilities the DaemonSet grants (needs root).
+//! runs, attaches, serves and answers /metrics with only the capabilities the DaemonSet
+//! grants (needs root).
 use std::{collections::BTreeSet, net::SocketAddrV4};
 
 use k8s_openapi::{
@@ -220,5 +221,12 @@ fn the_agent_runs_with_only_the_daemonsets_capabilities() {
         lb_common::program_names::SOCKET_HOOKS.len(),
         "{hooks}"
     );
+    // /metrics reads the maps with these capabilities too: the 24 connections and the datagram.
+    let metrics = lb_tests::metrics::scrape(&lab.nodes[0].ns.name);
+    let flows = |protocol| {
+        let labels = [("service", "web"), ("protocol", protocol), ("frontend", "nodePort")];
+        metrics.get("kube_xdp_lb_service_new_flows_total", &labels)
+    };
+    assert_eq!((flows("TCP"), flows("UDP")), (24.0, 1.0), "{}", metrics.text);
     assert!(!agents[0].log_text().contains("ERROR"), "{}", agents[0].log_text());
 }

@@ -175,9 +175,10 @@ fn unload_refuses_a_pin_directory_holding_a_foreign_pin_and_removes_nothing() {
         "the error names the foreign pin: {stderr}"
     );
     assert!(maps.join(map_names::CONFIG).exists() && foreign.exists(), "nothing was removed");
-    // Without the stranger, the directory is ours and goes.
+    // Without the stranger, the directory is ours and goes (`uninstall` is the same command,
+    // under the name the DaemonSet's removal notes use).
     std::fs::remove_file(&foreign).unwrap();
-    lb_user(&["unload", "--pin-dir", &dir.0.display().to_string()]);
+    lb_user(&["uninstall", "--pin-dir", &dir.0.display().to_string()]);
     assert!(!dir.0.exists(), "unload removed our pins and the directory");
 }
 

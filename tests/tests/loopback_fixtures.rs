@@ -20,7 +20,8 @@ fn loopback_frontend(fx: &Fixture, port: u16, flags: u32) {
     let node_port = ServiceKey::new(NODE, 30081, IPPROTO_TCP);
     let (_, value) = services.iter().find(|(k, _)| *k == node_port).expect("np-local's NodePort");
     let loopback = ServiceKey::new(Ipv4Addr::LOCALHOST, port, IPPROTO_TCP);
-    maps.put_service(loopback, lb_common::ServiceValue { flags: value.flags | flags, ..*value }).unwrap();
+    maps.put_service(loopback, lb_common::ServiceValue { flags: value.flags | flags, key: loopback, ..*value })
+        .unwrap();
     let bit = lb_common::front_filter_bit(addr_be(Ipv4Addr::LOCALHOST), port.to_be());
     let word = maps.filter_words().unwrap().into_iter().find(|(i, _)| *i == bit / 64).map_or(0, |(_, w)| w);
     maps.put_filter_word(bit / 64, word | 1 << (bit % 64)).unwrap();

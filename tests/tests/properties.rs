@@ -72,7 +72,7 @@ const POD_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 1);
 const LOCAL_PODS: (Ipv4Addr, u32) = (Ipv4Addr::new(10, 244, 1, 0), 24);
 
 /// Counted in addition to the packet's one counter.
-const EXTRA: [&str; 4] = ["xdp_tx", "snat_on_collision", "backend_gone_rechosen", "flow_orphaned"];
+const EXTRA: [&str; 5] = ["xdp_tx", "snat_on_collision", "backend_gone_rechosen", "flow_orphaned", "entry_reused"];
 /// What a translated packet is counted as.
 const TRANSLATED: [&str; 5] = ["new_flow", "established", "reply", "icmp_error_translated", "fragment_translated"];
 /// What an answer the datapath sends (ICMP destination unreachable, TCP reset) is counted as.

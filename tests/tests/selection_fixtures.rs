@@ -149,3 +149,63 @@ fn session_affinity_keeps_a_client_on_its_backend_until_it_goes_stale() {
         }
     });
 }
+
+/// The LRU's affinity entry for `client`: (key, value).
+fn affinity_of(fx: &Fixture, client: Ipv4Addr) -> (lb_common::AffinityKey, lb_common::AffinityValue) {
+    let map = lb_user::datapath::open_map(&fx.pin_dir, lb_common::map_names::AFFINITY).unwrap();
+    let affinity: aya::maps::HashMap<_, lb_common::AffinityKey, lb_common::AffinityValue> = map.try_into().unwrap();
+    let client_be = lb_common::user::addr_be(client);
+    affinity.iter().map(Result::unwrap).find(|(k, _)| k.client_addr_be == client_be).expect("an affinity entry")
+}
+
+fn plant_affinity(fx: &Fixture, key: lb_common::AffinityKey, value: lb_common::AffinityValue) {
+    let map = lb_user::datapath::open_map(&fx.pin_dir, lb_common::map_names::AFFINITY).unwrap();
+    let mut affinity: aya::maps::HashMap<_, lb_common::AffinityKey, lb_common::AffinityValue> = map.try_into().unwrap();
+    affinity.insert(key, value, 0).unwrap();
+}
+
+/// LB_AFFINITY is an LRU: the kernel reuses its elements for other clients at once, while a
+/// program may still read one. An entry read as another client's is not kept (counted
+/// `entry_reused`), and an entry naming another Service's backend (a torn or reused read)
+/// never sends a flow there: the choice stays within the Service's own backends.
+#[test]
+fn affinity_never_keeps_another_clients_entry_or_another_services_backend() {
+    with_fixture(Setup::fast((40000, 60000)), |fx| {
+        fx.apply(&manifests());
+        let ip = Ipv4Addr::new(192, 168, 55, 9);
+        let client = |port| SocketAddrV4::new(ip, port);
+        kernel_choice(fx, client(21000), 31006);
+        let (key, value) = affinity_of(fx, ip);
+        assert_eq!(value.key, key, "an entry names its key");
+
+        // Another Service's backend (np-local's, 10.244.1.10:8080), named by the client's entry.
+        let other = SocketAddrV4::new(CLIENT, 21999);
+        fx.xdp(&Frame::tcp(other, SocketAddrV4::new(NODE, 30081), SYN).bytes());
+        let foreign = fx.conntrack(other, SocketAddrV4::new(NODE, 30081), IPPROTO_TCP).unwrap();
+        let foreign_value =
+            lb_common::AffinityValue { backend_id: foreign.backend_id, backend_gen: foreign.backend_gen, ..value };
+        plant_affinity(fx, key, foreign_value);
+        let predicted = Predictor::open(&fx.pin_dir).unwrap().predict(Flow {
+            proto: IPPROTO_TCP,
+            src: client(21001),
+            dst: SocketAddrV4::new(NODE, 31006),
+        });
+        assert_eq!(predicted.by, "random", "the predictor does not keep it either");
+        let chosen = kernel_choice(fx, client(21001), 31006);
+        assert!(BACKENDS.contains(chosen.ip()), "{chosen} is one of the Service's own backends");
+
+        // An entry holding another client's key, as a reused element would: not kept.
+        let (key, value) = affinity_of(fx, ip);
+        let stranger = lb_common::AffinityKey { client_addr_be: lb_common::user::addr_be(CLIENT2), ..key };
+        plant_affinity(fx, key, lb_common::AffinityValue { key: stranger, ..value });
+        let before = fx.counters()["entry_reused"];
+        let chosen = kernel_choice(fx, client(21002), 31006);
+        assert!(BACKENDS.contains(chosen.ip()));
+        assert_eq!(fx.counters()["entry_reused"], before + 1);
+        // And the client's own entry is written again: it keeps its backend from now on.
+        let (key, value) = affinity_of(fx, ip);
+        assert_eq!(value.key, key);
+        let kept = fx.backend(value.backend_id).unwrap();
+        assert_eq!(kernel_choice(fx, client(21003), 31006), SocketAddrV4::new(kept.ip(), kept.port()));
+    });
+}

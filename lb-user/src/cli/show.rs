@@ -89,6 +89,7 @@ mod tests {
     #[test]
     fn a_socket_line_names_both_ends_in_host_order() {
         let c = lb_common::SockConn {
+            cookie: 5,
             frontend_addr_be: addr_be(Ipv4Addr::new(10, 96, 0, 1)),
             backend_addr_be: addr_be(Ipv4Addr::new(10, 244, 2, 10)),
             frontend_port_be: 80u16.to_be(),
@@ -98,6 +99,7 @@ mod tests {
             svc_id: 3,
             proto: lb_common::IPPROTO_TCP,
             _pad: [0; 3],
+            _pad2: 0,
         };
         assert_eq!(
             super::sockets(&[(42, c)]),

@@ -75,6 +75,17 @@ pub enum Error {
         path.parent().and_then(Path::parent).unwrap_or(path).display()
     )]
     IncompatiblePin { path: PathBuf, field: &'static str, pinned: u32, expected: u32 },
+    #[error(
+        "{}: the pinned conntrack table is {}, and --conntrack-memory asks for {}: a pinned table keeps the \
+         memory kind it was created with (its flows live in it); start with --conntrack-memory {}, or \
+         `lb-user unload --pin-dir {}` to start over (tracked flows are lost)",
+        path.display(),
+        pinned.name(),
+        wanted.name(),
+        pinned.name(),
+        path.parent().and_then(Path::parent).unwrap_or(path).display()
+    )]
+    ConntrackMemoryKind { path: PathBuf, pinned: ConntrackMemory, wanted: ConntrackMemory },
     #[error("--pin-dir {} is not on a bpf filesystem (use a directory under {BPF_FS})", .0.display())]
     NotBpffs(PathBuf),
     #[error(
@@ -85,6 +96,8 @@ pub enum Error {
     ForeignPin(PathBuf),
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
+    #[error("map {name} is missing from the eBPF object (or is not a hash map)")]
+    MissingMap { name: &'static str },
     #[error("this lb-user was built with LB_EBPF_STUB set: it has no kernel object to load; rebuild without it")]
     StubObject,
     #[error("pinning {}: {source}", path.display())]
@@ -149,11 +162,46 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
+/// How LB_CONNTRACK holds its memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConntrackMemory {
+    /// Allocated per entry as flows start, given back as they end (BPF_F_NO_PREALLOC).
+    #[default]
+    OnDemand,
+    /// All of it at creation, for the whole capacity: inserts take a preallocated element
+    /// (new flows are cheaper), and the memory is held whether flows use it or not.
+    Preallocated,
+}
+
+impl ConntrackMemory {
+    /// As `--conntrack-memory` spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ConntrackMemory::OnDemand => "on-demand",
+            ConntrackMemory::Preallocated => "preallocated",
+        }
+    }
+
+    /// The kind of a hash map with these flags.
+    const fn of_flags(map_flags: u32) -> ConntrackMemory {
+        if map_flags & BPF_F_NO_PREALLOC != 0 {
+            ConntrackMemory::OnDemand
+        } else {
+            ConntrackMemory::Preallocated
+        }
+    }
+}
+
+/// BPF_F_NO_PREALLOC (uapi/linux/bpf.h).
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// What the maps are sized to at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
     /// LB_CONNTRACK entries: two per flow.
     pub conntrack_entries: u32,
+    /// LB_CONNTRACK's kind (taken when the table is created; a pinned one keeps its own).
+    pub conntrack_memory: ConntrackMemory,
     /// Frontend ids: their per-CPU counters.
     pub frontends: u32,
     /// Backend ids: the backend table, per-CPU counters and open-flow counts.
@@ -164,6 +212,7 @@ impl Default for Capacity {
     fn default() -> Self {
         Capacity {
             conntrack_entries: lb_common::DEFAULT_CONNTRACK_ENTRIES,
+            conntrack_memory: ConntrackMemory::OnDemand,
             frontends: lb_common::DEFAULT_FRONTENDS,
             backends: lb_common::DEFAULT_BACKENDS,
         }
@@ -191,6 +240,10 @@ impl Datapath {
             return Err(Error::NotBpffs(pin_dir.to_path_buf()));
         }
         check_pinned_shapes(pin_dir, capacity)?;
+        let conntrack = pin_dir.join("maps").join(map_names::CONNTRACK);
+        if capacity.conntrack_memory == ConntrackMemory::Preallocated && !conntrack.exists() {
+            create_preallocated_conntrack(&conntrack, capacity.conntrack_entries)?;
+        }
         let mut loader = EbpfLoader::new();
         for name in map_names::ALL {
             loader.map_pin_path(name, pin_dir.join("maps").join(name));
@@ -534,8 +587,35 @@ fn check_pinned_shapes(pin_dir: &Path, capacity: Capacity) -> Result<()> {
         if let Some((field, pinned, expected)) = fields.into_iter().find(|(_, pinned, expected)| pinned != expected) {
             return Err(Error::IncompatiblePin { path, field, pinned, expected });
         }
+        if name == map_names::CONNTRACK {
+            let pinned = ConntrackMemory::of_flags(info.map_flags());
+            if pinned != capacity.conntrack_memory {
+                return Err(Error::ConntrackMemoryKind { path, pinned, wanted: capacity.conntrack_memory });
+            }
+        }
     }
     Ok(())
+}
+
+/// Creates the preallocated kind of LB_CONNTRACK and pins it where the load adopts it. aya
+/// sets a map's size at load but not its flags, so the object also defines the table
+/// preallocated, under another name, used by no program: a load that makes only that map
+/// big (every other map one entry, its programs never loaded) creates it, with its BTF, and
+/// it is pinned as LB_CONNTRACK.
+fn create_preallocated_conntrack(path: &Path, entries: u32) -> Result<()> {
+    let mut loader = EbpfLoader::new();
+    for name in map_names::ALL {
+        loader.map_max_entries(name, 1);
+    }
+    loader.map_max_entries(map_names::CT_PREALLOC, entries);
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+    let name = map_names::CT_PREALLOC;
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
+    let data = match &map {
+        Map::HashMap(data) => data,
+        _ => return Err(Error::MissingMap { name }),
+    };
+    data.pin(path).map_err(|source| Error::Pin { path: path.to_path_buf(), source })
 }
 
 /// Opens a pinned map of the datapath under `pin_dir`.

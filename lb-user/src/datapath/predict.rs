@@ -131,9 +131,14 @@ impl Predictor {
             let akey = AffinityKey { scope: svc.scope, client_addr_be: key.src_addr_be };
             if let Ok(a) = self.affinity.get(&akey, 0) {
                 let fresh = coarse_now_ns().saturating_sub(a.last_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000;
-                let chosen = self
-                    .backend(a.backend_id)
-                    .filter(|b| b.gen == a.backend_gen && b.flags & lb_common::backend_flags::CHOSEN != 0);
+                // As the kernel checks it: the entry names its key, and its backend is still
+                // chosen by this Service port.
+                let chosen = self.backend(a.backend_id).filter(|b| {
+                    a.key == akey
+                        && b.gen == a.backend_gen
+                        && b.flags & lb_common::backend_flags::CHOSEN != 0
+                        && lb_common::affinity_scope(b.owner) == svc.scope
+                });
                 if let (true, Some(b)) = (fresh, chosen) {
                     return Prediction { choice: Choice::Backend(socket(&b)), by: "affinity" };
                 }

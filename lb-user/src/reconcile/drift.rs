@@ -2,7 +2,10 @@
 //! (addresses, flags, the order of a set's backends, names), never by ids or generations,
 //! which are the reconciler's to choose. `lb-user services` shows it; the agent checks its own
 //! maps with it and writes back what differs ([`Reconciler::repair`](super::Reconciler::repair)).
-use std::{collections::BTreeSet, fmt};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
 
 use ipnet::Ipv4Net;
 use lb_common::{
@@ -45,10 +48,15 @@ impl fmt::Display for Drift {
 pub fn drift(desired: &Desired, maps: &Contents, maglev: MaglevSize) -> Vec<Drift> {
     let mut out = Vec::new();
     let mut wanted = BTreeSet::new();
+    // Looked up for every backend of every frontend: indexed once (the agent checks often).
+    let mut entries = BTreeMap::new();
+    for e in maps.backends.values() {
+        entries.entry(identity(e)).or_insert(e);
+    }
     for (fkey, f) in &desired.frontends {
         let key = service_key(fkey);
         wanted.insert(key);
-        frontend_drift(key, f, maps, maglev, &mut out);
+        frontend_drift(key, f, maps, &entries, maglev, &mut out);
     }
     for (key, v) in maps.services.iter().filter(|(k, _)| !wanted.contains(*k)) {
         let named = maps.metas.get(key).map(|m| format!(", {}", describe_meta(m))).unwrap_or_default();
@@ -63,7 +71,22 @@ impl Drift {
     }
 }
 
-fn frontend_drift(key: ServiceKey, f: &Frontend, maps: &Contents, maglev: MaglevSize, out: &mut Vec<Drift>) {
+/// What names an endpoint of a Service port in LB_BACKENDS, whatever its generation and
+/// `CHOSEN`: address, port, locality, owner.
+type Identity = (u32, u16, bool, u64);
+
+fn identity(e: &Backend) -> Identity {
+    (e.addr_be, e.port(), e.flags & backend_flags::LOCAL != 0, e.owner)
+}
+
+fn frontend_drift(
+    key: ServiceKey,
+    f: &Frontend,
+    maps: &Contents,
+    entries: &BTreeMap<Identity, &Backend>,
+    maglev: MaglevSize,
+    out: &mut Vec<Drift>,
+) {
     let mut push = |field: String, want: String, have: String| out.push(Drift::new(&key, field, want, have));
     let Some(v) = maps.services.get(&key) else {
         push("entry".into(), "present".into(), "missing: clients get no translation".into());
@@ -107,7 +130,7 @@ fn frontend_drift(key: ServiceKey, f: &Frontend, maps: &Contents, maglev: Maglev
             );
         }
     }
-    let entry_of = |b: &BackendAddr| maps.backends.values().find(|e| same(e, b, owner));
+    let entry_of = |b: &BackendAddr| entries.get(&(addr_be(b.addr), b.port, b.local, owner)).copied();
     let chosen: BTreeSet<&BackendAddr> = sets.iter().flatten().collect();
     for b in chosen {
         if entry_of(b).is_some_and(|e| e.flags & backend_flags::CHOSEN == 0) {
@@ -151,10 +174,7 @@ fn frontend_drift(key: ServiceKey, f: &Frontend, maps: &Contents, maglev: Maglev
 
 /// The entry is this endpoint of this Service port (whatever its generation and `CHOSEN`).
 fn same(e: &Backend, b: &BackendAddr, owner: u64) -> bool {
-    e.addr_be == addr_be(b.addr)
-        && e.port() == b.port
-        && (e.flags & backend_flags::LOCAL != 0) == b.local
-        && e.owner == owner
+    identity(e) == (addr_be(b.addr), b.port, b.local, owner)
 }
 
 fn describe_slot(maps: &Contents, id: Option<u32>, owner: u64) -> String {

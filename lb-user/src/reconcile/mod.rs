@@ -731,6 +731,7 @@ fn service_value(svc_id: u32, gen: u8, count: [u16; 2], f: &Frontend, owner: u64
         },
         _pad: [0; 2],
         scope: affinity_scope(owner),
+        key,
     }
 }
 

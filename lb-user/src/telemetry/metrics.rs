@@ -41,7 +41,7 @@ use crate::{
     model::ServiceRef,
     telemetry::{
         status::{SyncReport, Usage},
-        views::{self, ServiceName, Snapshot, Traffic},
+        views::{self, Snapshot, Traffic},
     },
 };
 
@@ -267,17 +267,13 @@ impl Reading {
             let traffic = snap.frontend_traffic.get(&v.svc_id).copied().unwrap_or_default();
             add(services.entry(labels).or_default(), &traffic);
         }
-        // A backend's Service port: that of a named frontend sharing its scope, as
-        // `Snapshot::service_of_backend` finds it, looked up once per scope.
-        let mut by_scope: BTreeMap<u32, (ServiceName, String)> = BTreeMap::new();
-        for (key, v) in &snap.maps.services {
-            if let Some(name) = snap.name_of(key) {
-                by_scope.entry(v.scope).or_insert_with(|| (name, protocol_name(key.proto).into_owned()));
-            }
-        }
+        let by_scope = snap.services_by_scope();
         let mut backends: BTreeMap<Labels, (Traffic, u64)> = BTreeMap::new();
         for (id, b) in &snap.maps.backends {
-            let (name, protocol) = by_scope.get(&affinity_scope(b.owner)).cloned().unwrap_or_default();
+            let (name, protocol) = by_scope
+                .get(&affinity_scope(b.owner))
+                .map(|(name, proto)| (name.clone(), protocol_name(*proto).into_owned()))
+                .unwrap_or_default();
             let sref = ServiceRef { namespace: name.namespace.clone(), name: name.name.clone() };
             let node = nodes.get(&(sref, b.ip())).map_or_else(String::new, |n| label(n));
             let labels = vec![

@@ -17,7 +17,7 @@ use lb_common::{
     conntrack::{age, phase, phase_name, timeout, units, UNIT_SHIFT},
     ct_flags, map_names, service_flags,
     user::{frontend_kind_name, ip_from_be, protocol_name, text_of},
-    Backend, BackendStats, CtKey, CtValue, FrontendMeta, FrontendStats, ServiceKey, ServiceValue,
+    BackendStats, CtKey, CtValue, FrontendMeta, FrontendStats, ServiceKey, ServiceValue,
 };
 use serde::Serialize;
 
@@ -164,10 +164,17 @@ impl Snapshot {
             .unwrap_or(if v.flags & service_flags::EXTERNAL != 0 { "external" } else { "ClusterIP" })
     }
 
-    /// The Service port of a backend: that of a frontend sharing its owner.
-    fn service_of_backend(&self, b: &Backend) -> Option<(ServiceName, u8)> {
-        let scope = affinity_scope(b.owner);
-        self.maps.services.iter().filter(|(_, v)| v.scope == scope).find_map(|(k, _)| Some((self.name_of(k)?, k.proto)))
+    /// The Service port (and protocol) of each backend scope (`affinity_scope` of a backend's
+    /// owner): that of the first named frontend sharing it. Built once per view, so a
+    /// backend's costs a lookup, not a pass over every frontend.
+    pub(crate) fn services_by_scope(&self) -> BTreeMap<u32, (ServiceName, u8)> {
+        let mut out = BTreeMap::new();
+        for (key, v) in &self.maps.services {
+            if let Some(name) = self.name_of(key) {
+                out.entry(v.scope).or_insert((name, key.proto));
+            }
+        }
+        out
     }
 }
 
@@ -362,6 +369,7 @@ pub fn stats(now: &Snapshot, before: Option<&Snapshot>) -> StatsView {
         })
         .collect();
     frontends.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
+    let by_scope = now.services_by_scope();
     let mut backends: Vec<BackendTraffic> = now
         .maps
         .backends
@@ -371,7 +379,7 @@ pub fn stats(now: &Snapshot, before: Option<&Snapshot>) -> StatsView {
             let earlier = before
                 .filter(|old| old.maps.backends.get(id).is_some_and(|o| o.gen == b.gen))
                 .and_then(|old| old.backend_traffic.get(id));
-            let service = now.service_of_backend(b);
+            let service = by_scope.get(&affinity_scope(b.owner)).cloned();
             BackendTraffic {
                 backend: format!("{}:{}", b.ip(), b.port()),
                 id: *id,
@@ -504,7 +512,7 @@ pub fn flows(pin_dir: &Path, filter: &FlowFilter) -> Result<Vec<FlowView>> {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{backend_flags, frontend_kind, SlotKey, IPPROTO_UDP};
+    use lb_common::{backend_flags, frontend_kind, Backend, SlotKey, IPPROTO_UDP};
     use serde_json::json;
 
     use super::*;

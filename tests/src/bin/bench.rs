@@ -75,6 +75,8 @@ const FAST: usize = 0;
 const NETFILTER: usize = 1;
 const MANY_FLOWS: usize = 2;
 const MANY_SERVICES: usize = 3;
+/// Like FAST, with a preallocated conntrack table (`--conntrack-memory preallocated`).
+const PREALLOCATED: usize = 4;
 
 /// The NAT port test: Linux's default ephemeral range (28 232 ports), 90% of it taken.
 const NAT_PORTS: (u16, u16) = (32768, 60999);
@@ -406,6 +408,40 @@ fn cases(live_clients: Ipv4Addr) -> Vec<Case> {
             },
             goal: Goal::OwnAtMost { ns: 380, katran: 399 },
         },
+        Case {
+            name: "new flow: DNAT to a local backend, preallocated conntrack",
+            fixture: PREALLOCATED,
+            program: Program::Wrapped(program_names::XDP_UPLINK),
+            frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 1024), node(30081), SYN),
+            sources: Sources::New,
+            repeat: NEW_LOCAL_FLOWS,
+            screen: Screen::Any,
+            expect: Expect {
+                action: XDP_PASS,
+                counters: &["new_flow"],
+                tag: Some(XDP_META_REDIRECT),
+                out: Out::Translated { dst: vec![SocketAddrV4::new(LOCAL_POD, 8080)], snat: false },
+                entries_per_run: 2,
+            },
+            goal: Goal::None,
+        },
+        Case {
+            name: "new flow: DNAT+SNAT (NAT port), XDP_TX, preallocated conntrack",
+            fixture: PREALLOCATED,
+            program: Program::Wrapped(program_names::XDP_UPLINK),
+            frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 1024), node(30080), SYN),
+            sources: Sources::New,
+            repeat: NEW_SNAT_FLOWS,
+            screen: Screen::Any,
+            expect: Expect {
+                action: XDP_TX,
+                counters: &["new_flow", "xdp_tx"],
+                tag: None,
+                out: Out::Translated { dst: vec![remote], snat: true },
+                entries_per_run: 2,
+            },
+            goal: Goal::None,
+        },
         established(MANY_FLOWS, "established, with 1M live flows"),
         cycle(false, "established, 1M live, cycling 250k, idle > 1 s"),
         cycle(true, "established, 1M live, cycling 250k, idle < 1 s"),
@@ -535,7 +571,8 @@ fn run() -> Result<bool> {
     };
     // Room for the 100k Services' frontend and backend ids (and the fixture's own).
     let many_services = Setup { frontends: MAX_SERVICES, backends: MAX_SERVICES, ..Setup::fast(SNAT_PORTS) };
-    let setups = vec![Setup::fast(SNAT_PORTS), Setup::netfilter(SNAT_PORTS), many_flows, many_services];
+    let preallocated = Setup { conntrack_memory: datapath::ConntrackMemory::Preallocated, ..Setup::fast(SNAT_PORTS) };
+    let setups = vec![Setup::fast(SNAT_PORTS), Setup::netfilter(SNAT_PORTS), many_flows, many_services, preallocated];
     let o = options.clone();
     let timed = with_fixtures(setups, move |fixtures| timed(fixtures, &o))?;
     let figures = !options.selects(SELECTION_FIGURES) || with_fixture(Setup::fast(SNAT_PORTS), selection_figures)?;
@@ -561,7 +598,9 @@ fn timed(fixtures: &mut [Fixture], options: &Options) -> Result<bool> {
     }
     let mut benches: Vec<Bench> = fixtures.iter_mut().map(Bench::new).collect::<Result<_>>()?;
     prepare(fixtures, &mut benches, &cases, live_clients)?;
-    check_capacity(&fixtures[FAST], &benches[FAST], &cases, rounds)?;
+    for fixture in [FAST, PREALLOCATED] {
+        check_capacity(fixture, &fixtures[fixture], &benches[fixture], &cases, rounds)?;
+    }
     // The wrapper's run counter starts at 0 in every fixture, and each case of a fixture
     // keeps its own count: its new flows never meet another's.
     let mut rows: Vec<Row> = cases
@@ -785,11 +824,11 @@ fn client(base: Ipv4Addr, i: u32) -> SocketAddrV4 {
 
 /// New flows are never refused for room or ports: conntrack's admission limit and capacity
 /// hold every flow all rounds create, and the SNAT range has a port for each SNAT flow.
-fn check_capacity(fx: &Fixture, bench: &Bench, cases: &[Case], rounds: usize) -> Result<()> {
+fn check_capacity(fixture: usize, fx: &Fixture, bench: &Bench, cases: &[Case], rounds: usize) -> Result<()> {
     let new_flows = |snat: bool| -> u64 {
         cases
             .iter()
-            .filter(|c| c.fixture == FAST && c.sources == Sources::New)
+            .filter(|c| c.fixture == fixture && c.sources == Sources::New)
             .filter(|c| matches!(c.expect.out, Out::Translated { snat: s, .. } if s == snat))
             .map(|c| c.repeat as u64 * rounds as u64)
             .sum()
