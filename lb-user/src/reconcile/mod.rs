@@ -124,13 +124,9 @@ pub struct Reconciler {
     /// Backend ids by identity (address, port, locality, owner; without `CHOSEN`, which
     /// changes with the sets while the id stays).
     backend_ids: BTreeMap<Backend, u32>,
-    /// The same, by id.
-    backend_keys: BTreeMap<u32, Backend>,
-    /// Ids whose entry carries `backend_flags::CHOSEN`.
-    chosen: BTreeSet<u32>,
+    /// What the reconciler knows of each backend id, indexed by id (ids are small and dense).
+    ids: Vec<IdState>,
     maglev: MaglevSize,
-    /// The generation each backend id carries now (used and freed ids alike).
-    backend_gens: BTreeMap<u32, u32>,
     backend_pool: Ids,
     svc_pool: Ids,
     /// Filter words as the map holds them.
@@ -142,8 +138,6 @@ pub struct Reconciler {
     stale_ids: BTreeSet<u32>,
     /// Names of frontends that have no entry (left by an interrupted removal).
     stale_metas: Vec<ServiceKey>,
-    /// How many frontends use each backend id: in their slots, and kept for their flows.
-    uses: BTreeMap<u32, Uses>,
     /// How many held frontends set each filter bit.
     bit_users: BTreeMap<u32, u32>,
     /// Frontends whose last write or removal failed: the next apply tries them again.
@@ -152,10 +146,22 @@ pub struct Reconciler {
     taken: BTreeSet<u32>,
 }
 
+/// How many frontends use a backend id: in their slots, and kept for their flows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Uses {
     chosen: u32,
     retained: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct IdState {
+    /// The backend it names (without `CHOSEN`); None while free.
+    key: Option<Backend>,
+    /// The generation it carries now (used and freed ids alike).
+    gen: u32,
+    /// Its entry carries `backend_flags::CHOSEN`.
+    chosen: bool,
+    uses: Uses,
 }
 
 /// The backend ids a frontend chooses and those it keeps only for their flows, each once.
@@ -181,10 +187,8 @@ impl Reconciler {
         let mut r = Reconciler {
             frontends: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
-            backend_keys: BTreeMap::new(),
-            chosen: BTreeSet::new(),
+            ids: Vec::new(),
             maglev: MaglevSize::default(),
-            backend_gens: BTreeMap::new(),
             backend_pool: Ids::new(store.id_limits().1),
             svc_pool: Ids::new(store.id_limits().0),
             filter: store.filter_words()?.into_iter().collect(),
@@ -192,22 +196,20 @@ impl Reconciler {
             stale_ranges: Vec::new(),
             stale_ids: BTreeSet::new(),
             stale_metas: Vec::new(),
-            uses: BTreeMap::new(),
             bit_users: BTreeMap::new(),
             failed: BTreeSet::new(),
             taken: BTreeSet::new(),
         };
         for (id, gen) in store.backend_gens()? {
-            r.backend_gens.insert(id, gen);
+            r.id_mut(id).gen = gen;
         }
         for (id, backend) in store.backends()? {
-            r.backend_gens.insert(id, backend.gen);
-            if backend.flags & backend_flags::CHOSEN != 0 {
-                r.chosen.insert(id);
-            }
             let key = Backend { gen: 0, flags: backend.flags & !backend_flags::CHOSEN, ..backend };
+            let state = r.id_mut(id);
+            state.gen = backend.gen;
+            state.chosen = backend.flags & backend_flags::CHOSEN != 0;
+            state.key = Some(key);
             r.backend_ids.insert(key, id);
-            r.backend_keys.insert(id, key);
         }
         let mut slots: BTreeMap<SlotKey, u32> = store.slots()?.into_iter().collect();
         let mut ranges: BTreeMap<u32, BTreeSet<Range>> = BTreeMap::new();
@@ -396,15 +398,21 @@ impl Reconciler {
             for (set, is_chosen) in [(chosen, true), (retained, false)] {
                 for id in set {
                     touched.insert(*id);
-                    let uses = self.uses.entry(*id).or_default();
+                    let uses = &mut self.id_mut(*id).uses;
                     let n = if is_chosen { &mut uses.chosen } else { &mut uses.retained };
                     *n = (i64::from(*n) + step) as u32;
-                    if *uses == Uses::default() {
-                        self.uses.remove(id);
-                    }
                 }
             }
         }
+    }
+
+    /// The state of backend id `id`, growing the table to hold it.
+    fn id_mut(&mut self, id: u32) -> &mut IdState {
+        let index = id as usize;
+        if self.ids.len() <= index {
+            self.ids.resize(index + 1, IdState::default());
+        }
+        &mut self.ids[index]
     }
 
     /// Counts a held frontend's filter bit in or out.
@@ -463,23 +471,20 @@ impl Reconciler {
     /// Sets `CHOSEN` on the backends among `ids` that some set chooses and clears it on
     /// the others (kept only for their flows), keeping ids and generations.
     fn mark_chosen<S: MapStore>(&mut self, store: &mut S, ids: &BTreeSet<u32>) -> Result<(), S::Error> {
-        let keys: Vec<(u32, Backend)> =
-            ids.iter().filter_map(|id| self.backend_keys.get(id).map(|b| (*id, *b))).collect();
-        for (id, key) in keys {
+        for id in ids {
+            let Some(state) = self.ids.get(*id as usize).copied() else { continue };
+            let Some(key) = state.key else { continue };
             // Ids no frontend uses any more are freed next: no need to touch them.
-            let Some(uses) = self.uses.get(&id) else { continue };
-            let chosen = uses.chosen > 0;
-            if chosen == self.chosen.contains(&id) {
+            if state.uses == Uses::default() {
                 continue;
             }
-            let gen = self.backend_gens.get(&id).copied().unwrap_or(1);
-            let flags = key.flags | if chosen { backend_flags::CHOSEN } else { 0 };
-            store.put_backend(id, Backend { gen, flags, ..key })?;
-            if chosen {
-                self.chosen.insert(id);
-            } else {
-                self.chosen.remove(&id);
+            let chosen = state.uses.chosen > 0;
+            if chosen == state.chosen {
+                continue;
             }
+            let flags = key.flags | if chosen { backend_flags::CHOSEN } else { 0 };
+            store.put_backend(*id, Backend { gen: state.gen, flags, ..key })?;
+            self.id_mut(*id).chosen = chosen;
         }
         Ok(())
     }
@@ -493,17 +498,16 @@ impl Reconciler {
     ) -> Result<(), S::Error> {
         let mut unused: Vec<(Backend, u32)> = ids
             .iter()
-            .filter(|id| !self.uses.contains_key(id))
-            .filter_map(|id| self.backend_keys.get(id).map(|b| (*b, *id)))
+            .filter_map(|id| self.ids.get(*id as usize).map(|s| (*id, *s)))
+            .filter(|(_, s)| s.uses == Uses::default())
+            .filter_map(|(id, s)| Some((s.key?, id)))
             .collect();
         unused.sort();
         for (backend, id) in unused {
-            let gen = self.backend_gens.get(&id).copied().unwrap_or(0).wrapping_add(1);
+            let gen = self.ids[id as usize].gen.wrapping_add(1);
             store.put_backend(id, Backend { gen, ..Backend::default() })?;
-            self.backend_gens.insert(id, gen);
+            *self.id_mut(id) = IdState { gen, ..IdState::default() };
             self.backend_ids.remove(&backend);
-            self.backend_keys.remove(&id);
-            self.chosen.remove(&id);
             self.backend_pool.release(id);
             changes.backends_removed += 1;
         }
@@ -531,19 +535,15 @@ impl Reconciler {
         // CHOSEN comes with the first write when the sets already choose it: affinity may
         // send new flows to it from then on.
         // A reused id gets a new generation: flows of its last endpoint must not follow it.
-        let gen = self.backend_gens.get(&id).copied().unwrap_or(0).wrapping_add(1).max(1);
+        let gen = self.ids.get(id as usize).map_or(0, |s| s.gen).wrapping_add(1).max(1);
         let flags = key.flags | if chosen { backend_flags::CHOSEN } else { 0 };
         if let Err(e) = store.put_backend(id, Backend { gen, flags, ..key }) {
             self.backend_pool.release(id);
             return Err(WriteError::Map(e));
         }
-        self.backend_gens.insert(id, gen);
         self.backend_ids.insert(key, id);
-        self.backend_keys.insert(id, key);
+        *self.id_mut(id) = IdState { key: Some(key), gen, chosen, uses: Uses::default() };
         self.taken.insert(id);
-        if chosen {
-            self.chosen.insert(id);
-        }
         changes.backends_added += 1;
         Ok(id)
     }
