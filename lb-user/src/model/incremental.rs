@@ -212,6 +212,7 @@ impl Incremental {
                 self.endpoints.insert(sref, ep);
             }
             Object::Node(node) => {
+                let node = slim_node(node);
                 let name = node.name_any();
                 if self.nodes.get(&name) == Some(&node) {
                     return false;
@@ -440,6 +441,29 @@ fn slim(svc: &mut Service) {
     }
     if let Some(status) = &mut svc.status {
         status.conditions = None;
+    }
+}
+
+/// What is read from a Node (its name, labels, deletion, pod CIDRs, taints, addresses):
+/// the kubelet's heartbeats, which rewrite its status every few seconds, change nothing.
+fn slim_node(node: Node) -> Node {
+    let meta = node.metadata;
+    Node {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: meta.name,
+            labels: meta.labels,
+            deletion_timestamp: meta.deletion_timestamp,
+            ..Default::default()
+        },
+        spec: node.spec.map(|s| k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: s.pod_cidr,
+            pod_cidrs: s.pod_cidrs,
+            taints: s.taints,
+            ..Default::default()
+        }),
+        status: node
+            .status
+            .map(|s| k8s_openapi::api::core::v1::NodeStatus { addresses: s.addresses, ..Default::default() }),
     }
 }
 

@@ -313,3 +313,20 @@ subsets:
         "an endpoint without nodeName is left out; web's slices outrank its Endpoints"
     );
 }
+
+#[test]
+fn a_node_heartbeat_changes_nothing_an_address_does() {
+    let mut inc = Incremental::new("node1");
+    let node = |address: &str, heartbeat: &str| -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": "node1", "resourceVersion": heartbeat},
+            "status": {"addresses": [{"type": "InternalIP", "address": address}],
+                       "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}]},
+        }))
+        .unwrap()
+    };
+    assert_eq!(inc.change(Change::Applied(Object::Node(node("192.168.0.1", "2026-01-01T00:00:00Z")))), 1);
+    assert_eq!(inc.change(Change::Applied(Object::Node(node("192.168.0.1", "2026-01-01T00:00:10Z")))), 0);
+    assert_eq!(inc.change(Change::Applied(Object::Node(node("192.168.0.2", "2026-01-01T00:00:20Z")))), 1);
+    assert!(inc.nodes_changed());
+}
