@@ -1,8 +1,9 @@
-//! The agent in standalone mode: loads and attaches the datapath, adopts the pinned maps,
-//! and keeps them equal to the model of the manifests, read again whenever they change;
-//! attaches the pod-side program to every device matching the patterns, including ones
-//! created later (netlink link events); serves healthCheckNodePorts for
-//! externalTrafficPolicy=Local Services; serves /metrics; repairs what changes in the maps
+//! The agent: loads and attaches the datapath, adopts the pinned maps, and keeps them equal
+//! to the model of its source (manifest files in standalone mode, the API server in cluster
+//! mode) through the shared [`Sync`]; attaches the pod-side program to every device
+//! matching the patterns, including ones created later (netlink link events); serves
+//! health (`/healthz`, `/livez`, `/readyz`), healthCheckNodePorts for
+//! externalTrafficPolicy=Local Services and /metrics; repairs what changes in the maps
 //! behind its back.
 use std::{
     collections::BTreeSet,
@@ -20,11 +21,15 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{self, conntrack::Conntrack, maps::PinnedMaps, Datapath},
-    model::{self, Desired, HealthCheck, LocalDetect, NodeFlags, NodeInfo, Options},
+    model::{Desired, FlowCleanup, LocalDetect, NodeFlags, NodeInfo, Options},
     reconcile::Reconciler,
-    source::{manifests::ManifestCache, watch::ManifestWatch, Objects},
+    source::{
+        cluster::{self, ApiServer},
+        ObjectKind,
+    },
+    sync::{Feed, Sync},
     telemetry::{
-        health::HealthServers,
+        health::{self, HealthServers, HealthState},
         metrics::{self, AgentMetrics},
         status::{StatusWriter, SyncReport},
     },
@@ -83,17 +88,17 @@ impl Sweeper {
         Sweeper { cleanups: Some(cleanups), thread: Some(thread) }
     }
 
-    /// Asks for the UDP flows of `old` that `new` no longer serves to be removed.
-    fn forget_stopped_endpoints(&self, old: &Desired, new: &Desired) {
-        let to: UdpCleanup = model::conntrack::flow_cleanups(old, new)
+    /// Asks for the UDP flows to endpoints that stopped serving to be removed.
+    fn forget(&self, cleanups: Vec<FlowCleanup>) {
+        let to: UdpCleanup = cleanups
             .into_iter()
             .filter_map(|c| match c {
-                model::conntrack::FlowCleanup::ToBackend { frontend, backend } => {
+                FlowCleanup::ToBackend { frontend, backend } => {
                     Some((crate::reconcile::service_key(&frontend), backend))
                 }
                 // Refused or dropped packets create no flow, and a frontend's removal frees
                 // its backends' ids, which ends their flows in the datapath: nothing to do.
-                model::conntrack::FlowCleanup::ToFrontend { .. } => None,
+                FlowCleanup::ToFrontend { .. } => None,
             })
             .collect();
         if let (false, Some(tx)) = (to.is_empty(), &self.cleanups) {
@@ -111,15 +116,24 @@ impl Drop for Sweeper {
         }
     }
 }
-/// How soon a read or a write that failed is tried again.
-const RETRY: Duration = Duration::from_secs(1);
+
+/// Where the Services come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Manifest files (a file or a directory), read again when they change.
+    Manifests(PathBuf),
+    /// The API server.
+    Cluster(ApiServer),
+}
 
 pub struct AgentConfig {
     pub pin_dir: PathBuf,
-    pub manifests: PathBuf,
+    pub source: Source,
     /// This node as the command line gives it; what it leaves out comes from the node's
-    /// Node object among the manifests.
+    /// Node object (among the manifests, or watched on the API server).
     pub node: NodeFlags,
+    /// Where `/healthz`, `/livez` and `/readyz` are served.
+    pub healthz_bind: std::net::SocketAddr,
     pub options: Options,
     pub uplinks: Vec<String>,
     /// Pod-facing devices: the names these glob patterns (`lxc*`, `veth*`) match.
@@ -179,6 +193,14 @@ pub enum Error {
     },
     #[error("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14) for --socket-lb: {0}")]
     NetnsCookie(#[source] io::Error),
+    #[error(transparent)]
+    Cluster(#[from] cluster::Error),
+    #[error("serving health on --healthz-bind-address {addr}: {source}")]
+    HealthBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl From<datapath::Error> for Error {
@@ -193,9 +215,9 @@ impl From<crate::datapath::maps::Error> for Error {
     }
 }
 
-fn datapath_config(node: &NodeInfo, local: LocalDetect, cfg: &AgentConfig) -> Config {
+fn datapath_config(node: &NodeInfo, local: LocalDetect, datapath: &DatapathOptions, snat_ports: (u16, u16)) -> Config {
     let pods = local.cidr();
-    let entries = cfg.datapath.capacity.conntrack_entries as u64;
+    let entries = datapath.capacity.conntrack_entries as u64;
     Config {
         // node_info never returns a node without an address.
         node_addr_be: addr_be(node.addresses[0]),
@@ -203,11 +225,11 @@ fn datapath_config(node: &NodeInfo, local: LocalDetect, cfg: &AgentConfig) -> Co
         local_prefix_len: u32::from(pods.prefix_len()),
         pods_addr_be: addr_be(pods.network()),
         pods_prefix_len: u32::from(pods.prefix_len()),
-        mode: cfg.datapath.mode,
-        ct_admit_limit: (entries * cfg.datapath.admit_percent.min(100) as u64 / 100) as u32,
-        mark_shift: cfg.datapath.mark_shift,
-        snat_port_min: cfg.snat_ports.0,
-        snat_port_max: cfg.snat_ports.1,
+        mode: datapath.mode,
+        ct_admit_limit: (entries * datapath.admit_percent.min(100) as u64 / 100) as u32,
+        mark_shift: datapath.mark_shift,
+        snat_port_min: snat_ports.0,
+        snat_port_max: snat_ports.1,
         _pad: 0,
     }
 }
@@ -246,14 +268,33 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut store = PinnedMaps::open(&cfg.pin_dir)?;
     let mut reconciler = Reconciler::adopt(&store)?;
     reconciler.set_maglev_size(cfg.datapath.maglev);
-    let mut sync = ManifestSync::default();
-    let mut watch = ManifestWatch::new(&cfg.manifests);
-    let mut health = HealthServers::default();
+    let health_state = HealthState::default();
+    let health_listener = tokio::net::TcpListener::bind(cfg.healthz_bind)
+        .await
+        .map_err(|source| Error::HealthBind { addr: cfg.healthz_bind, source })?;
+    let health_server = health::serve(health_listener, health_state.clone());
+    let (datapath_options, snat_ports) = (cfg.datapath, cfg.snat_ports);
+    let required = match cfg.source {
+        Source::Manifests(_) => vec![ObjectKind::Service, ObjectKind::Slice, ObjectKind::Endpoints, ObjectKind::Node],
+        Source::Cluster(_) => vec![ObjectKind::Service, ObjectKind::Slice, ObjectKind::Node],
+    };
+    let mut sync = Sync::new(
+        cfg.node.clone(),
+        cfg.options.clone(),
+        required,
+        Box::new(move |node, local| datapath_config(node, local, &datapath_options, snat_ports)),
+        health_state.clone(),
+    );
+    let mut source = match &cfg.source {
+        Source::Manifests(path) => Feed::manifests(path),
+        Source::Cluster(api) => Feed::cluster(api, &cfg.node.name).await?,
+    };
+    let mut health = HealthServers::new(health_state, std::net::Ipv4Addr::UNSPECIFIED.into());
     let mut attached = BTreeSet::new();
     let socket = link_events_socket().map_err(Error::Poll)?;
     // SAFETY: the OwnedFd moves into the AsyncFd and stays open for its whole life.
     let links = unsafe { AsyncFd::register(socket) }.map_err(|e| Error::Poll(e.into()))?;
-    info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, "agent started");
+    info!(pin_dir = %cfg.pin_dir.display(), uplinks = ?cfg.uplinks, healthz = %cfg.healthz_bind, "agent started");
     let sweeper = Sweeper::start(Conntrack::open(&cfg.pin_dir)?);
     let mut status = StatusWriter::start(&cfg.pin_dir)?;
     let mut drift_check = tokio::time::interval_at(tokio::time::Instant::now() + cfg.drift_check, cfg.drift_check);
@@ -278,42 +319,38 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                 }
                 attach_pod_devices(&mut dp, &cfg, &mut attached);
             }
-            () = watch.changed() => {
+            due = source.next(&mut sync) => {
+                if !due {
+                    continue;
+                }
                 let started = std::time::Instant::now();
-                let step = sync.step(&cfg, &mut reconciler, &mut store, &sweeper);
-                let wrote = step.health_checks.is_some();
-                let waited = if sync.retry { None } else { watch.caught_up() };
+                let step = sync.step(&mut reconciler, &mut store);
                 let report = SyncReport {
                     took: started.elapsed(),
-                    wrote,
-                    failed: sync.retry,
-                    frontends: sync.applied.as_ref().map_or(0, |(_, d)| d.frontends.len()),
-                    problems: &sync.problems,
-                    latencies: waited.filter(|_| wrote).into_iter().collect(),
+                    wrote: step.wrote,
+                    failed: step.failed,
+                    frontends: sync.desired().frontends.len(),
+                    problems: sync.problems(),
+                    latencies: step.latencies,
                 };
                 status.synced(&report);
                 metrics.synced(&report);
-                if let Some((objects, _)) = sync.applied.as_ref().filter(|_| wrote) {
-                    metrics.set_endpoint_nodes(model::endpoint_nodes(objects));
-                }
-                if step.unreadable {
-                    watch.rewatch();
-                }
-                if sync.retry {
-                    watch.retry_in(RETRY);
-                }
+                metrics.update_endpoint_nodes(step.endpoint_nodes);
+                sweeper.forget(step.flow_cleanups);
+                source.after_sync(sync.needs_retry());
                 if let Some(checks) = step.health_checks {
                     health.update(&checks).await;
                 }
             }
             _ = drift_check.tick() => {
                 // A sync due again would write anyway; only applied state is compared.
-                if let Some((_, desired)) = sync.applied.as_ref().filter(|_| !sync.retry) {
+                if let Some(desired) = sync.applied() {
                     repair_drift(&mut reconciler, desired, &mut store, &metrics);
                 }
             }
         }
     }
+    health_server.abort();
     info!("agent stopping; the datapath keeps running from its pins");
     Ok(())
 }
@@ -334,108 +371,6 @@ fn repair_drift(reconciler: &mut Reconciler, desired: &Desired, store: &mut Pinn
             metrics.drift_checked(repair.frontends());
         }
         Err(e) => warn!("checking the maps for drift: {e}"),
-    }
-}
-
-/// Keeps the maps equal to the manifests, from one read to the next.
-#[derive(Default)]
-struct ManifestSync {
-    cache: ManifestCache,
-    /// The objects the maps were last made to hold, and the state the model made of them.
-    applied: Option<(Objects, Desired)>,
-    /// Something failed and must be tried again, even if the manifests do not change.
-    retry: bool,
-    /// The problems last logged; logged again only when they change.
-    problems: Vec<String>,
-}
-
-/// What one read led to.
-struct Step {
-    /// The manifest path could not be read at all.
-    unreadable: bool,
-    /// The maps were written: serve these health checks.
-    health_checks: Option<Vec<HealthCheck>>,
-}
-
-impl ManifestSync {
-    /// Reads the manifests and, when they changed or a retry is due, makes the maps hold
-    /// their model.
-    fn step(
-        &mut self,
-        cfg: &AgentConfig,
-        reconciler: &mut Reconciler,
-        store: &mut PinnedMaps,
-        sweeper: &Sweeper,
-    ) -> Step {
-        let (objects, report) = self.cache.read(&cfg.manifests);
-        let mut step = Step { unreadable: report.incomplete, health_checks: None };
-        let mut problems: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
-        if let Some((applied, desired)) = &self.applied {
-            if !self.retry && *applied == objects {
-                // Nothing new to write; the model's complaints about these objects stand.
-                problems.extend(desired.errors.iter().map(ToString::to_string));
-                self.log(problems);
-                return step;
-            }
-        }
-        self.retry = false;
-        if report.incomplete && self.applied.is_none() {
-            // Adopted state stays whole until the source has been read once.
-            problems.push("keeping the datapath as adopted until the manifests can be read".into());
-            self.retry = true;
-            self.log(problems);
-            return step;
-        }
-        let node = cfg.node.node_info(&objects.nodes).and_then(|n| Ok((cfg.node.local_detect(&objects.nodes)?, n)));
-        let (local, node) = match node {
-            Ok(found) => found,
-            Err(e) => {
-                problems.push(format!("{e}; the datapath is left as it is"));
-                self.retry = true;
-                self.log(problems);
-                return step;
-            }
-        };
-        let previous = self.applied.as_ref().map(|(_, d)| d).cloned().unwrap_or_default();
-        let desired = model::desired_state_after(&previous, &objects, &node, &cfg.options);
-        problems.extend(desired.errors.iter().map(ToString::to_string));
-        match reconciler.apply(&desired, datapath_config(&node, local, cfg), store) {
-            Ok(c) => {
-                info!(
-                    frontends = desired.frontends.len(),
-                    written = c.services_written,
-                    removed = c.services_removed,
-                    backends_added = c.backends_added,
-                    backends_removed = c.backends_removed,
-                    failed = c.failures.len(),
-                    "maps synced"
-                );
-                // Frontends that failed are retried.
-                self.retry = !c.failures.is_empty();
-                problems.extend(c.failures);
-                step.health_checks = Some(desired.health_checks.clone());
-                // Only against what this agent wrote: adopted maps hold no model to compare.
-                if let Some((_, old)) = &self.applied {
-                    sweeper.forget_stopped_endpoints(old, &desired);
-                }
-                self.applied = Some((objects, desired));
-            }
-            Err(e) => {
-                problems.push(format!("writing the datapath config: {e}"));
-                self.retry = true;
-            }
-        }
-        self.log(problems);
-        step
-    }
-
-    fn log(&mut self, problems: Vec<String>) {
-        if problems != self.problems {
-            for p in &problems {
-                warn!("{p}");
-            }
-            self.problems = problems;
-        }
     }
 }
 

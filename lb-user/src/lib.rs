@@ -1,7 +1,8 @@
 //! The agent and its CLI. Folders follow the data flow, and arrows point down it:
 //! `source` (objects) -> `model` (desired state) -> `reconcile` (ordered writes) ->
 //! `datapath` (load, attach, pins, maps); `telemetry` serves what the datapath and the agent
-//! report; `cli` renders views; `agent` wires them together.
+//! report; `cli` renders views; `sync` feeds a source's changes through the model to the
+//! reconciler, for both sources; `agent` wires them together.
 pub mod agent;
 pub mod cli;
 pub mod datapath;
@@ -9,4 +10,5 @@ pub mod model;
 pub mod netns;
 pub mod reconcile;
 pub mod source;
+pub mod sync;
 pub mod telemetry;

@@ -23,6 +23,8 @@ struct PinDir {
     pin_dir: PathBuf,
 }
 
+// Parsed once: the agent's many options need no box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Load the programs, pin them and their maps, attach them, and exit (they keep running).
@@ -111,12 +113,18 @@ enum Command {
         #[command(flatten)]
         pin: PinDir,
     },
-    /// Run the agent in standalone mode: serve the Services of manifest files.
+    /// Run the agent: serve the Services of manifest files (standalone mode) or of the API
+    /// server (cluster mode).
     Agent {
         #[command(flatten)]
         pin: PinDir,
         #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
         node: NodeArgs,
+        /// Where /healthz, /livez and /readyz are served (kube-proxy's port).
+        #[arg(long, default_value = "0.0.0.0:10256")]
+        healthz_bind_address: std::net::SocketAddr,
         #[command(flatten)]
         local: LocalArgs,
         /// Uplink interface(s) for the XDP program (repeat the option, or separate with commas).
@@ -157,6 +165,9 @@ enum Command {
     },
     /// Print this node's desired state for manifests (Service, EndpointSlice, Endpoints, Node).
     Model {
+        /// Manifest file or directory.
+        #[arg(long)]
+        manifests: PathBuf,
         #[command(flatten)]
         node: NodeArgs,
     },
@@ -197,16 +208,18 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The node options, when the manifests are given.
-    fn node(&self) -> Option<NodeArgs> {
-        Some(NodeArgs {
-            manifests: self.manifests.clone()?,
-            node_name: self.node_name.clone()?,
-            node_addresses: self.node_addresses.clone(),
-            zone: self.zone.clone(),
-            nodeport_addresses: self.nodeport_addresses.clone(),
-            algorithm: self.algorithm,
-        })
+    /// The manifests and the node options, when the manifests are given.
+    fn node(&self) -> Option<(PathBuf, NodeArgs)> {
+        Some((
+            self.manifests.clone()?,
+            NodeArgs {
+                node_name: self.node_name.clone()?,
+                node_addresses: self.node_addresses.clone(),
+                zone: self.zone.clone(),
+                nodeport_addresses: self.nodeport_addresses.clone(),
+                algorithm: self.algorithm,
+            },
+        ))
     }
 }
 
@@ -370,16 +383,54 @@ impl SocketArgs {
     }
 }
 
-/// This node. What is not given here comes from the `kind: Node` object of this name among
-/// the manifests (addresses from status.addresses, zone from its topology.kubernetes.io/zone
-/// label); there are no defaults.
+/// Where the agent's Services come from: exactly one of manifests (standalone mode), a
+/// kubeconfig or an API server URL (cluster mode); with none of them, in a pod, the pod's
+/// in-cluster configuration.
+#[derive(Args, Clone)]
+#[group(multiple = false)]
+struct SourceArgs {
+    /// Standalone mode: serve the Services of these manifests (a file or a directory, read
+    /// again when they change).
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// Cluster mode: reach the API server as this kubeconfig's current context says.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Cluster mode: reach the API server at this URL, with the pod's service account
+    /// credentials when there are any. A kube-proxy replacement cannot reach the API
+    /// through the `kubernetes` Service before it has programmed that Service: give the
+    /// API server's own address.
+    #[arg(long)]
+    api_server: Option<String>,
+}
+
+impl SourceArgs {
+    fn source(self) -> anyhow::Result<agent::Source> {
+        use lb_user::source::cluster::ApiServer;
+        Ok(match (self.manifests, self.kubeconfig, self.api_server) {
+            (Some(path), _, _) => agent::Source::Manifests(path),
+            (_, Some(path), _) => agent::Source::Cluster(ApiServer::Kubeconfig(path)),
+            (_, _, Some(url)) => agent::Source::Cluster(ApiServer::Url(url)),
+            (None, None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                agent::Source::Cluster(ApiServer::InCluster)
+            }
+            (None, None, None) => bail!(
+                "no source of Services: give --manifests PATH (standalone mode), or --kubeconfig PATH or \
+                 --api-server URL (cluster mode); in a pod (KUBERNETES_SERVICE_HOST set) the in-cluster \
+                 configuration is the default"
+            ),
+        })
+    }
+}
+
+/// This node. What is not given here comes from the `kind: Node` object of this name
+/// (among the manifests, or watched on the API server: addresses from status.addresses,
+/// zone from its topology.kubernetes.io/zone label); there are no defaults.
 #[derive(Args, Clone)]
 struct NodeArgs {
-    /// Manifest file or directory.
-    #[arg(long)]
-    manifests: PathBuf,
     /// This node's name: matched against endpoints' nodeName, and names its Node object.
-    #[arg(long, required = true)]
+    /// A DaemonSet sets NODE_NAME from spec.nodeName.
+    #[arg(long, env = "NODE_NAME", required = true)]
     node_name: String,
     /// This node's addresses (NodePorts open on them; the first is the SNAT address).
     #[arg(long = "node-address")]
@@ -457,7 +508,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Agent {
             pin,
+            source,
             node,
+            healthz_bind_address,
             local,
             iface,
             pod_devices,
@@ -467,6 +520,7 @@ fn main() -> anyhow::Result<()> {
             metrics_bind_address,
             drift_check_interval,
         } => {
+            let source = source.source()?;
             let sockets = sockets.resolve()?;
             let mut patterns = GlobSetBuilder::new();
             for g in pod_devices {
@@ -474,8 +528,9 @@ fn main() -> anyhow::Result<()> {
             }
             let cfg = agent::AgentConfig {
                 pin_dir: pin.pin_dir,
-                manifests: node.manifests.clone(),
+                source,
                 node: node.flags(Some(local)),
+                healthz_bind: healthz_bind_address,
                 options: node.options(sockets.is_some()),
                 uplinks: iface,
                 pod_devices: patterns.build().context("--pod-devices")?,
@@ -523,8 +578,8 @@ fn main() -> anyhow::Result<()> {
                 datapath::predict::Predictor::open(&pin.pin_dir)?.predict(datapath::predict::Flow { proto, src, dst });
             println!("{prediction}");
         }
-        Command::Model { node } => {
-            let (objects, report) = source::read_manifests(&node.manifests);
+        Command::Model { manifests, node } => {
+            let (objects, report) = source::read_manifests(&manifests);
             let info = node.flags(None).node_info(&objects.nodes)?;
             let desired = model::desired_state(&objects, &info, &node.options(false));
             print!("{}", lb_user::cli::show::desired(&desired));
@@ -560,8 +615,8 @@ fn services(pin_dir: &std::path::Path, json: bool, m: ModelArgs) -> anyhow::Resu
     let snap = telemetry::views::Snapshot::read(pin_dir)?;
     let drift = match m.node() {
         None => None,
-        Some(node) => {
-            let (objects, report) = source::read_manifests(&node.manifests);
+        Some((manifests, node)) => {
+            let (objects, report) = source::read_manifests(&manifests);
             let info = node.flags(None).node_info(&objects.nodes)?;
             // 127.0.0.1 NodePorts are in the maps when the socket hooks serve them.
             let sockets_on = datapath::sockets::mode(pin_dir)? != lb_common::sock_mode::OFF;

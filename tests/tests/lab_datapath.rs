@@ -219,7 +219,7 @@ fn health(ns: &str, dst: SocketAddrV4) -> (String, String) {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        s.write_all(b"GET /any/path HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /any/path HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -412,7 +412,7 @@ fn an_agent_that_cannot_read_its_manifests_at_start_keeps_the_adopted_services()
     let away = c.manifests.path.with_extension("away");
     std::fs::rename(&c.manifests.path, &away).unwrap();
     c.agents[0].respawn().unwrap();
-    c.agents[0].wait_for_log("keeping the datapath as adopted until the manifests can be read").unwrap();
+    c.agents[0].wait_for_log("keeping the datapath as adopted until the source has listed every object once").unwrap();
     let (backend, _) = answer(tcp_ask(&client, c.node_port(0, 30080)));
     assert!(backend == "pod-b" || backend == "pod-c", "the NodePort is still served");
     let synced = c.agents[0].syncs();

@@ -276,3 +276,123 @@ impl Contents {
         self.filter.get(&(bit / 64)).is_some_and(|w| w >> (bit % 64) & 1 == 1)
     }
 }
+
+/// Service maps held in memory: what the sync writes when it runs without a datapath (the
+/// control-plane tests and benchmarks), with a count of the writes.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryMaps {
+    pub contents: Contents,
+    /// Generations of backend ids whose entries are free.
+    pub free_gens: BTreeMap<u32, u32>,
+    pub config: Option<Config>,
+    /// Entries written (config included) and deleted, since creation.
+    pub writes: u64,
+    pub deletes: u64,
+}
+
+impl MapStore for MemoryMaps {
+    type Error = std::convert::Infallible;
+    fn id_limits(&self) -> (u32, u32) {
+        // Room for the largest maps the agent can load.
+        (lb_common::MAX_SERVICES, lb_common::MAX_BACKEND_SLOTS)
+    }
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Self::Error> {
+        Ok(self.contents.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn slots(&self) -> Result<Vec<(SlotKey, u32)>, Self::Error> {
+        Ok(self.contents.slots.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, Self::Error> {
+        Ok(self.contents.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn backend_gens(&self) -> Result<Vec<(u32, u32)>, Self::Error> {
+        Ok(self.free_gens.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn source_ranges(&self) -> Result<Vec<(u32, Range)>, Self::Error> {
+        Ok(self.contents.ranges.iter().flat_map(|(id, rs)| rs.iter().map(move |r| (*id, *r))).collect())
+    }
+    fn filter_words(&self) -> Result<Vec<(u32, u64)>, Self::Error> {
+        Ok(self.contents.filter.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), Self::Error> {
+        self.writes += 1;
+        if backend.addr_be == 0 {
+            self.contents.backends.remove(&id);
+            self.free_gens.insert(id, backend.gen);
+        } else {
+            self.free_gens.remove(&id);
+            self.contents.backends.insert(id, backend);
+        }
+        Ok(())
+    }
+    fn put_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), Self::Error> {
+        self.writes += 1;
+        self.contents.slots.insert(key, backend_id);
+        Ok(())
+    }
+    fn del_slot(&mut self, key: SlotKey) -> Result<(), Self::Error> {
+        self.deletes += 1;
+        self.contents.slots.remove(&key);
+        Ok(())
+    }
+    fn put_source_range(&mut self, svc_id: u32, range: Range) -> Result<(), Self::Error> {
+        self.writes += 1;
+        self.contents.ranges.entry(svc_id).or_default().insert(range);
+        Ok(())
+    }
+    fn del_source_range(&mut self, svc_id: u32, range: Range) -> Result<(), Self::Error> {
+        self.deletes += 1;
+        if let Some(rs) = self.contents.ranges.get_mut(&svc_id) {
+            rs.remove(&range);
+            if rs.is_empty() {
+                self.contents.ranges.remove(&svc_id);
+            }
+        }
+        Ok(())
+    }
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Self::Error> {
+        self.writes += 1;
+        self.contents.services.insert(key, value);
+        Ok(())
+    }
+    fn del_service(&mut self, key: ServiceKey) -> Result<(), Self::Error> {
+        self.deletes += 1;
+        self.contents.services.remove(&key);
+        Ok(())
+    }
+    fn put_filter_word(&mut self, index: u32, word: u64) -> Result<(), Self::Error> {
+        self.writes += 1;
+        if word == 0 {
+            self.contents.filter.remove(&index);
+        } else {
+            self.contents.filter.insert(index, word);
+        }
+        Ok(())
+    }
+    fn put_config(&mut self, config: Config) -> Result<(), Self::Error> {
+        if self.config != Some(config) {
+            self.writes += 1;
+            self.config = Some(config);
+        }
+        Ok(())
+    }
+    fn frontend_metas(&self) -> Result<Vec<(ServiceKey, FrontendMeta)>, Self::Error> {
+        Ok(self.contents.metas.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_frontend_meta(&mut self, key: ServiceKey, meta: FrontendMeta) -> Result<(), Self::Error> {
+        self.writes += 1;
+        self.contents.metas.insert(key, meta);
+        Ok(())
+    }
+    fn del_frontend_meta(&mut self, key: ServiceKey) -> Result<(), Self::Error> {
+        self.deletes += 1;
+        self.contents.metas.remove(&key);
+        Ok(())
+    }
+    fn clear_frontend_stats(&mut self, _: u32) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn clear_backend_stats(&mut self, _: u32) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}

@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 };
 use kube::ResourceExt;
 
-use super::{Ctx, Protocol, ServiceRef, SERVICE_NAME_LABEL};
+use super::{Ctx, ModelError, Protocol, ServiceRef, SERVICE_NAME_LABEL};
 use crate::source::Objects;
 
 /// One endpoint of a Service port.
@@ -45,13 +45,13 @@ impl Endpoint {
 }
 
 /// An EndpointSlice, read once: its ports and its usable endpoints (port not yet set).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Slice {
     ports: Vec<SlicePort>,
     endpoints: Vec<Endpoint>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct SlicePort {
     name: String,
     protocol: String,
@@ -59,39 +59,27 @@ struct SlicePort {
     port: Option<u16>,
 }
 
-/// The node each endpoint address of a Service runs on, as its slices (or, for a Service
-/// without slices, its legacy Endpoints) name it: what per-backend metrics are labelled with.
-/// Addresses without a nodeName are left out.
-pub fn endpoint_nodes(objects: &Objects) -> BTreeMap<(ServiceRef, Ipv4Addr), String> {
-    let mut out = BTreeMap::new();
-    let mut with_slices = BTreeSet::new();
-    for slice in &objects.slices {
-        let Some(name) = slice.labels().get(SERVICE_NAME_LABEL) else { continue };
-        let sref = ServiceRef { namespace: slice.namespace().unwrap_or_else(|| "default".into()), name: name.clone() };
-        with_slices.insert(sref.clone());
-        for ep in &slice.endpoints {
-            let addr = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok());
-            if let (Some(addr), Some(node)) = (addr, &ep.node_name) {
-                out.insert((sref.clone(), addr), node.clone());
-            }
-        }
-    }
-    // Legacy Endpoints count only for Services without slices, as in the model.
-    for ep in &objects.endpoints {
-        let sref = ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() };
-        if with_slices.contains(&sref) {
-            continue;
-        }
-        for subset in ep.subsets.iter().flatten() {
-            let addresses = subset.addresses.iter().flatten().chain(subset.not_ready_addresses.iter().flatten());
-            for a in addresses {
-                if let (Ok(addr), Some(node)) = (a.ip.parse::<Ipv4Addr>(), &a.node_name) {
-                    out.insert((sref.clone(), addr), node.clone());
-                }
-            }
-        }
-    }
-    out
+/// The node each endpoint address of a slice runs on, as it names it: what per-backend
+/// metrics are labelled with. Addresses without a nodeName are left out.
+pub(super) fn slice_nodes(slice: &EndpointSlice) -> Vec<(Ipv4Addr, String)> {
+    slice
+        .endpoints
+        .iter()
+        .filter_map(|ep| {
+            let addr = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok())?;
+            Some((addr, ep.node_name.clone()?))
+        })
+        .collect()
+}
+
+/// The same for a legacy Endpoints object (ready and not ready addresses).
+pub(super) fn legacy_nodes(ep: &Endpoints) -> Vec<(Ipv4Addr, String)> {
+    ep.subsets
+        .iter()
+        .flatten()
+        .flat_map(|s| s.addresses.iter().flatten().chain(s.not_ready_addresses.iter().flatten()))
+        .filter_map(|a| Some((a.ip.parse::<Ipv4Addr>().ok()?, a.node_name.clone()?)))
+        .collect()
 }
 
 /// The IPv4 slices of every Service, by Service. Legacy Endpoints are used, converted as the
@@ -104,37 +92,66 @@ pub(super) fn slices_by_service(ctx: &mut Ctx, objects: &Objects) -> BTreeMap<Se
     slices.sort_by_key(|s| key(&s.metadata));
     let mut legacy: Vec<&Endpoints> = objects.endpoints.iter().collect();
     legacy.sort_by_key(|e| key(&e.metadata));
-    let mut by_service: BTreeMap<ServiceRef, Vec<(String, &EndpointSlice)>> = BTreeMap::new();
+    let mut by_service: BTreeMap<ServiceRef, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
-        let namespace = slice.namespace().unwrap_or_else(|| "default".into());
-        let object = format!("EndpointSlice {namespace}/{}", slice.name_any());
-        let Some(name) = slice.labels().get(SERVICE_NAME_LABEL).filter(|n| !n.is_empty()) else {
-            ctx.error(
-                &object,
-                "metadata.labels",
-                format!("no {SERVICE_NAME_LABEL} label, so it belongs to no Service"),
-            );
-            continue;
-        };
-        by_service.entry(ServiceRef { namespace, name: name.clone() }).or_default().push((object, slice));
+        match owner_of_slice(slice) {
+            Ok(sref) => by_service.entry(sref).or_default().push(slice),
+            Err(e) => ctx.errors.push(e),
+        }
     }
-    let mirrored: Vec<(ServiceRef, Vec<EndpointSlice>)> = legacy
-        .into_iter()
-        .map(|ep| {
-            (ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() }, ep)
-        })
-        .filter(|(sref, _)| !by_service.contains_key(sref))
-        .map(|(sref, ep)| (sref, mirror(ep)))
-        .collect();
+    let mirrored: Vec<(ServiceRef, &Endpoints)> =
+        legacy.into_iter().map(|ep| (legacy_ref(ep), ep)).filter(|(sref, _)| !by_service.contains_key(sref)).collect();
     let mut out: BTreeMap<ServiceRef, Vec<Slice>> = BTreeMap::new();
     for (sref, slices) in by_service {
-        out.insert(sref, slices.into_iter().filter_map(|(object, s)| read_slice(ctx, &object, s)).collect());
+        let read = service_slices(ctx, &sref, &slices, None);
+        out.insert(sref, read);
     }
-    for (sref, slices) in &mirrored {
-        let object = format!("Endpoints {sref}");
-        out.insert(sref.clone(), slices.iter().filter_map(|s| read_slice(ctx, &object, s)).collect());
+    for (sref, ep) in mirrored {
+        let read = service_slices(ctx, &sref, &[], Some(ep));
+        out.insert(sref, read);
     }
     out
+}
+
+/// The Service a legacy Endpoints object is for (its own namespace and name).
+pub(super) fn legacy_ref(ep: &Endpoints) -> ServiceRef {
+    ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() }
+}
+
+/// The Service a slice belongs to, by its `kubernetes.io/service-name` label; without one,
+/// the error saying so.
+pub(super) fn owner_of_slice(slice: &EndpointSlice) -> Result<ServiceRef, ModelError> {
+    let namespace = slice.namespace().unwrap_or_else(|| "default".into());
+    match slice.labels().get(SERVICE_NAME_LABEL).filter(|n| !n.is_empty()) {
+        Some(name) => Ok(ServiceRef { namespace, name: name.clone() }),
+        None => Err(ModelError {
+            object: format!("EndpointSlice {namespace}/{}", slice.name_any()),
+            field: "metadata.labels".into(),
+            problem: format!("no {SERVICE_NAME_LABEL} label, so it belongs to no Service"),
+        }),
+    }
+}
+
+/// One Service's slices, read: `labelled` (its slices, in name order), or when there are
+/// none, its legacy Endpoints converted as the mirroring controller does.
+pub(super) fn service_slices(
+    ctx: &mut Ctx,
+    sref: &ServiceRef,
+    labelled: &[&EndpointSlice],
+    legacy: Option<&Endpoints>,
+) -> Vec<Slice> {
+    if labelled.is_empty() {
+        let Some(ep) = legacy else { return Vec::new() };
+        let object = format!("Endpoints {sref}");
+        return mirror(ep).iter().filter_map(|s| read_slice(ctx, &object, s)).collect();
+    }
+    labelled
+        .iter()
+        .filter_map(|s| {
+            let object = format!("EndpointSlice {}/{}", sref.namespace, s.name_any());
+            read_slice(ctx, &object, s)
+        })
+        .collect()
 }
 
 /// A legacy Endpoints object as EndpointSlices, one per subset, the way the EndpointSlice
@@ -176,7 +193,7 @@ fn mirror(ep: &Endpoints) -> Vec<EndpointSlice> {
 
 /// Reads one slice; None for a slice of another address family. Bad fields are reported
 /// once here, and only the endpoints or ports at fault are left out.
-fn read_slice(ctx: &mut Ctx, object: &str, slice: &EndpointSlice) -> Option<Slice> {
+pub(super) fn read_slice(ctx: &mut Ctx, object: &str, slice: &EndpointSlice) -> Option<Slice> {
     if slice.address_type != "IPv4" {
         return None;
     }

@@ -19,11 +19,13 @@ use crate::source::Objects;
 
 pub mod conntrack;
 mod endpoints;
+mod incremental;
 pub mod node;
 pub mod topology;
 
 pub use conntrack::{flow_cleanups, FlowCleanup};
-pub use endpoints::{endpoint_nodes, Endpoint};
+pub use endpoints::Endpoint;
+pub use incremental::{EndpointNodes, Incremental, Update};
 pub use node::{LocalDetect, NodeFlags, NodeInfo};
 pub use topology::{categorize_endpoints, Categorized, ServicePortInfo};
 
@@ -339,29 +341,46 @@ fn service_ref(svc: &Service) -> ServiceRef {
 /// (metadata.creationTimestamp; one without comes after those with), then namespace/name.
 /// Every other claimant is told who owns it.
 fn settle_claims(ctx: &mut Ctx, previous: &Desired, claims: Vec<Claim>, desired: &mut Desired) {
-    let mut by_key: BTreeMap<FrontendKey, Vec<Claim>> = BTreeMap::new();
-    for c in claims {
+    let mut by_key: BTreeMap<FrontendKey, Vec<&Claim>> = BTreeMap::new();
+    for c in &claims {
         by_key.entry(c.key).or_default().push(c);
     }
-    for (key, mut claims) in by_key {
+    for (key, claims) in by_key {
         let incumbent = previous.frontends.get(&key).map(|f| &f.service);
-        // Stable: a Service's own claims stay in the order it declares them.
-        claims.sort_by(|a, b| {
-            let rank = |c: &Claim| (incumbent != Some(&c.frontend.service), c.created.is_none(), c.created.clone());
-            rank(a).cmp(&rank(b)).then_with(|| a.frontend.service.cmp(&b.frontend.service))
-        });
-        let mut claims = claims.into_iter();
-        let Some(winner) = claims.next() else { continue };
-        for loser in claims {
-            let problem = if loser.frontend.service == winner.frontend.service {
-                format!("frontend {key} is declared twice")
-            } else {
-                format!("frontend {key} already belongs to Service {}", winner.frontend.service)
-            };
-            ctx.error(format!("Service {}", loser.frontend.service), loser.field, problem);
+        if let Some(winner) = settle_key(&mut ctx.errors, key, incumbent, claims) {
+            desired.frontends.insert(key, winner.frontend.clone());
         }
-        desired.frontends.insert(key, winner.frontend);
     }
+}
+
+/// The claim that gets frontend `key` among `claims` (in Service order, each Service's in
+/// the order it declares them), as [`settle_claims`] rules; the others' errors go to `errors`.
+fn settle_key<'c>(
+    errors: &mut Vec<ModelError>,
+    key: FrontendKey,
+    incumbent: Option<&ServiceRef>,
+    mut claims: Vec<&'c Claim>,
+) -> Option<&'c Claim> {
+    // Stable: a Service's own claims stay in the order it declares them.
+    claims.sort_by(|a, b| {
+        let rank = |c: &Claim| (incumbent != Some(&c.frontend.service), c.created.is_none(), c.created.clone());
+        rank(a).cmp(&rank(b)).then_with(|| a.frontend.service.cmp(&b.frontend.service))
+    });
+    let mut claims = claims.into_iter();
+    let winner = claims.next()?;
+    for loser in claims {
+        let problem = if loser.frontend.service == winner.frontend.service {
+            format!("frontend {key} is declared twice")
+        } else {
+            format!("frontend {key} already belongs to Service {}", winner.frontend.service)
+        };
+        errors.push(ModelError {
+            object: format!("Service {}", loser.frontend.service),
+            field: loser.field.clone(),
+            problem,
+        });
+    }
+    Some(winner)
 }
 
 /// Everything a Service's ports share.

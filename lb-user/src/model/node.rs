@@ -1,5 +1,5 @@
 //! Facts about this node: from the command line, and what it leaves out from the node's own
-//! `kind: Node` object among the manifests. Nothing is guessed: a fact that neither gives is
+//! `kind: Node` object (among the manifests, or watched on the API server). Nothing is guessed: a fact that neither gives is
 //! an error naming what to add.
 use std::net::Ipv4Addr;
 
@@ -52,7 +52,11 @@ impl NodeFlags {
     /// The node's name, addresses and zone; addresses and zone not given come from its Node
     /// object (InternalIP addresses first, then ExternalIP, as the kubelet reports them).
     pub fn node_info(&self, nodes: &[Node]) -> Result<NodeInfo, ModelError> {
-        let node = self.find(nodes);
+        self.node_info_from(self.find(nodes))
+    }
+
+    /// As [`node_info`](Self::node_info), from this node's Node object if there is one.
+    pub fn node_info_from(&self, node: Option<&Node>) -> Result<NodeInfo, ModelError> {
         let addresses = if self.addresses.is_empty() {
             let from_node = node.map(node_addresses).unwrap_or_default();
             if from_node.is_empty() {
@@ -73,10 +77,14 @@ impl NodeFlags {
 
     /// Which sources are pods: the flag, else the Node's first IPv4 spec.podCIDRs entry.
     pub fn local_detect(&self, nodes: &[Node]) -> Result<LocalDetect, ModelError> {
+        self.local_detect_from(self.find(nodes))
+    }
+
+    /// As [`local_detect`](Self::local_detect), from this node's Node object if there is one.
+    pub fn local_detect_from(&self, node: Option<&Node>) -> Result<LocalDetect, ModelError> {
         if let Some(l) = self.local_detect {
             return Ok(l);
         }
-        let node = self.find(nodes);
         let spec = node.and_then(|n| n.spec.as_ref());
         let cidrs =
             spec.and_then(|s| s.pod_cidrs.clone()).or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]));
@@ -102,7 +110,7 @@ impl NodeFlags {
     fn missing(&self, node: Option<&Node>, field: &str, problem: &str, flags: &str) -> ModelError {
         let problem = match node {
             Some(_) => format!("{problem}; give {flags}"),
-            None => format!("no Node object of this name among the manifests to read it from; give {flags}"),
+            None => format!("no Node object of this name to read it from; give {flags}"),
         };
         ModelError { object: format!("Node {}", self.name), field: field.into(), problem }
     }

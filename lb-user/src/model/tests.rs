@@ -899,9 +899,12 @@ fn node_facts_not_given_come_from_the_node_object() {
 #[test]
 fn node_facts_that_nothing_gives_are_errors_not_defaults() {
     let e = flags().node_info(&[]).unwrap_err();
-    assert_eq!(e.to_string(), "Node node1: status.addresses: no Node object of this name among the manifests to read it from; give --node-address");
+    assert_eq!(
+        e.to_string(),
+        "Node node1: status.addresses: no Node object of this name to read it from; give --node-address"
+    );
     let e = flags().local_detect(&[]).unwrap_err();
-    assert_eq!(e.to_string(), "Node node1: spec.podCIDRs: no Node object of this name among the manifests to read it from; give --cluster-cidr or --node-pod-cidr");
+    assert_eq!(e.to_string(), "Node node1: spec.podCIDRs: no Node object of this name to read it from; give --cluster-cidr or --node-pod-cidr");
     let bare = objects("apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nspec: {podCIDRs: [bogus]}\n").nodes;
     assert_eq!(
         flags().local_detect(&bare).unwrap_err().to_string(),
@@ -914,45 +917,4 @@ fn node_facts_that_nothing_gives_are_errors_not_defaults() {
     // Another node's object is not this node's.
     let other = objects(&NODE1.replace("name: node1,", "name: node2,")).nodes;
     assert!(flags().node_info(&other).is_err());
-}
-
-#[test]
-fn endpoint_nodes_come_from_slices_and_from_legacy_endpoints_where_there_are_no_slices() {
-    let o = objects(
-        r#"
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints:
-- {addresses: ["10.244.1.10"], nodeName: node1}
-- {addresses: ["10.244.2.10"]}
----
-apiVersion: v1
-kind: Endpoints
-metadata: {name: legacy, namespace: shop}
-subsets:
-- addresses: [{ip: 10.244.3.10, nodeName: node3}]
-  notReadyAddresses: [{ip: 10.244.3.11, nodeName: node4}]
-  ports: [{port: 8080}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {name: web, namespace: shop}
-subsets:
-- addresses: [{ip: 10.244.1.10, nodeName: elsewhere}]
-  ports: [{port: 8080}]
-"#,
-    );
-    let nodes = endpoint_nodes(&o);
-    assert_eq!(
-        nodes.into_iter().map(|((s, addr), node)| (s.name, addr.to_string(), node)).collect::<Vec<_>>(),
-        [
-            ("legacy".into(), "10.244.3.10".into(), "node3".into()),
-            ("legacy".into(), "10.244.3.11".into(), "node4".into()),
-            ("web".into(), "10.244.1.10".into(), "node1".into()),
-        ] as [(String, String, String); 3],
-        "an endpoint without nodeName is left out; web's slices outrank its Endpoints"
-    );
 }

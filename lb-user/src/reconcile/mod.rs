@@ -24,7 +24,7 @@ use lb_common::{
 
 use crate::{
     datapath::maps::{Contents, MapStore, Range},
-    model::{Algorithm, BackendAddr, Desired, Frontend, FrontendKey, FrontendKind, WhenEmpty},
+    model::{Algorithm, BackendAddr, Desired, Frontend, FrontendKey, FrontendKind, Protocol, WhenEmpty},
 };
 
 pub mod drift;
@@ -124,11 +124,9 @@ pub struct Reconciler {
     /// Backend ids by identity (address, port, locality, owner; without `CHOSEN`, which
     /// changes with the sets while the id stays).
     backend_ids: BTreeMap<Backend, u32>,
-    /// Ids whose entry carries `backend_flags::CHOSEN`.
-    chosen: BTreeSet<u32>,
+    /// What the reconciler knows of each backend id, indexed by id (ids are small and dense).
+    ids: Vec<IdState>,
     maglev: MaglevSize,
-    /// The generation each backend id carries now (used and freed ids alike).
-    backend_gens: BTreeMap<u32, u32>,
     backend_pool: Ids,
     svc_pool: Ids,
     /// Filter words as the map holds them.
@@ -140,6 +138,39 @@ pub struct Reconciler {
     stale_ids: BTreeSet<u32>,
     /// Names of frontends that have no entry (left by an interrupted removal).
     stale_metas: Vec<ServiceKey>,
+    /// How many held frontends set each filter bit.
+    bit_users: BTreeMap<u32, u32>,
+    /// Frontends whose last write or removal failed: the next apply tries them again.
+    failed: BTreeSet<FrontendKey>,
+    /// Backend ids taken during this apply (freed at its end if no frontend kept them).
+    taken: BTreeSet<u32>,
+}
+
+/// How many frontends use a backend id: in their slots, and kept for their flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Uses {
+    chosen: u32,
+    retained: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct IdState {
+    /// The backend it names (without `CHOSEN`); None while free.
+    key: Option<Backend>,
+    /// The generation it carries now (used and freed ids alike).
+    gen: u32,
+    /// Its entry carries `backend_flags::CHOSEN`.
+    chosen: bool,
+    uses: Uses,
+}
+
+/// The backend ids a frontend chooses and those it keeps only for their flows, each once.
+fn ids_of(state: &FrontendState) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    (state.slots.iter().flatten().copied().collect(), state.retained.iter().copied().collect())
+}
+
+fn filter_bit(key: &ServiceKey) -> u32 {
+    front_filter_bit(key.addr_be, key.port_be)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,9 +187,8 @@ impl Reconciler {
         let mut r = Reconciler {
             frontends: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
-            chosen: BTreeSet::new(),
+            ids: Vec::new(),
             maglev: MaglevSize::default(),
-            backend_gens: BTreeMap::new(),
             backend_pool: Ids::new(store.id_limits().1),
             svc_pool: Ids::new(store.id_limits().0),
             filter: store.filter_words()?.into_iter().collect(),
@@ -166,16 +196,20 @@ impl Reconciler {
             stale_ranges: Vec::new(),
             stale_ids: BTreeSet::new(),
             stale_metas: Vec::new(),
+            bit_users: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            taken: BTreeSet::new(),
         };
         for (id, gen) in store.backend_gens()? {
-            r.backend_gens.insert(id, gen);
+            r.id_mut(id).gen = gen;
         }
         for (id, backend) in store.backends()? {
-            r.backend_gens.insert(id, backend.gen);
-            if backend.flags & backend_flags::CHOSEN != 0 {
-                r.chosen.insert(id);
-            }
-            r.backend_ids.insert(Backend { gen: 0, flags: backend.flags & !backend_flags::CHOSEN, ..backend }, id);
+            let key = Backend { gen: 0, flags: backend.flags & !backend_flags::CHOSEN, ..backend };
+            let state = r.id_mut(id);
+            state.gen = backend.gen;
+            state.chosen = backend.flags & backend_flags::CHOSEN != 0;
+            state.key = Some(key);
+            r.backend_ids.insert(key, id);
         }
         let mut slots: BTreeMap<SlotKey, u32> = store.slots()?.into_iter().collect();
         let mut ranges: BTreeMap<u32, BTreeSet<Range>> = BTreeMap::new();
@@ -205,6 +239,9 @@ impl Reconciler {
         r.stale_ids = r.stale_slots.iter().map(|k| k.svc_id).chain(r.stale_ranges.iter().map(|(id, _)| *id)).collect();
         r.stale_ids.retain(|id| !live.contains(id));
         r.svc_pool.adopt(&live.union(&r.stale_ids).copied().collect());
+        for (key, ids) in r.frontends.iter().map(|(k, f)| (*k, ids_of(f))).collect::<Vec<_>>() {
+            r.recount(&key, None, Some(&ids), &mut BTreeSet::new());
+        }
         r.backend_pool.adopt(&r.backend_ids.values().copied().collect());
         Ok(r)
     }
@@ -223,8 +260,22 @@ impl Reconciler {
         config: Config,
         store: &mut S,
     ) -> Result<Changes, S::Error> {
+        self.apply_changes(desired, None, config, store)
+    }
+
+    /// As [`apply`](Self::apply), for a desired state that differs from the last one applied
+    /// only in the frontends `changed` names (None: in any): only those are written or
+    /// removed, with the backends and filter bits they use or release. Frontends that failed
+    /// before are tried again too.
+    pub fn apply_changes<S: MapStore>(
+        &mut self,
+        desired: &Desired,
+        changed: Option<&BTreeSet<FrontendKey>>,
+        config: Config,
+        store: &mut S,
+    ) -> Result<Changes, S::Error> {
         store.put_config(config)?;
-        self.write_desired(desired, store)
+        self.write_desired(desired, changed, store)
     }
 
     /// Compares the service maps with `desired` (what was last applied) and, where they
@@ -239,12 +290,17 @@ impl Reconciler {
         let maglev = self.maglev;
         *self = Reconciler::adopt(store)?;
         self.maglev = maglev;
-        let changes = self.write_desired(desired, store)?;
+        let changes = self.write_desired(desired, None, store)?;
         Ok(Some(Repair { drift, changes }))
     }
 
-    /// Everything `apply` writes but the node-wide config.
-    fn write_desired<S: MapStore>(&mut self, desired: &Desired, store: &mut S) -> Result<Changes, S::Error> {
+    /// Everything `apply_changes` writes but the node-wide config.
+    fn write_desired<S: MapStore>(
+        &mut self,
+        desired: &Desired,
+        changed: Option<&BTreeSet<FrontendKey>>,
+        store: &mut S,
+    ) -> Result<Changes, S::Error> {
         let mut changes = Changes::default();
         // Leftovers first: no entry reaches them, and their ids may be reused below.
         for key in std::mem::take(&mut self.stale_slots) {
@@ -266,36 +322,107 @@ impl Reconciler {
             }
         }
         self.release_cleaned_ids();
-        let wanted = filter_of(desired.frontends.keys().map(filter_key));
-        self.write_filter(store, &wanted, true)?;
-        let mut keep = BTreeSet::new();
-        for (fkey, frontend) in &desired.frontends {
-            let key = service_key(fkey);
-            keep.insert(key);
-            if let Err(e) = self.write_frontend(key, frontend, store, &mut changes) {
-                changes.failures.push(format!("Service {}: frontend {fkey}: {e}", frontend.service));
+        // The frontends to write (desired) and to remove (held, no longer desired).
+        let mut work: BTreeSet<FrontendKey> = std::mem::take(&mut self.failed);
+        match changed {
+            Some(keys) => work.extend(keys.iter().copied()),
+            None => {
+                work.extend(desired.frontends.keys().copied());
+                work.extend(self.frontends.keys().map(frontend_key));
             }
         }
-        let gone: Vec<ServiceKey> = self.frontends.keys().filter(|k| !keep.contains(k)).copied().collect();
-        for key in gone {
-            match self.remove_frontend(key, store) {
-                Ok(()) => changes.services_removed += 1,
-                Err(e) => {
-                    let addr = lb_common::user::ip_from_be(key.addr_be);
-                    changes.failures.push(format!(
-                        "frontend {addr}:{}/{}: removing: {e}",
-                        u16::from_be(key.port_be),
-                        key.proto
-                    ));
+        let mut touched_ids: BTreeSet<u32> = match changed {
+            Some(_) => BTreeSet::new(),
+            None => self.backend_ids.values().copied().collect(),
+        };
+        let mut touched_words: BTreeSet<u32> = match changed {
+            Some(_) => BTreeSet::new(),
+            None => self.filter.keys().copied().collect(),
+        };
+        let adding = filter_of(work.iter().filter(|k| desired.frontends.contains_key(k)).map(filter_key));
+        self.add_filter_bits(store, &adding)?;
+        // Writes before removals: a removed frontend's id is not handed to another at once.
+        let (writes, removals): (Vec<FrontendKey>, Vec<FrontendKey>) =
+            work.into_iter().partition(|k| desired.frontends.contains_key(k));
+        for fkey in writes.iter().chain(&removals) {
+            let key = service_key(fkey);
+            touched_words.insert(filter_bit(&key) / 64);
+            let before = self.frontends.get(&key).map(ids_of);
+            let result = match desired.frontends.get(fkey) {
+                Some(frontend) => self
+                    .write_frontend(key, frontend, store, &mut changes)
+                    .map_err(|e| format!("Service {}: frontend {fkey}: {e}", frontend.service)),
+                None if self.frontends.contains_key(&key) => match self.remove_frontend(key, store) {
+                    Ok(()) => {
+                        changes.services_removed += 1;
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("frontend {fkey}: removing: {e}")),
+                },
+                None => Ok(()),
+            };
+            let after = self.frontends.get(&key).map(ids_of);
+            self.recount(&key, before.as_ref(), after.as_ref(), &mut touched_ids);
+            if let Err(e) = result {
+                changes.failures.push(e);
+                self.failed.insert(*fkey);
+            }
+        }
+        touched_ids.extend(std::mem::take(&mut self.taken));
+        self.mark_chosen(store, &touched_ids)?;
+        self.free_unused_backends(store, &touched_ids, &mut changes)?;
+        // Bits of frontends still held (a failed removal) stay set.
+        self.clear_filter_bits(store, &touched_words)?;
+        Ok(changes)
+    }
+
+    /// Follows one frontend's change in the use counts of its backend ids and filter bit;
+    /// the ids whose counts moved join `touched`.
+    fn recount(
+        &mut self,
+        key: &ServiceKey,
+        before: Option<&(BTreeSet<u32>, BTreeSet<u32>)>,
+        after: Option<&(BTreeSet<u32>, BTreeSet<u32>)>,
+        touched: &mut BTreeSet<u32>,
+    ) {
+        if before == after {
+            return;
+        }
+        match (before.is_some(), after.is_some()) {
+            (false, true) => self.count(key, 1),
+            (true, false) => self.count(key, -1),
+            _ => {}
+        }
+        for (ids, step) in [(before, -1i64), (after, 1)] {
+            let Some((chosen, retained)) = ids else { continue };
+            for (set, is_chosen) in [(chosen, true), (retained, false)] {
+                for id in set {
+                    touched.insert(*id);
+                    let uses = &mut self.id_mut(*id).uses;
+                    let n = if is_chosen { &mut uses.chosen } else { &mut uses.retained };
+                    *n = (i64::from(*n) + step) as u32;
                 }
             }
         }
-        self.mark_chosen(store)?;
-        self.free_unused_backends(store, &mut changes)?;
-        // Bits of frontends still held (a failed removal) stay set.
-        let held = filter_of(self.frontends.keys().map(|k| (k.addr_be, k.port_be)));
-        self.write_filter(store, &held, false)?;
-        Ok(changes)
+    }
+
+    /// The state of backend id `id`, growing the table to hold it.
+    fn id_mut(&mut self, id: u32) -> &mut IdState {
+        let index = id as usize;
+        if self.ids.len() <= index {
+            self.ids.resize(index + 1, IdState::default());
+        }
+        &mut self.ids[index]
+    }
+
+    /// Counts a held frontend's filter bit in or out.
+    fn count(&mut self, key: &ServiceKey, step: i64) {
+        let bit = filter_bit(key);
+        let users = self.bit_users.entry(bit).or_default();
+        *users = (i64::from(*users) + step) as u32;
+        if *users == 0 {
+            self.bit_users.remove(&bit);
+        }
     }
 
     /// Frontend ids held only by leftovers that are now gone become free again.
@@ -311,71 +438,76 @@ impl Reconciler {
         }
     }
 
-    /// Writes the filter words that change: with `keep_held`, bits are only added (`target`
-    /// ORed in), else the filter becomes exactly `target`.
-    fn write_filter<S: MapStore>(
-        &mut self,
-        store: &mut S,
-        target: &BTreeMap<u32, u64>,
-        keep_held: bool,
-    ) -> Result<(), S::Error> {
-        let indices: BTreeSet<u32> = self.filter.keys().chain(target.keys()).copied().collect();
-        for index in indices {
-            let held = self.filter.get(&index).copied().unwrap_or(0);
-            let wanted = target.get(&index).copied().unwrap_or(0);
-            let new = if keep_held { held | wanted } else { wanted };
-            if new != held {
-                store.put_filter_word(index, new)?;
-                if new == 0 {
-                    self.filter.remove(&index);
+    /// ORs `bits` into the filter, writing the words that change.
+    fn add_filter_bits<S: MapStore>(&mut self, store: &mut S, bits: &BTreeMap<u32, u64>) -> Result<(), S::Error> {
+        for (index, wanted) in bits {
+            let held = self.filter.get(index).copied().unwrap_or(0);
+            if held | wanted != held {
+                store.put_filter_word(*index, held | wanted)?;
+                self.filter.insert(*index, held | wanted);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes these filter words hold exactly the bits of the frontends held.
+    fn clear_filter_bits<S: MapStore>(&mut self, store: &mut S, words: &BTreeSet<u32>) -> Result<(), S::Error> {
+        for index in words {
+            let wanted =
+                self.bit_users.range(index * 64..(index + 1) * 64).fold(0u64, |word, (bit, _)| word | 1 << (bit % 64));
+            let held = self.filter.get(index).copied().unwrap_or(0);
+            if wanted != held {
+                store.put_filter_word(*index, wanted)?;
+                if wanted == 0 {
+                    self.filter.remove(index);
                 } else {
-                    self.filter.insert(index, new);
+                    self.filter.insert(*index, wanted);
                 }
             }
         }
         Ok(())
     }
 
-    /// Sets `CHOSEN` on the backends some set chooses and clears it on the others (kept
-    /// only for their flows), keeping ids and generations.
-    fn mark_chosen<S: MapStore>(&mut self, store: &mut S) -> Result<(), S::Error> {
-        let wanted: BTreeSet<u32> = self.frontends.values().flat_map(|f| f.slots.iter().flatten().copied()).collect();
-        let kept: BTreeSet<u32> = self.frontends.values().flat_map(|f| f.retained.iter().copied()).collect();
-        // Ids no frontend uses any more are freed next: no need to touch them.
-        let keys: BTreeMap<u32, Backend> = self
-            .backend_ids
-            .iter()
-            .filter(|(_, id)| wanted.contains(id) || kept.contains(id))
-            .map(|(b, id)| (*id, *b))
-            .collect();
-        for (id, key) in keys {
-            let chosen = wanted.contains(&id);
-            if chosen == self.chosen.contains(&id) {
+    /// Sets `CHOSEN` on the backends among `ids` that some set chooses and clears it on
+    /// the others (kept only for their flows), keeping ids and generations.
+    fn mark_chosen<S: MapStore>(&mut self, store: &mut S, ids: &BTreeSet<u32>) -> Result<(), S::Error> {
+        for id in ids {
+            let Some(state) = self.ids.get(*id as usize).copied() else { continue };
+            let Some(key) = state.key else { continue };
+            // Ids no frontend uses any more are freed next: no need to touch them.
+            if state.uses == Uses::default() {
                 continue;
             }
-            let gen = self.backend_gens.get(&id).copied().unwrap_or(1);
-            let flags = key.flags | if chosen { backend_flags::CHOSEN } else { 0 };
-            store.put_backend(id, Backend { gen, flags, ..key })?;
-            if chosen {
-                self.chosen.insert(id);
-            } else {
-                self.chosen.remove(&id);
+            let chosen = state.uses.chosen > 0;
+            if chosen == state.chosen {
+                continue;
             }
+            let flags = key.flags | if chosen { backend_flags::CHOSEN } else { 0 };
+            store.put_backend(*id, Backend { gen: state.gen, flags, ..key })?;
+            self.id_mut(*id).chosen = chosen;
         }
         Ok(())
     }
 
-    fn free_unused_backends<S: MapStore>(&mut self, store: &mut S, changes: &mut Changes) -> Result<(), S::Error> {
-        let used: BTreeSet<u32> =
-            self.frontends.values().flat_map(|f| f.slots.iter().flatten().chain(f.retained.iter()).copied()).collect();
-        let unused: Vec<(Backend, u32)> =
-            self.backend_ids.iter().filter(|(_, id)| !used.contains(id)).map(|(b, id)| (*b, *id)).collect();
+    /// Frees the backend ids among `ids` that no frontend uses.
+    fn free_unused_backends<S: MapStore>(
+        &mut self,
+        store: &mut S,
+        ids: &BTreeSet<u32>,
+        changes: &mut Changes,
+    ) -> Result<(), S::Error> {
+        let mut unused: Vec<(Backend, u32)> = ids
+            .iter()
+            .filter_map(|id| self.ids.get(*id as usize).map(|s| (*id, *s)))
+            .filter(|(_, s)| s.uses == Uses::default())
+            .filter_map(|(id, s)| Some((s.key?, id)))
+            .collect();
+        unused.sort();
         for (backend, id) in unused {
-            let gen = self.backend_gens.get(&id).copied().unwrap_or(0).wrapping_add(1);
+            let gen = self.ids[id as usize].gen.wrapping_add(1);
             store.put_backend(id, Backend { gen, ..Backend::default() })?;
-            self.backend_gens.insert(id, gen);
+            *self.id_mut(id) = IdState { gen, ..IdState::default() };
             self.backend_ids.remove(&backend);
-            self.chosen.remove(&id);
             self.backend_pool.release(id);
             changes.backends_removed += 1;
         }
@@ -403,17 +535,15 @@ impl Reconciler {
         // CHOSEN comes with the first write when the sets already choose it: affinity may
         // send new flows to it from then on.
         // A reused id gets a new generation: flows of its last endpoint must not follow it.
-        let gen = self.backend_gens.get(&id).copied().unwrap_or(0).wrapping_add(1).max(1);
+        let gen = self.ids.get(id as usize).map_or(0, |s| s.gen).wrapping_add(1).max(1);
         let flags = key.flags | if chosen { backend_flags::CHOSEN } else { 0 };
         if let Err(e) = store.put_backend(id, Backend { gen, flags, ..key }) {
             self.backend_pool.release(id);
             return Err(WriteError::Map(e));
         }
-        self.backend_gens.insert(id, gen);
         self.backend_ids.insert(key, id);
-        if chosen {
-            self.chosen.insert(id);
-        }
+        *self.id_mut(id) = IdState { key: Some(key), gen, chosen, uses: Uses::default() };
+        self.taken.insert(id);
         changes.backends_added += 1;
         Ok(id)
     }
@@ -531,6 +661,12 @@ fn owner_of(f: &Frontend, proto: u8) -> u64 {
 
 pub fn service_key(k: &FrontendKey) -> ServiceKey {
     ServiceKey::new(k.addr, k.port, k.protocol.number())
+}
+
+/// The model's name for a frontend the maps hold.
+fn frontend_key(k: &ServiceKey) -> FrontendKey {
+    let protocol = if k.proto == lb_common::IPPROTO_UDP { Protocol::Udp } else { Protocol::Tcp };
+    FrontendKey { addr: lb_common::user::ip_from_be(k.addr_be), port: u16::from_be(k.port_be), protocol }
 }
 
 fn filter_key(k: &FrontendKey) -> (u32, u16) {

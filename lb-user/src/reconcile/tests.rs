@@ -622,3 +622,64 @@ fn repair_writes_back_what_was_changed_behind_the_reconcilers_back_and_only_that
     // The reconciler's view follows: the next apply of the same state writes nothing.
     assert_eq!(apply(&mut r, &mut store, &d), Vec::<String>::new());
 }
+
+/// What a store holds, for comparing two stores.
+fn contents(s: &Fake) -> impl PartialEq + std::fmt::Debug {
+    (s.services.clone(), s.slots.clone(), s.backends.clone(), s.ranges.clone(), s.filter.clone(), s.metas.clone())
+}
+
+mod incremental {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A desired state over a small pool of frontends, services and backends, so that
+    /// sequences share, move and drop backends.
+    fn desired_state() -> impl Strategy<Value = Desired> {
+        let one = (
+            0..3u8,
+            proptest::collection::vec((1..6u8, any::<bool>()), 0..4),
+            proptest::collection::vec(1..6u8, 0..2),
+            any::<bool>(),
+        );
+        proptest::collection::btree_map(1..6u8, one, 0..5).prop_map(|frontends| {
+            let mut d = Desired::default();
+            for (last, (svc, backends, retained, maglev)) in frontends {
+                let mut f = frontend(&[]);
+                f.service.name = format!("svc{svc}");
+                let addr = |b: u8, local: bool| BackendAddr { addr: Ipv4Addr::new(10, 244, 1, b), port: 8080, local };
+                f.backends = backends.iter().map(|(b, l)| addr(*b, *l)).collect::<BTreeSet<_>>().into_iter().collect();
+                f.retained =
+                    retained.iter().map(|b| addr(*b + 10, false)).collect::<BTreeSet<_>>().into_iter().collect();
+                f.algorithm = if maglev { Algorithm::Maglev } else { Algorithm::Random };
+                d.frontends
+                    .insert(FrontendKey { addr: Ipv4Addr::new(10, 96, 0, last), port: 80, protocol: Protocol::Tcp }, f);
+            }
+            d
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// Writing only the frontends that changed leaves the maps as a full apply does.
+        #[test]
+        fn applying_only_the_changes_equals_a_full_apply(states in proptest::collection::vec(desired_state(), 1..8)) {
+            let (mut full_store, mut inc_store) = (Fake::default(), Fake::default());
+            let mut full = Reconciler::adopt(&full_store).unwrap();
+            let mut inc = Reconciler::adopt(&inc_store).unwrap();
+            let mut previous = Desired::default();
+            for (i, d) in states.iter().enumerate() {
+                full.apply(d, Config::default(), &mut full_store).unwrap();
+                let keys: BTreeSet<FrontendKey> = previous.frontends.keys().chain(d.frontends.keys()).copied().collect();
+                let changed: BTreeSet<FrontendKey> =
+                    keys.into_iter().filter(|k| previous.frontends.get(k) != d.frontends.get(k)).collect();
+                // The first apply after adoption is a full one, as the sync makes it.
+                let only = (i > 0).then_some(&changed);
+                inc.apply_changes(d, only, Config::default(), &mut inc_store).unwrap();
+                prop_assert_eq!(contents(&inc_store), contents(&full_store), "after state {}", i);
+                previous = d.clone();
+            }
+        }
+    }
+}

@@ -60,7 +60,7 @@ pub enum Error {
     Datapath(#[from] datapath::Error),
 }
 
-/// The node each endpoint of a Service runs on (`model::endpoint_nodes`).
+/// The node each endpoint of a Service runs on (as the model's index reads them).
 pub type EndpointNodes = BTreeMap<(ServiceRef, Ipv4Addr), String>;
 
 /// The agent's own metrics. Clones share them: the agent records, the server reads.
@@ -121,9 +121,22 @@ impl AgentMetrics {
         self.drift_repairs.inc_by(repaired as u64);
     }
 
-    /// The endpoints' nodes, for the `node` label of backend metrics.
-    pub fn set_endpoint_nodes(&self, nodes: EndpointNodes) {
-        *self.nodes.write().expect("not poisoned") = nodes;
+    /// The endpoints' nodes of these Services (computed again), for the `node` label of
+    /// backend metrics.
+    pub fn update_endpoint_nodes(&self, services: Vec<(ServiceRef, crate::model::EndpointNodes)>) {
+        if services.is_empty() {
+            return;
+        }
+        let mut nodes = self.nodes.write().expect("not poisoned");
+        for (service, addresses) in services {
+            let first = (service.clone(), Ipv4Addr::UNSPECIFIED);
+            let last = (service.clone(), Ipv4Addr::BROADCAST);
+            let gone: Vec<_> = nodes.range(first..=last).map(|(k, _)| k.clone()).collect();
+            for k in gone {
+                nodes.remove(&k);
+            }
+            nodes.extend(addresses.into_iter().map(|(addr, node)| ((service.clone(), addr), node)));
+        }
     }
 
     /// Everything /metrics serves: these metrics and the datapath's `reading`.
