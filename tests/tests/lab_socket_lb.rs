@@ -38,6 +38,12 @@ const FEWEST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 5, 4), 80);
 const MOVING: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 5, 5), 80);
 /// sessionAffinity ClientIP over all three pods.
 const STICKY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 5, 6), 80);
+/// A NodePort Service with externalTrafficPolicy Local, its only endpoint on node2.
+const ETP_LOCAL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 5, 7), 80);
+/// A NodePort Service's nodePort: WEB_NODE_PORT for web, the next ones by ClusterIP.
+fn node_port(frontend: SocketAddrV4) -> u16 {
+    WEB_NODE_PORT + u16::from(frontend.ip().octets()[3]) - 1
+}
 /// What a client process may take before it is killed.
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -49,7 +55,8 @@ fn service(name: &str, frontend: SocketAddrV4, extra: &str, annotations: &str, b
             p = frontend.port()
         )
     };
-    let node_port = if extra.contains("NodePort") { format!(", nodePort: {WEB_NODE_PORT}") } else { String::new() };
+    let node_port =
+        if extra.contains("NodePort") { format!(", nodePort: {}", node_port(frontend)) } else { String::new() };
     let endpoints: Vec<String> = backends
         .iter()
         .map(|ip| format!("{{addresses: [\"{ip}\"], nodeName: node{}}}", if *ip == POD_A { 1 } else { 2 }))
@@ -71,6 +78,7 @@ fn manifests(moving: &[Ipv4Addr]) -> String {
         service("fewest", FEWEST, "", "lb.kube-xdp.io/algorithm: least-conn", &[POD_B, POD_C]),
         service("moving", MOVING, "", "", moving),
         service("sticky", STICKY, ", sessionAffinity: ClientIP", "", &[POD_A, POD_B, POD_C]),
+        service("etp-local", ETP_LOCAL, ", type: NodePort, externalTrafficPolicy: Local", "", &[POD_B]),
     ]
     .concat()
 }
@@ -307,6 +315,27 @@ fn node_ports_answer_the_node_on_its_own_address_and_on_loopback() {
     let out = lab.run(lab.pod_a(), 0, &["tcp", &loopback, "1"]);
     failed_at_once(&out[0], libc::ECONNREFUSED, "a pod's own loopback");
     assert_eq!(lab.counter(0, counters::SOCK_REFUSED), 0, "refused by the pod's stack, not by the hooks");
+}
+
+/// kube-proxy short-circuits traffic from the node itself to an externalTrafficPolicy=Local
+/// frontend to the cluster set: node1 has no local endpoint, yet its own sockets reach
+/// node2's on node1's NodePort, on its address and on 127.0.0.1 (outside clients are
+/// dropped there: lab_contract).
+#[test]
+fn the_nodes_own_sockets_reach_an_external_local_nodeport_through_the_cluster_set() {
+    let lab = SocketLab::start("host-only");
+    let node1 = lab.cluster.lab.nodes[0].addr;
+    let port = node_port(ETP_LOCAL);
+    for frontend in [SocketAddrV4::new(node1, port), SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)] {
+        for mode in ["tcp", "udp"] {
+            let out = lab.run(lab.node(0), 0, &[mode, &frontend.to_string(), "2"]);
+            for o in &out {
+                assert_eq!(answered(o).0, "pod-b", "{mode} to {frontend}: the cluster set, on node2");
+                assert_eq!(peer(o), Some(frontend), "{mode} to {frontend}: shown the NodePort");
+            }
+        }
+    }
+    assert_eq!(lab.counter(0, counters::SOCK_UNREACHABLE), 0);
 }
 
 #[test]
