@@ -482,3 +482,54 @@ mod tests {
         assert!(unlucky.count() > 0, "the first address has runs XDP hands to tc: the search had work to do");
     }
 }
+
+/// Why a benchmark row has no figure.
+pub enum Refusal {
+    /// The datapath did something else than the row claims (or a request failed).
+    Disagrees(String),
+    /// A call's conditions could not be met (a busy machine): shown, not a failure.
+    Unmeasured(String),
+}
+
+/// Where a benchmark row stands after its calls: why it has no figure, if so, and what its
+/// first call proved.
+#[derive(Default)]
+pub struct Standing {
+    pub refused: Option<String>,
+    /// Refused only because a call could not be made under its conditions, not because the
+    /// datapath did something else than the row claims.
+    pub unmeasured: bool,
+    pub proof: String,
+}
+
+impl Standing {
+    /// Takes in round `round`'s call: its sample when the call counts. A disagreement
+    /// refuses the row whatever came before; an unmeasured call marks it only if nothing
+    /// refused it already.
+    pub fn record<T>(&mut self, round: usize, checked: Result<(T, String), Refusal>) -> Option<T> {
+        match checked {
+            Ok((sample, proof)) => {
+                if self.proof.is_empty() {
+                    self.proof = proof;
+                }
+                return Some(sample);
+            }
+            Err(Refusal::Disagrees(why)) => {
+                self.unmeasured = false;
+                self.refused = Some(format!("round {}: {why}", round + 1));
+            }
+            Err(Refusal::Unmeasured(why)) => {
+                if self.refused.is_none() {
+                    self.unmeasured = true;
+                    self.refused = Some(format!("round {}: {why}", round + 1));
+                }
+            }
+        }
+        None
+    }
+
+    /// Shown with its figure, or as NOT MEASURED: only a disagreement fails a run.
+    pub fn passes(&self) -> bool {
+        self.refused.is_none() || self.unmeasured
+    }
+}

@@ -30,7 +30,7 @@ use lb_common::{
 use lb_tests::{
     bench::{
         clear_of_partial_lookalikes, ct_now, handshake, insert_flows, wrapper_source, Bench, Call, Flow, Outcome,
-        Program, ServiceWriter, SplitMix64,
+        Program, Refusal, ServiceWriter, SplitMix64, Standing,
     },
     fixture::{
         ct_key, local_slices, with_fixture, with_fixtures, Fixture, Setup, CLIENT, LOCAL_POD, MANIFESTS, NODE,
@@ -320,6 +320,40 @@ fn cases(live_clients: Ipv4Addr) -> Vec<Case> {
         },
         goal: Goal::RatioAtMost { of: ESTABLISHED, ratio: 1.2 },
     };
+    let new_local = |fixture, name| Case {
+        name,
+        fixture,
+        program: Program::Wrapped(program_names::XDP_UPLINK),
+        frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 1024), node(30081), SYN),
+        sources: Sources::New,
+        repeat: NEW_LOCAL_FLOWS,
+        screen: Screen::Any,
+        expect: Expect {
+            action: XDP_PASS,
+            counters: &["new_flow"],
+            tag: Some(XDP_META_REDIRECT),
+            out: Out::Translated { dst: vec![SocketAddrV4::new(LOCAL_POD, 8080)], snat: false },
+            entries_per_run: 2,
+        },
+        goal: Goal::None,
+    };
+    let new_snat = |fixture, name, goal| Case {
+        name,
+        fixture,
+        program: Program::Wrapped(program_names::XDP_UPLINK),
+        frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 1024), node(30080), SYN),
+        sources: Sources::New,
+        repeat: NEW_SNAT_FLOWS,
+        screen: Screen::Any,
+        expect: Expect {
+            action: XDP_TX,
+            counters: &["new_flow", "xdp_tx"],
+            tag: None,
+            out: Out::Translated { dst: vec![remote], snat: true },
+            entries_per_run: 2,
+        },
+        goal,
+    };
     let pass = |name, dst, screen| Case {
         name,
         fixture: FAST,
@@ -374,74 +408,10 @@ fn cases(live_clients: Ipv4Addr) -> Vec<Case> {
             goal: Goal::None,
             ..established(NETFILTER, "established NodePort, netfilter: DNAT, pass")
         },
-        Case {
-            name: "new flow: DNAT to a local backend",
-            fixture: FAST,
-            program: Program::Wrapped(program_names::XDP_UPLINK),
-            frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 1024), node(30081), SYN),
-            sources: Sources::New,
-            repeat: NEW_LOCAL_FLOWS,
-            screen: Screen::Any,
-            expect: Expect {
-                action: XDP_PASS,
-                counters: &["new_flow"],
-                tag: Some(XDP_META_REDIRECT),
-                out: Out::Translated { dst: vec![SocketAddrV4::new(LOCAL_POD, 8080)], snat: false },
-                entries_per_run: 2,
-            },
-            goal: Goal::None,
-        },
-        Case {
-            name: "new flow: DNAT+SNAT (NAT port), XDP_TX",
-            fixture: FAST,
-            program: Program::Wrapped(program_names::XDP_UPLINK),
-            frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 1024), node(30080), SYN),
-            sources: Sources::New,
-            repeat: NEW_SNAT_FLOWS,
-            screen: Screen::Any,
-            expect: Expect {
-                action: XDP_TX,
-                counters: &["new_flow", "xdp_tx"],
-                tag: None,
-                out: Out::Translated { dst: vec![remote], snat: true },
-                entries_per_run: 2,
-            },
-            goal: Goal::OwnAtMost { ns: 380, katran: 399 },
-        },
-        Case {
-            name: "new flow: DNAT to a local backend, preallocated conntrack",
-            fixture: PREALLOCATED,
-            program: Program::Wrapped(program_names::XDP_UPLINK),
-            frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 1024), node(30081), SYN),
-            sources: Sources::New,
-            repeat: NEW_LOCAL_FLOWS,
-            screen: Screen::Any,
-            expect: Expect {
-                action: XDP_PASS,
-                counters: &["new_flow"],
-                tag: Some(XDP_META_REDIRECT),
-                out: Out::Translated { dst: vec![SocketAddrV4::new(LOCAL_POD, 8080)], snat: false },
-                entries_per_run: 2,
-            },
-            goal: Goal::None,
-        },
-        Case {
-            name: "new flow: DNAT+SNAT (NAT port), XDP_TX, preallocated conntrack",
-            fixture: PREALLOCATED,
-            program: Program::Wrapped(program_names::XDP_UPLINK),
-            frame: Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 1024), node(30080), SYN),
-            sources: Sources::New,
-            repeat: NEW_SNAT_FLOWS,
-            screen: Screen::Any,
-            expect: Expect {
-                action: XDP_TX,
-                counters: &["new_flow", "xdp_tx"],
-                tag: None,
-                out: Out::Translated { dst: vec![remote], snat: true },
-                entries_per_run: 2,
-            },
-            goal: Goal::None,
-        },
+        new_local(FAST, "new flow: DNAT to a local backend"),
+        new_snat(FAST, "new flow: DNAT+SNAT (NAT port), XDP_TX", Goal::OwnAtMost { ns: 380, katran: 399 }),
+        new_local(PREALLOCATED, "new flow: DNAT to a local backend, preallocated conntrack"),
+        new_snat(PREALLOCATED, "new flow: DNAT+SNAT (NAT port), XDP_TX, preallocated conntrack", Goal::None),
         established(MANY_FLOWS, "established, with 1M live flows"),
         cycle(false, "established, 1M live, cycling 250k, idle > 1 s"),
         cycle(true, "established, 1M live, cycling 250k, idle < 1 s"),
@@ -497,14 +467,9 @@ fn selection_cases() -> Vec<Case> {
 /// A case's samples, or why it has none to show.
 struct Row {
     ns: Vec<u64>,
-    refused: Option<String>,
-    /// Refused only because a call could not be made under its conditions (a busy machine),
-    /// not because the datapath did something else than the row claims.
-    unmeasured: bool,
+    standing: Standing,
     /// The wrapper's run counter: where the case's next new flows start.
     next_run: u32,
-    /// What the first call showed, for the record.
-    proof: String,
 }
 
 impl Row {
@@ -607,10 +572,8 @@ fn timed(fixtures: &mut [Fixture], options: &Options) -> Result<bool> {
         .iter()
         .map(|case| Row {
             ns: Vec::new(),
-            refused: check_screen(&fixtures[case.fixture], case).err(),
-            unmeasured: false,
+            standing: Standing { refused: check_screen(&fixtures[case.fixture], case).err(), ..Standing::default() },
             next_run: 0,
-            proof: String::new(),
         })
         .collect();
     // When a call last went through the live flows (their stamps were set at insertion).
@@ -624,23 +587,8 @@ fn timed(fixtures: &mut [Fixture], options: &Options) -> Result<bool> {
             let first_run = if case.sources == Sources::New { row.next_run } else { 0 };
             let (runs, checked) = time_case(case, fx, bench, first_run, &mut live_seen)?;
             row.next_run = runs;
-            match checked {
-                Ok((ns, proof)) => {
-                    row.ns.push(ns);
-                    if row.proof.is_empty() {
-                        row.proof = proof;
-                    }
-                }
-                Err(Refusal::Disagrees(why)) => {
-                    row.unmeasured = false;
-                    row.refused = Some(format!("round {}: {why}", round + 1));
-                }
-                Err(Refusal::Unmeasured(why)) => {
-                    if row.refused.is_none() {
-                        row.unmeasured = true;
-                        row.refused = Some(format!("round {}: {why}", round + 1));
-                    }
-                }
+            if let Some(sample) = row.standing.record(round, checked) {
+                row.ns.push(sample);
             }
         }
     }
@@ -649,15 +597,7 @@ fn timed(fixtures: &mut [Fixture], options: &Options) -> Result<bool> {
     print_programs(&mut fixtures[FAST])?;
     // A row the machine was too busy to measure is shown as such; only a disagreement
     // between what a row claims and what the datapath did fails the run.
-    Ok(rows.iter().all(|r| r.refused.is_none() || r.unmeasured))
-}
-
-/// Why a row has no figure.
-enum Refusal {
-    /// The datapath did something else than the row claims.
-    Disagrees(String),
-    /// A call's conditions could not be met (say, a warm call took too long on a busy machine).
-    Unmeasured(String),
+    Ok(rows.iter().all(|r| r.standing.passes()))
 }
 
 /// A call's time per run and what it showed, or why its row is refused.
@@ -956,11 +896,11 @@ fn print_table(cases: &[Case], rows: &[Row], rounds: usize) {
     );
     // The first two cases are the empty program and the floor; no other row means much without them.
     let (empty, floor) = (&rows[0], &rows[1]);
-    let units = empty.refused.is_none() && floor.refused.is_none();
+    let units = empty.standing.refused.is_none() && floor.standing.refused.is_none();
     let own = |row: &Row| (row.best() as i64 - floor.best() as i64, row.median() as i64 - floor.median() as i64);
     for (i, (case, row)) in cases.iter().zip(rows).enumerate() {
-        if let Some(why) = &row.refused {
-            println!("{:<46} {}, {why}", case.name, if row.unmeasured { "NOT MEASURED" } else { "REFUSED" });
+        if let Some(why) = &row.standing.refused {
+            println!("{:<46} {}, {why}", case.name, if row.standing.unmeasured { "NOT MEASURED" } else { "REFUSED" });
             continue;
         }
         let (own_best, own_median, x_empty) = match i {
@@ -984,14 +924,16 @@ fn print_table(cases: &[Case], rows: &[Row], rounds: usize) {
                 (format!("<= {ns} ns (Katran {katran})"), verdict(m as f64 <= ns as f64, b as f64 <= ns as f64))
             }
             Goal::Compare { of, label } => match cases.iter().position(|c| c.name == of) {
-                Some(base) if rows[base].refused.is_none() => {
+                Some(base) if rows[base].standing.refused.is_none() => {
                     (format!("{:.2}x {label}", own(row).1 as f64 / own(&rows[base]).1 as f64), String::new())
                 }
                 _ => (String::new(), String::new()),
             },
             Goal::RatioAtMost { of, ratio } => match cases.iter().position(|c| c.name == of) {
                 None => ("its base row did not run".into(), String::new()),
-                Some(base) if rows[base].refused.is_some() => ("its base row was refused".into(), String::new()),
+                Some(base) if rows[base].standing.refused.is_some() => {
+                    ("its base row was refused".into(), String::new())
+                }
                 Some(base) => {
                     let ((b, m), (base_b, base_m)) = (own(row), own(&rows[base]));
                     let (rb, rm) = (b as f64 / base_b as f64, m as f64 / base_m as f64);
@@ -1013,8 +955,8 @@ fn print_table(cases: &[Case], rows: &[Row], rounds: usize) {
         );
     }
     println!("\nwhat every call of each row showed (checked after each of the {rounds} rounds):");
-    for (case, row) in cases.iter().zip(rows).filter(|(_, r)| r.refused.is_none()) {
-        println!("  {}: {}", case.name, row.proof);
+    for (case, row) in cases.iter().zip(rows).filter(|(_, r)| r.standing.refused.is_none()) {
+        println!("  {}: {}", case.name, row.standing.proof);
     }
 }
 

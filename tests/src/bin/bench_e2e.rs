@@ -42,7 +42,7 @@ use lb_common::{
     counters, ServiceKey, IPPROTO_TCP,
 };
 use lb_tests::{
-    bench::{ct_now, handshake, insert_flows, machine, Bench, Flow, ServiceWriter, SplitMix64},
+    bench::{ct_now, handshake, insert_flows, machine, Bench, Flow, Refusal, ServiceWriter, SplitMix64, Standing},
     cgroup::Cgroup,
     client,
     cluster::{Cluster, Manifests, BACKEND_PORT},
@@ -328,14 +328,6 @@ impl std::fmt::Display for Counts {
     }
 }
 
-/// Why a row has no figure.
-enum Refusal {
-    /// The datapath did something else than the row claims, or a request failed.
-    Disagrees(String),
-    /// The call could not measure anything (no request finished in its window).
-    Unmeasured(String),
-}
-
 /// Does what the datapath counted during a call match the row's route?
 fn verify(case: &Case, stats: &RrStats, moved: &Snapshot) -> Result<String, Refusal> {
     let grew = &moved.counts();
@@ -379,11 +371,7 @@ fn verify(case: &Case, stats: &RrStats, moved: &Snapshot) -> Result<String, Refu
 #[derive(Default)]
 struct Row {
     samples: Vec<RrStats>,
-    refused: Option<String>,
-    /// Refused only because the machine could not measure it, not for a disagreement.
-    unmeasured: bool,
-    /// What the first call's counters showed, for the record.
-    proof: String,
+    standing: Standing,
 }
 
 impl Row {
@@ -475,29 +463,14 @@ fn requests(cases: &[Case], options: &Options) -> Result<bool> {
                 Ok(stats) => verify(case, &stats, &grew).map(|proof| (stats, proof)),
                 Err(e) => Err(Refusal::Disagrees(format!("the client failed: {e:#}"))),
             };
-            match checked {
-                Ok((stats, proof)) => {
-                    row.samples.push(stats);
-                    if row.proof.is_empty() {
-                        row.proof = proof;
-                    }
-                }
-                Err(Refusal::Disagrees(why)) => {
-                    row.unmeasured = false;
-                    row.refused = Some(format!("round {}: {why}", round + 1));
-                }
-                Err(Refusal::Unmeasured(why)) => {
-                    if row.refused.is_none() {
-                        row.unmeasured = true;
-                        row.refused = Some(format!("round {}: {why}", round + 1));
-                    }
-                }
+            if let Some(sample) = row.standing.record(round, checked) {
+                row.samples.push(sample);
             }
         }
     }
     println!("timed {} rounds in {:.1} s\n", options.rounds, started.elapsed().as_secs_f64());
     print_requests(cases, &rows, options);
-    Ok(rows.iter().all(|r| r.refused.is_none() || r.unmeasured))
+    Ok(rows.iter().all(|r| r.standing.passes()))
 }
 
 fn print_requests(cases: &[Case], rows: &[Row], options: &Options) {
@@ -514,15 +487,15 @@ fn print_requests(cases: &[Case], rows: &[Row], options: &Options) {
         "case", "unit", "best", "median", "p50 us", "p99 us", "x dir best", "x dir med", "x dir p50"
     );
     for (case, row) in cases.iter().zip(rows) {
-        if let Some(why) = &row.refused {
-            println!("{:<48} {}, {why}", case.name(), if row.unmeasured { "NOT MEASURED" } else { "REFUSED" });
+        if let Some(why) = &row.standing.refused {
+            println!("{:<48} {}, {why}", case.name(), if row.standing.unmeasured { "NOT MEASURED" } else { "REFUSED" });
             continue;
         }
         let direct = cases
             .iter()
             .position(|c| (c.from, c.exchange, c.route) == (case.from, case.exchange, case.direct().route))
             .map(|d| &rows[d])
-            .filter(|d| d.refused.is_none());
+            .filter(|d| d.standing.refused.is_none());
         let p50 = row.median_of(|s| s.p50_us);
         let (best, median, latency) = match direct {
             Some(d) if case.route != Route::Direct => (
@@ -547,8 +520,8 @@ fn print_requests(cases: &[Case], rows: &[Row], options: &Options) {
     }
     println!("node, ClusterIP without socket-LB: not served (no packet hook sees the node's own sockets)");
     println!("\nwhat each row's first call showed (every call checked):");
-    for (case, row) in cases.iter().zip(rows).filter(|(_, r)| r.refused.is_none()) {
-        println!("  {}: {}", case.name(), row.proof);
+    for (case, row) in cases.iter().zip(rows).filter(|(_, r)| r.standing.refused.is_none()) {
+        println!("  {}: {}", case.name(), row.standing.proof);
     }
     println!();
 }
