@@ -5,8 +5,7 @@
 //! Drops in order: agents (stopped, pins removed), backends, the API server, the lab.
 use std::{
     collections::BTreeMap,
-    io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4},
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
@@ -22,7 +21,7 @@ use crate::{
     cluster::{pod_name, BACKEND_PORT},
     fake_api::{kube_client, Config, FakeApiServer, Faults},
     lab::{in_netns, Lab, Spec},
-    traffic::{parse_answer, Echo, TIMEOUT},
+    traffic::{parse_answer, tcp_ask_here, udp_ask_here, Echo},
 };
 
 /// The API server's port on its lab address.
@@ -187,7 +186,9 @@ pub fn answers(ns: &str, dst: SocketAddrV4, samples: usize) -> BTreeMap<String, 
     in_netns(ns, move || {
         let mut seen = BTreeMap::new();
         for _ in 0..samples {
-            for (proto, result) in [("tcp", tcp_once(dst)), ("udp", udp_once(dst))] {
+            for (proto, result) in
+                [("tcp", tcp_ask_here(dst)), ("udp", udp_ask_here(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), dst))]
+            {
                 let key = match result.as_deref().map(parse_answer) {
                     Ok(Some((name, _))) => format!("{proto} {name}"),
                     Ok(None) => format!("{proto} garbled"),
@@ -198,25 +199,6 @@ pub fn answers(ns: &str, dst: SocketAddrV4, samples: usize) -> BTreeMap<String, 
         }
         seen
     })
-}
-
-fn tcp_once(dst: SocketAddrV4) -> io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.write_all(b"hello\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
-
-fn udp_once(dst: SocketAddrV4) -> io::Result<String> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.connect(dst)?;
-    s.send(b"hello")?;
-    let mut buf = [0u8; 256];
-    let n = s.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// Waits until requests over TCP and UDP from `ns` to `dst` are answered by exactly the

@@ -325,15 +325,18 @@ pub fn rr_udp_here(dst: SocketAddrV4, duration: Duration) -> io::Result<RrStats>
 /// connected, as resolvers do: answers must come from `dst` itself, and an ICMP port
 /// unreachable surfaces as ConnectionRefused.
 pub fn udp_ask(ns: &str, bind: SocketAddrV4, dst: SocketAddrV4) -> io::Result<String> {
-    in_netns(ns, move || {
-        let s = UdpSocket::bind(bind)?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        s.connect(dst)?;
-        s.send(b"hello")?;
-        let mut buf = [0u8; 256];
-        let n = s.recv(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-    })
+    in_netns(ns, move || udp_ask_here(bind, dst))
+}
+
+/// The same, from the calling thread's namespace.
+pub fn udp_ask_here(bind: SocketAddrV4, dst: SocketAddrV4) -> io::Result<String> {
+    let s = UdpSocket::bind(bind)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.connect(dst)?;
+    s.send(b"hello")?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// `total` TCP requests from `ns`, `concurrency` at a time; the answers in order.
@@ -585,7 +588,10 @@ impl Load {
                         while !stop.load(Ordering::Relaxed) {
                             let started = std::time::Instant::now();
                             let result = match ports.as_mut() {
-                                Some(ports) => udp_request_here(ports.next().expect("a fresh port"), dst),
+                                Some(ports) => udp_ask_here(
+                                    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, ports.next().expect("a fresh port")),
+                                    dst,
+                                ),
                                 None => tcp_ask_here(dst),
                             };
                             let who = result.map_err(|e| e.to_string()).and_then(|a| {
@@ -609,17 +615,6 @@ impl Load {
         }
         std::mem::take(&mut *self.outcomes.lock().unwrap())
     }
-}
-
-/// One UDP request from `port` of this thread's namespace.
-fn udp_request_here(port: u16, dst: SocketAddrV4) -> io::Result<String> {
-    let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.connect(dst)?;
-    s.send(b"hello")?;
-    let mut buf = [0u8; 256];
-    let n = s.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 #[cfg(test)]
