@@ -51,8 +51,9 @@ enum Task {
     Test,
     /// Per-packet cost of the XDP program next to an empty one (BPF_PROG_TEST_RUN), then the
     /// end-to-end request rates (direct, ClusterIP per packet, ClusterIP at the socket) and
-    /// the conntrack sweep over 1M entries; then the control plane's (bench_control): network
-    /// programming latency at 1k and 10k Services, the first full sync of 10k with the RSS.
+    /// the conntrack sweep over 1M entries; then the control plane's (bench_control, with a
+    /// release build of the agent): network programming latency at 1k and 10k Services, the
+    /// first full sync of 10k with the RSS.
     Bench,
 }
 
@@ -103,7 +104,12 @@ fn main() -> Result<()> {
             // All run whatever the others' outcome: each prints why a row was refused.
             let per_packet = run(&mut Command::new(bin(&root, "bench")));
             let end_to_end = run(&mut Command::new(bin(&root, "bench_e2e")));
-            let control = run(&mut Command::new(bin(&root, "bench_control")));
+            // The control plane's figures are the agent's own: measured with the optimised
+            // build a DaemonSet ships, not the debug one the tests use.
+            let control = run(cargo(&root).args(["build", "--release", "--package", "lb-user"])).and_then(|()| {
+                run(Command::new(bin(&root, "bench_control"))
+                    .env("LB_USER_BIN", root.join("target").join("release").join("lb-user")))
+            });
             per_packet.and(end_to_end).and(control)
         }
     }
