@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::lab::{Node, CLUSTER_CIDR};
+use crate::lab::{in_netns, Node, CLUSTER_CIDR};
 
 /// The lb-user binary: $LB_USER_BIN, or beside the running executable's target dir.
 pub fn lb_user_bin() -> Result<PathBuf> {
@@ -36,12 +36,35 @@ pub struct Agent {
     args: Vec<String>,
     pub pin_dir: PathBuf,
     pub log: PathBuf,
+    /// The node's namespace (the health server listens there).
+    netns: String,
 }
+
+/// Where a cluster-mode agent serves /healthz, /livez and /readyz, inside its node's
+/// namespace (kube-proxy's port).
+pub const HEALTHZ_PORT: u16 = 10256;
 
 impl Agent {
     /// Starts the agent for `node` on `manifests` and waits for its first sync.
     pub fn start(node: &Node, manifests: &Path, extra_args: &[&str]) -> Result<Agent> {
-        Agent::start_with(Vec::new(), node, manifests, extra_args)
+        let agent = Agent::start_with(Vec::new(), node, standalone(node, manifests), extra_args)?;
+        agent.wait_for_syncs(1)?;
+        Ok(agent)
+    }
+
+    /// Starts the agent for `node` in cluster mode, watching the API server at `api_url`
+    /// (its addresses, zone and pod CIDRs come from its Node object there), and waits
+    /// until it reports ready (`/readyz`: first complete sync, datapath attached).
+    pub fn start_cluster(node: &Node, api_url: &str, extra_args: &[&str]) -> Result<Agent> {
+        let agent = Agent::spawn_cluster(node, api_url, extra_args)?;
+        agent.wait_until_ready(Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    /// [`Agent::start_cluster`] without waiting for anything.
+    pub fn spawn_cluster(node: &Node, api_url: &str, extra_args: &[&str]) -> Result<Agent> {
+        let source = ["--api-server", api_url, "--healthz-bind-address", &format!("127.0.0.1:{HEALTHZ_PORT}")];
+        Agent::start_with(Vec::new(), node, source.map(String::from).to_vec(), extra_args)
     }
 
     /// Starts it as `start` does, in `node`'s namespace with only these capabilities (names
@@ -58,21 +81,22 @@ impl Agent {
             "--inh-caps=-all".into(),
             "--".into(),
         ];
-        Agent::start_with(launcher.to_vec(), node, manifests, extra_args)
+        let agent = Agent::start_with(launcher.to_vec(), node, standalone(node, manifests), extra_args)?;
+        agent.wait_for_syncs(1)?;
+        Ok(agent)
     }
 
-    fn start_with(launcher: Vec<String>, node: &Node, manifests: &Path, extra_args: &[&str]) -> Result<Agent> {
+    /// Spawns the agent with `source` (where its Services come from) and the lab's
+    /// options for `node`; waits for nothing.
+    fn start_with(launcher: Vec<String>, node: &Node, source: Vec<String>, extra_args: &[&str]) -> Result<Agent> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", node.ns.name));
         let log = std::env::temp_dir().join(format!("{}-agent.log", node.ns.name));
         // Entering the namespace takes CAP_SYS_ADMIN: a launcher enters it for the agent.
         let netns = if launcher.is_empty() { vec!["--netns".to_string(), node.ns.name.clone()] } else { Vec::new() };
         let mut args: Vec<String> = netns.into_iter().chain(["agent", "--pin-dir"].map(String::from)).collect();
         args.push(pin_dir.display().to_string());
-        args.extend(["--manifests".to_string(), manifests.display().to_string()]);
-        args.extend(
-            ["--node-name", &node.name, "--node-address", &node.addr.to_string(), "--iface", node.uplink]
-                .map(String::from),
-        );
+        args.extend(source);
+        args.extend(["--node-name", &node.name, "--iface", node.uplink].map(String::from));
         args.extend(["--pod-devices", "veth*", "--cluster-cidr", CLUSTER_CIDR].map(String::from));
         // The socket hooks only where a test gives them a cgroup of its own: their default
         // is the machine's cgroup root, which no test may touch.
@@ -81,9 +105,38 @@ impl Agent {
         }
         args.extend(extra_args.iter().map(|a| a.to_string()));
         let child = spawn(&launcher, &args, &log)?;
-        let agent = Agent { child, launcher, args, pin_dir, log };
-        agent.wait_for_syncs(1)?;
-        Ok(agent)
+        Ok(Agent { child, launcher, args, pin_dir, log, netns: node.ns.name.clone() })
+    }
+
+    /// The HTTP status of `GET path` on the agent's health server (inside its node's
+    /// namespace), `None` when nothing answers.
+    pub fn health(&self, path: &str) -> Option<u16> {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        in_netns(&self.netns, move || {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", HEALTHZ_PORT)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            stream.write_all(request.as_bytes()).ok()?;
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).ok()?;
+            // "HTTP/1.1 200"
+            std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+        })
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_until_ready(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.health("/readyz") == Some(200) {
+                return Ok(());
+            }
+            if self.log_text().contains("Error") {
+                bail!("agent failed:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent not ready (/readyz) within {limit:?}:\n{}", self.log_text())
     }
 
     /// Stops the agent (leaving its pinned datapath running, as an upgrade or a crash
@@ -175,6 +228,12 @@ impl Agent {
     pub fn syncs(&self) -> usize {
         self.log_text().matches("maps synced").count()
     }
+}
+
+/// The standalone source: `manifests`, and the node's address on the command line.
+fn standalone(node: &Node, manifests: &Path) -> Vec<String> {
+    let source = ["--manifests", &manifests.display().to_string(), "--node-address", &node.addr.to_string()];
+    source.map(String::from).to_vec()
 }
 
 /// Starts lb-user with `args` (through `launcher`, if any), its log appended to `log`.

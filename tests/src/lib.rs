@@ -1,10 +1,12 @@
 //! Support for integration tests, the demo and benchmarks: closed labs of network
 //! namespaces, traffic endpoints inside them, the agent as a process, packet fixtures.
 pub mod agent;
+pub mod api_cluster;
 pub mod bench;
 pub mod cgroup;
 pub mod client;
 pub mod cluster;
+pub mod fake_api;
 pub mod fixture;
 pub mod lab;
 pub mod metrics;

@@ -51,7 +51,8 @@ enum Task {
     Test,
     /// Per-packet cost of the XDP program next to an empty one (BPF_PROG_TEST_RUN), then the
     /// end-to-end request rates (direct, ClusterIP per packet, ClusterIP at the socket) and
-    /// the conntrack sweep over 1M entries.
+    /// the conntrack sweep over 1M entries; then the control plane's (bench_control): network
+    /// programming latency at 1k and 10k Services, the first full sync of 10k with the RSS.
     Bench,
 }
 
@@ -99,10 +100,11 @@ fn main() -> Result<()> {
         Task::Bench => {
             setup()?;
             build(&root)?;
-            // Both run whatever the first's outcome: each prints why a row was refused.
+            // All run whatever the others' outcome: each prints why a row was refused.
             let per_packet = run(&mut Command::new(bin(&root, "bench")));
             let end_to_end = run(&mut Command::new(bin(&root, "bench_e2e")));
-            per_packet.and(end_to_end)
+            let control = run(&mut Command::new(bin(&root, "bench_control")));
+            per_packet.and(end_to_end).and(control)
         }
     }
 }

@@ -2,7 +2,9 @@
 //! agent on each node serving `examples/`, and real traffic through a ClusterIP, a
 //! NodePort whose backends are on the other node, an externalTrafficPolicy=Local
 //! LoadBalancer IP and a Service without endpoints; what the datapath counted, and its
-//! /metrics. Everything is removed at the end.
+//! /metrics; then the same lab in cluster mode, the agents watching an API server (the
+//! in-memory fake) while Services are created, scaled and deleted through it, and the API
+//! server goes down. Everything is removed at the end.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
@@ -10,9 +12,11 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use lb_tests::{
+    api_cluster::{answers, endpoint_slice, service, wait_for_backends, ApiCluster, Endpoint},
     cluster::{pod_name, Cluster, Manifests},
-    lab::Spec,
+    lab::{pod_addr, Spec},
     traffic::{parse_answer, tcp_ask, udp_ask},
 };
 
@@ -82,6 +86,75 @@ fn main() -> Result<()> {
         println!("   {line}");
     }
     println!("== cleaning up (agents stopped, pins and namespaces removed)");
+    drop(cluster);
+    cluster_mode(&spec)
+}
+
+/// The agents in cluster mode: every change goes through the API server.
+fn cluster_mode(spec: &Spec) -> Result<()> {
+    const WEB: &str = "10.96.7.1:80";
+    println!("== cluster mode: the same lab, the agents watching a Kubernetes API server (the in-memory fake)");
+    let c = ApiCluster::start("lbd", spec, &[])?;
+    println!(
+        "   API server at {} inside the lab; each agent runs with --api-server {} --node-name NODE",
+        c.api_url, c.api_url
+    );
+    let pod_a_ns = c.lab.nodes[0].pods[0].ns.name.clone();
+    let client = c.traffic_clients()[0].ns.name.clone();
+    let web: SocketAddrV4 = WEB.parse()?;
+    let node2_port = SocketAddrV4::new(c.lab.nodes[1].addr, 30700);
+    let endpoint = |node: usize, pod: usize| Endpoint {
+        addr: pod_addr(node, pod),
+        node: if node == 0 { "node1" } else { "node2" },
+        zone_hint: None,
+    };
+    let converge = std::time::Duration::from_secs(15);
+    // Waits until the traffic shows the change (the benchmark times the programming itself).
+    let converged = |what: &str, expected: &[&str]| -> Result<()> {
+        wait_for_backends(&pod_a_ns, web, expected, converge)?;
+        println!("   {what:<58} -> answered by {expected:?} and no other");
+        Ok(())
+    };
+
+    println!("== create Service web ({WEB}, NodePort 30700) and its EndpointSlice (pod-a) through the API");
+    let pp = PostParams::default();
+    c.block_on(c.services().create(&pp, &service("web", *web.ip(), 80, 30700)))?;
+    c.block_on(c.slices().create(&pp, &endpoint_slice("web", &[endpoint(0, 0)])))?;
+    converged("pod-a -> 10.96.7.1:80 (TCP and UDP)", &["pod-a"])?;
+    println!("   kubectl sees what the agents program:");
+    for (kind, columns) in [
+        ("svc", "NAME:.metadata.name,CLUSTER-IP:.spec.clusterIP,PORTS:.spec.ports[*].port,NODEPORTS:.spec.ports[*].nodePort"),
+        ("endpointslices", "NAME:.metadata.name,SERVICE:.metadata.labels.kubernetes\\.io/service-name,ENDPOINTS:.endpoints[*].addresses[0]"),
+    ] {
+        let kubectl = std::process::Command::new("kubectl")
+            .args(["--server", &c.local_url, "get", kind, "-o", &format!("custom-columns={columns}")])
+            .output();
+        match kubectl {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).lines().for_each(|l| println!("     {l}")),
+            Err(e) => println!("     (kubectl not run: {e})"),
+        }
+    }
+    println!("== scale web to pod-a, pod-b, pod-c");
+    let all = [endpoint(0, 0), endpoint(1, 0), endpoint(1, 1)];
+    c.block_on(c.slices().patch("web-1", &PatchParams::default(), &Patch::Merge(&endpoint_slice("web", &all))))?;
+    converged("pod-a -> 10.96.7.1:80 (TCP and UDP)", &["pod-a", "pod-b", "pod-c"])?;
+    let spread = answers(&client, node2_port, 12);
+    println!("   client -> node2:30700, 12 TCP and 12 UDP requests: {spread:?}");
+    println!("== the API server is down for 3 s: the datapath keeps the last state");
+    let down = Instant::now();
+    c.block_on(c.faults().outage(std::time::Duration::from_secs(3)));
+    let during = answers(&client, node2_port, 3);
+    println!("   client -> node2:30700 while it is down ({:?} in): {during:?}", down.elapsed());
+    while down.elapsed() < std::time::Duration::from_secs(3) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    println!("== back: delete web through the API");
+    c.block_on(c.slices().delete("web-1", &DeleteParams::default()))?;
+    c.block_on(c.services().delete("web", &DeleteParams::default()))?;
+    let started = Instant::now();
+    wait_for_backends(&pod_a_ns, web, &[], std::time::Duration::from_secs(60))?;
+    println!("   pod-a -> 10.96.7.1:80 refused again, {:?} after the delete (the agents' watches came back after the outage)", started.elapsed());
+    println!("== cleaning up");
     Ok(())
 }
 
@@ -91,6 +164,7 @@ fn health(ns: &str, addr: Ipv4Addr, port: u16) -> Result<String> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect_timeout(&dst.into(), lb_tests::traffic::TIMEOUT)?;
         s.set_read_timeout(Some(lb_tests::traffic::TIMEOUT))?;
+        // An HTTP/1.1 server keeps the connection open unless asked not to.
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
