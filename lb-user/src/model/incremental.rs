@@ -22,8 +22,8 @@ use k8s_openapi::api::{
 use kube::ResourceExt;
 
 use super::{
-    add_service, endpoints, service_ref, settle_key, Claim, Ctx, Desired, FrontendKey, HealthCheck, ModelError,
-    NodeInfo, Options, ServiceRef,
+    add_digest, digest_service, endpoints, service_ref, settle_key, Claim, Ctx, Desired, FrontendKey, HealthCheck,
+    ModelError, NodeInfo, Options, ServiceDigest, ServiceRef,
 };
 use crate::source::{Change, Object, ObjectKind};
 
@@ -77,8 +77,11 @@ struct Output {
 pub struct Incremental {
     /// This node's name: endpoints with it as their nodeName are local.
     node_name: String,
-    /// Boxed: a Service is large and a map's nodes hold room for several values.
-    services: BTreeMap<ServiceRef, Box<Service>>,
+    /// Services as read, with a hash of what was read them from (an update that changes
+    /// nothing the model reads is no change).
+    services: BTreeMap<ServiceRef, (u64, ServiceDigest)>,
+    /// Fixed for the index's life: Services are read with them.
+    opts: Options,
     slices: BTreeMap<ObjectName, StoredSlice>,
     /// Slice names by the Service their label names.
     slices_of: BTreeMap<ServiceRef, BTreeSet<ObjectName>>,
@@ -107,11 +110,12 @@ pub struct Incremental {
 }
 
 impl Incremental {
-    /// An empty index for the node `node_name`.
-    pub fn new(node_name: &str) -> Self {
+    /// An empty index for the node `node_name`, with these options.
+    pub fn new(node_name: &str, opts: Options) -> Self {
         Incremental {
             node_name: node_name.to_string(),
             services: BTreeMap::new(),
+            opts,
             slices: BTreeMap::new(),
             slices_of: BTreeMap::new(),
             unlabelled: BTreeSet::new(),
@@ -179,11 +183,15 @@ impl Incremental {
             Object::Service(mut svc) => {
                 slim(&mut svc);
                 let sref = service_ref(&svc);
-                if self.services.get(&sref).is_some_and(|held| **held == svc) {
+                let hash = hash_of(&svc);
+                if self.services.get(&sref).is_some_and(|(held, _)| *held == hash) {
                     return false;
                 }
+                let node = NodeInfo { name: self.node_name.clone(), addresses: Vec::new(), zone: None };
+                let mut ctx = Ctx { node: &node, opts: &self.opts, errors: Vec::new() };
+                let digest = digest_service(&mut ctx, &svc, &sref);
                 self.dirty.insert(sref.clone());
-                self.services.insert(sref, Box::new(svc));
+                self.services.insert(sref, (hash, digest));
             }
             Object::Slice(slice) => {
                 let name = object_name(&slice.metadata);
@@ -273,8 +281,7 @@ impl Incremental {
     /// Reads a slice as the model uses it.
     fn read(&mut self, name: &ObjectName, slice: &EndpointSlice) -> StoredSlice {
         let node = NodeInfo { name: self.node_name.clone(), addresses: Vec::new(), zone: None };
-        let opts = Options::default();
-        let mut ctx = Ctx { node: &node, opts: &opts, errors: Vec::new() };
+        let mut ctx = Ctx { node: &node, opts: &self.opts, errors: Vec::new() };
         let object = format!("EndpointSlice {}/{}", name.0, name.1);
         let read = endpoints::read_slice(&mut ctx, &object, slice);
         StoredSlice {
@@ -310,7 +317,7 @@ impl Incremental {
     }
 
     /// Computes again what changed since the last update, for this node.
-    pub fn update(&mut self, node: &NodeInfo, opts: &Options) -> Update {
+    pub fn update(&mut self, node: &NodeInfo) -> Update {
         debug_assert_eq!(node.name, self.node_name, "slices were read for another node");
         self.nodes_changed = false;
         if self.node.as_ref() != Some(node) {
@@ -339,7 +346,7 @@ impl Incremental {
                     }
                 }
             }
-            let output = self.compute(&sref, node, opts);
+            let output = self.compute(&sref, node);
             health_changed |= output.health_check.is_some();
             for c in &output.claims {
                 touched.insert(c.key);
@@ -400,8 +407,8 @@ impl Incremental {
         }
     }
 
-    fn compute(&self, sref: &ServiceRef, node: &NodeInfo, opts: &Options) -> Output {
-        let mut ctx = Ctx { node, opts, errors: Vec::new() };
+    fn compute(&self, sref: &ServiceRef, node: &NodeInfo) -> Output {
+        let mut ctx = Ctx { node, opts: &self.opts, errors: Vec::new() };
         let labelled: Vec<&StoredSlice> =
             self.slices_of.get(sref).into_iter().flatten().map(|n| &self.slices[n]).collect();
         let slices = if labelled.is_empty() {
@@ -413,14 +420,22 @@ impl Incremental {
             labelled.iter().filter_map(|s| s.read.clone()).collect()
         };
         let mut output = Output::default();
-        if let Some(svc) = self.services.get(sref) {
+        if let Some((_, digest)) = self.services.get(sref) {
             let mut checks = Vec::new();
-            add_service(&mut ctx, svc, sref, &slices, &mut output.claims, &mut checks);
+            add_digest(&mut ctx, digest, sref, &slices, &mut output.claims, &mut checks);
             output.health_check = checks.pop();
         }
         output.errors = ctx.errors;
         output
     }
+}
+
+/// A stable hash of a Service's fields (its JSON form).
+fn hash_of(svc: &Service) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(svc).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
 /// Drops what the model never reads from a Service, so that the index is smaller and an
