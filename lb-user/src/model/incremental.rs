@@ -66,6 +66,36 @@ impl Update {
     }
 }
 
+/// A small sorted set: most Services have one slice and most frontends one claimant, and
+/// a B-tree set allocates room for eleven.
+#[derive(Debug)]
+struct SortedVec<T>(Vec<T>);
+
+impl<T> Default for SortedVec<T> {
+    fn default() -> Self {
+        SortedVec(Vec::new())
+    }
+}
+
+impl<T: Ord> SortedVec<T> {
+    fn insert(&mut self, item: T) {
+        if let Err(at) = self.0.binary_search(&item) {
+            self.0.insert(at, item);
+        }
+    }
+    fn remove(&mut self, item: &T) {
+        if let Ok(at) = self.0.binary_search(item) {
+            self.0.remove(at);
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
 /// What one Service (or the slices and Endpoints named for it) gave, last computed.
 #[derive(Default)]
 struct Output {
@@ -84,7 +114,7 @@ pub struct Incremental {
     opts: Options,
     slices: BTreeMap<ObjectName, StoredSlice>,
     /// Slice names by the Service their label names.
-    slices_of: BTreeMap<ServiceRef, BTreeSet<ObjectName>>,
+    slices_of: BTreeMap<ServiceRef, SortedVec<ObjectName>>,
     /// Slices without a Service label.
     unlabelled: BTreeSet<ObjectName>,
     /// Lists under way: the names each has given so far.
@@ -101,7 +131,7 @@ pub struct Incremental {
     /// The Services whose output has errors.
     with_errors: BTreeSet<ServiceRef>,
     /// The Services claiming each frontend.
-    claimants: BTreeMap<FrontendKey, BTreeSet<ServiceRef>>,
+    claimants: BTreeMap<FrontendKey, SortedVec<ServiceRef>>,
     /// The errors of settling each contested frontend.
     settle_errors: BTreeMap<FrontendKey, Vec<ModelError>>,
     /// The node facts `outputs` were computed with.
@@ -288,7 +318,12 @@ impl Incremental {
             owner: endpoints::owner_of_slice(slice),
             read,
             errors: ctx.errors,
-            nodes: endpoints::slice_nodes(slice).into_iter().map(|(addr, node)| (addr, self.intern(node))).collect(),
+            nodes: {
+                let mut nodes: Vec<_> =
+                    endpoints::slice_nodes(slice).into_iter().map(|(addr, node)| (addr, self.intern(node))).collect();
+                nodes.shrink_to_fit();
+                nodes
+            },
         }
     }
 
@@ -410,7 +445,7 @@ impl Incremental {
     fn compute(&self, sref: &ServiceRef, node: &NodeInfo) -> Output {
         let mut ctx = Ctx { node, opts: &self.opts, errors: Vec::new() };
         let labelled: Vec<&StoredSlice> =
-            self.slices_of.get(sref).into_iter().flatten().map(|n| &self.slices[n]).collect();
+            self.slices_of.get(sref).into_iter().flat_map(SortedVec::iter).map(|n| &self.slices[n]).collect();
         let slices = if labelled.is_empty() {
             endpoints::service_slices(&mut ctx, sref, &[], self.endpoints.get(sref))
         } else {
@@ -423,6 +458,8 @@ impl Incremental {
         if let Some((_, digest)) = self.services.get(sref) {
             let mut checks = Vec::new();
             add_digest(&mut ctx, digest, sref, &slices, &mut output.claims, &mut checks);
+            // Kept until the Service changes: no room to spare.
+            output.claims.shrink_to_fit();
             output.health_check = checks.pop();
         }
         output.errors = ctx.errors;
