@@ -48,7 +48,7 @@ struct StoredSlice {
 
 /// The node each endpoint address of one Service runs on, as its slices (or, for a Service
 /// without slices, its legacy Endpoints) name it: what per-backend metrics are labelled with.
-pub type EndpointNodes = BTreeMap<Ipv4Addr, String>;
+pub type EndpointNodes = BTreeMap<Ipv4Addr, Arc<str>>;
 
 /// What an [`Incremental::update`] changed.
 #[derive(Debug, Default)]
@@ -435,10 +435,15 @@ impl Incremental {
     /// has no slices (as the model reads them).
     fn endpoint_nodes(&self, sref: &ServiceRef) -> EndpointNodes {
         match self.slices_of.get(sref) {
-            Some(names) => {
-                names.iter().flat_map(|n| self.slices[n].nodes.iter().map(|(a, node)| (*a, node.to_string()))).collect()
-            }
-            None => self.endpoints.get(sref).map(endpoints::legacy_nodes).unwrap_or_default().into_iter().collect(),
+            Some(names) => names.iter().flat_map(|n| self.slices[n].nodes.iter().cloned()).collect(),
+            None => self
+                .endpoints
+                .get(sref)
+                .map(endpoints::legacy_nodes)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(addr, node)| (addr, node.into()))
+                .collect(),
         }
     }
 

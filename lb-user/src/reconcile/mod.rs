@@ -527,10 +527,15 @@ impl Reconciler {
             return Ok(*id);
         }
         let id = self.backend_pool.take().ok_or(WriteError::Exhausted("backend", self.backend_pool.limit - 1))?;
-        // Its counters count this endpoint's traffic from zero, not a former holder's.
-        if let Err(e) = store.clear_backend_stats(id) {
-            self.backend_pool.release(id);
-            return Err(WriteError::Map(e));
+        // Its counters count this endpoint's traffic from zero, not a former holder's. An id
+        // of generation 0 never had a holder: its counters are zero already (one write
+        // fewer per backend of a first sync).
+        let used_before = self.ids.get(id as usize).is_some_and(|s| s.gen != 0);
+        if used_before {
+            if let Err(e) = store.clear_backend_stats(id) {
+                self.backend_pool.release(id);
+                return Err(WriteError::Map(e));
+            }
         }
         // CHOSEN comes with the first write when the sets already choose it: affinity may
         // send new flows to it from then on.

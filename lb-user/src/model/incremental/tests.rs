@@ -302,7 +302,7 @@ subsets:
     let nodes = inc.update(&node(false)).endpoint_nodes;
     let flat = nodes
         .into_iter()
-        .flat_map(|(s, n)| n.into_iter().map(move |(addr, node)| (s.name.clone(), addr.to_string(), node)));
+        .flat_map(|(s, n)| n.into_iter().map(move |(addr, node)| (s.name.clone(), addr.to_string(), node.to_string())));
     assert_eq!(
         flat.collect::<Vec<_>>(),
         [
