@@ -131,8 +131,10 @@ enum Command {
         #[arg(long, required = true, value_delimiter = ',')]
         iface: Vec<String>,
         /// Pod-facing devices get the tc program: names matching these glob patterns (repeat
-        /// the option, or separate with commas).
-        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*"], value_delimiter = ',', value_parser = parse_glob)]
+        /// the option, or separate with commas). Overlay tunnels belong here too (flannel's
+        /// `flannel.1`, Calico's `vxlan.calico`): replies from backends on other nodes arrive
+        /// on them and must be translated back.
+        #[arg(long = "pod-devices", default_values = ["veth*", "lxc*", "cali*", "flannel*", "vxlan*"], value_delimiter = ',', value_parser = parse_glob)]
         pod_devices: Vec<Glob>,
         /// SNAT source port range, MIN-MAX.
         #[arg(long, default_value = "32768-65535", value_parser = parse_port_range)]

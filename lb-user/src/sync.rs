@@ -179,7 +179,9 @@ pub struct Sync {
     /// The kinds the source must list completely before anything adopted may be deleted.
     required: BTreeSet<ObjectKind>,
     listed: BTreeSet<ObjectKind>,
-    /// Arrival times of the object changes not yet written.
+    /// Arrival times of the object changes not yet written, once the first sync is done:
+    /// what the first sync writes is the state the agent started with, not a change (its
+    /// time is the sync's duration), so it is no programming latency.
     arrivals: Vec<Instant>,
     synced_once: bool,
     retry: bool,
@@ -225,7 +227,9 @@ impl Sync {
         if self.model.nodes_changed() {
             self.health.sync_node(self.model.node(&self.node.name));
         }
-        self.arrivals.extend(std::iter::repeat_n(at, changed));
+        if self.synced_once {
+            self.arrivals.extend(std::iter::repeat_n(at, changed));
+        }
         if changed > 0 {
             self.health.queued(at);
         }
