@@ -175,7 +175,6 @@ pub type ConfigOf = Box<dyn Fn(&NodeInfo, LocalDetect) -> Config + Send>;
 pub struct Sync {
     model: Incremental,
     node: NodeFlags,
-    options: Options,
     config_of: ConfigOf,
     /// The kinds the source must list completely before anything adopted may be deleted.
     required: BTreeSet<ObjectKind>,
@@ -204,9 +203,8 @@ impl Sync {
         health: HealthState,
     ) -> Self {
         Sync {
-            model: Incremental::new(&node.name),
+            model: Incremental::new(&node.name, options),
             node,
-            options,
             config_of,
             required: required.into_iter().collect(),
             listed: BTreeSet::new(),
@@ -292,7 +290,7 @@ impl Sync {
                 return step;
             }
         };
-        let update = self.model.update(&node, &self.options);
+        let update = self.model.update(&node);
         let changed = update.keys();
         let desired = self.model.desired();
         problems.extend(desired.errors.iter().map(ToString::to_string));

@@ -245,6 +245,8 @@ pub(super) fn read_slice(ctx: &mut Ctx, object: &str, slice: &EndpointSlice) -> 
                 .collect(),
         });
     }
+    // The incremental model keeps slices as read: no room to spare.
+    out.endpoints.shrink_to_fit();
     Some(out)
 }
 

@@ -22,8 +22,8 @@ use k8s_openapi::api::{
 use kube::ResourceExt;
 
 use super::{
-    add_service, endpoints, service_ref, settle_key, Claim, Ctx, Desired, FrontendKey, HealthCheck, ModelError,
-    NodeInfo, Options, ServiceRef,
+    add_digest, digest_service, endpoints, service_ref, settle_key, Claim, Ctx, Desired, FrontendKey, HealthCheck,
+    ModelError, NodeInfo, Options, ServiceDigest, ServiceRef,
 };
 use crate::source::{Change, Object, ObjectKind};
 
@@ -48,7 +48,7 @@ struct StoredSlice {
 
 /// The node each endpoint address of one Service runs on, as its slices (or, for a Service
 /// without slices, its legacy Endpoints) name it: what per-backend metrics are labelled with.
-pub type EndpointNodes = BTreeMap<Ipv4Addr, String>;
+pub type EndpointNodes = BTreeMap<Ipv4Addr, Arc<str>>;
 
 /// What an [`Incremental::update`] changed.
 #[derive(Debug, Default)]
@@ -66,6 +66,36 @@ impl Update {
     }
 }
 
+/// A small sorted set: most Services have one slice and most frontends one claimant, and
+/// a B-tree set allocates room for eleven.
+#[derive(Debug)]
+struct SortedVec<T>(Vec<T>);
+
+impl<T> Default for SortedVec<T> {
+    fn default() -> Self {
+        SortedVec(Vec::new())
+    }
+}
+
+impl<T: Ord> SortedVec<T> {
+    fn insert(&mut self, item: T) {
+        if let Err(at) = self.0.binary_search(&item) {
+            self.0.insert(at, item);
+        }
+    }
+    fn remove(&mut self, item: &T) {
+        if let Ok(at) = self.0.binary_search(item) {
+            self.0.remove(at);
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
 /// What one Service (or the slices and Endpoints named for it) gave, last computed.
 #[derive(Default)]
 struct Output {
@@ -77,11 +107,14 @@ struct Output {
 pub struct Incremental {
     /// This node's name: endpoints with it as their nodeName are local.
     node_name: String,
-    /// Boxed: a Service is large and a map's nodes hold room for several values.
-    services: BTreeMap<ServiceRef, Box<Service>>,
+    /// Services as read, with a hash of what was read them from (an update that changes
+    /// nothing the model reads is no change).
+    services: BTreeMap<ServiceRef, (u64, ServiceDigest)>,
+    /// Fixed for the index's life: Services are read with them.
+    opts: Options,
     slices: BTreeMap<ObjectName, StoredSlice>,
     /// Slice names by the Service their label names.
-    slices_of: BTreeMap<ServiceRef, BTreeSet<ObjectName>>,
+    slices_of: BTreeMap<ServiceRef, SortedVec<ObjectName>>,
     /// Slices without a Service label.
     unlabelled: BTreeSet<ObjectName>,
     /// Lists under way: the names each has given so far.
@@ -98,7 +131,7 @@ pub struct Incremental {
     /// The Services whose output has errors.
     with_errors: BTreeSet<ServiceRef>,
     /// The Services claiming each frontend.
-    claimants: BTreeMap<FrontendKey, BTreeSet<ServiceRef>>,
+    claimants: BTreeMap<FrontendKey, SortedVec<ServiceRef>>,
     /// The errors of settling each contested frontend.
     settle_errors: BTreeMap<FrontendKey, Vec<ModelError>>,
     /// The node facts `outputs` were computed with.
@@ -107,11 +140,12 @@ pub struct Incremental {
 }
 
 impl Incremental {
-    /// An empty index for the node `node_name`.
-    pub fn new(node_name: &str) -> Self {
+    /// An empty index for the node `node_name`, with these options.
+    pub fn new(node_name: &str, opts: Options) -> Self {
         Incremental {
             node_name: node_name.to_string(),
             services: BTreeMap::new(),
+            opts,
             slices: BTreeMap::new(),
             slices_of: BTreeMap::new(),
             unlabelled: BTreeSet::new(),
@@ -179,11 +213,15 @@ impl Incremental {
             Object::Service(mut svc) => {
                 slim(&mut svc);
                 let sref = service_ref(&svc);
-                if self.services.get(&sref).is_some_and(|held| **held == svc) {
+                let hash = hash_of(&svc);
+                if self.services.get(&sref).is_some_and(|(held, _)| *held == hash) {
                     return false;
                 }
+                let node = NodeInfo { name: self.node_name.clone(), addresses: Vec::new(), zone: None };
+                let mut ctx = Ctx { node: &node, opts: &self.opts, errors: Vec::new() };
+                let digest = digest_service(&mut ctx, &svc, &sref);
                 self.dirty.insert(sref.clone());
-                self.services.insert(sref, Box::new(svc));
+                self.services.insert(sref, (hash, digest));
             }
             Object::Slice(slice) => {
                 let name = object_name(&slice.metadata);
@@ -273,15 +311,19 @@ impl Incremental {
     /// Reads a slice as the model uses it.
     fn read(&mut self, name: &ObjectName, slice: &EndpointSlice) -> StoredSlice {
         let node = NodeInfo { name: self.node_name.clone(), addresses: Vec::new(), zone: None };
-        let opts = Options::default();
-        let mut ctx = Ctx { node: &node, opts: &opts, errors: Vec::new() };
+        let mut ctx = Ctx { node: &node, opts: &self.opts, errors: Vec::new() };
         let object = format!("EndpointSlice {}/{}", name.0, name.1);
         let read = endpoints::read_slice(&mut ctx, &object, slice);
         StoredSlice {
             owner: endpoints::owner_of_slice(slice),
             read,
             errors: ctx.errors,
-            nodes: endpoints::slice_nodes(slice).into_iter().map(|(addr, node)| (addr, self.intern(node))).collect(),
+            nodes: {
+                let mut nodes: Vec<_> =
+                    endpoints::slice_nodes(slice).into_iter().map(|(addr, node)| (addr, self.intern(node))).collect();
+                nodes.shrink_to_fit();
+                nodes
+            },
         }
     }
 
@@ -310,7 +352,7 @@ impl Incremental {
     }
 
     /// Computes again what changed since the last update, for this node.
-    pub fn update(&mut self, node: &NodeInfo, opts: &Options) -> Update {
+    pub fn update(&mut self, node: &NodeInfo) -> Update {
         debug_assert_eq!(node.name, self.node_name, "slices were read for another node");
         self.nodes_changed = false;
         if self.node.as_ref() != Some(node) {
@@ -339,7 +381,7 @@ impl Incremental {
                     }
                 }
             }
-            let output = self.compute(&sref, node, opts);
+            let output = self.compute(&sref, node);
             health_changed |= output.health_check.is_some();
             for c in &output.claims {
                 touched.insert(c.key);
@@ -393,17 +435,22 @@ impl Incremental {
     /// has no slices (as the model reads them).
     fn endpoint_nodes(&self, sref: &ServiceRef) -> EndpointNodes {
         match self.slices_of.get(sref) {
-            Some(names) => {
-                names.iter().flat_map(|n| self.slices[n].nodes.iter().map(|(a, node)| (*a, node.to_string()))).collect()
-            }
-            None => self.endpoints.get(sref).map(endpoints::legacy_nodes).unwrap_or_default().into_iter().collect(),
+            Some(names) => names.iter().flat_map(|n| self.slices[n].nodes.iter().cloned()).collect(),
+            None => self
+                .endpoints
+                .get(sref)
+                .map(endpoints::legacy_nodes)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(addr, node)| (addr, node.into()))
+                .collect(),
         }
     }
 
-    fn compute(&self, sref: &ServiceRef, node: &NodeInfo, opts: &Options) -> Output {
-        let mut ctx = Ctx { node, opts, errors: Vec::new() };
+    fn compute(&self, sref: &ServiceRef, node: &NodeInfo) -> Output {
+        let mut ctx = Ctx { node, opts: &self.opts, errors: Vec::new() };
         let labelled: Vec<&StoredSlice> =
-            self.slices_of.get(sref).into_iter().flatten().map(|n| &self.slices[n]).collect();
+            self.slices_of.get(sref).into_iter().flat_map(SortedVec::iter).map(|n| &self.slices[n]).collect();
         let slices = if labelled.is_empty() {
             endpoints::service_slices(&mut ctx, sref, &[], self.endpoints.get(sref))
         } else {
@@ -413,14 +460,24 @@ impl Incremental {
             labelled.iter().filter_map(|s| s.read.clone()).collect()
         };
         let mut output = Output::default();
-        if let Some(svc) = self.services.get(sref) {
+        if let Some((_, digest)) = self.services.get(sref) {
             let mut checks = Vec::new();
-            add_service(&mut ctx, svc, sref, &slices, &mut output.claims, &mut checks);
+            add_digest(&mut ctx, digest, sref, &slices, &mut output.claims, &mut checks);
+            // Kept until the Service changes: no room to spare.
+            output.claims.shrink_to_fit();
             output.health_check = checks.pop();
         }
         output.errors = ctx.errors;
         output
     }
+}
+
+/// A stable hash of a Service's fields (its JSON form).
+fn hash_of(svc: &Service) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(svc).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
 /// Drops what the model never reads from a Service, so that the index is smaller and an

@@ -384,6 +384,7 @@ fn settle_key<'c>(
 }
 
 /// Everything a Service's ports share.
+#[derive(Clone, Debug, PartialEq)]
 struct ServiceFacts {
     object: String,
     internal_local: bool,
@@ -391,41 +392,67 @@ struct ServiceFacts {
     cluster_ip: Ipv4Addr,
     external_ips: Vec<(usize, Ipv4Addr)>,
     lb_ips: Vec<(usize, Ipv4Addr)>,
+    /// As given: without the LoadBalancer IPs a range holding the node's address adds
+    /// ([`node_source_ranges`]).
     source_ranges: SourceRanges,
     affinity_timeout_s: Option<u32>,
     algorithm: Algorithm,
 }
 
-fn add_service(
-    ctx: &mut Ctx,
-    svc: &Service,
-    sref: &ServiceRef,
-    slices: &[endpoints::Slice],
-    claims: &mut Vec<Claim>,
-    health_checks: &mut Vec<HealthCheck>,
-) {
+/// One usable port of a Service.
+#[derive(Clone, Debug, PartialEq)]
+struct PortFacts {
+    /// Its index in spec.ports.
+    index: usize,
+    name: String,
+    protocol: Protocol,
+    port: u16,
+    node_port: Option<u16>,
+}
+
+/// What the model reads from a Service, read once: everything that depends on neither its
+/// endpoints nor this node's facts, and the errors reading it gave.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ServiceDigest {
+    facts: Option<(ServiceFacts, Vec<PortFacts>, Option<Time>)>,
+    /// A healthCheckNodePort to serve (LoadBalancer, externalTrafficPolicy Local).
+    health_check_node_port: Option<u16>,
+    errors: Vec<ModelError>,
+}
+
+/// Reads a Service as the model uses it. `ctx.node` is not read.
+fn digest_service(ctx: &mut Ctx, svc: &Service, sref: &ServiceRef) -> ServiceDigest {
+    let before = ctx.errors.len();
+    let (facts, health_check_node_port) = match read_service(ctx, svc, sref) {
+        Some((facts, ports, created, check)) => (Some((facts, ports, created)), check),
+        None => (None, None),
+    };
+    ServiceDigest { facts, health_check_node_port, errors: ctx.errors.split_off(before) }
+}
+
+type ReadService = (ServiceFacts, Vec<PortFacts>, Option<Time>, Option<u16>);
+
+fn read_service(ctx: &mut Ctx, svc: &Service, sref: &ServiceRef) -> Option<ReadService> {
     let object = format!("Service {sref}");
     let labels = svc.labels();
     if labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL) {
-        return;
+        return None;
     }
     let Some(spec) = svc.spec.as_ref() else {
         ctx.error(&object, "spec", "missing");
-        return;
+        return None;
     };
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if svc_type == "ExternalName" {
-        return;
+        return None;
     }
     if !matches!(svc_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
         ctx.error(&object, "spec.type", format!("unknown type {svc_type:?}"));
-        return;
+        return None;
     }
     // Headless, or no ClusterIP of this node's family: kube-proxy serves nothing of it,
     // NodePorts included.
-    let Some(cluster_ip) = cluster_ip(ctx, &object, spec) else {
-        return;
-    };
+    let cluster_ip = cluster_ip(ctx, &object, spec)?;
     let external_ips = ipv4_list(ctx, &object, "spec.externalIPs", spec.external_ips.as_deref().unwrap_or_default());
     let lb_ips = if svc_type == "LoadBalancer" { load_balancer_ips(ctx, &object, svc) } else { Vec::new() };
     // kube-proxy's ExternalPolicyLocal: only a Service that traffic can reach from outside
@@ -438,25 +465,27 @@ fn add_service(
         internal_local: policy(ctx, &object, "spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref()),
         external_local,
         cluster_ip,
-        source_ranges: source_ranges(ctx, &object, spec, &lb_ips),
+        source_ranges: source_ranges(ctx, &object, spec),
         external_ips,
         lb_ips,
         affinity_timeout_s: affinity(ctx, &object, spec),
         algorithm: algorithm(ctx, &object, svc),
         object,
     };
-    let created = svc.metadata.creation_timestamp.clone();
-    for (i, sp) in spec.ports.iter().flatten().enumerate() {
-        add_port(ctx, &facts, sref, slices, i, sp, svc_type, spec.allocate_load_balancer_node_ports, &created, claims);
+    let mut ports = Vec::new();
+    for (index, sp) in spec.ports.iter().flatten().enumerate() {
+        let field = format!("spec.ports[{index}]");
+        let Some((protocol, port)) = port_of(ctx, &facts.object, &field, sp) else {
+            continue;
+        };
+        let node_port = node_port_of(ctx, &facts.object, &field, svc_type, spec.allocate_load_balancer_node_ports, sp);
+        ports.push(PortFacts { index, name: sp.name.clone().unwrap_or_default(), protocol, port, node_port });
     }
     // kube-proxy's NeedsHealthCheck: LoadBalancer Services with external policy Local.
+    let mut check = None;
     if svc_type == "LoadBalancer" && facts.external_local {
         match spec.health_check_node_port {
-            Some(p) if (1..=65535).contains(&p) => health_checks.push(HealthCheck {
-                service: sref.clone(),
-                node_port: p as u16,
-                local_endpoints: endpoints::local_ready_ips(slices),
-            }),
+            Some(p) if (1..=65535).contains(&p) => check = Some(p as u16),
             Some(p) => ctx.error(&facts.object, "spec.healthCheckNodePort", format!("{p} is out of range 1-65535")),
             None => ctx.error(
                 &facts.object,
@@ -465,27 +494,60 @@ fn add_service(
             ),
         }
     }
+    Some((facts, ports, svc.metadata.creation_timestamp.clone(), check))
 }
 
-#[allow(clippy::too_many_arguments)]
+fn add_service(
+    ctx: &mut Ctx,
+    svc: &Service,
+    sref: &ServiceRef,
+    slices: &[endpoints::Slice],
+    claims: &mut Vec<Claim>,
+    health_checks: &mut Vec<HealthCheck>,
+) {
+    let digest = digest_service(ctx, svc, sref);
+    add_digest(ctx, &digest, sref, slices, claims, health_checks);
+}
+
+/// A read Service's claims and health check, with its endpoints and this node's facts;
+/// its reading errors go to `ctx` too.
+fn add_digest(
+    ctx: &mut Ctx,
+    digest: &ServiceDigest,
+    sref: &ServiceRef,
+    slices: &[endpoints::Slice],
+    claims: &mut Vec<Claim>,
+    health_checks: &mut Vec<HealthCheck>,
+) {
+    ctx.errors.extend(digest.errors.iter().cloned());
+    let Some((facts, ports, created)) = &digest.facts else { return };
+    let facts =
+        ServiceFacts { source_ranges: node_source_ranges(ctx, &facts.source_ranges, &facts.lb_ips), ..facts.clone() };
+    for port in ports {
+        add_port(ctx, &facts, sref, slices, port, created, claims);
+    }
+    if let Some(node_port) = digest.health_check_node_port {
+        health_checks.push(HealthCheck {
+            service: sref.clone(),
+            node_port,
+            local_endpoints: endpoints::local_ready_ips(slices),
+        });
+    }
+}
+
 fn add_port(
     ctx: &mut Ctx,
     facts: &ServiceFacts,
     sref: &ServiceRef,
     slices: &[endpoints::Slice],
-    i: usize,
-    sp: &ServicePort,
-    svc_type: &str,
-    allocate_node_ports: Option<bool>,
+    port: &PortFacts,
     created: &Option<Time>,
     claims: &mut Vec<Claim>,
 ) {
-    let field = format!("spec.ports[{i}]");
-    let Some((protocol, port)) = port_of(ctx, &facts.object, &field, sp) else {
-        return;
-    };
-    let node_port = node_port_of(ctx, &facts.object, &field, svc_type, allocate_node_ports, sp);
-    let port_name = sp.name.clone().unwrap_or_default();
+    let field = format!("spec.ports[{}]", port.index);
+    let PortFacts { protocol, node_port, .. } = *port;
+    let port_name = port.name.clone();
+    let port = port.port;
     let endpoints = endpoints::for_port(slices, &port_name, protocol);
     let info = ServicePortInfo {
         internal_policy_local: facts.internal_local,
@@ -648,7 +710,7 @@ fn affinity(ctx: &mut Ctx, object: &str, spec: &ServiceSpec) -> Option<u32> {
 /// the node's primary address, the LoadBalancer IPs themselves are let in too, because a
 /// request from the node to its LB IP loops back with that IP as its source. Unlike
 /// kube-proxy, ranges that leave no usable IPv4 range close the frontends rather than open them.
-fn source_ranges(ctx: &mut Ctx, object: &str, spec: &ServiceSpec, lb_ips: &[(usize, Ipv4Addr)]) -> SourceRanges {
+fn source_ranges(ctx: &mut Ctx, object: &str, spec: &ServiceSpec) -> SourceRanges {
     let given = spec.load_balancer_source_ranges.as_deref().unwrap_or_default();
     if given.is_empty() {
         return SourceRanges::Any;
@@ -676,12 +738,26 @@ fn source_ranges(ctx: &mut Ctx, object: &str, spec: &ServiceSpec, lb_ips: &[(usi
     if closed {
         return SourceRanges::Closed;
     }
-    if ctx.node.addresses.first().is_some_and(|node| prefixes.iter().any(|p| p.contains(node))) {
-        prefixes.extend(lb_ips.iter().map(|(_, ip)| Ipv4Net::from(*ip)));
-    }
     prefixes.sort();
     prefixes.dedup();
     SourceRanges::Only(prefixes)
+}
+
+/// The ranges as this node applies them: with the LoadBalancer IPs when a range holds the
+/// node's primary address (see [`source_ranges`]).
+fn node_source_ranges(ctx: &Ctx, given: &SourceRanges, lb_ips: &[(usize, Ipv4Addr)]) -> SourceRanges {
+    match given {
+        SourceRanges::Only(prefixes)
+            if ctx.node.addresses.first().is_some_and(|node| prefixes.iter().any(|p| p.contains(node))) =>
+        {
+            let mut prefixes = prefixes.clone();
+            prefixes.extend(lb_ips.iter().map(|(_, ip)| Ipv4Net::from(*ip)));
+            prefixes.sort();
+            prefixes.dedup();
+            SourceRanges::Only(prefixes)
+        }
+        other => other.clone(),
+    }
 }
 
 /// IPv4 addresses of a list field, with their index; IPv6 entries are the other family's

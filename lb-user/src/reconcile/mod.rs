@@ -40,7 +40,21 @@ struct FrontendState {
     /// Backend ids the frontend keeps alive without choosing them (draining endpoints).
     retained: Vec<u32>,
     /// What LB_FE_META holds for it.
-    meta: Option<FrontendMeta>,
+    meta: Option<MetaDigest>,
+}
+
+/// A frontend's LB_FE_META entry as the reconciler remembers it: a hash of its bytes, not
+/// its 152 bytes (one per frontend), enough to know whether the entry must be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MetaDigest(u64);
+
+impl MetaDigest {
+    fn of(meta: &FrontendMeta) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bytemuck::bytes_of(meta).hash(&mut h);
+        MetaDigest(h.finish())
+    }
 }
 
 /// What one `apply` changed.
@@ -218,7 +232,7 @@ impl Reconciler {
         }
         let mut metas: BTreeMap<ServiceKey, FrontendMeta> = store.frontend_metas()?.into_iter().collect();
         for (key, value) in store.services()? {
-            let meta = metas.remove(&key);
+            let meta = metas.remove(&key).map(|m| MetaDigest::of(&m));
             let mut state = FrontendState { svc_id: value.svc_id, entry: Some(value), meta, ..Default::default() };
             for set in 0..2u8 {
                 for position in 0..value.count[set as usize] as u32 {
@@ -527,10 +541,15 @@ impl Reconciler {
             return Ok(*id);
         }
         let id = self.backend_pool.take().ok_or(WriteError::Exhausted("backend", self.backend_pool.limit - 1))?;
-        // Its counters count this endpoint's traffic from zero, not a former holder's.
-        if let Err(e) = store.clear_backend_stats(id) {
-            self.backend_pool.release(id);
-            return Err(WriteError::Map(e));
+        // Its counters count this endpoint's traffic from zero, not a former holder's. An id
+        // of generation 0 never had a holder: its counters are zero already (one write
+        // fewer per backend of a first sync).
+        let used_before = self.ids.get(id as usize).is_some_and(|s| s.gen != 0);
+        if used_before {
+            if let Err(e) = store.clear_backend_stats(id) {
+                self.backend_pool.release(id);
+                return Err(WriteError::Map(e));
+            }
         }
         // CHOSEN comes with the first write when the sets already choose it: affinity may
         // send new flows to it from then on.
@@ -625,9 +644,9 @@ impl Reconciler {
         }
         // The name goes first: no entry is served without it.
         let meta = frontend_meta(frontend);
-        if state.meta != Some(meta) {
+        if state.meta != Some(MetaDigest::of(&meta)) {
             store.put_frontend_meta(key, meta).map_err(WriteError::Map)?;
-            state.meta = Some(meta);
+            state.meta = Some(MetaDigest::of(&meta));
         }
         let value = service_value(svc_id, new_gen, [sets[0].len() as u16, sets[1].len() as u16], frontend, owner, key);
         if state.entry != Some(value) {

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{atomic::AtomicU64, Arc, RwLock},
     time::{SystemTime, UNIX_EPOCH},
@@ -60,8 +60,8 @@ pub enum Error {
     Datapath(#[from] datapath::Error),
 }
 
-/// The node each endpoint of a Service runs on (as the model's index reads them).
-pub type EndpointNodes = BTreeMap<(ServiceRef, Ipv4Addr), String>;
+/// The node each endpoint of a Service runs on (as the model's index reads them), by Service.
+pub type EndpointNodes = BTreeMap<ServiceRef, crate::model::EndpointNodes>;
 
 /// The agent's own metrics. Clones share them: the agent records, the server reads.
 #[derive(Clone, Debug)]
@@ -129,13 +129,11 @@ impl AgentMetrics {
         }
         let mut nodes = self.nodes.write().expect("not poisoned");
         for (service, addresses) in services {
-            let first = (service.clone(), Ipv4Addr::UNSPECIFIED);
-            let last = (service.clone(), Ipv4Addr::BROADCAST);
-            let gone: Vec<_> = nodes.range(first..=last).map(|(k, _)| k.clone()).collect();
-            for k in gone {
-                nodes.remove(&k);
+            if addresses.is_empty() {
+                nodes.remove(&service);
+            } else {
+                nodes.insert(service, addresses);
             }
-            nodes.extend(addresses.into_iter().map(|(addr, node)| ((service.clone(), addr), node)));
         }
     }
 
@@ -275,7 +273,7 @@ impl Reading {
                 .map(|(name, proto)| (name.clone(), protocol_name(*proto).into_owned()))
                 .unwrap_or_default();
             let sref = ServiceRef { namespace: name.namespace.clone(), name: name.name.clone() };
-            let node = nodes.get(&(sref, b.ip())).map_or_else(String::new, |n| label(n));
+            let node = nodes.get(&sref).and_then(|n| n.get(&b.ip())).map_or_else(String::new, |n| label(n));
             let labels = vec![
                 ("namespace", label(&name.namespace)),
                 ("service", label(&name.name)),
@@ -507,7 +505,10 @@ pub fn parse_bind_address(s: &str) -> Result<Option<SocketAddr>, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::{
+        net::Ipv4Addr,
+        time::{Duration, Instant},
+    };
 
     use lb_common::{
         affinity_scope, backend_flags, frontend_kind, map_names, service_flags, Backend, FrontendMeta, ServiceKey,
@@ -575,8 +576,8 @@ mod tests {
             ],
         };
         let nodes = EndpointNodes::from([(
-            (ServiceRef { namespace: "shop".into(), name: "web".into() }, WEB),
-            "node-a".to_string(),
+            ServiceRef { namespace: "shop".into(), name: "web".into() },
+            crate::model::EndpointNodes::from([(WEB, "node-a".into())]),
         )]);
         Reading::of(&snap, usage, &nodes)
     }

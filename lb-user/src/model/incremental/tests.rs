@@ -166,7 +166,7 @@ proptest! {
     #[test]
     fn incremental_equals_a_full_recompute(ops in proptest::collection::vec(op(), 1..40)) {
         let opts = Options::default();
-        let mut inc = Incremental::new("node1");
+        let mut inc = Incremental::new("node1", Options::default());
         let mut api = Api::default();
         let mut full = Desired::default();
         let mut variant = false;
@@ -209,7 +209,7 @@ proptest! {
                 Op::Node(v) => variant = v,
                 Op::Sync => {
                     let before = inc.desired().clone();
-                    let changed = inc.update(&node(variant), &opts).keys();
+                    let changed = inc.update(&node(variant)).keys();
                     full = desired_state_after(&full, &api.objects(), &node(variant), &opts);
                     let got = inc.desired();
                     prop_assert_eq!(&got.frontends, &full.frontends);
@@ -237,32 +237,32 @@ fn list(inc: &mut Incremental, kind: ObjectKind, objects: &[Object]) -> usize {
 
 #[test]
 fn a_relist_changes_only_what_changed() {
-    let mut inc = Incremental::new("node1");
+    let mut inc = Incremental::new("node1", Options::default());
     let services = [0, 1].map(|i| Object::Service(service(i, i as u8 + 1, 1, false, None, &[0, 1], i as u8)));
     assert_eq!(list(&mut inc, ObjectKind::Service, &services), 2);
     list(&mut inc, ObjectKind::Slice, &[Object::Slice(slice(0, Some(0), &[(1, true, true)], &[0]))]);
-    assert!(!inc.update(&node(false), &Options::default()).changed.is_empty());
+    assert!(!inc.update(&node(false)).changed.is_empty());
     assert_eq!(list(&mut inc, ObjectKind::Service, &services), 0, "the same list again");
     assert!(!inc.has_changes());
-    assert!(inc.update(&node(false), &Options::default()).changed.is_empty());
+    assert!(inc.update(&node(false)).changed.is_empty());
     // s1 is gone from the next list: only its frontends go.
     assert_eq!(list(&mut inc, ObjectKind::Service, &services[..1]), 1);
-    let changed = inc.update(&node(false), &Options::default()).keys();
+    let changed = inc.update(&node(false)).keys();
     assert!(!changed.is_empty());
     assert!(changed.iter().all(|k| !inc.desired().frontends.contains_key(k)), "only removals: {changed:?}");
 }
 
 #[test]
 fn an_endpoint_change_recomputes_only_its_service() {
-    let mut inc = Incremental::new("node1");
+    let mut inc = Incremental::new("node1", Options::default());
     for i in 0..3 {
         inc.change(Change::Applied(Object::Service(service(i, i as u8 + 1, 0, false, None, &[0], 0))));
         inc.change(Change::Applied(Object::Slice(slice(i, Some(i), &[(1, true, true)], &[0]))));
     }
-    inc.update(&node(false), &Options::default());
+    inc.update(&node(false));
     inc.change(Change::Applied(Object::Slice(slice(1, Some(1), &[(1, true, true), (2, true, false)], &[0]))));
     assert_eq!(inc.dirty.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["s1"]);
-    let changed = inc.update(&node(false), &Options::default()).keys();
+    let changed = inc.update(&node(false)).keys();
     assert_eq!(changed.into_iter().map(|k| k.to_string()).collect::<Vec<_>>(), ["10.96.0.2:80/TCP"]);
 }
 
@@ -293,16 +293,16 @@ subsets:
 - addresses: [{ip: 10.244.1.10, nodeName: elsewhere}]
   ports: [{port: 8080}]
 "#;
-    let mut inc = Incremental::new("node1");
+    let mut inc = Incremental::new("node1", Options::default());
     let mut report = crate::source::manifests::Report::default();
     let mut objects = Objects::default();
     crate::source::manifests::parse_into(std::path::Path::new("t.yaml"), yaml, &mut objects, &mut report);
     list(&mut inc, ObjectKind::Slice, &objects.slices.into_iter().map(Object::Slice).collect::<Vec<_>>());
     list(&mut inc, ObjectKind::Endpoints, &objects.endpoints.into_iter().map(Object::Endpoints).collect::<Vec<_>>());
-    let nodes = inc.update(&node(false), &Options::default()).endpoint_nodes;
+    let nodes = inc.update(&node(false)).endpoint_nodes;
     let flat = nodes
         .into_iter()
-        .flat_map(|(s, n)| n.into_iter().map(move |(addr, node)| (s.name.clone(), addr.to_string(), node)));
+        .flat_map(|(s, n)| n.into_iter().map(move |(addr, node)| (s.name.clone(), addr.to_string(), node.to_string())));
     assert_eq!(
         flat.collect::<Vec<_>>(),
         [
@@ -316,7 +316,7 @@ subsets:
 
 #[test]
 fn a_node_heartbeat_changes_nothing_an_address_does() {
-    let mut inc = Incremental::new("node1");
+    let mut inc = Incremental::new("node1", Options::default());
     let node = |address: &str, heartbeat: &str| -> Node {
         serde_json::from_value(json!({
             "metadata": {"name": "node1", "resourceVersion": heartbeat},
