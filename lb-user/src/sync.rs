@@ -141,11 +141,15 @@ impl Feed {
                 tokio::select! {
                     event = source.next() => match event {
                         cluster::Event::Change(change) => {
+                            sync.health.source_event();
                             if sync.take(change, std::time::Instant::now()) {
                                 coalescer.note(tokio::time::Instant::now());
                             }
                         }
-                        cluster::Event::Error(e) => warn!("{e}; retrying with backoff, the datapath keeps its state"),
+                        cluster::Event::Error(e) => {
+                            sync.health.source_error(&e.to_string());
+                            warn!("{e}; retrying with backoff, the datapath keeps its state")
+                        }
                     },
                     () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                         coalescer.clear();

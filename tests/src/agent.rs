@@ -111,16 +111,22 @@ impl Agent {
     /// The HTTP status of `GET path` on the agent's health server (inside its node's
     /// namespace), `None` when nothing answers.
     pub fn health(&self, path: &str) -> Option<u16> {
+        self.health_answer(path).map(|(status, _)| status)
+    }
+
+    /// The health server's answer to `path`: its status and its body.
+    pub fn health_answer(&self, path: &str) -> Option<(u16, String)> {
         let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         in_netns(&self.netns, move || {
             use std::io::{Read, Write};
             let mut stream = std::net::TcpStream::connect(("127.0.0.1", HEALTHZ_PORT)).ok()?;
             stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
             stream.write_all(request.as_bytes()).ok()?;
-            let mut head = [0u8; 12];
-            stream.read_exact(&mut head).ok()?;
-            // "HTTP/1.1 200"
-            std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+            let mut text = String::new();
+            stream.read_to_string(&mut text).ok()?;
+            // "HTTP/1.1 200 OK\r\n...\r\n\r\nbody"
+            let status = text.get(9..12)?.parse().ok()?;
+            Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
         })
     }
 

@@ -211,6 +211,10 @@ fn traffic_survives_an_api_outage_and_a_gone_watch_deletes_nothing() {
     while began.elapsed() < outage {
         std::thread::sleep(Duration::from_millis(200));
     }
+    // /healthz says so honestly, yet fails no node: every node's datapath still serves.
+    let (status, body) = c.agents[0].health_answer("/healthz").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"sourceLastError\""), "the watches' errors are reported: {body}");
     let (bad, rounds) = load.finish();
     assert!(bad.is_empty(), "traffic failed during the outage: {bad:?}");
     assert!(rounds >= 10, "only {rounds} rounds of traffic during the outage");

@@ -6,7 +6,9 @@
 //! `/healthz` also fails while this node is being deleted or carries the cluster
 //! autoscaler's `ToBeDeletedByClusterAutoscaler` taint, so that load balancers drain it.
 //! `/readyz` succeeds once the maps have been synced from a complete list with the
-//! datapath attached.
+//! datapath attached. `/healthz` and `/livez` also report when the API server's watches last
+//! delivered something and their last error (`sourceLastEvent`, `sourceLastError`): an
+//! outage is shown, but fails no node, since the datapath keeps serving its last state.
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -43,6 +45,12 @@ struct Inner {
     oldest_pending: Option<Instant>,
     node_eligible: bool,
     ready: bool,
+    /// When the source last delivered something (an object or a list), and its last error
+    /// with its time: facts for `/healthz` to report, not a judgement of health. While the
+    /// API server is unreachable the datapath keeps serving its last state, so an outage
+    /// fails no node (it would fail every node at once, and a load balancer would drop all).
+    source_last_event: Option<SystemTime>,
+    source_last_error: Option<(SystemTime, String)>,
 }
 
 /// The agent's health, shared by the sync (writer) and the HTTP servers (readers).
@@ -61,7 +69,14 @@ impl Default for HealthState {
 impl HealthState {
     pub fn new(timeout: Duration) -> Self {
         // The node is eligible until its Node object says otherwise (as kube-proxy).
-        let inner = Inner { last_updated: None, oldest_pending: None, node_eligible: true, ready: false };
+        let inner = Inner {
+            last_updated: None,
+            oldest_pending: None,
+            node_eligible: true,
+            ready: false,
+            source_last_event: None,
+            source_last_error: None,
+        };
         HealthState { inner: Arc::new(Mutex::new(inner)), timeout }
     }
 
@@ -80,6 +95,16 @@ impl HealthState {
         let mut s = self.lock();
         s.oldest_pending = None;
         s.last_updated = Some(SystemTime::now());
+    }
+
+    /// The source (the API server's watches) delivered an object or a list.
+    pub fn source_event(&self) {
+        self.lock().source_last_event = Some(SystemTime::now());
+    }
+
+    /// The source failed (a watch or list error; it retries with backoff).
+    pub fn source_error(&self, error: &str) {
+        self.lock().source_last_error = Some((SystemTime::now(), error.to_string()));
     }
 
     /// The maps were synced from a complete list, with the datapath attached.
@@ -133,6 +158,14 @@ fn proxy_answer(state: &HealthState, with_node: bool) -> Response {
     });
     if with_node {
         body["nodeEligible"] = s.node_eligible.into();
+    }
+    // Not kube-proxy's: what the API server's watches last delivered and their last error,
+    // so an outage shows here although it fails no node.
+    if let Some(at) = s.source_last_event {
+        body["sourceLastEvent"] = rfc3339(at).into();
+    }
+    if let Some((at, error)) = &s.source_last_error {
+        body["sourceLastError"] = serde_json::json!({ "time": rfc3339(*at), "error": error });
     }
     json(if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
 }

@@ -126,3 +126,21 @@ async fn health_check_node_ports_answer_any_path_with_the_local_count_and_the_ag
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "a Service no longer Local closes its port");
 }
+
+#[tokio::test]
+async fn an_api_outage_is_reported_on_healthz_without_failing_the_node() {
+    let state = HealthState::new(Duration::from_secs(10));
+    let (addr, task) = health_server(state.clone()).await;
+    let (_, body, _) = get(addr, "/healthz").await;
+    assert!(body.get("sourceLastEvent").is_none() && body.get("sourceLastError").is_none(), "{body}");
+    state.source_event();
+    state.source_error("watching Services: connection refused");
+    for path in ["/healthz", "/livez"] {
+        let (status, body, _) = get(addr, path).await;
+        assert_eq!(status, 200, "an outage fails no node: {body}");
+        assert_eq!(body["sourceLastError"]["error"], "watching Services: connection refused", "{body}");
+        assert!(body["sourceLastError"]["time"].as_str().unwrap().ends_with('Z'), "{body}");
+        assert!(body["sourceLastEvent"].as_str().unwrap().ends_with('Z'), "{body}");
+    }
+    task.abort();
+}
