@@ -84,22 +84,27 @@ fn a_second_flow_never_overwrites_another_flows_reply_half() {
     });
 }
 
+/// A NodePort flow without SNAT (client -> pod on this node), opened and closed by FINs
+/// both ways: (client, frontend, backend).
+fn closed_local_flow(fx: &mut Fixture) -> (SocketAddrV4, SocketAddrV4, SocketAddrV4) {
+    let (client, front, backend) = (sa(CLIENT, 5555), np(30081), sa(LOCAL_POD, 8080));
+    fx.xdp(&Frame::tcp(client, front, SYN).bytes());
+    fx.tc_pod(&Frame::tcp(backend, client, SYN | ACK).bytes());
+    fx.xdp(&Frame::tcp(client, front, FIN | ACK).bytes());
+    fx.tc_pod(&Frame::tcp(backend, client, FIN | ACK).bytes());
+    assert_eq!(phase(fx.conntrack(client, front, IPPROTO_TCP).unwrap().state), Phase::Closed);
+    (client, front, backend)
+}
+
 /// Defect 2, continued: after a flow without SNAT closes and its close timeout passes, its
-/// reply half rewrites nothing any more: a direct connection from the same client port to
-/// the backend gets the backend's own answers, not answers disguised as the Service.
+/// reply half rewrites nothing any more: the backend's packets to that client port (of a
+/// direct connection) leave as the backend sent them, not disguised as the Service's.
 #[test]
 fn a_closed_flows_reply_half_stops_rewriting_after_the_close_timeout() {
     with_fixture(Setup::fast((40000, 40099)), |fx| {
-        let client = sa(CLIENT, 5555);
-        let front = np(30081);
-        let backend = sa(LOCAL_POD, 8080);
-        fx.xdp(&Frame::tcp(client, front, SYN).bytes());
-        fx.tc_pod(&Frame::tcp(backend, client, SYN | ACK).bytes());
-        fx.xdp(&Frame::tcp(client, front, FIN | ACK).bytes());
-        fx.tc_pod(&Frame::tcp(backend, client, FIN | ACK).bytes());
-        assert_eq!(phase(fx.conntrack(client, front, IPPROTO_TCP).unwrap().state), Phase::Closed);
+        let (client, front, backend) = closed_local_flow(fx);
         fx.age(client, front, IPPROTO_TCP, 11);
-        let direct = Frame::tcp(backend, client, SYN | ACK).bytes();
+        let direct = Frame { payload: vec![7; 10], ..Frame::tcp(backend, client, ACK) }.bytes();
         let (action, out) = fx.tc_pod(&direct);
         assert_eq!((action, out), (TC_ACT_OK, direct), "passes as it is");
         assert!(fx.conntrack(backend, client, IPPROTO_TCP).is_none(), "and the dead flow is gone");
@@ -107,20 +112,14 @@ fn a_closed_flows_reply_half_stops_rewriting_after_the_close_timeout() {
     });
 }
 
-/// Defect 2, continued: within the close timeout too. A SYN-ACK from the backend to the
-/// client port of a closed flow answers another connection (made to the backend directly,
-/// or through the socket hooks); it passes as it is, and the closed flow goes.
+/// Defect 2, continued: within the close timeout too, for a new connection. A SYN-ACK from
+/// the backend to the client port of a closed flow answers another connection (made to the
+/// backend directly, or through the socket hooks); it passes as it is, and the closed flow
+/// goes, while the closed flow's own late packets are still translated.
 #[test]
 fn a_closed_flows_reply_half_never_disguises_another_connections_syn_ack() {
     with_fixture(Setup::fast((40000, 40099)), |fx| {
-        let client = sa(CLIENT, 5555);
-        let front = np(30081);
-        let backend = sa(LOCAL_POD, 8080);
-        fx.xdp(&Frame::tcp(client, front, SYN).bytes());
-        fx.tc_pod(&Frame::tcp(backend, client, SYN | ACK).bytes());
-        fx.xdp(&Frame::tcp(client, front, FIN | ACK).bytes());
-        fx.tc_pod(&Frame::tcp(backend, client, FIN | ACK).bytes());
-        // The old connection's last ACK is still its own: translated.
+        let (client, front, backend) = closed_local_flow(fx);
         let (_, last_ack) = fx.tc_pod(&Frame::tcp(backend, client, ACK).bytes());
         assert_eq!(endpoints(&last_ack).0, front, "the closed flow's own packets are still translated");
         let direct = Frame::tcp(backend, client, SYN | ACK).bytes();

@@ -158,6 +158,9 @@ pub struct Reconciler {
     failed: BTreeSet<FrontendKey>,
     /// Backend ids taken during this apply (freed at its end if no frontend kept them).
     taken: BTreeSet<u32>,
+    /// An apply stopped partway on a map error: this view of the maps, and the frontends
+    /// that apply still had to write, are lost; the next apply starts over from the maps.
+    interrupted: bool,
 }
 
 /// How many frontends use a backend id: in their slots, and kept for their flows.
@@ -213,6 +216,7 @@ impl Reconciler {
             bit_users: BTreeMap::new(),
             failed: BTreeSet::new(),
             taken: BTreeSet::new(),
+            interrupted: false,
         };
         for (id, gen) in store.backend_gens()? {
             r.id_mut(id).gen = gen;
@@ -288,8 +292,22 @@ impl Reconciler {
         config: Config,
         store: &mut S,
     ) -> Result<Changes, S::Error> {
-        store.put_config(config)?;
-        self.write_desired(desired, changed, store)
+        let mut changed = changed;
+        if self.interrupted {
+            self.readopt(store)?;
+            changed = None;
+        }
+        let result = store.put_config(config).and_then(|()| self.write_desired(desired, changed, store));
+        self.interrupted = result.is_err();
+        result
+    }
+
+    /// Starts over from what the maps hold, keeping the settings.
+    fn readopt<S: MapStore>(&mut self, store: &mut S) -> Result<(), S::Error> {
+        let maglev = self.maglev;
+        *self = Reconciler::adopt(store)?;
+        self.maglev = maglev;
+        Ok(())
     }
 
     /// Compares the service maps with `desired` (what was last applied) and, where they
@@ -301,11 +319,10 @@ impl Reconciler {
         if drift.is_empty() {
             return Ok(None);
         }
-        let maglev = self.maglev;
-        *self = Reconciler::adopt(store)?;
-        self.maglev = maglev;
-        let changes = self.write_desired(desired, None, store)?;
-        Ok(Some(Repair { drift, changes }))
+        self.readopt(store)?;
+        let changes = self.write_desired(desired, None, store);
+        self.interrupted = changes.is_err();
+        Ok(Some(Repair { drift, changes: changes? }))
     }
 
     /// Everything `apply_changes` writes but the node-wide config.

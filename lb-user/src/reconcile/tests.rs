@@ -24,6 +24,8 @@ struct Fake {
     log: Vec<String>,
     /// put_service fails for this frontend, as with a full map.
     full_for: Option<ServiceKey>,
+    /// After this many more put_backend calls, one fails.
+    backend_write_failing_after: Option<usize>,
 }
 
 fn slot(k: &SlotKey) -> String {
@@ -54,6 +56,14 @@ impl MapStore for Fake {
         Ok(self.filter.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn put_backend(&mut self, id: u32, b: Backend) -> Result<(), FakeError> {
+        match self.backend_write_failing_after {
+            Some(0) => {
+                self.backend_write_failing_after = None;
+                return Err(FakeError);
+            }
+            Some(n) => self.backend_write_failing_after = Some(n - 1),
+            None => {}
+        }
         if b.addr_be == 0 {
             self.log.push(format!("free backend {id} gen {}", b.gen));
         } else {
@@ -682,5 +692,42 @@ mod incremental {
                 previous = d.clone();
             }
         }
+    }
+
+    /// An apply stopped by a map error loses its view of the maps and what it still had to
+    /// write; the next one, even with nothing new to write (as the sync retries it), starts
+    /// over from the maps and leaves them as a full apply does.
+    #[test]
+    fn an_apply_stopped_by_a_map_error_is_completed_by_the_next() {
+        let one = |backends: &[u8]| {
+            let mut d = Desired::default();
+            let mut f = frontend(&[]);
+            f.backends = backends
+                .iter()
+                .map(|b| BackendAddr { addr: Ipv4Addr::new(10, 244, 1, *b), port: 8080, local: false })
+                .collect();
+            d.frontends.insert(FrontendKey { addr: Ipv4Addr::new(10, 96, 0, 1), port: 80, protocol: Protocol::Tcp }, f);
+            d
+        };
+        let (before, after) = (one(&[1, 2]), one(&[1, 3]));
+        // The same two applies without a failure.
+        let mut expected = Fake::default();
+        let mut undisturbed = Reconciler::adopt(&expected).unwrap();
+        undisturbed.apply(&before, Config::default(), &mut expected).unwrap();
+        undisturbed.apply(&after, Config::default(), &mut expected).unwrap();
+        let changed: BTreeSet<FrontendKey> = after.frontends.keys().copied().collect();
+        let mut stopped = 0;
+        // Each backend write of the change in turn fails: the new endpoint's, the flags of
+        // the chosen ones, the removed one's release.
+        for failing_after in 0..6 {
+            let mut store = Fake::default();
+            let mut r = Reconciler::adopt(&store).unwrap();
+            r.apply_changes(&before, None, Config::default(), &mut store).unwrap();
+            store.backend_write_failing_after = Some(failing_after);
+            stopped += usize::from(r.apply_changes(&after, Some(&changed), Config::default(), &mut store).is_err());
+            r.apply_changes(&after, Some(&BTreeSet::new()), Config::default(), &mut store).unwrap();
+            assert_eq!(contents(&store), contents(&expected), "a failure after {failing_after} backend writes");
+        }
+        assert!(stopped > 0, "some failure stopped an apply partway");
     }
 }

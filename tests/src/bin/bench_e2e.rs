@@ -256,6 +256,9 @@ struct Counts {
     new_flow: u64,
     /// Per-packet translations of known flows: established, reply, and egress rewrites.
     per_packet: u64,
+    /// Of those, the requests' (established) and the answers' (reply) own translations.
+    established: u64,
+    reply: u64,
     sock_connect: u64,
     sock_sendmsg: u64,
 }
@@ -274,18 +277,19 @@ impl Snapshot {
     }
 
     /// The counters once they stop moving: the last packets of a call (a connection's
-    /// close) may still be on their way when its client exits. Bounded.
-    fn settled(cluster: &Cluster) -> Result<Snapshot> {
+    /// close) may still be on their way when its client exits. Bounded: None if they never
+    /// stopped within it (a busy machine), so the call measures nothing.
+    fn settled(cluster: &Cluster) -> Result<Option<Snapshot>> {
         let mut last = Snapshot::read(cluster)?;
         for _ in 0..40 {
             std::thread::sleep(Duration::from_millis(30));
             let now = Snapshot::read(cluster)?;
             if now == last {
-                break;
+                return Ok(Some(last));
             }
             last = now;
         }
-        Ok(last)
+        Ok(None)
     }
 
     fn since(&self, before: &Snapshot) -> Snapshot {
@@ -299,6 +303,8 @@ impl Snapshot {
         Counts {
             new_flow: get(counters::NEW_FLOW),
             per_packet: get(counters::ESTABLISHED) + get(counters::REPLY) + get(counters::EGRESS_REWRITTEN),
+            established: get(counters::ESTABLISHED),
+            reply: get(counters::REPLY),
             sock_connect: get(counters::SOCK_CONNECT),
             sock_sendmsg: get(counters::SOCK_SENDMSG),
         }
@@ -346,8 +352,12 @@ fn verify(case: &Case, stats: &RrStats, moved: &Snapshot) -> Result<String, Refu
     let agrees = match case.route {
         Route::Direct => *grew == Counts::default(),
         Route::PerPacket => {
+            // Both directions of every request: the request by its flow's forward half (a
+            // flow's first request, for UDP, by starting it),
+            // the answer by its reply half.
             grew.new_flow == connections
-                && grew.per_packet >= stats.requests
+                && grew.established + grew.new_flow >= stats.requests
+                && grew.reply >= stats.requests
                 && (grew.sock_connect, grew.sock_sendmsg) == (0, 0)
         }
         Route::Socket => {
@@ -360,7 +370,9 @@ fn verify(case: &Case, stats: &RrStats, moved: &Snapshot) -> Result<String, Refu
     } else {
         let expected = match case.route {
             Route::Direct => "nothing translated",
-            Route::PerPacket => "new_flow + connections, per-packet translations >= requests, no socket hook",
+            Route::PerPacket => {
+                "new_flow + connections, established (or new_flow) and reply each >= requests, no socket hook"
+            }
             Route::Socket => "sock_connect + connections and no per-packet translation",
         };
         Err(Refusal::Disagrees(format!("{what}; expected {expected}; all that moved: {}", moved.moved())))
@@ -458,10 +470,13 @@ fn requests(cases: &[Case], options: &Options) -> Result<bool> {
             let (case, row) = (&cases[i], &mut rows[i]);
             let before = Snapshot::settled(&lab.cluster)?;
             let called = lab.call(case, options.seconds);
-            let grew = Snapshot::settled(&lab.cluster)?.since(&before);
-            let checked = match called {
-                Ok(stats) => verify(case, &stats, &grew).map(|proof| (stats, proof)),
-                Err(e) => Err(Refusal::Disagrees(format!("the client failed: {e:#}"))),
+            let after = Snapshot::settled(&lab.cluster)?;
+            let checked = match (called, before, after) {
+                (Err(e), _, _) => Err(Refusal::Disagrees(format!("the client failed: {e:#}"))),
+                (Ok(stats), Some(before), Some(after)) => {
+                    verify(case, &stats, &after.since(&before)).map(|proof| (stats, proof))
+                }
+                (Ok(_), _, _) => Err(Refusal::Unmeasured("the counters did not stop moving within 1.2 s".into())),
             };
             if let Some(sample) = row.standing.record(round, checked) {
                 row.samples.push(sample);
