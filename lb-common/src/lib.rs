@@ -338,8 +338,10 @@ pub struct Backend {
     pub _pad: u8,
     pub gen: u32,
     pub _pad2: u32,
-    /// A stable hash of the Service port the id belongs to (the agent's, for adopting ids
-    /// after a restart; the datapath does not read it).
+    /// A stable hash of the Service port the id belongs to: the agent adopts ids by it after
+    /// a restart, and the datapath checks a backend it picked belongs to the Service
+    /// (`ServiceValue::scope`), so a reused slot, affinity or socket entry cannot hand it
+    /// another Service's backend.
     pub owner: u64,
 }
 

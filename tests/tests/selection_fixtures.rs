@@ -209,3 +209,43 @@ fn affinity_never_keeps_another_clients_entry_or_another_services_backend() {
         assert_eq!(kernel_choice(fx, client(21003), 31006), SocketAddrV4::new(kept.ip(), kept.port()));
     });
 }
+
+/// A slot read from a reused element, or an id the agent gave away meanwhile, can name
+/// another Service port's backend: a new flow is never sent there. It is dropped (the
+/// client's retransmission chooses again) and counted, and it leaves no conntrack entry.
+#[test]
+fn a_slot_naming_another_services_backend_sends_no_flow_there() {
+    with_fixture(Setup::fast((40000, 60000)), |fx| {
+        fx.apply(&manifests());
+        // np-local's backend (10.244.1.10:8080), known by a flow to it.
+        let other = SocketAddrV4::new(CLIENT, 21999);
+        fx.xdp(&Frame::tcp(other, SocketAddrV4::new(NODE, 30081), SYN).bytes());
+        let foreign = fx.conntrack(other, SocketAddrV4::new(NODE, 30081), IPPROTO_TCP).unwrap().backend_id;
+        // Every slot of alg-rr (node:31002) names it.
+        let services: aya::maps::HashMap<_, lb_common::ServiceKey, lb_common::ServiceValue> =
+            lb_user::datapath::open_map(&fx.pin_dir, lb_common::map_names::SERVICES).unwrap().try_into().unwrap();
+        let key = lb_common::ServiceKey {
+            addr_be: lb_common::user::addr_be(NODE),
+            port_be: 31002u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        };
+        let svc_id = services.get(&key, 0).unwrap().svc_id;
+        let mut slots: aya::maps::HashMap<_, lb_common::SlotKey, u32> =
+            lb_user::datapath::open_map(&fx.pin_dir, lb_common::map_names::SLOTS).unwrap().try_into().unwrap();
+        let mine: Vec<lb_common::SlotKey> = slots.keys().map(Result::unwrap).filter(|k| k.svc_id == svc_id).collect();
+        assert_eq!(mine.len(), BACKENDS.len());
+        for k in mine {
+            slots.insert(k, foreign, 0).unwrap();
+        }
+        let before = fx.counters();
+        let client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 55, 10), 21000);
+        let (action, _, _) = fx.xdp(&Frame::tcp(client, SocketAddrV4::new(NODE, 31002), SYN).bytes());
+        assert_eq!(action, XDP_DROP);
+        let after = fx.counters();
+        assert_eq!(after["drop_stale_service"], before["drop_stale_service"] + 1);
+        assert_eq!(after["entry_reused"], before["entry_reused"] + 1);
+        assert_eq!(after["new_flow"], before["new_flow"]);
+        assert!(fx.conntrack(client, SocketAddrV4::new(NODE, 31002), IPPROTO_TCP).is_none());
+    });
+}
