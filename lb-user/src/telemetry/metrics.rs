@@ -458,6 +458,9 @@ impl Drop for Server {
 struct Scraper {
     pin_dir: Arc<PathBuf>,
     metrics: AgentMetrics,
+    /// One scrape at a time: each copies the conntrack table (about 80 MB at a million
+    /// entries, charged to the agent's memory limit), so overlapping scrapes wait.
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Serves /metrics on `addr`, reading the pins under `pin_dir` at each scrape.
@@ -465,7 +468,11 @@ pub async fn serve(addr: SocketAddr, pin_dir: PathBuf, metrics: AgentMetrics) ->
     let listener = TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
     info!(address = %local_addr, "serving /metrics");
-    let app = Router::new().route("/metrics", get(scrape)).with_state(Scraper { pin_dir: Arc::new(pin_dir), metrics });
+    let app = Router::new().route("/metrics", get(scrape)).with_state(Scraper {
+        pin_dir: Arc::new(pin_dir),
+        metrics,
+        one_at_a_time: Arc::default(),
+    });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!("the /metrics server stopped: {e}");
@@ -479,6 +486,7 @@ async fn scrape(State(s): State<Scraper>, headers: HeaderMap) -> Response {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    let _turn = s.one_at_a_time.lock().await;
     // Reading conntrack whole (for the NAT ports) can take a while: off the event loop.
     let scraped =
         tokio::task::spawn_blocking(move || s.metrics.scrape(&s.pin_dir, open_metrics).map_err(|e| e.to_string()))
