@@ -16,7 +16,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Node, Service},
+    core::v1::{Endpoints, Node},
     discovery::v1::EndpointSlice,
 };
 use kube::ResourceExt;
@@ -109,7 +109,7 @@ pub struct Incremental {
     node_name: String,
     /// Services as read, with a hash of what was read them from (an update that changes
     /// nothing the model reads is no change).
-    services: BTreeMap<ServiceRef, (u64, ServiceDigest)>,
+    services: BTreeMap<ServiceRef, ServiceDigest>,
     /// Fixed for the index's life: Services are read with them.
     opts: Options,
     slices: BTreeMap<ObjectName, StoredSlice>,
@@ -210,18 +210,18 @@ impl Incremental {
     /// An object was added or modified. Returns whether it differs from what was held.
     fn apply(&mut self, object: Object) -> bool {
         match object {
-            Object::Service(mut svc) => {
-                slim(&mut svc);
+            Object::Service(svc) => {
                 let sref = service_ref(&svc);
-                let hash = hash_of(&svc);
-                if self.services.get(&sref).is_some_and(|(held, _)| *held == hash) {
-                    return false;
-                }
                 let node = NodeInfo { name: self.node_name.clone(), addresses: Vec::new(), zone: None };
                 let mut ctx = Ctx { node: &node, opts: &self.opts, errors: Vec::new() };
+                // What the model reads of it: an update of anything else (a new
+                // resourceVersion, a status condition) changes nothing.
                 let digest = digest_service(&mut ctx, &svc, &sref);
+                if self.services.get(&sref) == Some(&digest) {
+                    return false;
+                }
                 self.dirty.insert(sref.clone());
-                self.services.insert(sref, (hash, digest));
+                self.services.insert(sref, digest);
             }
             Object::Slice(slice) => {
                 let name = object_name(&slice.metadata);
@@ -460,7 +460,7 @@ impl Incremental {
             labelled.iter().filter_map(|s| s.read.clone()).collect()
         };
         let mut output = Output::default();
-        if let Some((_, digest)) = self.services.get(sref) {
+        if let Some(digest) = self.services.get(sref) {
             let mut checks = Vec::new();
             add_digest(&mut ctx, digest, sref, &slices, &mut output.claims, &mut checks);
             // Kept until the Service changes: no room to spare.
@@ -469,35 +469,6 @@ impl Incremental {
         }
         output.errors = ctx.errors;
         output
-    }
-}
-
-/// A stable hash of a Service's fields (its JSON form).
-fn hash_of(svc: &Service) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_vec(svc).unwrap_or_default().hash(&mut h);
-    h.finish()
-}
-
-/// Drops what the model never reads from a Service, so that the index is smaller and an
-/// update of only those fields (a new resourceVersion, a status condition) changes nothing.
-fn slim(svc: &mut Service) {
-    let meta = &mut svc.metadata;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.retain(|k, _| k == super::ALGORITHM_ANNOTATION);
-    }
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.resource_version = None;
-    meta.uid = None;
-    meta.generation = None;
-    if let Some(spec) = &mut svc.spec {
-        spec.selector = None;
-    }
-    if let Some(status) = &mut svc.status {
-        status.conditions = None;
     }
 }
 

@@ -3,6 +3,8 @@
 //! previous state.
 use std::net::Ipv4Addr;
 
+use k8s_openapi::api::core::v1::Service;
+
 use proptest::prelude::*;
 use serde_json::json;
 
