@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -27,13 +28,40 @@ pub struct Endpoint {
     pub terminating: bool,
     /// Its nodeName is this node's name.
     pub local: bool,
-    /// `hints.forZones` names; empty when the endpoint has no zone hint.
-    pub zone_hints: BTreeSet<String>,
-    /// `hints.forNodes` names (trafficDistribution PreferSameNode); empty when it has none.
-    pub node_hints: BTreeSet<String>,
+    /// Its hints; None when it has none. Endpoints are most of what the agent holds, so an
+    /// endpoint without hints costs one pointer, and a slice's endpoints with the same
+    /// hints share them.
+    pub hints: Option<Arc<Hints>>,
+}
+
+/// An endpoint's topology hints, each list sorted and without duplicates.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Hints {
+    /// `hints.forZones` names.
+    pub zones: Vec<String>,
+    /// `hints.forNodes` names (trafficDistribution PreferSameNode).
+    pub nodes: Vec<String>,
+}
+
+impl Hints {
+    pub(super) fn of(names: impl Iterator<Item = String>) -> Vec<String> {
+        let mut names: Vec<String> = names.collect::<BTreeSet<_>>().into_iter().collect();
+        names.shrink_to_fit();
+        names
+    }
 }
 
 impl Endpoint {
+    /// Its `hints.forZones` names (sorted).
+    pub fn zone_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.zones)
+    }
+
+    /// Its `hints.forNodes` names (sorted).
+    pub fn node_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.nodes)
+    }
+
     /// Which of two copies of one address:port is kept. kube-proxy lets a non-terminating
     /// copy replace a terminating one (an IP reused by a new pod while the old one
     /// terminates) and otherwise keeps whichever it saw last; here the rest of the order is
@@ -115,7 +143,7 @@ pub(super) fn slices_by_service(ctx: &mut Ctx, objects: &Objects) -> BTreeMap<Se
 
 /// The Service a legacy Endpoints object is for (its own namespace and name).
 pub(super) fn legacy_ref(ep: &Endpoints) -> ServiceRef {
-    ServiceRef { namespace: ep.namespace().unwrap_or_else(|| "default".into()), name: ep.name_any() }
+    ServiceRef { namespace: ep.namespace().as_deref().unwrap_or("default").into(), name: ep.name_any().into() }
 }
 
 /// The Service a slice belongs to, by its `kubernetes.io/service-name` label; without one,
@@ -123,7 +151,7 @@ pub(super) fn legacy_ref(ep: &Endpoints) -> ServiceRef {
 pub(super) fn owner_of_slice(slice: &EndpointSlice) -> Result<ServiceRef, ModelError> {
     let namespace = slice.namespace().unwrap_or_else(|| "default".into());
     match slice.labels().get(SERVICE_NAME_LABEL).filter(|n| !n.is_empty()) {
-        Some(name) => Ok(ServiceRef { namespace, name: name.clone() }),
+        Some(name) => Ok(ServiceRef { namespace: namespace.into(), name: name.as_str().into() }),
         None => Err(ModelError {
             object: format!("EndpointSlice {namespace}/{}", slice.name_any()),
             field: "metadata.labels".into(),
@@ -198,6 +226,7 @@ pub(super) fn read_slice(ctx: &mut Ctx, object: &str, slice: &EndpointSlice) -> 
         return None;
     }
     let mut out = Slice::default();
+    let mut shared_hints: BTreeSet<Arc<Hints>> = BTreeSet::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let port = match p.port {
             Some(n) if (1..=65535).contains(&n) => Some(n as u16),
@@ -224,6 +253,18 @@ pub(super) fn read_slice(ctx: &mut Ctx, object: &str, slice: &EndpointSlice) -> 
         };
         let c = ep.conditions.clone().unwrap_or_default();
         let hints = ep.hints.as_ref();
+        let hints = Hints {
+            zones: Hints::of(hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone())),
+            nodes: Hints::of(hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone())),
+        };
+        let hints = (hints != Hints::default()).then(|| match shared_hints.get(&hints) {
+            Some(held) => held.clone(),
+            None => {
+                let hints = Arc::new(hints);
+                shared_hints.insert(hints.clone());
+                hints
+            }
+        });
         out.endpoints.push(Endpoint {
             addr,
             port: 0,
@@ -231,21 +272,11 @@ pub(super) fn read_slice(ctx: &mut Ctx, object: &str, slice: &EndpointSlice) -> 
             serving: c.serving.unwrap_or(true),
             terminating: c.terminating.unwrap_or(false),
             local: ep.node_name.as_deref() == Some(ctx.node.name.as_str()),
-            zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|z| z.name.clone())
-                .collect(),
-            node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|n| n.name.clone())
-                .collect(),
+            hints,
         });
     }
     // The incremental model keeps slices as read: no room to spare.
+    out.ports.shrink_to_fit();
     out.endpoints.shrink_to_fit();
     Some(out)
 }

@@ -54,7 +54,7 @@ pub type EndpointNodes = BTreeMap<Ipv4Addr, Arc<str>>;
 #[derive(Debug, Default)]
 pub struct Update {
     /// The frontends whose desired state changed, with what they were before (None: new).
-    pub changed: BTreeMap<FrontendKey, Option<super::Frontend>>,
+    pub changed: BTreeMap<FrontendKey, Option<Arc<super::Frontend>>>,
     /// The endpoint nodes of each Service computed again.
     pub endpoint_nodes: Vec<(ServiceRef, EndpointNodes)>,
 }
@@ -80,6 +80,8 @@ impl<T> Default for SortedVec<T> {
 impl<T: Ord> SortedVec<T> {
     fn insert(&mut self, item: T) {
         if let Err(at) = self.0.binary_search(&item) {
+            // Room for exactly one more: a Vec would make room for four.
+            self.0.reserve_exact(1);
             self.0.insert(at, item);
         }
     }
@@ -267,7 +269,7 @@ impl Incremental {
         let namespace = namespace.unwrap_or("default").to_string();
         match kind {
             ObjectKind::Service => {
-                let sref = ServiceRef { namespace, name: name.into() };
+                let sref = ServiceRef { namespace: namespace.into(), name: name.into() };
                 let held = self.services.remove(&sref).is_some();
                 if held {
                     self.dirty.insert(sref);
@@ -276,7 +278,7 @@ impl Incremental {
             }
             ObjectKind::Slice => self.forget_slice(&(namespace, name.into())),
             ObjectKind::Endpoints => {
-                let sref = ServiceRef { namespace, name: name.into() };
+                let sref = ServiceRef { namespace: namespace.into(), name: name.into() };
                 let held = self.endpoints.remove(&sref).is_some();
                 if held {
                     self.dirty.insert(sref);
@@ -295,9 +297,13 @@ impl Incremental {
     /// changes only what truly changed). Returns how many objects were removed.
     fn remove_unlisted(&mut self, kind: ObjectKind, listed: &BTreeSet<ObjectName>) -> usize {
         let held: Vec<ObjectName> = match kind {
-            ObjectKind::Service => self.services.keys().map(|r| (r.namespace.clone(), r.name.clone())).collect(),
+            ObjectKind::Service => {
+                self.services.keys().map(|r| (r.namespace.to_string(), r.name.to_string())).collect()
+            }
             ObjectKind::Slice => self.slices.keys().cloned().collect(),
-            ObjectKind::Endpoints => self.endpoints.keys().map(|r| (r.namespace.clone(), r.name.clone())).collect(),
+            ObjectKind::Endpoints => {
+                self.endpoints.keys().map(|r| (r.namespace.to_string(), r.name.to_string())).collect()
+            }
             ObjectKind::Node => self.nodes.keys().map(|n| ("default".to_string(), n.clone())).collect(),
         };
         let mut removed = 0;

@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net};
@@ -163,10 +164,12 @@ impl FrontendKind {
     }
 }
 
+/// A Service's namespace and name. Shared text: the model keeps each Service's name in
+/// several indexes and in each of its frontends, so a copy costs only a count.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl fmt::Display for ServiceRef {
@@ -253,8 +256,10 @@ pub struct Frontend {
     pub source_ranges: SourceRanges,
     /// sessionAffinity=ClientIP timeout.
     pub affinity_timeout_s: Option<u32>,
-    /// Every serving endpoint of this Service port, whatever the policies and topology
-    /// chose, sorted: what UDP conntrack cleanup compares ([`flow_cleanups`]).
+    /// On UDP frontends, every serving endpoint of this Service port, whatever the
+    /// policies and topology chose, sorted: what UDP conntrack cleanup compares
+    /// ([`flow_cleanups`]). Empty on others: their flows need no cleanup, and the agent keeps
+    /// every frontend of every Service.
     pub serving: Vec<SocketAddrV4>,
     pub algorithm: Algorithm,
     /// Endpoints still in the slices that no set chose (terminating, not ready), sorted:
@@ -284,7 +289,9 @@ pub struct ModelError {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// Shared with the claims they were settled from (frontends are most of what the model
+    /// holds).
+    pub frontends: BTreeMap<FrontendKey, Arc<Frontend>>,
     pub health_checks: Vec<HealthCheck>,
     pub errors: Vec<ModelError>,
 }
@@ -304,7 +311,7 @@ impl Ctx<'_> {
 /// A frontend some Service port wants, before conflicts are settled.
 struct Claim {
     key: FrontendKey,
-    frontend: Frontend,
+    frontend: Arc<Frontend>,
     field: String,
     created: Option<Time>,
 }
@@ -333,7 +340,7 @@ pub fn desired_state_after(previous: &Desired, objects: &Objects, node: &NodeInf
 }
 
 fn service_ref(svc: &Service) -> ServiceRef {
-    ServiceRef { namespace: svc.namespace().unwrap_or_else(|| "default".into()), name: svc.name_any() }
+    ServiceRef { namespace: svc.namespace().as_deref().unwrap_or("default").into(), name: svc.name_any().into() }
 }
 
 /// One owner per frontend. The API server keeps NodePorts and IPs unique; manifests do not,
@@ -481,6 +488,8 @@ fn read_service(ctx: &mut Ctx, svc: &Service, sref: &ServiceRef) -> Option<ReadS
         let node_port = node_port_of(ctx, &facts.object, &field, svc_type, spec.allocate_load_balancer_node_ports, sp);
         ports.push(PortFacts { index, name: sp.name.clone().unwrap_or_default(), protocol, port, node_port });
     }
+    // Kept for the Service's life: no room to spare.
+    ports.shrink_to_fit();
     // kube-proxy's NeedsHealthCheck: LoadBalancer Services with external policy Local.
     let mut check = None;
     if svc_type == "LoadBalancer" && facts.external_local {
@@ -559,8 +568,10 @@ fn add_port(
         set.iter().flatten().map(|e| BackendAddr::from(*e)).collect::<BTreeSet<_>>().into_iter().collect()
     };
     let (cluster, local) = (to_backends(&sets.cluster), to_backends(&sets.local));
-    let serving: Vec<SocketAddrV4> =
-        endpoints.iter().filter(|e| e.serving).map(|e| SocketAddrV4::new(e.addr, e.port)).collect();
+    let serving: Vec<SocketAddrV4> = match protocol {
+        Protocol::Udp => endpoints.iter().filter(|e| e.serving).map(|e| SocketAddrV4::new(e.addr, e.port)).collect(),
+        _ => Vec::new(),
+    };
     let when_empty = if sets.has_any { WhenEmpty::Drop } else { WhenEmpty::Refuse };
     let chosen: BTreeSet<BackendAddr> = cluster.iter().chain(local.iter()).copied().collect();
     let retained: Vec<BackendAddr> = endpoints
@@ -591,7 +602,12 @@ fn add_port(
             algorithm: facts.algorithm,
             retained: retained.clone(),
         };
-        claims.push(Claim { key: FrontendKey { addr, port, protocol }, frontend, field, created: created.clone() });
+        claims.push(Claim {
+            key: FrontendKey { addr, port, protocol },
+            frontend: Arc::new(frontend),
+            field,
+            created: created.clone(),
+        });
     };
     claim(FrontendKind::ClusterIp, facts.cluster_ip, port, format!("{field}.port"));
     for (j, ip) in &facts.external_ips {

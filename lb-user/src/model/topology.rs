@@ -108,12 +108,12 @@ fn topology_from_hints(endpoints: &[Endpoint], node: &str, zone: &str) -> Topolo
     if ready.is_empty() {
         return Topology::Any;
     }
-    let all_have = |hints: fn(&Endpoint) -> &std::collections::BTreeSet<String>, name: &str| {
-        ready.iter().all(|e| !hints(e).is_empty()) && ready.iter().any(|e| hints(e).contains(name))
+    let all_have = |hints: fn(&Endpoint) -> &[String], name: &str| {
+        ready.iter().all(|e| !hints(e).is_empty()) && ready.iter().any(|e| names(hints(e), name))
     };
-    if all_have(|e| &e.node_hints, node) {
+    if all_have(Endpoint::node_hints, node) {
         Topology::SameNode
-    } else if all_have(|e| &e.zone_hints, zone) {
+    } else if all_have(Endpoint::zone_hints, zone) {
         Topology::SameZone
     } else {
         Topology::Any
@@ -123,9 +123,14 @@ fn topology_from_hints(endpoints: &[Endpoint], node: &str, zone: &str) -> Topolo
 fn available(e: &Endpoint, topology: Topology, node: &str, zone: &str) -> bool {
     match topology {
         Topology::Any => true,
-        Topology::SameZone => e.zone_hints.contains(zone),
-        Topology::SameNode => e.node_hints.contains(node),
+        Topology::SameZone => names(e.zone_hints(), zone),
+        Topology::SameNode => names(e.node_hints(), node),
     }
+}
+
+/// Whether sorted hint names include `name`.
+fn names(hints: &[String], name: &str) -> bool {
+    hints.binary_search_by(|h| h.as_str().cmp(name)).is_ok()
 }
 
 #[cfg(test)]

@@ -171,7 +171,7 @@ fn desired(frontends: &[(u8, Frontend)]) -> Desired {
     for (last, f) in frontends {
         d.frontends.insert(
             FrontendKey { addr: Ipv4Addr::new(10, 96, 0, *last), port: 80, protocol: Protocol::Tcp },
-            f.clone(),
+            f.clone().into(),
         );
     }
     d
@@ -581,7 +581,7 @@ fn a_loopback_node_port_is_flagged_for_the_socket_hooks_alone() {
     np.kind = FrontendKind::NodePort;
     let mut d = Desired::default();
     for addr in [Ipv4Addr::LOCALHOST, Ipv4Addr::new(192, 168, 50, 10)] {
-        d.frontends.insert(FrontendKey { addr, port: 30080, protocol: Protocol::Tcp }, np.clone());
+        d.frontends.insert(FrontendKey { addr, port: 30080, protocol: Protocol::Tcp }, np.clone().into());
     }
     apply(&mut r, &mut store, &d);
     let flags = |ip| store.services[&ServiceKey::new(ip, 30080, lb_common::IPPROTO_TCP)].flags;
@@ -657,14 +657,16 @@ mod incremental {
             let mut d = Desired::default();
             for (last, (svc, backends, retained, maglev)) in frontends {
                 let mut f = frontend(&[]);
-                f.service.name = format!("svc{svc}");
+                f.service.name = format!("svc{svc}").into();
                 let addr = |b: u8, local: bool| BackendAddr { addr: Ipv4Addr::new(10, 244, 1, b), port: 8080, local };
                 f.backends = backends.iter().map(|(b, l)| addr(*b, *l)).collect::<BTreeSet<_>>().into_iter().collect();
                 f.retained =
                     retained.iter().map(|b| addr(*b + 10, false)).collect::<BTreeSet<_>>().into_iter().collect();
                 f.algorithm = if maglev { Algorithm::Maglev } else { Algorithm::Random };
-                d.frontends
-                    .insert(FrontendKey { addr: Ipv4Addr::new(10, 96, 0, last), port: 80, protocol: Protocol::Tcp }, f);
+                d.frontends.insert(
+                    FrontendKey { addr: Ipv4Addr::new(10, 96, 0, last), port: 80, protocol: Protocol::Tcp },
+                    f.into(),
+                );
             }
             d
         })
@@ -706,7 +708,8 @@ mod incremental {
                 .iter()
                 .map(|b| BackendAddr { addr: Ipv4Addr::new(10, 244, 1, *b), port: 8080, local: false })
                 .collect();
-            d.frontends.insert(FrontendKey { addr: Ipv4Addr::new(10, 96, 0, 1), port: 80, protocol: Protocol::Tcp }, f);
+            d.frontends
+                .insert(FrontendKey { addr: Ipv4Addr::new(10, 96, 0, 1), port: 80, protocol: Protocol::Tcp }, f.into());
             d
         };
         let (before, after) = (one(&[1, 2]), one(&[1, 3]));

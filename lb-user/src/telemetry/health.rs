@@ -269,7 +269,7 @@ async fn service_answer(State((shared, health)): State<(Shared, HealthState)>) -
 /// ready endpoints.
 pub fn service_response(service: &ServiceRef, local: usize, proxy_healthy: bool) -> (StatusCode, serde_json::Value) {
     let body = serde_json::json!({
-        "service": {"namespace": service.namespace, "name": service.name},
+        "service": {"namespace": &*service.namespace, "name": &*service.name},
         "localEndpoints": local,
         "serviceProxyHealthy": proxy_healthy,
     });

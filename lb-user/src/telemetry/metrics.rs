@@ -272,7 +272,7 @@ impl Reading {
                 .get(&affinity_scope(b.owner))
                 .map(|(name, proto)| (name.clone(), protocol_name(*proto).into_owned()))
                 .unwrap_or_default();
-            let sref = ServiceRef { namespace: name.namespace.clone(), name: name.name.clone() };
+            let sref = ServiceRef { namespace: name.namespace.as_str().into(), name: name.name.as_str().into() };
             let node = nodes.get(&sref).and_then(|n| n.get(&b.ip())).map_or_else(String::new, |n| label(n));
             let labels = vec![
                 ("namespace", label(&name.namespace)),

@@ -263,7 +263,7 @@ fn an_endpoint_change_recomputes_only_its_service() {
     }
     inc.update(&node(false));
     inc.change(Change::Applied(Object::Slice(slice(1, Some(1), &[(1, true, true), (2, true, false)], &[0]))));
-    assert_eq!(inc.dirty.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["s1"]);
+    assert_eq!(inc.dirty.iter().map(|r| &*r.name).collect::<Vec<_>>(), ["s1"]);
     let changed = inc.update(&node(false)).keys();
     assert_eq!(changed.into_iter().map(|k| k.to_string()).collect::<Vec<_>>(), ["10.96.0.2:80/TCP"]);
 }
@@ -302,9 +302,9 @@ subsets:
     list(&mut inc, ObjectKind::Slice, &objects.slices.into_iter().map(Object::Slice).collect::<Vec<_>>());
     list(&mut inc, ObjectKind::Endpoints, &objects.endpoints.into_iter().map(Object::Endpoints).collect::<Vec<_>>());
     let nodes = inc.update(&node(false)).endpoint_nodes;
-    let flat = nodes
-        .into_iter()
-        .flat_map(|(s, n)| n.into_iter().map(move |(addr, node)| (s.name.clone(), addr.to_string(), node.to_string())));
+    let flat = nodes.into_iter().flat_map(|(s, n)| {
+        n.into_iter().map(move |(addr, node)| (s.name.to_string(), addr.to_string(), node.to_string()))
+    });
     assert_eq!(
         flat.collect::<Vec<_>>(),
         [

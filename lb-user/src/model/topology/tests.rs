@@ -4,9 +4,10 @@
 //! accessibility (a nodePort in kube-proxy's table), the node's zone label and name, and
 //! endpoints with their conditions, hints and locality. Unset conditions are false there,
 //! as in kube-proxy's BaseEndpointInfo.
-use std::{collections::BTreeSet, net::SocketAddrV4};
+use std::{collections::BTreeSet, net::SocketAddrV4, sync::Arc};
 
 use super::*;
+use crate::model::endpoints::Hints;
 
 fn ep(addr: &str) -> Endpoint {
     let a: SocketAddrV4 = addr.parse().unwrap();
@@ -17,8 +18,7 @@ fn ep(addr: &str) -> Endpoint {
         serving: false,
         terminating: false,
         local: false,
-        zone_hints: BTreeSet::new(),
-        node_hints: BTreeSet::new(),
+        hints: None,
     }
 }
 
@@ -40,11 +40,13 @@ impl Endpoint {
         self
     }
     fn zones(mut self, zones: &[&str]) -> Self {
-        self.zone_hints = zones.iter().map(|z| z.to_string()).collect();
+        let nodes = self.node_hints().to_vec();
+        self.hints = Some(Arc::new(Hints { zones: Hints::of(zones.iter().map(|z| z.to_string())), nodes }));
         self
     }
     fn nodes(mut self, nodes: &[&str]) -> Self {
-        self.node_hints = nodes.iter().map(|n| n.to_string()).collect();
+        let zones = self.zone_hints().to_vec();
+        self.hints = Some(Arc::new(Hints { zones, nodes: Hints::of(nodes.iter().map(|n| n.to_string())) }));
         self
     }
 }
@@ -182,7 +184,7 @@ fn cases() -> Vec<Case> {
             name: "missing hints, no filtering applied",
             endpoints: {
                 let mut e = four_zonal();
-                e[2].zone_hints.clear();
+                e[2].hints = None;
                 e
             },
             cluster: Some(&["10.1.2.3:80", "10.1.2.4:80", "10.1.2.5:80", "10.1.2.6:80"]),
