@@ -13,7 +13,12 @@
 //! After a restart it adopts what the pinned maps hold (ids and generations included, so
 //! tracked flows keep pointing at valid backends) and cleans up what an interrupted run
 //! left: slots of a dead generation or past a count, ranges of no frontend.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{BuildHasher, RandomState},
+};
+
+use hashbrown::HashTable;
 
 use ipnet::Ipv4Net;
 
@@ -137,7 +142,7 @@ pub struct Reconciler {
     frontends: BTreeMap<ServiceKey, FrontendState>,
     /// Backend ids by identity (address, port, locality, owner; without `CHOSEN`, which
     /// changes with the sets while the id stays).
-    backend_ids: BTreeMap<Backend, u32>,
+    backend_ids: BackendIndex,
     /// What the reconciler knows of each backend id, indexed by id (ids are small and dense).
     ids: Vec<IdState>,
     maglev: MaglevSize,
@@ -157,7 +162,7 @@ pub struct Reconciler {
     /// Frontends whose last write or removal failed: the next apply tries them again.
     failed: BTreeSet<FrontendKey>,
     /// Backend ids taken during this apply (freed at its end if no frontend kept them).
-    taken: BTreeSet<u32>,
+    taken: Vec<u32>,
     /// An apply stopped partway on a map error: this view of the maps, and the frontends
     /// that apply still had to write, are lost; the next apply starts over from the maps.
     interrupted: bool,
@@ -170,15 +175,53 @@ struct Uses {
     retained: u32,
 }
 
+// One per backend id: a flag rather than an Option keeps it at 40 bytes, not 48.
 #[derive(Clone, Copy, Debug, Default)]
 struct IdState {
-    /// The backend it names (without `CHOSEN`); None while free.
-    key: Option<Backend>,
+    /// The backend it names (without `CHOSEN`, generation 0), while `held`.
+    backend: Backend,
+    held: bool,
     /// The generation it carries now (used and freed ids alike).
     gen: u32,
     /// Its entry carries `backend_flags::CHOSEN`.
     chosen: bool,
     uses: Uses,
+}
+
+impl IdState {
+    /// The backend it names; None while free.
+    fn key(&self) -> Option<Backend> {
+        self.held.then_some(self.backend)
+    }
+}
+
+/// Backend ids by the backend each names, looked up in the id table: the index holds only
+/// ids (a fifth of the room of a map holding the backends again; at 100k endpoints the
+/// difference is 4 MB).
+#[derive(Debug, Default)]
+struct BackendIndex {
+    table: HashTable<u32>,
+    hasher: RandomState,
+}
+
+impl BackendIndex {
+    fn get(&self, ids: &[IdState], key: &Backend) -> Option<u32> {
+        self.table.find(self.hasher.hash_one(key), |id| ids[*id as usize].key().as_ref() == Some(key)).copied()
+    }
+
+    /// Adds `id`, which must already name its backend in `ids`.
+    fn insert(&mut self, ids: &[IdState], id: u32) {
+        let hash_of = |id: &u32| self.hasher.hash_one(ids[*id as usize].backend);
+        self.table.insert_unique(hash_of(&id), id, hash_of);
+    }
+
+    /// Removes `id`, which must still name its backend in `ids`.
+    fn remove(&mut self, ids: &[IdState], id: u32) {
+        let hash = self.hasher.hash_one(ids[id as usize].backend);
+        if let Ok(entry) = self.table.find_entry(hash, |held| *held == id) {
+            entry.remove();
+        }
+    }
 }
 
 /// The backend ids a frontend chooses and those it keeps only for their flows, each once.
@@ -203,7 +246,7 @@ impl Reconciler {
     pub fn adopt<S: MapStore>(store: &S) -> Result<Self, S::Error> {
         let mut r = Reconciler {
             frontends: BTreeMap::new(),
-            backend_ids: BTreeMap::new(),
+            backend_ids: BackendIndex::default(),
             ids: Vec::new(),
             maglev: MaglevSize::default(),
             backend_pool: Ids::new(store.id_limits().1),
@@ -215,7 +258,7 @@ impl Reconciler {
             stale_metas: Vec::new(),
             bit_users: BTreeMap::new(),
             failed: BTreeSet::new(),
-            taken: BTreeSet::new(),
+            taken: Vec::new(),
             interrupted: false,
         };
         for (id, gen) in store.backend_gens()? {
@@ -226,8 +269,8 @@ impl Reconciler {
             let state = r.id_mut(id);
             state.gen = backend.gen;
             state.chosen = backend.flags & backend_flags::CHOSEN != 0;
-            state.key = Some(key);
-            r.backend_ids.insert(key, id);
+            (state.backend, state.held) = (key, true);
+            r.backend_ids.insert(&r.ids, id);
         }
         let mut slots: BTreeMap<SlotKey, u32> = store.slots()?.into_iter().collect();
         let mut ranges: BTreeMap<u32, BTreeSet<Range>> = BTreeMap::new();
@@ -258,9 +301,9 @@ impl Reconciler {
         r.stale_ids.retain(|id| !live.contains(id));
         r.svc_pool.adopt(&live.union(&r.stale_ids).copied().collect());
         for (key, ids) in r.frontends.iter().map(|(k, f)| (*k, ids_of(f))).collect::<Vec<_>>() {
-            r.recount(&key, None, Some(&ids), &mut BTreeSet::new());
+            r.recount(&key, None, Some(&ids), &mut Vec::new());
         }
-        r.backend_pool.adopt(&r.backend_ids.values().copied().collect());
+        r.backend_pool.adopt(&r.held_ids().collect());
         Ok(r)
     }
 
@@ -362,9 +405,10 @@ impl Reconciler {
                 work.extend(self.frontends.keys().map(frontend_key));
             }
         }
-        let mut touched_ids: BTreeSet<u32> = match changed {
-            Some(_) => BTreeSet::new(),
-            None => self.backend_ids.values().copied().collect(),
+        // A list rather than a set: at a first sync it names every backend.
+        let mut touched_ids: Vec<u32> = match changed {
+            Some(_) => Vec::new(),
+            None => self.held_ids().collect(),
         };
         let mut touched_words: BTreeSet<u32> = match changed {
             Some(_) => BTreeSet::new(),
@@ -399,7 +443,9 @@ impl Reconciler {
                 self.failed.insert(*fkey);
             }
         }
-        touched_ids.extend(std::mem::take(&mut self.taken));
+        touched_ids.append(&mut self.taken);
+        touched_ids.sort_unstable();
+        touched_ids.dedup();
         self.mark_chosen(store, &touched_ids)?;
         self.free_unused_backends(store, &touched_ids, &mut changes)?;
         // Bits of frontends still held (a failed removal) stay set.
@@ -414,7 +460,7 @@ impl Reconciler {
         key: &ServiceKey,
         before: Option<&(BTreeSet<u32>, BTreeSet<u32>)>,
         after: Option<&(BTreeSet<u32>, BTreeSet<u32>)>,
-        touched: &mut BTreeSet<u32>,
+        touched: &mut Vec<u32>,
     ) {
         if before == after {
             return;
@@ -428,7 +474,7 @@ impl Reconciler {
             let Some((chosen, retained)) = ids else { continue };
             for (set, is_chosen) in [(chosen, true), (retained, false)] {
                 for id in set {
-                    touched.insert(*id);
+                    touched.push(*id);
                     let uses = &mut self.id_mut(*id).uses;
                     let n = if is_chosen { &mut uses.chosen } else { &mut uses.retained };
                     *n = (i64::from(*n) + step) as u32;
@@ -441,9 +487,17 @@ impl Reconciler {
     fn id_mut(&mut self, id: u32) -> &mut IdState {
         let index = id as usize;
         if self.ids.len() <= index {
+            // By an eighth at a time, not doubled: the table is among the agent's largest.
+            let more = (index + 1 - self.ids.len()).max(self.ids.len() / 8);
+            self.ids.reserve_exact(more);
             self.ids.resize(index + 1, IdState::default());
         }
         &mut self.ids[index]
+    }
+
+    /// The backend ids that name a backend.
+    fn held_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ids.iter().enumerate().filter(|(_, s)| s.held).map(|(id, _)| id as u32)
     }
 
     /// Counts a held frontend's filter bit in or out.
@@ -501,10 +555,10 @@ impl Reconciler {
 
     /// Sets `CHOSEN` on the backends among `ids` that some set chooses and clears it on
     /// the others (kept only for their flows), keeping ids and generations.
-    fn mark_chosen<S: MapStore>(&mut self, store: &mut S, ids: &BTreeSet<u32>) -> Result<(), S::Error> {
+    fn mark_chosen<S: MapStore>(&mut self, store: &mut S, ids: &[u32]) -> Result<(), S::Error> {
         for id in ids {
             let Some(state) = self.ids.get(*id as usize).copied() else { continue };
-            let Some(key) = state.key else { continue };
+            let Some(key) = state.key() else { continue };
             // Ids no frontend uses any more are freed next: no need to touch them.
             if state.uses == Uses::default() {
                 continue;
@@ -524,21 +578,21 @@ impl Reconciler {
     fn free_unused_backends<S: MapStore>(
         &mut self,
         store: &mut S,
-        ids: &BTreeSet<u32>,
+        ids: &[u32],
         changes: &mut Changes,
     ) -> Result<(), S::Error> {
         let mut unused: Vec<(Backend, u32)> = ids
             .iter()
             .filter_map(|id| self.ids.get(*id as usize).map(|s| (*id, *s)))
             .filter(|(_, s)| s.uses == Uses::default())
-            .filter_map(|(id, s)| Some((s.key?, id)))
+            .filter_map(|(id, s)| Some((s.key()?, id)))
             .collect();
         unused.sort();
-        for (backend, id) in unused {
+        for (_, id) in unused {
             let gen = self.ids[id as usize].gen.wrapping_add(1);
             store.put_backend(id, Backend { gen, ..Backend::default() })?;
+            self.backend_ids.remove(&self.ids, id);
             *self.id_mut(id) = IdState { gen, ..IdState::default() };
-            self.backend_ids.remove(&backend);
             self.backend_pool.release(id);
             changes.backends_removed += 1;
         }
@@ -554,8 +608,8 @@ impl Reconciler {
         changes: &mut Changes,
     ) -> Result<u32, WriteError<S::Error>> {
         let key = Backend::new(b.addr, b.port, b.local, owner);
-        if let Some(id) = self.backend_ids.get(&key) {
-            return Ok(*id);
+        if let Some(id) = self.backend_ids.get(&self.ids, &key) {
+            return Ok(id);
         }
         let id = self.backend_pool.take().ok_or(WriteError::Exhausted("backend", self.backend_pool.limit - 1))?;
         // Its counters count this endpoint's traffic from zero, not a former holder's. An id
@@ -577,9 +631,9 @@ impl Reconciler {
             self.backend_pool.release(id);
             return Err(WriteError::Map(e));
         }
-        self.backend_ids.insert(key, id);
-        *self.id_mut(id) = IdState { key: Some(key), gen, chosen, uses: Uses::default() };
-        self.taken.insert(id);
+        *self.id_mut(id) = IdState { backend: key, held: true, gen, chosen, uses: Uses::default() };
+        self.backend_ids.insert(&self.ids, id);
+        self.taken.push(id);
         changes.backends_added += 1;
         Ok(id)
     }

@@ -248,6 +248,9 @@ struct FaultListener {
 
 impl FaultListener {
     fn track(&self, stream: TcpStream) -> io::Result<TrackedStream> {
+        // As the API server's (Go sets it on every connection): without it, a watch event
+        // written in pieces can wait for the client's delayed ACK, 40 ms.
+        stream.set_nodelay(true)?;
         let duplicate = socket2::SockRef::from(&stream).try_clone()?;
         let id = self.shared.next_connection.fetch_add(1, Ordering::Relaxed);
         self.shared.connections.lock().unwrap().insert(id, duplicate);
