@@ -38,17 +38,54 @@ fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
 /// (None: another address family) and the errors reading it gave.
 #[derive(Debug, PartialEq)]
 struct StoredSlice {
-    owner: Result<ServiceRef, ModelError>,
+    // Boxed: rare, and large beside a name.
+    owner: Result<ServiceRef, Box<ModelError>>,
     read: Option<endpoints::Slice>,
     errors: Vec<ModelError>,
-    /// The node each endpoint address names (shared: a cluster has few node names and
-    /// many endpoints).
-    nodes: Vec<(Ipv4Addr, Arc<str>)>,
+    /// The node each endpoint address names, sorted by address; shared with the metrics'
+    /// labels, and each name shared by every endpoint on its node.
+    nodes: SliceNodes,
 }
 
+type SliceNodes = Arc<[(Ipv4Addr, Arc<str>)]>;
+
 /// The node each endpoint address of one Service runs on, as its slices (or, for a Service
-/// without slices, its legacy Endpoints) name it: what per-backend metrics are labelled with.
-pub type EndpointNodes = BTreeMap<Ipv4Addr, Arc<str>>;
+/// without slices, its legacy Endpoints) name it: what per-backend metrics are labelled
+/// with. Held as the slices hold it, not copied: one per endpoint is a lot at 100k.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EndpointNodes(Vec<SliceNodes>);
+
+impl EndpointNodes {
+    /// The node `addr` runs on: as the last slice (in name order) that names it says.
+    pub fn get(&self, addr: &Ipv4Addr) -> Option<&Arc<str>> {
+        self.0.iter().rev().find_map(|nodes| {
+            let at = nodes.binary_search_by_key(addr, |(a, _)| *a).ok()?;
+            Some(&nodes[at].1)
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|nodes| nodes.is_empty())
+    }
+
+    /// Every address with its node, in slice order.
+    pub fn iter(&self) -> impl Iterator<Item = &(Ipv4Addr, Arc<str>)> {
+        self.0.iter().flat_map(|nodes| nodes.iter())
+    }
+}
+
+impl FromIterator<(Ipv4Addr, Arc<str>)> for EndpointNodes {
+    fn from_iter<I: IntoIterator<Item = (Ipv4Addr, Arc<str>)>>(pairs: I) -> Self {
+        EndpointNodes(vec![slice_nodes(pairs.into_iter().collect())])
+    }
+}
+
+/// Sorted by address for lookups; one node per address (the first named).
+fn slice_nodes(mut pairs: Vec<(Ipv4Addr, Arc<str>)>) -> SliceNodes {
+    pairs.sort_by_key(|(addr, _)| *addr);
+    pairs.dedup_by_key(|(addr, _)| *addr);
+    pairs.into()
+}
 
 /// What an [`Incremental::update`] changed.
 #[derive(Debug, Default)]
@@ -321,15 +358,12 @@ impl Incremental {
         let object = format!("EndpointSlice {}/{}", name.0, name.1);
         let read = endpoints::read_slice(&mut ctx, &object, slice);
         StoredSlice {
-            owner: endpoints::owner_of_slice(slice),
+            owner: endpoints::owner_of_slice(slice).map_err(Box::new),
             read,
             errors: ctx.errors,
-            nodes: {
-                let mut nodes: Vec<_> =
-                    endpoints::slice_nodes(slice).into_iter().map(|(addr, node)| (addr, self.intern(node))).collect();
-                nodes.shrink_to_fit();
-                nodes
-            },
+            nodes: slice_nodes(
+                endpoints::slice_nodes(slice).into_iter().map(|(addr, node)| (addr, self.intern(node))).collect(),
+            ),
         }
     }
 
@@ -371,7 +405,7 @@ impl Incremental {
         }
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
         let mut health_changed = false;
-        let mut update = Update::default();
+        let mut update = Update { endpoint_nodes: Vec::with_capacity(self.dirty.len()), ..Update::default() };
         for sref in std::mem::take(&mut self.dirty) {
             update.endpoint_nodes.push((sref.clone(), self.endpoint_nodes(&sref)));
             self.with_errors.remove(&sref);
@@ -430,7 +464,7 @@ impl Incremental {
         self.desired.errors = self
             .unlabelled
             .iter()
-            .filter_map(|n| self.slices[n].owner.clone().err())
+            .filter_map(|n| self.slices[n].owner.clone().err().map(|e| *e))
             .chain(self.with_errors.iter().flat_map(|r| self.outputs[r].errors.iter().cloned()))
             .chain(self.settle_errors.values().flatten().cloned())
             .collect();
@@ -441,7 +475,7 @@ impl Incremental {
     /// has no slices (as the model reads them).
     fn endpoint_nodes(&self, sref: &ServiceRef) -> EndpointNodes {
         match self.slices_of.get(sref) {
-            Some(names) => names.iter().flat_map(|n| self.slices[n].nodes.iter().cloned()).collect(),
+            Some(names) => EndpointNodes(names.iter().map(|n| self.slices[n].nodes.clone()).collect()),
             None => self
                 .endpoints
                 .get(sref)

@@ -195,6 +195,44 @@ impl IdState {
     }
 }
 
+/// Backend ids, a bit each: a first sync touches every id, and a bit is a thirty-second of
+/// the room a list of them takes.
+#[derive(Debug, Default)]
+struct IdSet(Vec<u64>);
+
+impl IdSet {
+    fn insert(&mut self, id: u32) {
+        let word = id as usize / 64;
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << (id % 64);
+    }
+
+    /// The ids, in increasing order.
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().enumerate().flat_map(|(word, bits)| {
+            (0..64u32).filter(move |bit| bits >> bit & 1 != 0).map(move |bit| word as u32 * 64 + bit)
+        })
+    }
+}
+
+impl Extend<u32> for IdSet {
+    fn extend<I: IntoIterator<Item = u32>>(&mut self, ids: I) {
+        for id in ids {
+            self.insert(id);
+        }
+    }
+}
+
+impl FromIterator<u32> for IdSet {
+    fn from_iter<I: IntoIterator<Item = u32>>(ids: I) -> Self {
+        let mut set = IdSet::default();
+        set.extend(ids);
+        set
+    }
+}
+
 /// Backend ids by the backend each names, looked up in the id table: the index holds only
 /// ids (a fifth of the room of a map holding the backends again; at 100k endpoints the
 /// difference is 4 MB).
@@ -301,7 +339,7 @@ impl Reconciler {
         r.stale_ids.retain(|id| !live.contains(id));
         r.svc_pool.adopt(&live.union(&r.stale_ids).copied().collect());
         for (key, ids) in r.frontends.iter().map(|(k, f)| (*k, ids_of(f))).collect::<Vec<_>>() {
-            r.recount(&key, None, Some(&ids), &mut Vec::new());
+            r.recount(&key, None, Some(&ids), &mut IdSet::default());
         }
         r.backend_pool.adopt(&r.held_ids().collect());
         Ok(r)
@@ -405,9 +443,8 @@ impl Reconciler {
                 work.extend(self.frontends.keys().map(frontend_key));
             }
         }
-        // A list rather than a set: at a first sync it names every backend.
-        let mut touched_ids: Vec<u32> = match changed {
-            Some(_) => Vec::new(),
+        let mut touched_ids: IdSet = match changed {
+            Some(_) => IdSet::default(),
             None => self.held_ids().collect(),
         };
         let mut touched_words: BTreeSet<u32> = match changed {
@@ -443,9 +480,7 @@ impl Reconciler {
                 self.failed.insert(*fkey);
             }
         }
-        touched_ids.append(&mut self.taken);
-        touched_ids.sort_unstable();
-        touched_ids.dedup();
+        touched_ids.extend(self.taken.drain(..));
         self.mark_chosen(store, &touched_ids)?;
         self.free_unused_backends(store, &touched_ids, &mut changes)?;
         // Bits of frontends still held (a failed removal) stay set.
@@ -460,7 +495,7 @@ impl Reconciler {
         key: &ServiceKey,
         before: Option<&(BTreeSet<u32>, BTreeSet<u32>)>,
         after: Option<&(BTreeSet<u32>, BTreeSet<u32>)>,
-        touched: &mut Vec<u32>,
+        touched: &mut IdSet,
     ) {
         if before == after {
             return;
@@ -474,7 +509,7 @@ impl Reconciler {
             let Some((chosen, retained)) = ids else { continue };
             for (set, is_chosen) in [(chosen, true), (retained, false)] {
                 for id in set {
-                    touched.push(*id);
+                    touched.insert(*id);
                     let uses = &mut self.id_mut(*id).uses;
                     let n = if is_chosen { &mut uses.chosen } else { &mut uses.retained };
                     *n = (i64::from(*n) + step) as u32;
@@ -555,9 +590,9 @@ impl Reconciler {
 
     /// Sets `CHOSEN` on the backends among `ids` that some set chooses and clears it on
     /// the others (kept only for their flows), keeping ids and generations.
-    fn mark_chosen<S: MapStore>(&mut self, store: &mut S, ids: &[u32]) -> Result<(), S::Error> {
-        for id in ids {
-            let Some(state) = self.ids.get(*id as usize).copied() else { continue };
+    fn mark_chosen<S: MapStore>(&mut self, store: &mut S, ids: &IdSet) -> Result<(), S::Error> {
+        for id in ids.iter() {
+            let Some(state) = self.ids.get(id as usize).copied() else { continue };
             let Some(key) = state.key() else { continue };
             // Ids no frontend uses any more are freed next: no need to touch them.
             if state.uses == Uses::default() {
@@ -568,8 +603,8 @@ impl Reconciler {
                 continue;
             }
             let flags = key.flags | if chosen { backend_flags::CHOSEN } else { 0 };
-            store.put_backend(*id, Backend { gen: state.gen, flags, ..key })?;
-            self.id_mut(*id).chosen = chosen;
+            store.put_backend(id, Backend { gen: state.gen, flags, ..key })?;
+            self.id_mut(id).chosen = chosen;
         }
         Ok(())
     }
@@ -578,12 +613,12 @@ impl Reconciler {
     fn free_unused_backends<S: MapStore>(
         &mut self,
         store: &mut S,
-        ids: &[u32],
+        ids: &IdSet,
         changes: &mut Changes,
     ) -> Result<(), S::Error> {
         let mut unused: Vec<(Backend, u32)> = ids
             .iter()
-            .filter_map(|id| self.ids.get(*id as usize).map(|s| (*id, *s)))
+            .filter_map(|id| self.ids.get(id as usize).map(|s| (id, *s)))
             .filter(|(_, s)| s.uses == Uses::default())
             .filter_map(|(id, s)| Some((s.key()?, id)))
             .collect();

@@ -585,7 +585,7 @@ mod tests {
         };
         let nodes = EndpointNodes::from([(
             ServiceRef { namespace: "shop".into(), name: "web".into() },
-            crate::model::EndpointNodes::from([(WEB, "node-a".into())]),
+            [(WEB, "node-a".into())].into_iter().collect::<crate::model::EndpointNodes>(),
         )]);
         Reading::of(&snap, usage, &nodes)
     }

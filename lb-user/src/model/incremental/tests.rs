@@ -303,7 +303,7 @@ subsets:
     list(&mut inc, ObjectKind::Endpoints, &objects.endpoints.into_iter().map(Object::Endpoints).collect::<Vec<_>>());
     let nodes = inc.update(&node(false)).endpoint_nodes;
     let flat = nodes.into_iter().flat_map(|(s, n)| {
-        n.into_iter().map(move |(addr, node)| (s.name.to_string(), addr.to_string(), node.to_string()))
+        n.iter().map(|(addr, node)| (s.name.to_string(), addr.to_string(), node.to_string())).collect::<Vec<_>>()
     });
     assert_eq!(
         flat.collect::<Vec<_>>(),
