@@ -28,10 +28,39 @@ use super::{
 use crate::source::{Change, Object, ObjectKind};
 
 /// An object's namespace (the API's default when a manifest leaves it out) and name.
-type ObjectName = (String, String);
+type ObjectName = (Arc<str>, Arc<str>);
 
 fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectName {
-    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+    (meta.namespace.as_deref().unwrap_or("default").into(), meta.name.as_deref().unwrap_or_default().into())
+}
+
+/// Text that many entries of the index name (namespaces, Service names, node names), held
+/// once. What only the set still holds is dropped each time the set doubles, so churn
+/// (nodes replaced, namespaces deleted) does not grow it.
+#[derive(Default)]
+struct Texts {
+    held: BTreeSet<Arc<str>>,
+    /// The set's size after its last pruning.
+    pruned_to: usize,
+}
+
+impl Texts {
+    fn get(&mut self, text: &str) -> Arc<str> {
+        if let Some(held) = self.held.get(text) {
+            return held.clone();
+        }
+        if self.held.len() >= 2 * self.pruned_to.max(64) {
+            self.held.retain(|t| Arc::strong_count(t) > 1);
+            self.pruned_to = self.held.len();
+        }
+        let text: Arc<str> = text.into();
+        self.held.insert(text.clone());
+        text
+    }
+
+    fn service(&mut self, sref: &ServiceRef) -> ServiceRef {
+        ServiceRef { namespace: self.get(&sref.namespace), name: self.get(&sref.name) }
+    }
 }
 
 /// An EndpointSlice as read: its Service (or the error of having none), what it serves
@@ -160,8 +189,8 @@ pub struct Incremental {
     listing: BTreeMap<ObjectKind, BTreeSet<ObjectName>>,
     endpoints: BTreeMap<ServiceRef, Endpoints>,
     nodes: BTreeMap<String, Node>,
-    /// Every node name endpoints have named, each held once.
-    node_names: BTreeSet<Arc<str>>,
+    /// Namespaces, Service names and node names, each held once.
+    texts: Texts,
     /// Services whose objects changed since the last update.
     dirty: BTreeSet<ServiceRef>,
     /// A Node object changed since the last update.
@@ -191,7 +220,7 @@ impl Incremental {
             listing: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             nodes: BTreeMap::new(),
-            node_names: BTreeSet::new(),
+            texts: Texts::default(),
             dirty: BTreeSet::new(),
             nodes_changed: false,
             outputs: BTreeMap::new(),
@@ -250,7 +279,7 @@ impl Incremental {
     fn apply(&mut self, object: Object) -> bool {
         match object {
             Object::Service(svc) => {
-                let sref = service_ref(&svc);
+                let sref = self.texts.service(&service_ref(&svc));
                 let node = NodeInfo { name: self.node_name.clone(), addresses: Vec::new(), zone: None };
                 let mut ctx = Ctx { node: &node, opts: &self.opts, errors: Vec::new() };
                 // What the model reads of it: an update of anything else (a new
@@ -263,7 +292,8 @@ impl Incremental {
                 self.services.insert(sref, digest);
             }
             Object::Slice(slice) => {
-                let name = object_name(&slice.metadata);
+                let (namespace, name) = object_name(&slice.metadata);
+                let name = (self.texts.get(&namespace), name);
                 let stored = self.read(&name, &slice);
                 if self.slices.get(&name) == Some(&stored) {
                     return false;
@@ -303,10 +333,10 @@ impl Incremental {
 
     /// An object was deleted. Returns whether it was held.
     fn delete(&mut self, kind: ObjectKind, namespace: Option<&str>, name: &str) -> bool {
-        let namespace = namespace.unwrap_or("default").to_string();
+        let namespace: Arc<str> = namespace.unwrap_or("default").into();
         match kind {
             ObjectKind::Service => {
-                let sref = ServiceRef { namespace: namespace.into(), name: name.into() };
+                let sref = ServiceRef { namespace: namespace.clone(), name: name.into() };
                 let held = self.services.remove(&sref).is_some();
                 if held {
                     self.dirty.insert(sref);
@@ -315,7 +345,7 @@ impl Incremental {
             }
             ObjectKind::Slice => self.forget_slice(&(namespace, name.into())),
             ObjectKind::Endpoints => {
-                let sref = ServiceRef { namespace: namespace.into(), name: name.into() };
+                let sref = ServiceRef { namespace: namespace.clone(), name: name.into() };
                 let held = self.endpoints.remove(&sref).is_some();
                 if held {
                     self.dirty.insert(sref);
@@ -334,18 +364,14 @@ impl Incremental {
     /// changes only what truly changed). Returns how many objects were removed.
     fn remove_unlisted(&mut self, kind: ObjectKind, listed: &BTreeSet<ObjectName>) -> usize {
         let held: Vec<ObjectName> = match kind {
-            ObjectKind::Service => {
-                self.services.keys().map(|r| (r.namespace.to_string(), r.name.to_string())).collect()
-            }
+            ObjectKind::Service => self.services.keys().map(|r| (r.namespace.clone(), r.name.clone())).collect(),
             ObjectKind::Slice => self.slices.keys().cloned().collect(),
-            ObjectKind::Endpoints => {
-                self.endpoints.keys().map(|r| (r.namespace.to_string(), r.name.to_string())).collect()
-            }
-            ObjectKind::Node => self.nodes.keys().map(|n| ("default".to_string(), n.clone())).collect(),
+            ObjectKind::Endpoints => self.endpoints.keys().map(|r| (r.namespace.clone(), r.name.clone())).collect(),
+            ObjectKind::Node => self.nodes.keys().map(|n| ("default".into(), n.as_str().into())).collect(),
         };
         let mut removed = 0;
         for (namespace, name) in held.into_iter().filter(|n| !listed.contains(n)) {
-            let namespace = (kind != ObjectKind::Node).then_some(namespace.as_str());
+            let namespace = (kind != ObjectKind::Node).then_some(&*namespace);
             removed += usize::from(self.delete(kind, namespace, &name));
         }
         removed
@@ -358,22 +384,13 @@ impl Incremental {
         let object = format!("EndpointSlice {}/{}", name.0, name.1);
         let read = endpoints::read_slice(&mut ctx, &object, slice);
         StoredSlice {
-            owner: endpoints::owner_of_slice(slice).map_err(Box::new),
+            owner: endpoints::owner_of_slice(slice).map(|o| self.texts.service(&o)).map_err(Box::new),
             read,
             errors: ctx.errors,
             nodes: slice_nodes(
-                endpoints::slice_nodes(slice).into_iter().map(|(addr, node)| (addr, self.intern(node))).collect(),
+                endpoints::slice_nodes(slice).into_iter().map(|(addr, node)| (addr, self.texts.get(&node))).collect(),
             ),
         }
-    }
-
-    fn intern(&mut self, name: String) -> Arc<str> {
-        if let Some(held) = self.node_names.get(name.as_str()) {
-            return held.clone();
-        }
-        let name: Arc<str> = name.into();
-        self.node_names.insert(name.clone());
-        name
     }
 
     fn forget_slice(&mut self, name: &ObjectName) -> bool {
