@@ -115,8 +115,10 @@ pub fn build_ebpf(root: &Path) -> Result<PathBuf, String> {
         // LLVM's own memset/memcpy lowering (word stores where alignment allows): with
         // bpf-linker's default in-order expansion every zeroed struct became a call to a
         // byte-loop memset, a quarter of the pass-through path's time.
-        // The workspace's release profile links the agent with LTO; not the eBPF object.
+        // The workspace's release profile builds the agent as one LTO unit; the eBPF object
+        // keeps cargo's defaults, as measured (lb-ebpf's own package settings still apply).
         .env("CARGO_PROFILE_RELEASE_LTO", "false")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Clink-arg=--disable-expand-memcpy-in-order", "-Ctarget-cpu=v3"]

@@ -227,9 +227,21 @@ impl Sync {
         if let Change::ListDone(kind) = &change {
             self.listed.insert(*kind);
         }
+        // kube-proxy judges a deleted Node by its last state: one deleted gracefully (its
+        // deletionTimestamp set) stays ineligible once it is gone.
+        let deleted_node = match &change {
+            Change::Deleted(Object::Node(node)) if node.metadata.name.as_deref() == Some(self.node.name.as_str()) => {
+                Some(node.clone())
+            }
+            _ => None,
+        };
+        let about_nodes = match &change {
+            Change::Applied(o) | Change::Deleted(o) | Change::Listed(o) => o.kind() == ObjectKind::Node,
+            Change::ListStarted(kind) | Change::ListDone(kind) => *kind == ObjectKind::Node,
+        };
         let changed = self.model.change(change);
-        if self.model.nodes_changed() {
-            self.health.sync_node(self.model.node(&self.node.name));
+        if about_nodes && changed > 0 {
+            self.health.sync_node(self.model.node(&self.node.name).or(deleted_node.as_ref()));
         }
         if self.synced_once {
             self.arrivals.extend(std::iter::repeat_n(at, changed));

@@ -1,7 +1,8 @@
 //! The agent's cluster source and sync against the fake API server, writing to service maps
 //! held in memory (no root, no datapath): the first list programs everything, an endpoint
-//! change is written with its latency, a 410 relist writes and deletes nothing, and an API
-//! outage keeps the maps as they are until changes made after it are applied.
+//! change is written with its latency, a 410 relist writes and deletes nothing, an API
+//! outage keeps the maps as they are until changes made after it are applied, and a Node
+//! deleted gracefully fails /healthz.
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
@@ -11,7 +12,7 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use lb_tests::fake_api::{kube_client, Config, FakeApiServer};
 use lb_user::{
     datapath::maps::MemoryMaps,
@@ -30,23 +31,20 @@ struct Agent {
     reconciler: Reconciler,
     maps: MemoryMaps,
     steps: Vec<Step>,
+    health: HealthState,
 }
 
 impl Agent {
     async fn start(url: &str) -> Agent {
+        let health = HealthState::default();
         let flags = NodeFlags { name: "node1".into(), addresses: vec![], zone: None, local_detect: None };
         let kinds = [ObjectKind::Service, ObjectKind::Slice, ObjectKind::Node];
-        let sync = Sync::new(
-            flags,
-            Options::default(),
-            kinds,
-            Box::new(|_, _| lb_common::Config::default()),
-            HealthState::default(),
-        );
+        let sync =
+            Sync::new(flags, Options::default(), kinds, Box::new(|_, _| lb_common::Config::default()), health.clone());
         let feed = Feed::cluster(&ApiServer::Url(url.into()), "node1").await.expect("a client for the fake server");
         let maps = MemoryMaps::default();
         let reconciler = Reconciler::adopt(&maps).unwrap();
-        Agent { feed, sync, reconciler, maps, steps: Vec::new() }
+        Agent { feed, sync, reconciler, maps, steps: Vec::new(), health }
     }
 
     /// Runs the sync until `done` holds (checked after each sync and every 20 ms), failing
@@ -200,4 +198,82 @@ async fn the_cluster_source_programs_follows_relists_and_survives_an_outage() {
         c.services.keys().any(|k| lb_common::user::ip_from_be(k.addr_be) == addr)
     };
     assert!(!node_port(&agent.maps.contents, "192.168.0.1".parse().unwrap()), "the old node address is gone");
+}
+
+/// `GET path` from a health server at `address`: its status and body.
+async fn get(address: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deleted_gracefully_fails_healthz_and_keeps_serving() {
+    let server = FakeApiServer::bind("127.0.0.1:0".parse().unwrap(), Config::default()).unwrap();
+    let client = kube_client(&server.url());
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pp = PostParams::default();
+    // A finalizer holds the Node once deleted, as a cloud controller's or a drain tool's would.
+    let mut held = node("192.168.0.1");
+    held.metadata.finalizers = Some(vec!["example.com/drain".into()]);
+    nodes.create(&pp, &held).await.unwrap();
+    services.create(&pp, &service("web", "10.96.0.10", Some(30080), json!({}))).await.unwrap();
+    slices.create(&pp, &slice("web", &["10.244.2.1"])).await.unwrap();
+
+    let mut agent = Agent::start(&server.url()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let _server = lb_user::telemetry::health::serve(listener, agent.health.clone());
+    let serving = ["10.96.0.10:80 x1", "192.168.0.1:30080 x1"];
+    agent.run_until("the first list is programmed", Duration::from_secs(10), |a| a.frontends() == serving).await;
+    let (status, body) = get(address, "/healthz").await;
+    assert_eq!((status, &body["nodeEligible"]), (200, &json!(true)), "{body}");
+
+    // Deleted: marked with a deletionTimestamp while its finalizer holds it. /healthz fails
+    // (load balancers drain the node); the datapath serves on.
+    nodes.delete("node1", &DeleteParams::default()).await.unwrap();
+    let marked = nodes.get("node1").await.unwrap();
+    assert!(marked.metadata.deletion_timestamp.is_some(), "the fake API server marks it");
+    let contents = agent.maps.contents.clone();
+    let body = healthz_becomes(&mut agent, address, 503).await;
+    assert_eq!(body["nodeEligible"], json!(false), "{body}");
+    assert_eq!(get(address, "/livez").await.0, 200, "the agent itself is fine");
+    agent.run_for(Duration::from_millis(300)).await;
+    assert_eq!(agent.maps.contents, contents, "a node being deleted keeps serving");
+
+    // The finalizer removed: the Node is gone, judged by its last state (as kube-proxy).
+    nodes
+        .patch("node1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+        .await
+        .unwrap();
+    agent.run_for(Duration::from_millis(500)).await;
+    assert!(nodes.get_opt("node1").await.unwrap().is_none(), "gone once its last finalizer is");
+    let (status, body) = get(address, "/healthz").await;
+    assert_eq!((status, &body["nodeEligible"]), (503, &json!(false)), "{body}");
+
+    // A Node of that name again (the node rejoined): eligible.
+    nodes.create(&pp, &node("192.168.0.1")).await.unwrap();
+    let body = healthz_becomes(&mut agent, address, 200).await;
+    assert_eq!(body["nodeEligible"], json!(true), "{body}");
+}
+
+/// Runs the sync until /healthz answers `status` (within 10 s); returns its body.
+async fn healthz_becomes(agent: &mut Agent, address: std::net::SocketAddr, status: u16) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        agent.run_for(Duration::from_millis(100)).await;
+        let (now, body) = get(address, "/healthz").await;
+        if now == status {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/healthz stayed {now}, not {status}: {body}");
+    }
 }

@@ -270,11 +270,6 @@ impl Incremental {
         !self.dirty.is_empty() || self.nodes_changed
     }
 
-    /// A Node changed since the last update: its facts must be read again.
-    pub fn nodes_changed(&self) -> bool {
-        self.nodes_changed
-    }
-
     /// An object was added or modified. Returns whether it differs from what was held.
     fn apply(&mut self, object: Object) -> bool {
         match object {

@@ -417,14 +417,16 @@ struct PortFacts {
     node_port: Option<u16>,
 }
 
+/// A Service's facts, its usable ports and its creation time.
+type Facts = (ServiceFacts, Vec<PortFacts>, Option<Time>);
+
 /// What the model reads from a Service, read once: everything that depends on neither its
 /// endpoints nor this node's facts, and the errors reading it gave.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct ServiceDigest {
     // Boxed: the index keeps a digest per Service in a B-tree, whose nodes hold room for
     // eleven; a pointer there rather than the facts leaves less room empty.
-    #[allow(clippy::type_complexity)]
-    facts: Option<Box<(ServiceFacts, Vec<PortFacts>, Option<Time>)>>,
+    facts: Option<Box<Facts>>,
     /// A healthCheckNodePort to serve (LoadBalancer, externalTrafficPolicy Local).
     health_check_node_port: Option<u16>,
     errors: Vec<ModelError>,

@@ -1,7 +1,8 @@
 //! A fake Kubernetes API server, in memory, speaking enough of the real protocol over
 //! plain HTTP for an unmodified kube-rs client and `kubectl`: discovery; create, get,
 //! replace, merge patch and delete of Services, Endpoints, EndpointSlices, Nodes and
-//! Namespaces; lists with `resourceVersion`/`resourceVersionMatch`, `limit`/`continue`
+//! Namespaces (an object with finalizers is marked with a deletionTimestamp and goes when
+//! its last finalizer is removed); lists with `resourceVersion`/`resourceVersionMatch`, `limit`/`continue`
 //! and label and field selectors; watches with bookmarks; `kind: Status` errors.
 //! Faults on demand through [`Faults`] (in process) or `/fake/...` (the binary):
 //! `GET /fake/resourceVersion`, `GET /fake/watches` (how many are open),

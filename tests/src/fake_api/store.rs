@@ -296,6 +296,14 @@ fn metadata_mut(object: &mut Value) -> &mut Map<String, Value> {
     object["metadata"].as_object_mut().expect("metadata was made an object")
 }
 
+fn finalizers(object: &Value) -> &[Value] {
+    object.pointer("/metadata/finalizers").and_then(Value::as_array).map_or(&[], Vec::as_slice)
+}
+
+fn deleting(object: &Value) -> bool {
+    object.pointer("/metadata/deletionTimestamp").is_some_and(|t| !t.is_null())
+}
+
 fn now() -> Value {
     serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()))
         .expect("a timestamp serializes")
@@ -578,7 +586,8 @@ impl Store {
         let generation = existing.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
         let generation = if spec_part(&existing) == spec_part(&object) { generation } else { generation + 1 };
         let metadata = metadata_mut(&mut object);
-        for kept in ["uid", "creationTimestamp"] {
+        // A deletion under way cannot be undone or moved by an update.
+        for kept in ["uid", "creationTimestamp", "deletionTimestamp"] {
             match existing["metadata"].get(kept) {
                 Some(value) => metadata.insert(kept.into(), value.clone()),
                 None => metadata.remove(kept),
@@ -588,6 +597,10 @@ impl Store {
         metadata.insert("resourceVersion".into(), json!(current_rv));
         if object == *existing {
             return Ok(existing);
+        }
+        if deleting(&object) && finalizers(&object).is_empty() {
+            // The last finalizer of an object being deleted is gone: so is the object.
+            return self.remove(key, existing, Some(object));
         }
         self.rv += 1;
         metadata_mut(&mut object).insert("resourceVersion".into(), json!(self.rv.to_string()));
@@ -643,12 +656,33 @@ impl Store {
                 ));
             }
         }
+        if !finalizers(&existing).is_empty() {
+            // Finalizers hold it: marked for deletion (once), and gone when the last is removed.
+            if deleting(&existing) {
+                return Ok(existing);
+            }
+            let mut marked = (*existing).clone();
+            metadata_mut(&mut marked).insert("deletionTimestamp".into(), now());
+            metadata_mut(&mut marked).insert("deletionGracePeriodSeconds".into(), json!(0));
+            self.rv += 1;
+            metadata_mut(&mut marked).insert("resourceVersion".into(), json!(self.rv.to_string()));
+            let marked = Arc::new(marked);
+            self.objects.insert(key.clone(), marked.clone());
+            self.record(key, ChangeKind::Modified, marked.clone(), Some(existing));
+            return Ok(marked);
+        }
+        self.remove(key, existing, None)
+    }
+
+    /// Removes a stored object; the watchers' DELETED event carries `last` (its final
+    /// state, default: as stored) at a new resourceVersion.
+    fn remove(&mut self, key: Key, existing: Arc<Value>, last: Option<Value>) -> Result<Arc<Value>> {
         self.objects.remove(&key);
-        if id == service_id() {
+        if key.0 == service_id() {
             self.release_service_allocations(&existing);
         }
         self.rv += 1;
-        let mut last = (*existing).clone();
+        let mut last = last.unwrap_or_else(|| (*existing).clone());
         metadata_mut(&mut last).insert("resourceVersion".into(), json!(self.rv.to_string()));
         let last = Arc::new(last);
         self.record(key, ChangeKind::Deleted, last.clone(), Some(existing));

@@ -330,5 +330,5 @@ fn a_node_heartbeat_changes_nothing_an_address_does() {
     assert_eq!(inc.change(Change::Applied(Object::Node(node("192.168.0.1", "2026-01-01T00:00:00Z")))), 1);
     assert_eq!(inc.change(Change::Applied(Object::Node(node("192.168.0.1", "2026-01-01T00:00:10Z")))), 0);
     assert_eq!(inc.change(Change::Applied(Object::Node(node("192.168.0.2", "2026-01-01T00:00:20Z")))), 1);
-    assert!(inc.nodes_changed());
+    assert!(inc.has_changes());
 }
