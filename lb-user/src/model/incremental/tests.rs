@@ -332,3 +332,30 @@ fn a_node_heartbeat_changes_nothing_an_address_does() {
     assert_eq!(inc.change(Change::Applied(Object::Node(node("192.168.0.2", "2026-01-01T00:00:20Z")))), 1);
     assert!(inc.has_changes());
 }
+
+#[test]
+fn names_are_held_once_and_names_nothing_uses_are_let_go() {
+    let mut inc = Incremental::new("node1", Options::default());
+    let on_node = |i: usize| -> EndpointSlice {
+        let mut s = slice(1, Some(1), &[(10, true, false)], &[0]);
+        s.endpoints[0].node_name = Some(format!("node-{i}"));
+        s
+    };
+    // Two slices of one Service on one node: one copy of each name.
+    inc.change(Change::Applied(Object::Slice(on_node(0))));
+    let mut other = on_node(0);
+    other.metadata.name = Some("sl1-b".into());
+    inc.change(Change::Applied(Object::Slice(other)));
+    let a = &inc.slices[&("ns".into(), "sl1".into())];
+    let b = &inc.slices[&("ns".into(), "sl1-b".into())];
+    assert!(Arc::ptr_eq(&a.nodes[0].1, &b.nodes[0].1), "one node name");
+    let (Ok(owner_a), Ok(owner_b)) = (&a.owner, &b.owner) else { panic!("both are labelled") };
+    assert!(Arc::ptr_eq(&owner_a.namespace, &owner_b.namespace) && Arc::ptr_eq(&owner_a.name, &owner_b.name));
+    // Nodes replaced one after another (an autoscaled pool): the names held stay few.
+    for i in 1..10_000 {
+        inc.change(Change::Applied(Object::Slice(on_node(i))));
+    }
+    let held = inc.texts.held.len();
+    assert!(held < 200, "{held} names held for 3 in use");
+    assert!(inc.texts.held.contains("node-9999") && inc.texts.held.contains("node-0"), "names in use stay");
+}
