@@ -274,13 +274,14 @@ fn main() -> ExitCode {
                     samples.len(),
                 );
                 println!(
-                    "{services:<9} {:<38} {:>10} {:>10} {:>10}  {:<16} every frontend's slots hold its {ENDPOINTS} endpoints; agent VmHWM {} MiB{}",
+                    "{services:<9} {:<38} {:>10} {:>10} {:>10}  {:<16} every frontend's slots hold its {ENDPOINTS} endpoints; agent VmHWM {} MiB ({:.1} MB){}",
                     "first full sync (from the first list)",
                     ms(sync.from_list),
                     "",
                     "",
-                    if services == 10_000 { "< 1 s, < 64 MiB" } else { "" },
+                    if services == 10_000 { "< 1 s, < 64 MB" } else { "" },
                     sync.hwm_kib / 1024,
+                    sync.hwm_kib as f64 * 1024.0 / 1e6,
                     format_args!(" ({} from the agent's start)", ms(sync.from_start)),
                 );
             }
