@@ -31,8 +31,16 @@ struct BatchAttr {
 /// Every (key, value) of the map. Entries the datapath adds or removes meanwhile may or may
 /// not be in the result; none is returned twice.
 pub fn read_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
-    let fd = map.fd().as_fd().as_raw_fd();
     let mut out = Vec::new();
+    for_each(map, |k: &K, v: &V| out.push((*k, *v)))?;
+    Ok(out)
+}
+
+/// Hands every (key, value) of the map to `visit`, a call's worth at a time: what a whole
+/// copy would hold (80 MB for a million conntrack entries) is never held at once. Entries the
+/// datapath adds or removes meanwhile may or may not be visited; none is visited twice.
+pub fn for_each<K: Pod, V: Pod>(map: &MapData, mut visit: impl FnMut(&K, &V)) -> io::Result<()> {
+    let fd = map.fd().as_fd().as_raw_fd();
     let mut keys = vec![0u8; PER_CALL * size_of::<K>()];
     let mut values = vec![0u8; PER_CALL * size_of::<V>()];
     // Batch tokens: a bucket index for hash maps, a key for arrays; room for either.
@@ -63,10 +71,10 @@ pub fn read_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
             // SAFETY: the kernel filled `count` whole keys and values; Pod types accept any bytes.
             let k = unsafe { (keys.as_ptr().add(i * size_of::<K>()) as *const K).read_unaligned() };
             let v = unsafe { (values.as_ptr().add(i * size_of::<V>()) as *const V).read_unaligned() };
-            out.push((k, v));
+            visit(&k, &v);
         }
         if err.is_some() {
-            return Ok(out);
+            return Ok(());
         }
         std::mem::swap(&mut token_in, &mut token_out);
         first = false;

@@ -2,7 +2,12 @@
 //! kernel's reaper program (never by deleting keys from here: only a compare-and-swap of
 //! an entry's stamp may free it, see lb_common::conntrack). The sweep frees the room of
 //! flows that are over; the datapath already treats them as gone.
-use std::{path::Path, time::Instant};
+use std::{
+    hash::{BuildHasher, RandomState},
+    mem::size_of,
+    path::Path,
+    time::Instant,
+};
 
 use aya::{
     maps::{Array, IterableMap, MapData},
@@ -46,6 +51,9 @@ pub struct Sweep {
     pub removed: usize,
     pub read_ms: u128,
     pub reap_ms: u128,
+    /// The most memory it held to find the dead, in bytes: 24 per live half (a copy of the
+    /// table and a map of its keys took 120).
+    pub held_bytes: usize,
 }
 
 fn typed<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &'static str) -> Result<T> {
@@ -74,6 +82,12 @@ impl Conntrack {
         batch::read_all(IterableMap::map(&self.table)).map_err(|source| Error::Io { path: name.into(), source })
     }
 
+    /// Hands every entry to `visit`, without copying the table.
+    fn each(&self, visit: impl FnMut(&CtKey, &CtValue)) -> Result<()> {
+        let name = map_names::CONNTRACK;
+        batch::for_each(IterableMap::map(&self.table), visit).map_err(|source| Error::Io { path: name.into(), source })
+    }
+
     /// Entries as the datapath counts them (its admission control reads the same number).
     pub fn counted_entries(&self) -> Result<u64> {
         let name = map_names::CT_STATE;
@@ -83,25 +97,42 @@ impl Conntrack {
     /// Removes the flows that are over: expired, or a half whose peer is gone.
     pub fn sweep(&mut self) -> Result<Sweep> {
         let started = Instant::now();
-        let entries = self.entries()?;
-        let read_ms = started.elapsed().as_millis();
         let now = units(coarse_now_ns());
-        let held: std::collections::HashMap<CtKey, u32> = entries.iter().map(|(k, v)| (*k, nonce(v.stamp))).collect();
-        let dead: Vec<CtKey> = entries
-            .iter()
-            .filter(|(k, v)| {
-                !alive(k.proto, v.state, v.stamp, now) || held.get(&peer_of(k, v)) != Some(&nonce(v.stamp))
-            })
-            .map(|(k, _)| *k)
-            .collect();
+        let counted = self.counted_entries()? as usize;
+        // Live halves by their flow's fingerprint: 24 bytes each, what finding a half
+        // without its peer needs, instead of a copy of the table.
+        let mut live: Vec<(u64, CtKey)> = Vec::new();
+        live.reserve_exact(counted + counted / 16);
+        let mut dead: Vec<CtKey> = Vec::new();
+        let mut entries = 0;
+        let hasher = RandomState::new();
+        self.each(|k, v| {
+            entries += 1;
+            if alive(k.proto, v.state, v.stamp, now) {
+                live.push((flow_fingerprint(k, &peer_of(k, v), nonce(v.stamp), &hasher), *k));
+            } else {
+                dead.push(*k);
+            }
+        })?;
+        let read_ms = started.elapsed().as_millis();
+        // A flow's two halves share a fingerprint. Any other count is a half without its
+        // peer (or one read while its peer was being added, or a rare collision: the reaper
+        // checks each again and keeps what is whole).
+        live.sort_unstable_by_key(|(fingerprint, _)| *fingerprint);
+        for flow in live.chunk_by(|a, b| a.0 == b.0).filter(|halves| halves.len() != 2) {
+            dead.extend(flow.iter().map(|(_, k)| *k));
+        }
+        let held_bytes = live.capacity() * size_of::<(u64, CtKey)>() + dead.capacity() * size_of::<CtKey>();
+        drop(live);
         let started = Instant::now();
         let removed = self.reap(&dead, reap_mode::DEAD)?;
         Ok(Sweep {
-            entries: entries.len(),
+            entries,
             candidates: dead.len(),
             removed,
             read_ms,
             reap_ms: started.elapsed().as_millis(),
+            held_bytes,
         })
     }
 
@@ -124,13 +155,13 @@ impl Conntrack {
             let b = self.backends.get(&v.backend_id, 0).ok().filter(|b| b.gen == v.backend_gen)?;
             Some((v.svc_id, b.addr_be, b.port_be))
         };
-        let doomed: Vec<CtKey> = self
-            .entries()?
-            .into_iter()
-            .filter(|(k, v)| k.proto == IPPROTO_UDP && v.flags & ct_flags::REPLY == 0)
-            .filter(|(_, v)| backend_of(v).is_some_and(|flow| wanted.contains(&flow)))
-            .map(|(k, _)| k)
-            .collect();
+        let mut doomed: Vec<CtKey> = Vec::new();
+        self.each(|k, v| {
+            let forward_udp = k.proto == IPPROTO_UDP && v.flags & ct_flags::REPLY == 0;
+            if forward_udp && backend_of(v).is_some_and(|flow| wanted.contains(&flow)) {
+                doomed.push(*k);
+            }
+        })?;
         self.remove(&doomed)
     }
 
@@ -158,6 +189,12 @@ impl Conntrack {
         }
         Ok(removed)
     }
+}
+
+/// A flow as either of its halves names it: both keys (in a fixed order) and their nonce.
+fn flow_fingerprint(key: &CtKey, peer: &CtKey, nonce: u32, hasher: &RandomState) -> u64 {
+    let (a, b) = (bytemuck::bytes_of(key), bytemuck::bytes_of(peer));
+    hasher.hash_one((a.min(b), a.max(b), nonce))
 }
 
 /// The key of a half's peer (the packets answering its rewrite), as the datapath computes it.

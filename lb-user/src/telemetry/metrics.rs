@@ -458,8 +458,8 @@ impl Drop for Server {
 struct Scraper {
     pin_dir: Arc<PathBuf>,
     metrics: AgentMetrics,
-    /// One scrape at a time: each copies the conntrack table (about 80 MB at a million
-    /// entries, charged to the agent's memory limit), so overlapping scrapes wait.
+    /// One scrape at a time: each reads the whole conntrack table (a quarter of a second at
+    /// 750k entries) and the other maps, so overlapping scrapes wait rather than multiply it.
     one_at_a_time: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -487,7 +487,7 @@ async fn scrape(State(s): State<Scraper>, headers: HeaderMap) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
     let _turn = s.one_at_a_time.lock().await;
-    // Reading conntrack whole (for the NAT ports) can take a while: off the event loop.
+    // Reading conntrack through (for the NAT ports) takes a while: off the event loop.
     let scraped =
         tokio::task::spawn_blocking(move || s.metrics.scrape(&s.pin_dir, open_metrics).map_err(|e| e.to_string()))
             .await

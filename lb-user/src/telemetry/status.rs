@@ -300,13 +300,15 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Reads the maps under `pin_dir` (conntrack whole, for the NAT ports).
+    /// Reads the maps under `pin_dir` (conntrack through, for the NAT ports).
     pub fn read(pin_dir: &Path) -> Result<Usage> {
         let cfg: Config = single(pin_dir, map_names::CONFIG)?;
         let ct = map_data(pin_dir, map_names::CONNTRACK)?;
         let ct_capacity = ct.info().map_err(|source| Error::Map { name: map_names::CONNTRACK, source })?.max_entries();
         let ct_state: CtState = single(pin_dir, map_names::CT_STATE)?;
-        let flows = batch::read_all::<CtKey, CtValue>(&ct)
+        // Streamed: a scrape must not copy a table of a million entries (80 MB).
+        let mut nat = NatPorts::default();
+        batch::for_each(&ct, |k: &CtKey, v: &CtValue| nat.add(k, v))
             .map_err(|source| Error::Io { path: pin_dir.join("maps").join(map_names::CONNTRACK), source })?;
         let mut maps = vec![Occupancy {
             map: map_names::CONNTRACK,
@@ -344,25 +346,34 @@ impl Usage {
                 bytes: c.bytes,
             })
             .collect();
-        Ok(Usage { maps, nat: nat_use(&flows, &cfg), counters })
+        Ok(Usage { maps, nat: nat.view(&cfg), counters })
     }
 }
 
-/// NAT ports in use per destination: each reply half with SNAT holds one.
-fn nat_use(flows: &[(CtKey, CtValue)], cfg: &Config) -> NatView {
-    let mut per_destination: BTreeMap<(u32, u16, u8), u64> = BTreeMap::new();
-    for (k, _) in flows.iter().filter(|(_, v)| v.flags & ct_flags::REPLY != 0 && v.flags & ct_flags::SNAT != 0) {
-        *per_destination.entry((k.src_addr_be, k.src_port_be, k.proto)).or_default() += 1;
+/// NAT ports in use per destination (address, port, protocol), counted entry by entry.
+#[derive(Default)]
+struct NatPorts(BTreeMap<(u32, u16, u8), u64>);
+
+impl NatPorts {
+    /// Each reply half with SNAT holds one NAT port toward its destination.
+    fn add(&mut self, k: &CtKey, v: &CtValue) {
+        if v.flags & ct_flags::REPLY != 0 && v.flags & ct_flags::SNAT != 0 {
+            *self.0.entry((k.src_addr_be, k.src_port_be, k.proto)).or_default() += 1;
+        }
     }
-    let busiest = per_destination.iter().max_by_key(|(_, n)| **n);
-    NatView {
-        range: format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max),
-        ports: (cfg.snat_port_max as u32 + 1).saturating_sub(cfg.snat_port_min as u32),
-        snat_flows: per_destination.values().sum(),
-        busiest: busiest.map(|((addr, port, proto), _)| {
-            format!("{}:{}/{}", ip_from_be(*addr), u16::from_be(*port), protocol_name(*proto))
-        }),
-        busiest_ports: busiest.map_or(0, |(_, n)| *n),
+
+    fn view(&self, cfg: &Config) -> NatView {
+        let per_destination = &self.0;
+        let busiest = per_destination.iter().max_by_key(|(_, n)| **n);
+        NatView {
+            range: format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max),
+            ports: (cfg.snat_port_max as u32 + 1).saturating_sub(cfg.snat_port_min as u32),
+            snat_flows: per_destination.values().sum(),
+            busiest: busiest.map(|((addr, port, proto), _)| {
+                format!("{}:{}/{}", ip_from_be(*addr), u16::from_be(*port), protocol_name(*proto))
+            }),
+            busiest_ports: busiest.map_or(0, |(_, n)| *n),
+        }
     }
 }
 
@@ -433,7 +444,11 @@ mod tests {
         };
         let forward = (CtKey { proto: 6, ..reply(1, 1).0 }, CtValue { flags: ct_flags::SNAT, ..Default::default() });
         let flows = [reply(1, 40000), reply(1, 40001), reply(2, 40000), forward];
-        let nat = nat_use(&flows, &cfg);
+        let mut nat = NatPorts::default();
+        for (k, v) in &flows {
+            nat.add(k, v);
+        }
+        let nat = nat.view(&cfg);
         assert_eq!(
             serde_json::to_value(&nat).unwrap(),
             serde_json::json!({

@@ -636,7 +636,7 @@ fn sweep_rounds(fx: &mut Fixture, flows: u32, rounds: usize) -> Result<bool> {
                 "(entries read, dead found, flows removed, LB_CT_STATE after, LB_BE_LIVE after) = {got:?}, expected {want:?}"
             ));
         }
-        full.push((sweep.read_ms, sweep.reap_ms, took));
+        full.push((sweep.read_ms, sweep.reap_ms, took, sweep.held_bytes));
         // The steady state: the same table with nothing to remove.
         let swept = Instant::now();
         let again = conntrack.sweep()?;
@@ -644,28 +644,31 @@ fn sweep_rounds(fx: &mut Fixture, flows: u32, rounds: usize) -> Result<bool> {
         if (again.entries, again.candidates, again.removed) != (2 * live.len(), 0, 0) {
             return refuse(format!("a second sweep found {again:?}, expected nothing to remove"));
         }
-        idle.push((again.read_ms, again.reap_ms, took));
+        idle.push((again.read_ms, again.reap_ms, took, again.held_bytes));
     }
-    let show = |label: &str, entries: usize, samples: &mut Vec<(u128, u128, Duration)>| {
+    let show = |label: &str, entries: usize, samples: &mut Vec<(u128, u128, Duration, usize)>| {
         samples.sort_by_key(|s| s.2);
         let (best, median) = (samples[0], samples[samples.len() / 2]);
+        let most_held = samples.iter().map(|s| s.3).max().unwrap_or(0);
         println!(
-            "{label:<48} {entries:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{label:<48} {entries:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.1}",
             best.0,
             best.1,
             best.2.as_millis(),
             median.0,
             median.1,
-            median.2.as_millis()
+            median.2.as_millis(),
+            most_held as f64 / 1e6
         );
     };
     println!(
         "\nConntrack sweep (lb_user Conntrack::sweep): {rounds} rounds, ms; read: BPF_MAP_LOOKUP_BATCH and copying \
-         out, reap: the reaper's runs, total: both and finding the dead; best and median round by total"
+         out, reap: the reaper's runs, total: both and finding the dead; best and median round by total; held: the \
+         most memory a sweep held to find the dead (MB, its own count)"
     );
     println!(
-        "{:<48} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "sweep", "entries", "read", "reap", "total", "med read", "med reap", "med total"
+        "{:<48} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "sweep", "entries", "read", "reap", "total", "med read", "med reap", "med total", "held MB"
     );
     show(
         &format!("{} flows, {} expired (removed: all, each round)", flows, expired.len()),
@@ -681,6 +684,26 @@ fn sweep_rounds(fx: &mut Fixture, flows: u32, rounds: usize) -> Result<bool> {
         expired.iter().filter(|n| Planted::of(**n) == Planted::Closed).count(),
         expired.iter().filter(|n| Planted::of(**n) == Planted::Unanswered).count(),
         2 * live.len(),
+        live.len()
+    );
+    // What a /metrics scrape reads of the same table (streamed: the NAT ports in use), proved
+    // by the SNAT flows it counts.
+    let mut scrapes = Vec::new();
+    for _ in 0..3 {
+        let began = Instant::now();
+        let usage = lb_user::telemetry::status::Usage::read(&fx.pin_dir)?;
+        scrapes.push(began.elapsed());
+        if usage.nat.snat_flows != live.len() as u64 {
+            println!("scrape REFUSED: it counted {} SNAT flows, {} are live", usage.nat.snat_flows, live.len());
+            return Ok(false);
+        }
+    }
+    scrapes.sort();
+    println!(
+        "a /metrics scrape's read of the maps (Usage::read) over these {} entries: median {} ms of 3; each counted the {} \
+         SNAT flows",
+        2 * live.len(),
+        scrapes[1].as_millis(),
         live.len()
     );
     Ok(true)
