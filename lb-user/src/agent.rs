@@ -42,6 +42,11 @@ const CONNTRACK_SWEEP: Duration = Duration::from_secs(2);
 /// tenth of a CPU: the next waits nine times the last one's time.
 const SWEEP_PAUSE_FACTOR: u32 = 9;
 
+/// How long the sweeper waits after a sweep that took `took`.
+fn pause_after_sweep(took: Duration) -> Duration {
+    CONNTRACK_SWEEP.max(took * SWEEP_PAUSE_FACTOR)
+}
+
 /// UDP flows to remove after a sync: each frontend with an endpoint that stopped serving
 /// but keeps its id (see [`model::conntrack::flow_cleanups`]).
 type UdpCleanup = Vec<(lb_common::ServiceKey, std::net::SocketAddrV4)>;
@@ -76,7 +81,7 @@ impl Sweeper {
                         Ok(_) => {}
                         Err(e) => warn!("sweeping conntrack: {e}"),
                     }
-                    next_sweep = std::time::Instant::now() + CONNTRACK_SWEEP.max(began.elapsed() * SWEEP_PAUSE_FACTOR);
+                    next_sweep = std::time::Instant::now() + pause_after_sweep(began.elapsed());
                 }
                 match requests.recv_timeout(next_sweep.saturating_duration_since(std::time::Instant::now())) {
                     Ok(to) => match conntrack.forget_udp_flows(&to) {
@@ -480,4 +485,15 @@ fn drain(fd: &OwnedFd) {
     let mut buf = [0u8; 8192];
     // SAFETY: recv into a local buffer on a non-blocking socket.
     while unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_sweep_waits_nine_times_as_long_and_a_quick_one_two_seconds() {
+        assert_eq!(pause_after_sweep(Duration::from_millis(30)), CONNTRACK_SWEEP);
+        assert_eq!(pause_after_sweep(Duration::from_millis(700)), Duration::from_millis(6300));
+    }
 }
