@@ -342,6 +342,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                     frontends: sync.desired().frontends.len(),
                     problems: sync.problems(),
                     latencies: step.latencies,
+                    last_queued: step.last_queued,
+                    no_local_endpoints: step.no_local_endpoints,
                 };
                 status.synced(&report);
                 metrics.synced(&report);

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use lb_common::Config;
@@ -17,8 +17,8 @@ use tracing::{info, warn};
 use crate::{
     datapath::maps::MapStore,
     model::{
-        flow_cleanups, Desired, EndpointNodes, FlowCleanup, HealthCheck, Incremental, LocalDetect, NodeFlags, NodeInfo,
-        Options, ServiceRef,
+        flow_cleanups, Desired, EndpointNodes, FlowCleanup, HealthCheck, Incremental, LocalDetect, NoLocalEndpoints,
+        NodeFlags, NodeInfo, Options, ServiceRef,
     },
     reconcile::Reconciler,
     source::{
@@ -76,6 +76,10 @@ pub struct Step {
     pub flow_cleanups: Vec<FlowCleanup>,
     /// The endpoint nodes of the Services computed again.
     pub endpoint_nodes: Vec<(ServiceRef, EndpointNodes)>,
+    /// When a change last arrived (wall clock), as of this sync.
+    pub last_queued: Option<SystemTime>,
+    /// The Service ports whose Local policy finds no endpoint here, once the maps were written.
+    pub no_local_endpoints: Option<NoLocalEndpoints>,
 }
 
 /// A source feeding the sync.
@@ -195,6 +199,8 @@ pub struct Sync {
     source_problems: Vec<String>,
     served_checks: Option<Vec<HealthCheck>>,
     health: HealthState,
+    /// When a change last arrived.
+    last_queued: Option<SystemTime>,
 }
 
 impl Sync {
@@ -219,6 +225,7 @@ impl Sync {
             source_problems: Vec::new(),
             served_checks: None,
             health,
+            last_queued: None,
         }
     }
 
@@ -248,6 +255,7 @@ impl Sync {
         }
         if changed > 0 {
             self.health.queued(at);
+            self.last_queued = Some(SystemTime::now());
         }
         changed > 0 || (!self.synced_once && self.complete())
     }
@@ -285,7 +293,7 @@ impl Sync {
 
     /// Makes the maps hold the model of everything taken in so far.
     pub fn step<S: MapStore>(&mut self, reconciler: &mut Reconciler, store: &mut S) -> Step {
-        let mut step = Step::default();
+        let mut step = Step { last_queued: self.last_queued, ..Step::default() };
         let mut problems = self.source_problems.clone();
         if !self.complete() {
             // Adopted state stays whole until the source has been listed once.
@@ -326,7 +334,12 @@ impl Sync {
         match reconciler.apply_changes(desired, only, (self.config_of)(&node, local), store) {
             Ok(c) => {
                 let written = Instant::now();
-                step.latencies = self.arrivals.drain(..).map(|t| written.saturating_duration_since(t)).collect();
+                // A change is programmed once every frontend is written: after a failure its
+                // time runs on to the retry that writes them.
+                if c.failures.is_empty() {
+                    step.latencies = self.arrivals.drain(..).map(|t| written.saturating_duration_since(t)).collect();
+                }
+                step.no_local_endpoints = Some(desired.no_local_endpoints());
                 if c != Default::default() || !self.synced_once {
                     info!(
                         frontends = desired.frontends.len(),

@@ -189,6 +189,11 @@ fn metrics_count_exactly_the_traffic_and_drops_and_run_on_across_a_restart() {
     // The first sync.
     assert_eq!(after.get("kubeproxy_sync_proxy_rules_duration_seconds_count", &[]), 1.0);
     assert!(after.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", &[]) > 1.7e9);
+    assert!(after.get("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", &[]) > 1.7e9);
+    for policy in ["internal", "external"] {
+        let labels = [("traffic_policy", policy)];
+        assert_eq!(after.get("kubeproxy_sync_proxy_rules_no_local_endpoints_total", &labels), 0.0, "{policy}");
+    }
     assert_eq!(after.get("kube_xdp_lb_sync_errors_total", &[]), 0.0);
 
     // A new agent process reads the same pinned counters, and they keep counting.

@@ -268,6 +268,38 @@ pub struct Frontend {
     pub retained: Vec<BackendAddr>,
 }
 
+/// Service ports with a Local traffic policy and endpoints, none of them on this node for
+/// that policy: traffic by that policy is dropped here. kube-proxy's
+/// `sync_proxy_rules_no_local_endpoints_total`, by its `traffic_policy` label.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    /// internalTrafficPolicy Local: the ClusterIP.
+    pub internal: usize,
+    /// externalTrafficPolicy Local: the NodePorts, LoadBalancer and external IPs.
+    pub external: usize,
+}
+
+impl Desired {
+    /// The Service ports whose Local policy leaves them no endpoint on this node (each
+    /// counted once, however many frontends it has).
+    pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
+        let mut internal = BTreeSet::new();
+        let mut external = BTreeSet::new();
+        for f in self.frontends.values() {
+            if !f.backends.is_empty() || f.when_empty != WhenEmpty::Drop {
+                continue;
+            }
+            let port = (&f.service, f.port_name.as_str());
+            if f.external_local {
+                external.insert(port);
+            } else if f.kind == FrontendKind::ClusterIp {
+                internal.insert(port);
+            }
+        }
+        NoLocalEndpoints { internal: internal.len(), external: external.len() }
+    }
+}
+
 /// A healthCheckNodePort this node serves for an externalTrafficPolicy=Local Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {

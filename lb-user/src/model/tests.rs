@@ -915,3 +915,53 @@ fn node_facts_that_nothing_gives_are_errors_not_defaults() {
     let other = objects(&NODE1.replace("name: node1,", "name: node2,")).nodes;
     assert!(flags().node_info(&other).is_err());
 }
+
+#[test]
+fn service_ports_whose_local_policy_finds_no_endpoint_here_are_counted_once_each() {
+    let service = |name: &str, ip: &str, spec: &str, node: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  clusterIP: {ip}
+{spec}
+  ports: [{{name: http, port: 80, nodePort: 30{last}, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.244.2.{last}], nodeName: {node}}}]
+---
+"#,
+            last = &ip[ip.len() - 2..],
+        )
+    };
+    let yaml = [
+        // internalTrafficPolicy Local, its one endpoint elsewhere: the ClusterIP drops.
+        service("int", "10.96.0.11", "  internalTrafficPolicy: Local", "node2"),
+        // externalTrafficPolicy Local elsewhere: two NodePort frontends (one per node
+        // address), one Service port.
+        service("ext", "10.96.0.12", "  type: NodePort\n  externalTrafficPolicy: Local", "node2"),
+        // Both Local, the endpoint here: nothing dropped.
+        service(
+            "here",
+            "10.96.0.13",
+            "  type: NodePort\n  internalTrafficPolicy: Local\n  externalTrafficPolicy: Local",
+            "node1",
+        ),
+        // Cluster policies: nothing to count.
+        service("plain", "10.96.0.14", "  type: NodePort", "node2"),
+    ]
+    .concat();
+    let d = run(&yaml);
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    assert_eq!(d.frontends.len(), 4 + 3 * 2, "a ClusterIP each and two NodePorts for three");
+    assert_eq!(d.no_local_endpoints(), NoLocalEndpoints { internal: 1, external: 1 });
+    // A Service with no endpoint at all is refused, not counted.
+    let none = yaml.replace("endpoints: [{addresses: [10.244.2.11], nodeName: node2}]", "endpoints: []");
+    assert_eq!(run(&none).no_local_endpoints(), NoLocalEndpoints { internal: 0, external: 1 });
+}

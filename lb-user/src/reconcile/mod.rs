@@ -874,4 +874,4 @@ pub fn frontend_meta(f: &Frontend) -> FrontendMeta {
 mod maglev;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

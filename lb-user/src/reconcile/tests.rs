@@ -10,11 +10,11 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 #[error("map full")]
-struct FakeError;
+pub(crate) struct FakeError;
 
 /// An in-memory store that records every write, in order.
 #[derive(Default)]
-struct Fake {
+pub(crate) struct Fake {
     services: BTreeMap<ServiceKey, ServiceValue>,
     slots: BTreeMap<SlotKey, u32>,
     backends: BTreeMap<u32, Backend>,
@@ -23,7 +23,7 @@ struct Fake {
     metas: BTreeMap<ServiceKey, FrontendMeta>,
     log: Vec<String>,
     /// put_service fails for this frontend, as with a full map.
-    full_for: Option<ServiceKey>,
+    pub(crate) full_for: Option<ServiceKey>,
     /// After this many more put_backend calls, one fails.
     backend_write_failing_after: Option<usize>,
 }

@@ -188,3 +188,24 @@ fn without_this_nodes_node_object_nothing_is_written_and_the_sync_retries() {
         sync.problems()
     );
 }
+
+#[test]
+fn a_change_whose_write_failed_has_its_latency_when_a_retry_writes_it() {
+    let mut store = crate::reconcile::tests::Fake::default();
+    let mut sync = new_sync();
+    let mut reconciler = Reconciler::adopt(&store).unwrap();
+    list_all(&mut sync, vec![service("a", "10.96.0.1", None)], vec![], "192.168.0.1");
+    assert!(sync.step(&mut reconciler, &mut store).wrote);
+    let arrived = Instant::now();
+    store.full_for = Some(lb_common::ServiceKey::new("10.96.0.2".parse().unwrap(), 80, lb_common::IPPROTO_TCP));
+    assert!(sync.take(Change::Applied(service("b", "10.96.0.2", None)), arrived));
+    let step = sync.step(&mut reconciler, &mut store);
+    assert!(step.failed && sync.needs_retry());
+    assert!(step.latencies.is_empty(), "not programmed yet: {:?}", step.latencies);
+    store.full_for = None;
+    std::thread::sleep(Duration::from_millis(20));
+    let step = sync.step(&mut reconciler, &mut store);
+    assert!(!step.failed);
+    assert_eq!(step.latencies.len(), 1);
+    assert!(step.latencies[0] >= Duration::from_millis(20) && step.latencies[0] <= arrived.elapsed());
+}

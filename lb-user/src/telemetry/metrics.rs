@@ -27,6 +27,7 @@ use prometheus_client::{
     },
     metrics::{
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::{ConstGauge, Gauge},
         histogram::{exponential_buckets, linear_buckets, Histogram},
         MetricType,
@@ -69,6 +70,8 @@ pub struct AgentMetrics {
     sync_duration: Histogram,
     programming_latency: Histogram,
     last_sync: Gauge<f64, AtomicU64>,
+    last_queued: Gauge<f64, AtomicU64>,
+    no_local_endpoints: Family<Vec<(String, String)>, Gauge>,
     sync_errors: Counter,
     drift_checks: Counter,
     drift_repairs: Counter,
@@ -84,10 +87,17 @@ impl Default for AgentMetrics {
             .chain(linear_buckets(1.0, 1.0, 59))
             .chain(linear_buckets(60.0, 5.0, 12))
             .chain(linear_buckets(120.0, 30.0, 7));
+        // Both policies' series from the start, as kube-proxy's.
+        let no_local_endpoints: Family<Vec<(String, String)>, Gauge> = Family::default();
+        for policy in ["internal", "external"] {
+            no_local_endpoints.get_or_create(&traffic_policy(policy)).set(0);
+        }
         AgentMetrics {
             sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             programming_latency: Histogram::new(programming),
             last_sync: Gauge::default(),
+            last_queued: Gauge::default(),
+            no_local_endpoints,
             sync_errors: Counter::default(),
             drift_checks: Counter::default(),
             drift_repairs: Counter::default(),
@@ -100,6 +110,14 @@ impl AgentMetrics {
     /// Records a sync, by the rule `StatusWriter::synced` follows: a read that found nothing
     /// new to write, and failed at nothing, is no sync.
     pub fn synced(&self, report: &SyncReport<'_>) {
+        if let Some(at) = report.last_queued {
+            self.last_queued.set(unix_seconds(at));
+        }
+        if let Some(n) = report.no_local_endpoints {
+            for (policy, services) in [("internal", n.internal), ("external", n.external)] {
+                self.no_local_endpoints.get_or_create(&traffic_policy(policy)).set(services as i64);
+            }
+        }
         if !report.wrote && !report.failed {
             return;
         }
@@ -110,8 +128,7 @@ impl AgentMetrics {
         if report.failed {
             self.sync_errors.inc();
         } else {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-            self.last_sync.set(now);
+            self.last_sync.set(unix_seconds(SystemTime::now()));
         }
     }
 
@@ -157,6 +174,16 @@ impl AgentMetrics {
             "The last time the maps were synced with the source without error (Unix seconds)",
             self.last_sync.clone(),
         );
+        kube_proxy.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a change of the Services, endpoints or Node arrived (Unix seconds)",
+            self.last_queued.clone(),
+        );
+        kube_proxy.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Service ports with a Local traffic policy and endpoints, none of them on this node",
+            self.no_local_endpoints.clone(),
+        );
         r.register("kube_xdp_lb_sync_errors", "Syncs that failed in part or whole (retried)", self.sync_errors.clone());
         r.register(
             "kube_xdp_lb_drift_checks",
@@ -192,6 +219,14 @@ impl AgentMetrics {
         let reading = Reading::of(&snapshot, usage, &self.nodes.read().expect("not poisoned"));
         Ok(self.render(reading, open_metrics))
     }
+}
+
+fn traffic_policy(policy: &str) -> Vec<(String, String)> {
+    vec![("traffic_policy".into(), policy.into())]
+}
+
+fn unix_seconds(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`.
@@ -650,6 +685,8 @@ mod tests {
             ("kubeproxy_sync_proxy_rules_duration_seconds", "histogram"),
             ("kubeproxy_network_programming_duration_seconds", "histogram"),
             ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge"),
+            ("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", "gauge"),
+            ("kubeproxy_sync_proxy_rules_no_local_endpoints_total", "gauge"),
             ("kube_xdp_lb_sync_errors_total", "counter"),
             ("kube_xdp_lb_drift_repairs_total", "counter"),
         ] {
@@ -671,6 +708,8 @@ mod tests {
             frontends: 3,
             problems: &problems,
             latencies,
+            last_queued: Some(SystemTime::now() - Duration::from_secs(5)),
+            no_local_endpoints: Some(crate::model::NoLocalEndpoints { internal: 1, external: 2 }),
         };
         metrics.synced(&report(true, false, vec![Duration::from_millis(300), Duration::from_secs(2)]));
         metrics.synced(&report(false, false, vec![]));
@@ -697,6 +736,12 @@ mod tests {
         let last: f64 = at(&format!("kubeproxy_sync_proxy_rules_last_timestamp_seconds{{{v4}}}")).parse().unwrap();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
         assert!((now - 60.0..=now).contains(&last), "{last}");
+        let queued: f64 =
+            at(&format!("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{{{v4}}}")).parse().unwrap();
+        assert!((now - 65.0..=now - 5.0).contains(&queued), "{queued}");
+        let no_local = "kubeproxy_sync_proxy_rules_no_local_endpoints_total";
+        assert_eq!(at(&format!(r#"{no_local}{{{v4},traffic_policy="internal"}}"#)), "1");
+        assert_eq!(at(&format!(r#"{no_local}{{{v4},traffic_policy="external"}}"#)), "2");
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct SyncReport<'a> {
     pub problems: &'a [String],
     /// Per object change this sync wrote: the time from its arrival to the map write.
     pub latencies: Vec<std::time::Duration>,
+    /// When a change last arrived.
+    pub last_queued: Option<std::time::SystemTime>,
+    /// The Service ports whose Local policy finds no endpoint here, when the maps were written.
+    pub no_local_endpoints: Option<crate::model::NoLocalEndpoints>,
 }
 
 /// The agent's side: its report in LB_AGENT, counted from its start.
