@@ -275,7 +275,10 @@ pub struct ServiceValue {
     /// Which generation of slots is live (0 or 1).
     pub gen: u8,
     pub algorithm: u8,
-    pub _pad: [u8; 2],
+    /// A checksum of the other fields ([`ServiceValue::sealed`]): the kernel may rewrite a
+    /// replaced element for another entry while a program copies it, and a copy mixing two
+    /// entries fails it. 0: written without one (by an agent before checksums), not checked.
+    pub check: u16,
     /// sessionAffinity's scope: the same for every frontend of one Service port (ClusterIP,
     /// NodePorts, ...), so a client keeps its backend whichever it uses. Also what a chosen
     /// backend must belong to (`affinity_scope(Backend::owner)`): a slot, affinity or socket
@@ -286,6 +289,45 @@ pub struct ServiceValue {
     /// this, as the kernel may reuse a replaced element for another frontend while a
     /// program still reads it.
     pub key: ServiceKey,
+}
+
+impl ServiceValue {
+    /// The checksum of every field but `check` (never 0).
+    #[inline(always)]
+    pub fn checksum(&self) -> u16 {
+        let words = [
+            self.svc_id,
+            self.flags,
+            self.affinity_timeout_s,
+            self.count[0] as u32 | (self.count[1] as u32) << 16,
+            self.gen as u32 | (self.algorithm as u32) << 8,
+            self.scope,
+            self.key.addr_be,
+            self.key.port_be as u32 | (self.key.proto as u32) << 16,
+        ];
+        // FNV-1a over words, folded to 16 bits.
+        let mut h: u32 = 0x811c_9dc5;
+        let mut i = 0;
+        while i < words.len() {
+            h = (h ^ words[i]).wrapping_mul(0x0100_0193);
+            i += 1;
+        }
+        match (h ^ h >> 16) as u16 {
+            0 => 0xffff,
+            folded => folded,
+        }
+    }
+
+    /// This entry with its checksum: what the agent writes.
+    pub fn sealed(self) -> Self {
+        ServiceValue { check: self.checksum(), ..self }
+    }
+
+    /// A copy is whole: its checksum holds, or it was written without one.
+    #[inline(always)]
+    pub fn intact(&self) -> bool {
+        self.check == 0 || self.check == self.checksum()
+    }
 }
 
 /// A slot of LB_SLOTS: `index` packs the generation (bit 31), the set (bit 30) and the
@@ -833,6 +875,36 @@ pub fn front_filter_bit(addr_be: u32, port_be: u16) -> u32 {
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    #[test]
+    fn a_service_entry_mixed_with_another_fails_its_checksum() {
+        let a = ServiceValue {
+            svc_id: 7,
+            flags: service_flags::EXTERNAL,
+            count: [3, 0],
+            gen: 1,
+            scope: 0x1234,
+            key: ServiceKey { addr_be: 0x0a60_0001, port_be: 80u16.to_be(), proto: 6, _pad: 0 },
+            ..Default::default()
+        }
+        .sealed();
+        assert!(a.intact() && a.check != 0);
+        let b = ServiceValue { svc_id: 9, count: [5, 2], gen: 0, scope: 0x5678, ..a }.sealed();
+        assert!(b.intact());
+        // A copy taken while the element was rewritten from one to the other: any field of
+        // one with the rest (and the checksum) of the other.
+        let torn = [
+            ServiceValue { svc_id: b.svc_id, ..a },
+            ServiceValue { count: b.count, ..a },
+            ServiceValue { gen: b.gen, ..a },
+            ServiceValue { scope: b.scope, ..a },
+            ServiceValue { check: b.check, ..a },
+        ];
+        for (i, t) in torn.iter().enumerate() {
+            assert!(!t.intact(), "torn copy {i}: {t:?}");
+        }
+        assert!(ServiceValue { check: 0, ..b }.intact(), "an entry written without a checksum is not checked");
+    }
 
     #[test]
     fn layouts_have_no_hidden_padding() {

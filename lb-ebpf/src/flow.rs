@@ -345,7 +345,8 @@ fn start_flow<C: EbpfContext>(ctx: &C, p: &Parsed, svc: &ServiceValue) -> Verdic
         core::ptr::copy_nonoverlapping(svc, copy, 1);
         &*copy
     };
-    if svc.key != frontend_of(k) {
+    // Its own entry, copied whole (not mixed with the one the kernel reused it for).
+    if svc.key != frontend_of(k) || !svc.intact() {
         count(counters::ENTRY_REUSED, 0);
         return Verdict::pass(counters::PASS_NOT_SERVICE);
     }

@@ -212,11 +212,11 @@ fn forward(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     }
     let frontend = ServiceKey { addr_be, port_be, proto: proto as u8, _pad: 0 };
     let Some(svc) = LB_SERVICES.get_ptr(&frontend) else { return PROCEED };
-    // A copy, checked against its key: the element of an entry the agent replaced may be
-    // reused for another frontend while it is read.
+    // A copy, checked against its key and its checksum: the element of an entry the agent
+    // replaced may be reused for another frontend while it is read.
     // SAFETY: one copy of plain integers from a map value's memory (valid for the run).
     let svc = &unsafe { read_volatile(svc) };
-    if svc.key != frontend {
+    if svc.key != frontend || !svc.intact() {
         count(counters::ENTRY_REUSED, 0);
         return PROCEED;
     }

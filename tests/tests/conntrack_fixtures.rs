@@ -835,6 +835,34 @@ fn a_service_entry_reused_for_another_frontend_starts_nothing() {
     });
 }
 
+/// A service entry copied while the kernel rewrote its element for another entry (this
+/// frontend's key, another entry's counts, the first one's checksum): the checksum fails and
+/// nothing is started. An entry written without a checksum (by an agent before them) is
+/// still served.
+#[test]
+fn a_torn_service_entry_starts_nothing() {
+    with_fixture(Setup::fast((40000, 40099)), |fx| {
+        let map = lb_user::datapath::open_map(&fx.pin_dir, lb_common::map_names::SERVICES).unwrap();
+        let mut services: aya::maps::HashMap<_, lb_common::ServiceKey, lb_common::ServiceValue> =
+            map.try_into().unwrap();
+        let frontend = lb_common::ServiceKey::new(NODE, 30080, IPPROTO_TCP);
+        let whole = services.get(&frontend, 0).unwrap();
+        assert!(whole.check != 0 && whole.intact(), "the agent seals what it writes");
+        let torn = lb_common::ServiceValue { count: [whole.count[0] + 1, whole.count[1]], ..whole };
+        services.insert(frontend, torn, 0).unwrap();
+        let before = fx.counters();
+        let syn = Frame::tcp(sa(CLIENT, 7311), np(30080), SYN).bytes();
+        let (action, out, _) = fx.xdp(&syn);
+        assert_eq!((action, out), (XDP_PASS, syn), "a torn entry starts nothing");
+        assert_eq!(delta(fx, &before, "entry_reused"), 1);
+        assert_eq!(delta(fx, &before, "new_flow"), 0);
+        assert!(fx.ct_entries().is_empty());
+        services.insert(frontend, lb_common::ServiceValue { check: 0, ..whole }, 0).unwrap();
+        snat_of(fx, &Frame::tcp(sa(CLIENT, 7312), np(30080), SYN));
+        assert_eq!(delta(fx, &before, "new_flow"), 1, "an entry without a checksum is served");
+    });
+}
+
 /// `--conntrack-memory preallocated`: the table is created preallocated (flags without
 /// BPF_F_NO_PREALLOC) at the configured size, serves flows like the on-demand one, and a
 /// load asking for the other kind over it is refused with an error naming the option.

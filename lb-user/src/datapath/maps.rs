@@ -197,7 +197,8 @@ impl MapStore for PinnedMaps {
         absent_ok(self.ranges.remove(&range_key(svc_id, range))).map_err(at(map_names::SRC_RANGES))
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Error> {
-        self.services.insert(key, value, 0).map_err(at(map_names::SERVICES))
+        // Every entry written carries its checksum (the reconciler's already do).
+        self.services.insert(key, value.sealed(), 0).map_err(at(map_names::SERVICES))
     }
     fn del_service(&mut self, key: ServiceKey) -> Result<(), Error> {
         absent_ok(self.services.remove(&key)).map_err(at(map_names::SERVICES))

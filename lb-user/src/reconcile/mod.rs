@@ -854,10 +854,11 @@ fn service_value(svc_id: u32, gen: u8, count: [u16; 2], f: &Frontend, owner: u64
             Algorithm::SourceHash => algorithm::SOURCE_HASH,
             Algorithm::LeastConn => algorithm::LEAST_CONN,
         },
-        _pad: [0; 2],
+        check: 0,
         scope: affinity_scope(owner),
         key,
     }
+    .sealed()
 }
 
 /// What LB_FE_META holds for a frontend.
