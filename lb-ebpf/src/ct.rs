@@ -155,10 +155,12 @@ fn end_live(v: *mut CtValue) {
 }
 
 /// Caches the next hop of the half at `key` for the flow of `flow_nonce` (0: a new flow's
-/// first packet, which caches nothing). Written only into that flow's half, and tagged with
-/// its nonce last: a hop written through an element reused meanwhile is never used by the
-/// flow that holds it now. A racing reader of the same flow sees the old hop or the new
-/// one, at worst one packet with a mix while the next hop changes.
+/// first packet, which caches nothing). Written only into that flow's half, untagged first
+/// and tagged with its nonce last; readers check the tag before and after reading the hop
+/// (`Verdict::with_hop`). So a writer stalled after its check while the element was
+/// reused for another flow cannot hand that flow its hop: the fields it writes are read
+/// between two tags that differ. A reader during a change of the same flow's hop finds none
+/// and looks the route up.
 #[inline(always)]
 pub fn cache_hop(key: &CtKey, flow_nonce: u32, ifindex: u32, dmac: [u8; 6], smac: [u8; 6], tot_len: u16) {
     if flow_nonce == 0 {
@@ -172,6 +174,8 @@ pub fn cache_hop(key: &CtKey, flow_nonce: u32, ifindex: u32, dmac: [u8; 6], smac
     unsafe {
         let nonce_ptr = addr_of_mut!((*v).hop_nonce);
         let cached = nonce_ptr.read_volatile() == flow_nonce;
+        nonce_ptr.write_volatile(0);
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
         (*v).hop_ifindex = ifindex;
         (*v).hop_dmac = dmac;
         (*v).hop_smac = smac;

@@ -147,19 +147,27 @@ impl Verdict {
         Verdict { rw, counter, egress, svc_id, backend_id, ..Verdict::of(action::TRANSLATE, counter) }
     }
 
-    /// With the next hop `half` caches for the flow of `nonce`, if it has one and `fresh`.
+    /// With the next hop `half` caches for the flow of `nonce`, if it has one and `fresh`:
+    /// read between two checks of its tag (see `ct::cache_hop`).
     #[inline(always)]
     fn with_hop(mut self, half: *const CtValue, nonce: u32, fresh: bool) -> Verdict {
         self.nonce = nonce;
+        let tag = || {
+            // SAFETY: reading a plain integer of a map value.
+            unsafe { core::ptr::addr_of!((*half).hop_nonce).read_volatile() }
+        };
+        if !fresh || tag() != nonce {
+            return self;
+        }
+        // Straight into the verdict: the call chain has no stack to spare for a copy.
         // SAFETY: reading plain integers of a map value.
         unsafe {
-            if fresh && core::ptr::addr_of!((*half).hop_nonce).read_volatile() == nonce {
-                self.has_hop = 1;
-                self.hop_ifindex = (*half).hop_ifindex;
-                self.hop_mtu = (*half).hop_mtu;
-                self.hop_macs = Macs { dst: (*half).hop_dmac, src: (*half).hop_smac };
-            }
+            self.hop_ifindex = (*half).hop_ifindex;
+            self.hop_mtu = (*half).hop_mtu;
+            self.hop_macs = Macs { dst: (*half).hop_dmac, src: (*half).hop_smac };
         }
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+        self.has_hop = (tag() == nonce) as u8;
         self
     }
 }
