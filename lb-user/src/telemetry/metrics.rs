@@ -7,7 +7,7 @@ use std::{
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{atomic::AtomicU64, Arc, RwLock},
+    sync::{atomic::AtomicU64, Arc, Mutex, RwLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -76,6 +76,7 @@ pub struct AgentMetrics {
     drift_checks: Counter,
     drift_repairs: Counter,
     nodes: Arc<RwLock<EndpointNodes>>,
+    service_sums: Arc<Mutex<ServiceSums>>,
 }
 
 impl Default for AgentMetrics {
@@ -102,6 +103,7 @@ impl Default for AgentMetrics {
             drift_checks: Counter::default(),
             drift_repairs: Counter::default(),
             nodes: Arc::default(),
+            service_sums: Arc::default(),
         }
     }
 }
@@ -216,7 +218,8 @@ impl AgentMetrics {
     pub fn scrape(&self, pin_dir: &Path, open_metrics: bool) -> Result<String, Error> {
         let snapshot = Snapshot::read(pin_dir)?;
         let usage = Usage::read(pin_dir)?;
-        let reading = Reading::of(&snapshot, usage, &self.nodes.read().expect("not poisoned"));
+        let mut reading = Reading::of(&snapshot, usage, &self.nodes.read().expect("not poisoned"));
+        self.service_sums.lock().expect("not poisoned").keep_rising(&mut reading);
         Ok(self.render(reading, open_metrics))
     }
 }
@@ -257,6 +260,8 @@ pub struct Reading {
     /// Per Service port and kind of frontend (a NodePort on several node addresses, or
     /// several LoadBalancer IPs, are summed).
     services: BTreeMap<Labels, Traffic>,
+    /// The frontends summed into `services`: id, series, counts.
+    members: Vec<(u32, u64, Traffic)>,
     /// Per Service port and endpoint: traffic and live flows.
     backends: BTreeMap<Labels, (Traffic, u64)>,
     usage: Usage,
@@ -288,6 +293,7 @@ fn frontend_label(kind: &str) -> &'static str {
 impl Reading {
     pub fn of(snap: &Snapshot, usage: Usage, nodes: &EndpointNodes) -> Reading {
         let mut services: BTreeMap<Labels, Traffic> = BTreeMap::new();
+        let mut members = Vec::new();
         for (key, v) in &snap.maps.services {
             let name = snap.name_of(key).unwrap_or_default();
             let labels = vec![
@@ -298,6 +304,7 @@ impl Reading {
                 ("frontend", frontend_label(snap.kind_of(key, v)).to_string()),
             ];
             let traffic = snap.frontend_traffic.get(&v.svc_id).copied().unwrap_or_default();
+            members.push((v.svc_id, series_of(&labels), traffic));
             add(services.entry(labels).or_default(), &traffic);
         }
         let by_scope = snap.services_by_scope();
@@ -321,7 +328,55 @@ impl Reading {
             add(&mut entry.0, &snap.backend_traffic.get(id).copied().unwrap_or_default());
             entry.1 += snap.live_flows.get(id).copied().unwrap_or(0);
         }
-        Reading { services, backends, usage }
+        Reading { services, members, backends, usage }
+    }
+}
+
+/// A series' identity across scrapes: a hash of its labels.
+fn series_of(labels: &Labels) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    labels.hash(&mut h);
+    h.finish()
+}
+
+/// Keeps the Service series rising. A series sums the frontends of one kind (a NodePort on
+/// each node address, each LoadBalancer IP); when one goes (an address changes) or its id
+/// is given to another, its counts would leave a sum the others keep, and Prometheus would
+/// read the drop as a reset and count the whole sum again. What such a frontend had counted
+/// at the last scrape is added back for as long as its series is served.
+#[derive(Debug, Default)]
+struct ServiceSums {
+    /// Each frontend id's counts at the last scrape, and its series.
+    last: BTreeMap<u32, (u64, Traffic)>,
+    /// By series: what frontends that left it had counted.
+    gone: BTreeMap<u64, Traffic>,
+}
+
+impl ServiceSums {
+    fn keep_rising(&mut self, reading: &mut Reading) {
+        let now: BTreeMap<u32, (u64, Traffic)> =
+            reading.members.iter().map(|(id, series, traffic)| (*id, (*series, *traffic))).collect();
+        for (id, (series, before)) in std::mem::take(&mut self.last) {
+            let carries_on = now.get(&id).is_some_and(|(s, t)| {
+                *s == series
+                    && t.packets >= before.packets
+                    && t.bytes >= before.bytes
+                    && t.new_flows >= before.new_flows
+            });
+            if !carries_on {
+                add(self.gone.entry(series).or_default(), &before);
+            }
+        }
+        // A series no longer served starts again from its members' counts if it returns.
+        let served: BTreeSet<u64> = now.values().map(|(series, _)| *series).collect();
+        self.gone.retain(|series, _| served.contains(series));
+        self.last = now;
+        for (labels, sum) in &mut reading.services {
+            if let Some(gone) = self.gone.get(&series_of(labels)) {
+                add(sum, gone);
+            }
+        }
     }
 }
 
@@ -742,6 +797,39 @@ mod tests {
         let no_local = "kubeproxy_sync_proxy_rules_no_local_endpoints_total";
         assert_eq!(at(&format!(r#"{no_local}{{{v4},traffic_policy="internal"}}"#)), "1");
         assert_eq!(at(&format!(r#"{no_local}{{{v4},traffic_policy="external"}}"#)), "2");
+    }
+
+    #[test]
+    fn a_summed_service_series_never_falls_when_a_frontend_leaves_it() {
+        let labels = |kind: &str| -> Labels { vec![("service", "web".into()), ("frontend", kind.into())] };
+        let (node_port, cluster_ip) = (labels("nodePort"), labels("clusterIP"));
+        let traffic = |packets| Traffic { packets, bytes: 100 * packets, new_flows: packets / 10 };
+        let scrape = |sums: &mut ServiceSums, members: &[(u32, &Labels, u64)]| {
+            let mut r = reading();
+            r.services.clear();
+            r.members.clear();
+            for (id, l, packets) in members {
+                r.members.push((*id, series_of(l), traffic(*packets)));
+                add(r.services.entry((*l).clone()).or_default(), &traffic(*packets));
+            }
+            sums.keep_rising(&mut r);
+            r.services
+        };
+        let mut sums = ServiceSums::default();
+        // Frontend ids 1 and 2 are one NodePort on two node addresses; 3 a ClusterIP.
+        let first = scrape(&mut sums, &[(1, &node_port, 10), (2, &node_port, 5), (3, &cluster_ip, 7)]);
+        assert_eq!((first[&node_port].packets, first[&cluster_ip].packets), (15, 7));
+        // The second address goes: its 5 packets stay in the sum.
+        assert_eq!(scrape(&mut sums, &[(1, &node_port, 12), (3, &cluster_ip, 8)])[&node_port].packets, 17);
+        // Id 1 given to a new frontend of the same series (counters cleared): its 12 stay.
+        assert_eq!(scrape(&mut sums, &[(1, &node_port, 1), (3, &cluster_ip, 9)])[&node_port].packets, 18);
+        // Bytes and flows alike.
+        let fourth = scrape(&mut sums, &[(1, &node_port, 2), (3, &cluster_ip, 9)]);
+        assert_eq!(fourth[&node_port], Traffic { packets: 19, bytes: 1900, new_flows: 1 });
+        assert_eq!(fourth[&cluster_ip].packets, 9, "the other series is untouched");
+        // The NodePort gone altogether: no series; back later, it starts from its members.
+        assert!(!scrape(&mut sums, &[(3, &cluster_ip, 9)]).contains_key(&node_port));
+        assert_eq!(scrape(&mut sums, &[(4, &node_port, 3), (3, &cluster_ip, 9)])[&node_port].packets, 3);
     }
 
     #[test]
