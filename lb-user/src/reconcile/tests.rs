@@ -362,10 +362,7 @@ fn adoption_cleans_up_slots_of_a_dead_generation() {
     apply(&mut r, &mut store, &desired(&[(1, frontend(&[(10, 8080), (11, 8080)]))]));
     // As if an agent died after the swap to generation 1 but before removing generation 0.
     store.slots.insert(SlotKey::new(1, 1, 0, 0), 2);
-    store.services.values_mut().for_each(|v| {
-        v.gen = 1;
-        v.count = [1, 0];
-    });
+    store.services.values_mut().for_each(|v| *v = ServiceValue { gen: 1, count: [1, 0], ..*v }.sealed());
     let mut r = Reconciler::adopt(&store).unwrap();
     let log = apply(&mut r, &mut store, &desired(&[(1, frontend(&[(11, 8080)]))]));
     assert_eq!(log, ["del slot 1/g0s0/0", "del slot 1/g0s0/1", "free backend 1 gen 2"]);
