@@ -233,13 +233,37 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-fn scale(services: u32) -> Result<(Sync, Vec<Duration>)> {
+/// What one /metrics scrape costs the agent: its time, and the agent's peak RSS after it.
+struct ScrapeCost {
+    took: Duration,
+    hwm_kib: u64,
+}
+
+/// One /metrics scrape (Prometheus's, every 15-30 s in a cluster), proved by its series: one
+/// per Service (its ClusterIP) and one per endpoint.
+fn scrape_cost(cluster: &ApiCluster, services: u32) -> Result<ScrapeCost> {
+    let agent = &cluster.agents[0];
+    let started = Instant::now();
+    let scrape = lb_tests::metrics::scrape(&cluster.lab.nodes[0].ns.name);
+    let took = started.elapsed();
+    let series = |name: &str| scrape.samples.iter().filter(|(n, _, _)| n == name).count();
+    let (frontends, endpoints) = (series("kube_xdp_lb_service_packets_total"), series("kube_xdp_lb_backend_packets_total"));
+    // The latency samples leave some Services with an 11th endpoint.
+    ensure!(
+        frontends == services as usize && endpoints >= (services * ENDPOINTS) as usize,
+        "the scrape served {frontends} Service series and {endpoints} endpoint series for {services} Services"
+    );
+    Ok(ScrapeCost { took, hwm_kib: vm_hwm_kib(agent.pid())? })
+}
+
+fn scale(services: u32) -> Result<(Sync, Vec<Duration>, ScrapeCost)> {
     let spec = Spec { pods_per_node: vec![0], clients: 0, ..Spec::default() };
     let mut cluster = ApiCluster::without_agents("lbc", &spec)?;
     populate(&cluster.faults(), services)?;
     let sync = first_sync(&mut cluster, services)?;
     let latencies = latencies(&cluster, services)?;
-    Ok((sync, latencies))
+    let scrape = scrape_cost(&cluster, services)?;
+    Ok((sync, latencies, scrape))
 }
 
 fn main() -> ExitCode {
@@ -263,7 +287,7 @@ fn main() -> ExitCode {
     let mut all_good = true;
     for services in [1_000, 10_000] {
         match scale(services) {
-            Ok((sync, samples)) => {
+            Ok((sync, samples, scrape)) => {
                 println!(
                     "{services:<9} {:<38} {:>10} {:>10} {:>10}  {:<16} {} samples, each read back from the slots; 1 list per resource",
                     "endpoint change -> LB_SERVICES",
@@ -283,6 +307,16 @@ fn main() -> ExitCode {
                     sync.hwm_kib / 1024,
                     sync.hwm_kib as f64 * 1024.0 / 1e6,
                     format_args!(" ({} from the agent's start)", ms(sync.from_start)),
+                );
+                println!(
+                    "{services:<9} {:<38} {:>10} {:>10} {:>10}  {:<16} a series per Service and per endpoint; agent VmHWM after it {} MiB ({:.1} MB)",
+                    "a /metrics scrape",
+                    ms(scrape.took),
+                    "",
+                    "",
+                    "",
+                    scrape.hwm_kib / 1024,
+                    scrape.hwm_kib as f64 * 1024.0 / 1e6,
                 );
             }
             Err(e) => {
