@@ -43,6 +43,10 @@ pub fn scrape(node_ns: &str) -> Scrape {
         raw
     });
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response: {raw}"));
+    // The agent sends its text as it writes it: chunked.
+    let body =
+        if head.to_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    let body = body.as_str();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
     assert!(head.to_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
     let mut samples = Vec::new();
@@ -63,6 +67,20 @@ pub fn scrape(node_ns: &str) -> Scrape {
         samples.push((name.to_string(), labels, value.parse().unwrap()));
     }
     Scrape { text: body.to_string(), samples }
+}
+
+/// An HTTP/1.1 chunked body, joined.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).expect("a hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").expect("CRLF after a chunk");
+    }
 }
 
 /// `promtool check metrics` accepts `text` (format and Prometheus's naming rules).

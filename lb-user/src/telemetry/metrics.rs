@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{atomic::AtomicU64, Arc, Mutex, RwLock},
     time::{SystemTime, UNIX_EPOCH},
@@ -21,10 +21,7 @@ use axum::{
 use lb_common::{affinity_scope, user::protocol_name};
 use prometheus_client::{
     collector::Collector,
-    encoding::{
-        text::{encode_eof, encode_registry},
-        DescriptorEncoder, EncodeMetric,
-    },
+    encoding::{text::encode_registry, DescriptorEncoder, EncodeMetric},
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -201,26 +198,28 @@ impl AgentMetrics {
         r
     }
 
-    /// The exposition: OpenMetrics when asked for, else Prometheus's text format.
-    pub fn render(&self, reading: Reading, open_metrics: bool) -> String {
-        let mut text = String::new();
+    /// The exposition in pieces: OpenMetrics when asked for, else Prometheus's text format.
+    pub fn exposition(&self, mut reading: Reading, open_metrics: bool) -> Exposition {
+        let endpoints = std::mem::take(&mut reading.endpoints);
+        let mut head = String::new();
         // Writing to a String cannot fail.
-        let _ = encode_registry(&mut text, &self.registry(reading));
-        if open_metrics {
-            let _ = encode_eof(&mut text);
-            text
-        } else {
-            prometheus_text(&text)
-        }
+        let _ = encode_registry(&mut head, &self.registry(reading));
+        let head = if open_metrics { head } else { prometheus_text(&head) };
+        Exposition { head: Some(head), endpoints, family: 0, at: 0, open_metrics, ended: false }
     }
 
-    /// Reads the pins under `pin_dir` and renders them with these metrics.
-    pub fn scrape(&self, pin_dir: &Path, open_metrics: bool) -> Result<String, Error> {
+    /// The exposition whole.
+    pub fn render(&self, reading: Reading, open_metrics: bool) -> String {
+        self.exposition(reading, open_metrics).collect()
+    }
+
+    /// Reads the pins under `pin_dir`, for an exposition with these metrics.
+    pub fn scrape(&self, pin_dir: &Path, open_metrics: bool) -> Result<Exposition, Error> {
         let snapshot = Snapshot::read(pin_dir)?;
         let usage = Usage::read(pin_dir)?;
         let mut reading = Reading::of(&snapshot, usage, &self.nodes.read().expect("not poisoned"));
         self.service_sums.lock().expect("not poisoned").keep_rising(&mut reading);
-        Ok(self.render(reading, open_metrics))
+        Ok(self.exposition(reading, open_metrics))
     }
 }
 
@@ -263,7 +262,7 @@ pub struct Reading {
     /// The frontends summed into `services`: id, series, counts.
     members: Vec<(u32, u64, Traffic)>,
     /// Per Service port and endpoint: traffic and live flows.
-    backends: BTreeMap<Labels, (Traffic, u64)>,
+    endpoints: EndpointRows,
     usage: Usage,
 }
 
@@ -307,28 +306,43 @@ impl Reading {
             members.push((v.svc_id, series_of(&labels), traffic));
             add(services.entry(labels).or_default(), &traffic);
         }
-        let by_scope = snap.services_by_scope();
-        let mut backends: BTreeMap<Labels, (Traffic, u64)> = BTreeMap::new();
-        for (id, b) in &snap.maps.backends {
-            let (name, protocol) = by_scope
-                .get(&affinity_scope(b.owner))
-                .map(|(name, proto)| (name.clone(), protocol_name(*proto).into_owned()))
-                .unwrap_or_default();
+        // Each Service port's labels once, by its scope; an endpoint row names them by index.
+        let mut ports: Vec<[String; 4]> = vec![Default::default()];
+        let mut port_of: BTreeMap<u32, (u32, ServiceRef)> = BTreeMap::new();
+        for (scope, (name, proto)) in snap.services_by_scope() {
             let sref = ServiceRef { namespace: name.namespace.as_str().into(), name: name.name.as_str().into() };
-            let node = nodes.get(&sref).and_then(|n| n.get(&b.ip())).map_or_else(String::new, |n| label(n));
-            let labels = vec![
-                ("namespace", label(&name.namespace)),
-                ("service", label(&name.name)),
-                ("port", label(&name.port)),
-                ("protocol", protocol),
-                ("endpoint", format!("{}:{}", b.ip(), b.port())),
-                ("node", node),
-            ];
-            let entry = backends.entry(labels).or_default();
-            add(&mut entry.0, &snap.backend_traffic.get(id).copied().unwrap_or_default());
-            entry.1 += snap.live_flows.get(id).copied().unwrap_or(0);
+            port_of.insert(scope, (ports.len() as u32, sref));
+            ports.push([
+                label(&name.namespace),
+                label(&name.name),
+                label(&name.port),
+                protocol_name(proto).into_owned(),
+            ]);
         }
-        Reading { services, members, backends, usage }
+        // A list, sorted, rather than a map: one row per backend id, the least room.
+        let mut rows: Vec<((u32, SocketAddrV4), EndpointRow)> = Vec::with_capacity(snap.maps.backends.len());
+        for (id, b) in &snap.maps.backends {
+            let (port, sref) = port_of.get(&affinity_scope(b.owner)).map_or((0, None), |(i, s)| (*i, Some(s)));
+            let row = EndpointRow {
+                traffic: snap.backend_traffic.get(id).copied().unwrap_or_default(),
+                live: snap.live_flows.get(id).copied().unwrap_or(0),
+                node: sref.and_then(|s| nodes.get(s)).and_then(|n| n.get(&b.ip())).cloned(),
+            };
+            rows.push(((port, SocketAddrV4::new(b.ip(), b.port())), row));
+        }
+        rows.sort_unstable_by_key(|(key, _)| *key);
+        // Two ids for one endpoint of one Service port (rare: one going as another comes)
+        // are one series.
+        rows.dedup_by(|(key, row), (kept_key, kept)| {
+            let same = key == kept_key;
+            if same {
+                add(&mut kept.traffic, &row.traffic);
+                kept.live += row.live;
+            }
+            same
+        });
+        let endpoints = EndpointRows { ports, rows };
+        Reading { services, members, endpoints, usage }
     }
 }
 
@@ -377,6 +391,105 @@ impl ServiceSums {
                 add(sum, gone);
             }
         }
+    }
+}
+
+/// Per Service port and endpoint: traffic and live flows, a row each. Their labels are
+/// written with each sample rather than held: at 100k endpoints they would be tens of MB.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EndpointRows {
+    /// Service ports' label values (namespace, service, port, protocol), escaped; index 0
+    /// for endpoints of a Service port the maps hold no name for.
+    ports: Vec<[String; 4]>,
+    /// By Service port (index into `ports`) and endpoint.
+    rows: Vec<((u32, SocketAddrV4), EndpointRow)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct EndpointRow {
+    traffic: Traffic,
+    live: u64,
+    node: Option<Arc<str>>,
+}
+
+/// The per-endpoint families: name, help, and whether a counter (else a gauge).
+const ENDPOINT_FAMILIES: [(&str, &str, bool); 4] = [
+    (
+        "kube_xdp_lb_backend_packets",
+        "Packets of flows to an endpoint of a Service port, both directions (requests and replies, whole frames), on the node that translated them.",
+        true,
+    ),
+    (
+        "kube_xdp_lb_backend_bytes",
+        "Bytes of flows to an endpoint of a Service port, both directions (requests and replies, whole frames), on the node that translated them.",
+        true,
+    ),
+    ("kube_xdp_lb_backend_new_flows", "Flows started to an endpoint of a Service port.", true),
+    ("kube_xdp_lb_backend_live_flows", "Flows open to an endpoint of a Service port now.", false),
+];
+
+/// Endpoint samples per piece of the exposition.
+const ROWS_PER_PIECE: usize = 4096;
+
+/// A scrape's text in pieces: the registry's families (small) first, then the per-endpoint
+/// families a few thousand samples at a time, so a scrape of 100k endpoints never holds its
+/// whole text (tens of MB) nor a second copy of it; then OpenMetrics' `# EOF`.
+pub struct Exposition {
+    head: Option<String>,
+    endpoints: EndpointRows,
+    /// The endpoint family and row to write next.
+    family: usize,
+    at: usize,
+    open_metrics: bool,
+    ended: bool,
+}
+
+impl Iterator for Exposition {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        use std::fmt::Write;
+        if let Some(head) = self.head.take() {
+            return Some(head);
+        }
+        if let Some((name, help, counter)) = ENDPOINT_FAMILIES.get(self.family).copied() {
+            let mut out = String::with_capacity(200 * ROWS_PER_PIECE);
+            // Prometheus's text format names a counter family by its samples (`_total`),
+            // OpenMetrics without it.
+            let total = if counter { "_total" } else { "" };
+            if self.at == 0 {
+                let family = if self.open_metrics { name.to_string() } else { format!("{name}{total}") };
+                let kind = if counter { "counter" } else { "gauge" };
+                let _ = write!(out, "# HELP {family} {help}\n# TYPE {family} {kind}\n");
+            }
+            let rows = &self.endpoints.rows;
+            let end = (self.at + ROWS_PER_PIECE).min(rows.len());
+            for ((port, endpoint), row) in &rows[self.at..end] {
+                let [namespace, service, port, protocol] = &self.endpoints.ports[*port as usize];
+                let node = row.node.as_deref().map(label).unwrap_or_default();
+                let value = match self.family {
+                    0 => row.traffic.packets,
+                    1 => row.traffic.bytes,
+                    2 => row.traffic.new_flows,
+                    _ => row.live,
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{total}{{namespace=\"{namespace}\",service=\"{service}\",port=\"{port}\",protocol=\"{protocol}\",endpoint=\"{endpoint}\",node=\"{node}\"}} {value}"
+                );
+            }
+            if end == rows.len() {
+                (self.family, self.at) = (self.family + 1, 0);
+            } else {
+                self.at = end;
+            }
+            return Some(out);
+        }
+        if self.open_metrics && !self.ended {
+            self.ended = true;
+            return Some("# EOF\n".into());
+        }
+        None
     }
 }
 
@@ -437,31 +550,6 @@ impl Collector for DatapathCollector {
             "kube_xdp_lb_service_new_flows",
             "Flows started through a Service port's frontends of one kind.",
             services().map(|(l, t)| (l, t.new_flows)),
-        )?;
-        let backends = || r.backends.iter();
-        counters(
-            e,
-            "kube_xdp_lb_backend_packets",
-            &format!("Packets of flows to an endpoint of a Service port, {both_ways}."),
-            backends().map(|(l, (t, _))| (l, t.packets)),
-        )?;
-        counters(
-            e,
-            "kube_xdp_lb_backend_bytes",
-            &format!("Bytes of flows to an endpoint of a Service port, {both_ways}."),
-            backends().map(|(l, (t, _))| (l, t.bytes)),
-        )?;
-        counters(
-            e,
-            "kube_xdp_lb_backend_new_flows",
-            "Flows started to an endpoint of a Service port.",
-            backends().map(|(l, (t, _))| (l, t.new_flows)),
-        )?;
-        gauges(
-            e,
-            "kube_xdp_lb_backend_live_flows",
-            "Flows open to an endpoint of a Service port now.",
-            backends().map(|(l, (_, live))| (l, *live)),
         )?;
         // Socket operations are counted apart: they are no packets and carry no bytes.
         let (socket, packet): (Vec<_>, Vec<_>) = r.usage.counters.iter().partition(|c| c.name.starts_with("sock_"));
@@ -576,15 +664,23 @@ async fn scrape(State(s): State<Scraper>, headers: HeaderMap) -> Response {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
-    let _turn = s.one_at_a_time.lock().await;
+    // Held until the last piece is sent.
+    let turn = s.one_at_a_time.clone().lock_owned().await;
     // Reading conntrack through (for the NAT ports) takes a while: off the event loop.
     let scraped =
         tokio::task::spawn_blocking(move || s.metrics.scrape(&s.pin_dir, open_metrics).map_err(|e| e.to_string()))
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
     match scraped {
-        Ok(text) => ([(header::CONTENT_TYPE, if open_metrics { OPENMETRICS_TEXT } else { PROMETHEUS_TEXT })], text)
-            .into_response(),
+        Ok(exposition) => {
+            // Sent as it is written, piece by piece (see `Exposition`).
+            let pieces = futures::stream::iter(exposition.map(move |piece| {
+                let _turn = &turn;
+                Ok::<_, std::convert::Infallible>(piece)
+            }));
+            let content_type = if open_metrics { OPENMETRICS_TEXT } else { PROMETHEUS_TEXT };
+            ([(header::CONTENT_TYPE, content_type)], axum::body::Body::from_stream(pieces)).into_response()
+        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading the datapath's maps: {e}\n")).into_response(),
     }
 }
@@ -830,6 +926,42 @@ mod tests {
         // The NodePort gone altogether: no series; back later, it starts from its members.
         assert!(!scrape(&mut sums, &[(3, &cluster_ip, 9)]).contains_key(&node_port));
         assert_eq!(scrape(&mut sums, &[(4, &node_port, 3), (3, &cluster_ip, 9)])[&node_port].packets, 3);
+    }
+
+    #[test]
+    fn endpoint_families_come_in_pieces_each_family_described_once() {
+        let mut r = reading();
+        let rows = 2 * ROWS_PER_PIECE + 5;
+        r.endpoints = EndpointRows {
+            ports: vec![Default::default(), ["shop".into(), "web".into(), "http".into(), "TCP".into()]],
+            rows: (0..rows as u32)
+                .map(|i| {
+                    let endpoint = SocketAddrV4::new(std::net::Ipv4Addr::from(0x0af4_0000 + i), 8080);
+                    let row = EndpointRow {
+                        traffic: Traffic { packets: i.into(), ..Default::default() },
+                        ..Default::default()
+                    };
+                    ((1, endpoint), row)
+                })
+                .collect(),
+        };
+        for open_metrics in [false, true] {
+            let pieces: Vec<String> = AgentMetrics::default().exposition(r.clone(), open_metrics).collect();
+            assert_eq!(pieces.len(), 1 + 4 * 3 + usize::from(open_metrics), "the head, 3 pieces a family, # EOF");
+            let text = pieces.concat();
+            let packets =
+                if open_metrics { "kube_xdp_lb_backend_packets" } else { "kube_xdp_lb_backend_packets_total" };
+            assert_eq!(text.matches(&format!("# TYPE {packets} counter\n")).count(), 1);
+            assert_eq!(text.matches("# TYPE kube_xdp_lb_backend_live_flows gauge\n").count(), 1);
+            let last = format!(
+                r#"kube_xdp_lb_backend_packets_total{{namespace="shop",service="web",port="http",protocol="TCP",endpoint="{}:8080",node=""}} {}"#,
+                std::net::Ipv4Addr::from(0x0af4_0000 + rows as u32 - 1),
+                rows - 1
+            );
+            assert!(text.contains(&format!("\n{last}\n")), "{last}");
+            assert_eq!(text.lines().filter(|l| l.starts_with("kube_xdp_lb_backend_packets_total{")).count(), rows);
+            assert_eq!(text.ends_with("# EOF\n"), open_metrics);
+        }
     }
 
     #[test]

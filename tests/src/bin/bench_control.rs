@@ -247,7 +247,8 @@ fn scrape_cost(cluster: &ApiCluster, services: u32) -> Result<ScrapeCost> {
     let scrape = lb_tests::metrics::scrape(&cluster.lab.nodes[0].ns.name);
     let took = started.elapsed();
     let series = |name: &str| scrape.samples.iter().filter(|(n, _, _)| n == name).count();
-    let (frontends, endpoints) = (series("kube_xdp_lb_service_packets_total"), series("kube_xdp_lb_backend_packets_total"));
+    let (frontends, endpoints) =
+        (series("kube_xdp_lb_service_packets_total"), series("kube_xdp_lb_backend_packets_total"));
     // The latency samples leave some Services with an 11th endpoint.
     ensure!(
         frontends == services as usize && endpoints >= (services * ENDPOINTS) as usize,
