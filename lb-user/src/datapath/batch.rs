@@ -40,9 +40,32 @@ pub fn read_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
 /// copy would hold (80 MB for a million conntrack entries) is never held at once. Entries the
 /// datapath adds or removes meanwhile may or may not be visited; none is visited twice.
 pub fn for_each<K: Pod, V: Pod>(map: &MapData, mut visit: impl FnMut(&K, &V)) -> io::Result<()> {
+    for_each_raw::<K>(map, size_of::<V>(), |k, value| {
+        // SAFETY: `value` holds one whole V; Pod types accept any bytes.
+        let v = unsafe { (value.as_ptr() as *const V).read_unaligned() };
+        visit(k, &v)
+    })
+}
+
+/// The same for a per-CPU map: each key with its value on every possible CPU (`cpus` of
+/// them, aya::util::nr_cpus), one system call per few thousand keys instead of one per key.
+pub fn for_each_per_cpu<K: Pod, V: Pod>(map: &MapData, cpus: usize, mut visit: impl FnMut(&K, &[V])) -> io::Result<()> {
+    // The kernel lays a per-CPU value out at 8-byte steps.
+    let step = size_of::<V>().next_multiple_of(8);
+    let mut per_cpu: Vec<V> = Vec::with_capacity(cpus);
+    for_each_raw::<K>(map, step * cpus, |k, values| {
+        per_cpu.clear();
+        // SAFETY: `values` holds `cpus` values `step` bytes apart; Pod types accept any bytes.
+        per_cpu.extend((0..cpus).map(|c| unsafe { (values.as_ptr().add(c * step) as *const V).read_unaligned() }));
+        visit(k, &per_cpu)
+    })
+}
+
+/// BPF_MAP_LOOKUP_BATCH over the map, values of `value_len` bytes each.
+fn for_each_raw<K: Pod>(map: &MapData, value_len: usize, mut visit: impl FnMut(&K, &[u8])) -> io::Result<()> {
     let fd = map.fd().as_fd().as_raw_fd();
     let mut keys = vec![0u8; PER_CALL * size_of::<K>()];
-    let mut values = vec![0u8; PER_CALL * size_of::<V>()];
+    let mut values = vec![0u8; PER_CALL * value_len];
     // Batch tokens: a bucket index for hash maps, a key for arrays; room for either.
     let token_len = size_of::<K>().max(size_of::<u64>());
     let (mut token_in, mut token_out) = (vec![0u8; token_len], vec![0u8; token_len]);
@@ -68,10 +91,9 @@ pub fn for_each<K: Pod, V: Pod>(map: &MapData, mut visit: impl FnMut(&K, &V)) ->
             }
         }
         for i in 0..attr.count as usize {
-            // SAFETY: the kernel filled `count` whole keys and values; Pod types accept any bytes.
+            // SAFETY: the kernel filled `count` whole keys; Pod types accept any bytes.
             let k = unsafe { (keys.as_ptr().add(i * size_of::<K>()) as *const K).read_unaligned() };
-            let v = unsafe { (values.as_ptr().add(i * size_of::<V>()) as *const V).read_unaligned() };
-            visit(&k, &v);
+            visit(&k, &values[i * value_len..(i + 1) * value_len]);
         }
         if err.is_some() {
             return Ok(());

@@ -5,13 +5,13 @@
 //! Backend ids belong to a Service port (its ClusterIP, NodePorts and other frontends share
 //! them), so a backend's traffic is its Service port's, whichever frontend carried it.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::Path,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::maps::MapData;
 use lb_common::{
     affinity_scope, backend_flags,
     conntrack::{age, phase, phase_name, timeout, units, UNIT_SHIFT},
@@ -104,44 +104,48 @@ pub struct Snapshot {
     pub taken_unix_ms: u64,
 }
 
-fn per_cpu<T: aya::Pod>(pin_dir: &Path, name: &'static str) -> Result<PerCpuArray<MapData, T>> {
-    Ok(datapath::open_map(pin_dir, name)?.try_into().map_err(|source| datapath::Error::Map { name, source })?)
-}
-
 impl Snapshot {
     pub fn read(pin_dir: &Path) -> Result<Self> {
         datapath::check_pin_dir(pin_dir)?;
         let maps = Contents::read(&PinnedMaps::open(pin_dir)?)?;
-        let map_err = |name| move |source| datapath::Error::Map { name, source };
-        let fe: PerCpuArray<MapData, FrontendStats> = per_cpu(pin_dir, map_names::FRONTEND_STATS)?;
+        // The counters of every id in a few system calls (not one per id: 100k backends).
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| datapath::maps::Error::Cpus(what, e))?;
+        let read_err =
+            |name: &'static str| move |source| datapath::Error::Io { path: pin_dir.join("maps").join(name), source };
+        let pinned = |name: &'static str| {
+            MapData::from_pin(pin_dir.join("maps").join(name)).map_err(|source| datapath::Error::Map { name, source })
+        };
+        let sum = |per_cpu: &mut dyn Iterator<Item = (u64, u64, u64)>| {
+            per_cpu.fold(Traffic::default(), |t, (packets, bytes, new_flows)| Traffic {
+                packets: t.packets + packets,
+                bytes: t.bytes + bytes,
+                new_flows: t.new_flows + new_flows,
+            })
+        };
+        let frontends: BTreeSet<u32> = maps.services.values().map(|v| v.svc_id).collect();
         let mut frontend_traffic = BTreeMap::new();
-        for v in maps.services.values() {
-            let t = fe.get(&v.svc_id, 0).map_err(map_err(map_names::FRONTEND_STATS))?.iter().fold(
-                Traffic::default(),
-                |t, c| Traffic {
-                    packets: t.packets + c.packets,
-                    bytes: t.bytes + c.bytes,
-                    new_flows: t.new_flows + c.new_flows,
-                },
-            );
-            frontend_traffic.insert(v.svc_id, t);
-        }
-        let be: PerCpuArray<MapData, BackendStats> = per_cpu(pin_dir, map_names::BACKEND_STATS)?;
-        let name = map_names::BACKEND_LIVE;
-        let live: Array<MapData, u64> = datapath::open_map(pin_dir, name)?.try_into().map_err(map_err(name))?;
+        let name = map_names::FRONTEND_STATS;
+        batch::for_each_per_cpu(&pinned(name)?, cpus, |id: &u32, per_cpu: &[FrontendStats]| {
+            if frontends.contains(id) {
+                frontend_traffic.insert(*id, sum(&mut per_cpu.iter().map(|c| (c.packets, c.bytes, c.new_flows))));
+            }
+        })
+        .map_err(read_err(name))?;
         let (mut backend_traffic, mut live_flows) = (BTreeMap::new(), BTreeMap::new());
-        for id in maps.backends.keys() {
-            let t =
-                be.get(id, 0).map_err(map_err(map_names::BACKEND_STATS))?.iter().fold(Traffic::default(), |t, c| {
-                    Traffic {
-                        packets: t.packets + c.packets,
-                        bytes: t.bytes + c.bytes,
-                        new_flows: t.new_flows + c.new_flows,
-                    }
-                });
-            backend_traffic.insert(*id, t);
-            live_flows.insert(*id, live.get(id, 0).map_err(map_err(name))?);
-        }
+        let name = map_names::BACKEND_STATS;
+        batch::for_each_per_cpu(&pinned(name)?, cpus, |id: &u32, per_cpu: &[BackendStats]| {
+            if maps.backends.contains_key(id) {
+                backend_traffic.insert(*id, sum(&mut per_cpu.iter().map(|c| (c.packets, c.bytes, c.new_flows))));
+            }
+        })
+        .map_err(read_err(name))?;
+        let name = map_names::BACKEND_LIVE;
+        batch::for_each(&pinned(name)?, |id: &u32, live: &u64| {
+            if maps.backends.contains_key(id) {
+                live_flows.insert(*id, *live);
+            }
+        })
+        .map_err(read_err(name))?;
         Ok(Snapshot {
             maps,
             frontend_traffic,
