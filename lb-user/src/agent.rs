@@ -153,6 +153,8 @@ pub struct AgentConfig {
     pub sockets: Option<SocketLb>,
     /// Where /metrics is served; None: nowhere.
     pub metrics_bind_address: Option<std::net::SocketAddr>,
+    /// /metrics serves the per-endpoint series.
+    pub metrics_endpoint_series: bool,
     /// How often the service maps are compared with what was last applied (and repaired).
     pub drift_check: Duration,
 }
@@ -246,7 +248,7 @@ fn datapath_config(node: &NodeInfo, local: LocalDetect, datapath: &DatapathOptio
 /// Runs until `shutdown` resolves. The datapath keeps running after the agent exits.
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
     // Bound first: a taken address is reported before the datapath is touched.
-    let metrics = AgentMetrics::default();
+    let metrics = AgentMetrics::default().with_endpoint_series(cfg.metrics_endpoint_series);
     let _metrics_server = match cfg.metrics_bind_address {
         Some(addr) => Some(
             metrics::serve(addr, cfg.pin_dir.clone(), metrics.clone())

@@ -147,6 +147,11 @@ enum Command {
         /// it off), as kube-proxy's flag of this name.
         #[arg(long, default_value = telemetry::metrics::DEFAULT_BIND_ADDRESS, value_parser = parse_bind_address)]
         metrics_bind_address: BindAddress,
+        /// Serve the per-endpoint series (kube_xdp_lb_backend_*: four per endpoint of each
+        /// Service port). A large cluster may turn them off to spare its Prometheus and the
+        /// scrapes (kube-proxy serves none); the per-Service series stay.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        metrics_endpoint_series: bool,
         /// Seconds between comparisons of the service maps with what the agent last applied;
         /// what differs (changed behind its back) is written again, logged and counted.
         #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -520,6 +525,7 @@ fn main() -> anyhow::Result<()> {
             datapath,
             sockets,
             metrics_bind_address,
+            metrics_endpoint_series,
             drift_check_interval,
         } => {
             let source = source.source()?;
@@ -540,6 +546,7 @@ fn main() -> anyhow::Result<()> {
                 datapath: datapath.options(),
                 sockets,
                 metrics_bind_address: metrics_bind_address.0,
+                metrics_endpoint_series,
                 drift_check: std::time::Duration::from_secs(drift_check_interval),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

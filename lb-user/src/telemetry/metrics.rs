@@ -74,6 +74,8 @@ pub struct AgentMetrics {
     drift_repairs: Counter,
     nodes: Arc<RwLock<EndpointNodes>>,
     service_sums: Arc<Mutex<ServiceSums>>,
+    /// Whether /metrics serves the per-endpoint families.
+    endpoint_series: bool,
 }
 
 impl Default for AgentMetrics {
@@ -101,11 +103,17 @@ impl Default for AgentMetrics {
             drift_repairs: Counter::default(),
             nodes: Arc::default(),
             service_sums: Arc::default(),
+            endpoint_series: true,
         }
     }
 }
 
 impl AgentMetrics {
+    /// These metrics, serving the per-endpoint families or not.
+    pub fn with_endpoint_series(self, serve: bool) -> Self {
+        AgentMetrics { endpoint_series: serve, ..self }
+    }
+
     /// Records a sync, by the rule `StatusWriter::synced` follows: a read that found nothing
     /// new to write, and failed at nothing, is no sync.
     pub fn synced(&self, report: &SyncReport<'_>) {
@@ -205,7 +213,9 @@ impl AgentMetrics {
         // Writing to a String cannot fail.
         let _ = encode_registry(&mut head, &self.registry(reading));
         let head = if open_metrics { head } else { prometheus_text(&head) };
-        Exposition { head: Some(head), endpoints, family: 0, at: 0, open_metrics, ended: false }
+        // Without the per-endpoint families: as if they were all written already.
+        let family = if self.endpoint_series { 0 } else { ENDPOINT_FAMILIES.len() };
+        Exposition { head: Some(head), endpoints, family, at: 0, open_metrics, ended: false }
     }
 
     /// The exposition whole.
@@ -218,6 +228,9 @@ impl AgentMetrics {
         let snapshot = Snapshot::read(pin_dir)?;
         let usage = Usage::read(pin_dir)?;
         let mut reading = Reading::of(&snapshot, usage, &self.nodes.read().expect("not poisoned"));
+        if !self.endpoint_series {
+            reading.endpoints = EndpointRows::default();
+        }
         self.service_sums.lock().expect("not poisoned").keep_rising(&mut reading);
         Ok(self.exposition(reading, open_metrics))
     }
@@ -962,6 +975,15 @@ mod tests {
             assert_eq!(text.lines().filter(|l| l.starts_with("kube_xdp_lb_backend_packets_total{")).count(), rows);
             assert_eq!(text.ends_with("# EOF\n"), open_metrics);
         }
+    }
+
+    #[test]
+    fn the_per_endpoint_series_can_be_left_out() {
+        let served = AgentMetrics::default().render(reading(), false);
+        assert!(served.contains("# TYPE kube_xdp_lb_backend_packets_total counter"), "{served}");
+        let without = AgentMetrics::default().with_endpoint_series(false).render(reading(), false);
+        assert!(!without.contains("kube_xdp_lb_backend_"), "{without}");
+        assert!(without.contains("kube_xdp_lb_service_packets_total{"), "the per-Service series stay");
     }
 
     #[test]
