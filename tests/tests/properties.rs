@@ -563,6 +563,12 @@ enum Fate {
 /// back to its source)?
 fn is_answer(input: &[u8], out: &[u8]) -> bool {
     let (Some(i), Some(o)) = (View::of(input), View::of(out)) else { return false };
+    // A later fragment has no L4 header (its first bytes only look like ports and flags: a
+    // hairpin flow's later fragment, sent back to its source address, looked like a reset),
+    // and the datapath answers whole packets.
+    if i.offset8() != 0 || o.offset8() != 0 {
+        return false;
+    }
     let back = o.src() == i.dst() && o.dst() == i.src();
     let unreachable = o.proto() == IPPROTO_ICMP && i.proto() != IPPROTO_ICMP && o.l4().first() == Some(&3);
     // Ports too: a hairpin flow's packets go back to their source address.
